@@ -1,0 +1,5 @@
+import sys
+
+from qwenbuild.cli import main
+
+sys.exit(main())

@@ -1,0 +1,73 @@
+"""The `qwenbuild` command: one table maps subcommand names to command modules, imported only when run."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+
+from qwenbuild.errors import UserError
+
+# name -> (module, one-line help); modules define add_arguments(parser) and main(args) -> int | None
+COMMANDS: dict[str, tuple[str, str]] = {
+    "init": ("qwenbuild.commands.init", "write a commented qwen.toml from a preset"),
+    "validate": ("qwenbuild.commands.validate", "check qwen.toml against the schema and the parallel plan"),
+    "plan": ("qwenbuild.commands.plan", "show the rank layout, memory per device and which tasks are out of date"),
+    "set": ("qwenbuild.commands.set_", "edit keys of qwen.toml in place, keeping comments"),
+}
+
+DESCRIPTION = """\
+qwenbuild builds everything Qwen1.5 fine-tuning and deployment on MindSpore needs from one qwen.toml.
+Build with doit (`doit finetune`, `doit export`, `doit list`); the subcommands below run single steps by hand,
+with the flags of the original MindFormers scripts."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="qwenbuild", description=DESCRIPTION,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    from qwenbuild import __version__
+
+    parser.add_argument("--version", action="version", version=f"qwenbuild {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (module, help_) in COMMANDS.items():
+        sub.add_parser(name, help=help_, add_help=False)
+    return parser
+
+
+def _command_parser(name: str):
+    module_name, help_ = COMMANDS[name]
+    module = importlib.import_module(module_name)
+    parser = argparse.ArgumentParser(prog=f"qwenbuild {name}", description=getattr(module, "__doc__", None) or help_,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    module.add_arguments(parser)
+    return module, parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] not in COMMANDS:
+        parser = build_parser()
+        if not argv:
+            parser.print_help()
+            return 0
+        parser.parse_args(argv)  # prints --help/--version, or an error naming the unknown command
+        return 2
+    module, parser = _command_parser(argv[0])
+    args = parser.parse_args(argv[1:])
+    try:
+        rc = module.main(args)
+    except UserError as exc:
+        print(f"qwenbuild {argv[0]}: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print(f"qwenbuild {argv[0]}: interrupted; nothing half-written was kept", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+    return int(rc or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,32 @@
+"""Edit keys of qwen.toml in place, keeping comments and formatting.
+
+  qwenbuild set train.learning_rate=1e-4 parallel.data_parallel=2
+
+Values are TOML (numbers, true/false, "strings", [arrays]); a bare word is taken as a string. The edited manifest
+is validated first: a value the schema or the plan rejects leaves the file untouched. Setting model.hf_dir to a
+checkpoint directory switches the manifest to that checkpoint's dimensions."""
+
+from __future__ import annotations
+
+from qwenbuild.commands import add_manifest_argument
+from qwenbuild.errors import UserError
+
+
+def add_arguments(parser):
+    add_manifest_argument(parser)
+    parser.add_argument("assignments", nargs="+", metavar="KEY=VALUE", help="dotted key path and TOML value")
+
+
+def main(args):
+    from pathlib import Path
+
+    from qwenbuild.manifest.edit import set_keys
+
+    changes = []
+    for item in args.assignments:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise UserError(f"{item!r} is not KEY=VALUE", hint="e.g. qwenbuild set train.learning_rate=1e-4")
+        changes.append((key.strip(), value.strip()))
+    for line in set_keys(Path(args.config), changes):
+        print(line)

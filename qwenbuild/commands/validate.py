@@ -1,0 +1,27 @@
+"""Check qwen.toml against schemas/qwen.schema.json and the parallel-plan rules.
+
+Exits 0 when valid; otherwise prints every error as file:line: key: problem, and exits 2."""
+
+from __future__ import annotations
+
+import sys
+
+from qwenbuild.commands import add_manifest_argument
+
+
+def add_arguments(parser):
+    add_manifest_argument(parser)
+
+
+def main(args):
+    from qwenbuild.manifest import load_manifest
+    from qwenbuild.plan import memory_warnings
+
+    m = load_manifest(args.config)
+    for w in m.warnings:
+        print(f"warning: {w}", file=sys.stderr)
+    for w in memory_warnings(m):
+        print(f"warning: {m.path}:{m.line('hardware.device_memory_gb')}: {w}", file=sys.stderr)
+    cfg = m.model
+    print(f"{m.path}: valid; {cfg.num_parameters() / 1e6:,.1f}M parameters, {m.device_count} "
+          f"{m.data['hardware']['device']} devices")

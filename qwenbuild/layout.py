@@ -1,0 +1,113 @@
+"""Where every artifact lives inside the build dir, in the layout MindFormers users know (output/strategy, ...)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from qwenbuild.store import DIR_MANIFEST
+
+
+class Layout:
+    def __init__(self, build_dir: Path):
+        self.root = Path(build_dir)
+
+    # bookkeeping
+    @property
+    def lock(self) -> Path:
+        return self.root / "qwen.lock"
+
+    @property
+    def doit_db(self) -> Path:
+        return self.root / ".doit.db"
+
+    @property
+    def build_lock(self) -> Path:
+        return self.root / ".build.lock"
+
+    # data and tokenizer
+    @property
+    def dataset(self) -> Path:
+        return self.root / "data" / "instructions"
+
+    @property
+    def alpaca_messages(self) -> Path:
+        return self.root / "data" / "alpaca-messages.json"
+
+    @property
+    def heldout(self) -> Path:
+        return self.dataset / "heldout.json"
+
+    @property
+    def tokenizer(self) -> Path:
+        return self.root / "tokenizer"
+
+    @property
+    def mindrecord(self) -> Path:
+        return self.root / "data" / "mindrecord"
+
+    @property
+    def mindrecord_file(self) -> Path:
+        return self.mindrecord / "alpaca-messages.mindrecord"
+
+    # weights
+    @property
+    def init_weights(self) -> Path:
+        return self.root / "weights" / "hf_init"
+
+    @property
+    def converted(self) -> Path:
+        return self.root / "weights" / "qwen.ckpt"
+
+    @property
+    def output(self) -> Path:
+        return self.root / "output"
+
+    @property
+    def strategy(self) -> Path:
+        return self.output / "strategy"
+
+    @property
+    def transformed(self) -> Path:
+        return self.output / "transformed_checkpoint" / self.converted.stem
+
+    @property
+    def checkpoint(self) -> Path:
+        return self.output / "checkpoint"
+
+    @property
+    def metrics(self) -> Path:
+        return self.output / "metrics.json"
+
+    @property
+    def mindir_full(self) -> Path:
+        return self.output / "mindir_full_checkpoint"
+
+    @property
+    def mindir_inc(self) -> Path:
+        return self.output / "mindir_inc_checkpoint"
+
+    # cluster files
+    @property
+    def rank_table(self) -> Path:
+        return self.root / "rank_table"
+
+    @property
+    def launch(self) -> Path:
+        return self.root / "launch"
+
+    @property
+    def mindformers_yaml(self) -> Path:
+        return self.root / "run_qwen1_5.yaml"
+
+    @property
+    def lite_ini(self) -> Path:
+        return self.root / "lite.ini"
+
+    @property
+    def infer(self) -> Path:
+        return self.root / "infer" / "answer.json"
+
+    @staticmethod
+    def sealed(directory: Path) -> Path:
+        """The member-digest manifest that marks a directory artifact as complete."""
+        return directory / DIR_MANIFEST

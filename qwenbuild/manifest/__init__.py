@@ -1,0 +1,6 @@
+"""qwen.toml: loading, validation against schemas/qwen.schema.json, presets and resolved model dimensions."""
+
+from qwenbuild.manifest._load import Manifest, ManifestError, Problem, load_manifest, read_toml
+from qwenbuild.manifest._presets import MODELS as PRESETS
+
+__all__ = ["Manifest", "ManifestError", "PRESETS", "Problem", "load_manifest", "read_toml"]

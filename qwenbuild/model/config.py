@@ -1,0 +1,126 @@
+"""Qwen1.5 dimensions in one dataclass, read from and written to a Hugging Face config.json (Qwen1.5 layout)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+from qwenbuild.errors import UserError
+
+# config.json keys of a Qwen1.5 (Qwen2ForCausalLM) checkpoint, by QwenConfig field
+HF_KEYS = {
+    "vocab_size": "vocab_size",
+    "hidden_size": "hidden_size",
+    "num_layers": "num_hidden_layers",
+    "num_heads": "num_attention_heads",
+    "n_kv_heads": "num_key_value_heads",
+    "intermediate_size": "intermediate_size",
+    "rms_norm_eps": "rms_norm_eps",
+    "rope_theta": "rope_theta",
+    "max_position_embeddings": "max_position_embeddings",
+    "tie_word_embeddings": "tie_word_embeddings",
+}
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclasses.dataclass(frozen=True)
+class QwenConfig:
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    n_kv_heads: int
+    intermediate_size: int
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 1_000_000.0
+    max_position_embeddings: int = 32768
+    qkv_has_bias: bool = True
+    tie_word_embeddings: bool = False
+    param_dtype: str = "float32"
+    compute_dtype: str = "float32"
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    def __post_init__(self):
+        if self.hidden_size % self.num_heads:
+            raise UserError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
+        if self.num_heads % self.n_kv_heads:
+            raise UserError(f"num_heads {self.num_heads} is not divisible by n_kv_heads {self.n_kv_heads}")
+        for name in ("param_dtype", "compute_dtype"):
+            if getattr(self, name) not in DTYPES:
+                raise UserError(f"{name} must be one of {', '.join(DTYPES)}, not {getattr(self, name)!r}")
+
+    def num_parameters(self) -> int:
+        from qwenbuild.model.params import parameter_shapes
+
+        total = 0
+        for shape in parameter_shapes(self).values():
+            n = 1
+            for d in shape:
+                n *= d
+            total += n
+        return total
+
+    @classmethod
+    def from_hf_dict(cls, hf: dict, **overrides) -> "QwenConfig":
+        """Read the dimensions of a Hugging Face Qwen2/Qwen1.5 config.json dict."""
+        values = {}
+        for field, key in HF_KEYS.items():
+            if key in hf:
+                values[field] = hf[key]
+        if "num_key_value_heads" not in hf and "num_attention_heads" in hf:
+            values["n_kv_heads"] = hf["num_attention_heads"]
+        # transformers 5.x moves rope_theta under rope_parameters; 4.57 would silently fall back to 10000
+        if "rope_theta" not in hf and isinstance(hf.get("rope_parameters"), dict):
+            values["rope_theta"] = hf["rope_parameters"].get("rope_theta", 10000.0)
+        dtype = hf.get("torch_dtype") or hf.get("dtype")
+        if dtype in DTYPES:
+            values["param_dtype"] = dtype
+        missing = [HF_KEYS[f] for f in ("vocab_size", "hidden_size", "num_layers", "num_heads", "intermediate_size")
+                   if f not in values]
+        if missing:
+            raise UserError(f"config.json lacks {', '.join(missing)}", hint="point at a Qwen1.5/Qwen2 model directory")
+        values.update(overrides)
+        return cls(**values)
+
+    @classmethod
+    def from_hf_dir(cls, directory: str | Path, **overrides) -> "QwenConfig":
+        path = Path(directory) / "config.json"
+        try:
+            hf = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise UserError(f"{path} does not exist", hint="the Hugging Face model directory must hold config.json")
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise UserError(f"{path} is not valid JSON: {exc}")
+        return cls.from_hf_dict(hf, **overrides)
+
+    def to_hf_dict(self) -> dict:
+        """config.json in the Qwen1.5 layout (top-level rope_theta), loadable by transformers 4.37+ and 5.x."""
+        return {
+            "architectures": ["Qwen2ForCausalLM"],
+            "attention_dropout": 0.0,
+            "bos_token_id": 151643,
+            "eos_token_id": 151643,
+            "hidden_act": "silu",
+            "hidden_size": self.hidden_size,
+            "initializer_range": 0.02,
+            "intermediate_size": self.intermediate_size,
+            "max_position_embeddings": self.max_position_embeddings,
+            "max_window_layers": self.num_layers,
+            "model_type": "qwen2",
+            "num_attention_heads": self.num_heads,
+            "num_hidden_layers": self.num_layers,
+            "num_key_value_heads": self.n_kv_heads,
+            "rms_norm_eps": self.rms_norm_eps,
+            "rope_theta": self.rope_theta,
+            "sliding_window": self.max_position_embeddings,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "torch_dtype": self.param_dtype,
+            "use_cache": True,
+            "use_sliding_window": False,
+            "vocab_size": self.vocab_size,
+        }

@@ -1,0 +1,129 @@
+"""Atomic promotion of outputs and content digests: a killed build never leaves a half artifact that looks complete."""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import hashlib
+import json
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import Iterator
+
+from qwenbuild.errors import UserError
+
+DIR_MANIFEST = ".qwenbuild-manifest.json"
+_CHUNK = 1 << 20
+_DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+
+
+def _tmp_sibling(final: Path, kind: str) -> Path:
+    return final.parent / f".{final.name}.{kind}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+def _fsync_tree(path: Path) -> None:
+    paths = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]
+    for p in paths:
+        fd = os.open(p, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two directory entries atomically (Linux renameat2 RENAME_EXCHANGE); False where unsupported."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    rc = renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange)
+    return rc == 0
+
+
+def remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+
+
+def promote(tmp: Path, final: Path) -> None:
+    """Move a finished temporary file or directory onto its final path in one step."""
+    _fsync_tree(tmp)
+    if tmp.is_dir() and final.exists():
+        # os.replace cannot overwrite a non-empty directory: swap atomically, then drop the old one
+        if _exchange(tmp, final):
+            remove(tmp)
+            return
+        old = _tmp_sibling(final, "old")
+        os.replace(final, old)
+        os.replace(tmp, final)
+        remove(old)
+        return
+    os.replace(tmp, final)
+
+
+@contextlib.contextmanager
+def atomic_path(final: str | os.PathLike, *, directory: bool = False) -> Iterator[Path]:
+    """Yield a temporary sibling of `final`; promote it when the block succeeds, delete it when it fails."""
+    final = Path(final)
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"cannot create directory {final.parent}: {exc.strerror}",
+                        hint="choose an output path in a writable directory") from exc
+    if not os.access(final.parent, os.W_OK):
+        raise UserError(f"{final.parent} is not writable", hint="choose an output path in a writable directory")
+    tmp = _tmp_sibling(final, "tmp")
+    if directory:
+        tmp.mkdir()
+    try:
+        yield tmp
+        promote(tmp, final)
+    except OSError as exc:
+        remove(tmp)
+        if exc.errno in _DISK_ERRNOS:
+            raise UserError(f"no space left while writing {final} ({exc.strerror}); nothing was changed there",
+                            hint="free disk space or point the output elsewhere, then run again") from exc
+        raise
+    except BaseException:
+        remove(tmp)
+        raise
+
+
+def file_digest(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            h.update(chunk)
+    return "sha256:" + h.hexdigest()
+
+
+def bytes_digest(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def json_digest(value) -> str:
+    """Digest of a JSON-able value, independent of key order."""
+    return bytes_digest(json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode())
+
+
+def member_digests(directory: str | os.PathLike) -> dict[str, str]:
+    """Digest of every file below a directory, by POSIX relative path, excluding the manifest itself."""
+    root = Path(directory)
+    return {p.relative_to(root).as_posix(): file_digest(p)
+            for p in sorted(root.rglob("*")) if p.is_file() and p.name != DIR_MANIFEST}
+
+
+def write_dir_manifest(directory: str | os.PathLike) -> str:
+    """Record member digests inside a directory artifact; returns the digest of the whole directory."""
+    members = member_digests(directory)
+    (Path(directory) / DIR_MANIFEST).write_text(json.dumps(members, indent=1, sort_keys=True) + "\n")
+    return json_digest(members)

@@ -1,0 +1,124 @@
+"""A build task as data (inputs, outputs, manifest keys, toolchain) and its translation into a doit task."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import importlib.metadata
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+from doit.exceptions import TaskFailed
+from doit.tools import config_changed
+
+from qwenbuild.errors import UserError
+from qwenbuild.layout import Layout
+from qwenbuild.lock import Lock
+from qwenbuild.store import atomic_path, file_digest, json_digest, write_dir_manifest
+
+
+def toolchain(packages: tuple[str, ...]) -> dict[str, str]:
+    """Versions of the libraries a task's output depends on: a change makes the task out of date."""
+    out = {"python": platform.python_version()} if packages else {}
+    for name in packages:
+        try:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            out[name] = "not installed"
+    return out
+
+
+@dataclasses.dataclass
+class Context:
+    """What an action may see: its manifest slice, the layout, and the resolved model."""
+
+    name: str
+    values: dict
+    layout: Layout
+    manifest: object  # the loaded Manifest, for derived values (model config, paths) of declared keys only
+
+    def __getitem__(self, key: str):
+        return self.values[key]
+
+    def path(self, key: str) -> Path | None:
+        return self.manifest.path_of(key) if self.values.get(key) else None
+
+    @contextlib.contextmanager
+    def output_dir(self, final: Path):
+        """A temporary directory promoted onto `final` with its member-digest manifest once the block succeeds."""
+        with atomic_path(final, directory=True) as tmp:
+            yield tmp
+            write_dir_manifest(tmp)
+
+    def output_file(self, final: Path):
+        return atomic_path(final)
+
+
+@dataclasses.dataclass
+class TaskSpec:
+    name: str
+    doc: str
+    action: Callable[[Context], None]
+    keys: tuple[str, ...] = ()
+    inputs: list[Path] = dataclasses.field(default_factory=list)
+    outputs: list[Path] = dataclasses.field(default_factory=list)
+    dir_outputs: list[Path] = dataclasses.field(default_factory=list)
+    packages: tuple[str, ...] = ()
+    after: list[str] = dataclasses.field(default_factory=list)
+    always: bool = False
+
+
+def manifest_slice(manifest, keys: tuple[str, ...]) -> dict:
+    return {key: manifest.get(key) if manifest.has(key) else None for key in keys}
+
+
+def _input_digest(path: Path, lock: Lock, root: Path) -> str:
+    return lock.digest_of(path, root) or file_digest(path)
+
+
+def _run(spec: TaskSpec, manifest, layout: Layout, values: dict, versions: dict):
+    lock = Lock(layout.lock)
+    lock.forget(spec.name)  # from here until the new entry is written the old artifacts are not trusted
+    started = time.monotonic()
+    try:
+        spec.action(Context(spec.name, values, layout, manifest))
+    except UserError as exc:
+        print(f"qwenbuild {spec.name}: error: {exc}", file=sys.stderr)
+        return TaskFailed(f"{spec.name} stopped: see the message above")
+    artifacts = {str(p): p for p in spec.outputs + spec.dir_outputs}
+    missing = [p for p in artifacts.values() if not p.exists()]
+    if missing:
+        return TaskFailed(f"{spec.name} did not produce {', '.join(map(str, missing))}")
+    inputs = {str(Path(p).resolve().relative_to(layout.root) if Path(p).resolve().is_relative_to(layout.root)
+                  else Path(p).resolve()): _input_digest(Path(p), lock, layout.root) for p in spec.inputs}
+    lock.record(spec.name, artifacts, inputs, values, versions, layout.root)
+    print(f"qwenbuild {spec.name}: done in {time.monotonic() - started:.1f} s", file=sys.stderr)
+    return None
+
+
+def to_doit(spec: TaskSpec, manifest, layout: Layout) -> dict:
+    values = manifest_slice(manifest, spec.keys)
+    versions = toolchain(spec.packages)
+    lock = Lock(layout.lock)
+    targets = [str(p) for p in spec.outputs] + [str(Layout.sealed(d)) for d in spec.dir_outputs]
+
+    def intact(task, _values):
+        return lock.intact(spec.name, layout.root) is None
+
+    task = {
+        "basename": spec.name,
+        "doc": spec.doc,
+        "actions": [(_run, [spec, manifest, layout, values, versions])],
+        "file_dep": [str(p) for p in spec.inputs],
+        "targets": targets,
+        "task_dep": list(spec.after),
+        "verbosity": 2,
+    }
+    if spec.always:
+        task["uptodate"] = [False]
+    else:
+        task["uptodate"] = [config_changed(json_digest({"manifest": values, "toolchain": versions})), intact]
+    return task
