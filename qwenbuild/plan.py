@@ -104,7 +104,7 @@ def plan_problems(m) -> list[tuple[str, str]]:
     if dp * mp * pp != devices:
         out.append(("parallel.data_parallel",
                     f"data_parallel {dp} x model_parallel {mp} x pipeline_stage {pp} = {dp * mp * pp}, but the "
-                    f"hardware has {devices} devices ({len(hw['nodes'])} nodes x {hw['devices_per_node']} "
+                    f"hardware has {devices} devices ({len(hw['nodes'])} node(s) x {hw['devices_per_node']} "
                     "devices_per_node); make the product equal the device count"))
     for name in ("num_heads", "n_kv_heads"):
         if getattr(cfg, name) % mp:

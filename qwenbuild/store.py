@@ -70,6 +70,28 @@ def promote(tmp: Path, final: Path) -> None:
     os.replace(tmp, final)
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def sweep_stale(final: Path) -> None:
+    """Remove temporaries of `final` left by killed processes."""
+    for leftover in final.parent.glob(f".{glob_escape(final.name)}.*-*-*"):
+        parts = leftover.name.rsplit("-", 2)
+        if len(parts) == 3 and parts[1].isdigit() and not _pid_alive(int(parts[1])):
+            remove(leftover)
+
+
+def glob_escape(name: str) -> str:
+    return "".join(f"[{c}]" if c in "*?[" else c for c in name)
+
+
 @contextlib.contextmanager
 def atomic_path(final: str | os.PathLike, *, directory: bool = False) -> Iterator[Path]:
     """Yield a temporary sibling of `final`; promote it when the block succeeds, delete it when it fails."""
@@ -81,6 +103,7 @@ def atomic_path(final: str | os.PathLike, *, directory: bool = False) -> Iterato
                         hint="choose an output path in a writable directory") from exc
     if not os.access(final.parent, os.W_OK):
         raise UserError(f"{final.parent} is not writable", hint="choose an output path in a writable directory")
+    sweep_stale(final)
     tmp = _tmp_sibling(final, "tmp")
     if directory:
         tmp.mkdir()

@@ -7,7 +7,7 @@ _QWEN = dict(rms_norm_eps=1e-6, rope_theta=1_000_000.0, max_position_embeddings=
 
 MODELS: dict[str, dict] = {
     "tiny": dict(_QWEN, hidden_size=128, num_layers=4, num_heads=4, n_kv_heads=2, intermediate_size=352,
-                 vocab_size=1024, max_position_embeddings=512, param_dtype="float32", compute_dtype="float32"),
+                 vocab_size=512, max_position_embeddings=512, param_dtype="float32", compute_dtype="float32"),
     "qwen1.5-0.5b": dict(_QWEN, hidden_size=1024, num_layers=24, num_heads=16, n_kv_heads=16,
                          intermediate_size=2816, vocab_size=151936, tie_word_embeddings=True),
     "qwen1.5-1.8b": dict(_QWEN, hidden_size=2048, num_layers=24, num_heads=16, n_kv_heads=16,

@@ -50,7 +50,7 @@ def render(preset: str) -> str:
     if tiny:
         lines += ["kind = \"trained\"  # small BPE in the Qwen format, trained on the dataset: a tiny model's softmax",
                   "                  # over the real 151,646-token vocabulary would dominate CPU training",
-                  "vocab_size = 1024"]
+                  "vocab_size = 512"]
     else:
         lines += ["kind = \"qwen\"  # the real Qwen1.5 vocabulary, built offline"]
     lines += ["",

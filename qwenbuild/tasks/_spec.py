@@ -105,7 +105,7 @@ def to_doit(spec: TaskSpec, manifest, layout: Layout) -> dict:
     lock = Lock(layout.lock)
     targets = [str(p) for p in spec.outputs] + [str(Layout.sealed(d)) for d in spec.dir_outputs]
 
-    def intact(task, _values):
+    def intact(task, values):
         return lock.intact(spec.name, layout.root) is None
 
     task = {

@@ -1,0 +1,59 @@
+"""Show the plan of qwen.toml without running anything: the rank layout over nodes and devices, the memory
+estimate per device, and which build tasks are out of date and why."""
+
+from __future__ import annotations
+
+from qwenbuild.commands import add_manifest_argument
+
+
+def add_arguments(parser):
+    add_manifest_argument(parser)
+    parser.add_argument("--no-status", action="store_true", help="skip the task status (no build dir access)")
+
+
+def _gib(n: float) -> str:
+    return f"{n / (1 << 30):8.2f}"
+
+
+def main(args):
+    from qwenbuild.manifest import load_manifest
+    from qwenbuild.plan import memory_estimate, memory_warnings, rank_layout
+
+    m = load_manifest(args.config)
+    par, hw, cfg = m.data["parallel"], m.data["hardware"], m.model
+    print(f"{m.path}: {cfg.num_parameters() / 1e9:.3f}B parameters; {len(hw['nodes'])} node(s) x "
+          f"{hw['devices_per_node']} {hw['device']} devices; dp {par['data_parallel']} x mp {par['model_parallel']} "
+          f"x pp {par['pipeline_stage']}")
+    print("\nrank  node  host              device  stage  dp  mp  layers")
+    for r in rank_layout(m):
+        print(f"{r.rank:4d}  {r.node:4d}  {r.host[:16]:16s}  {r.device:6d}  {r.stage:5d}  {r.dp_index:2d}  "
+              f"{r.mp_index:2d}  {r.layers.start}-{r.layers.stop - 1}")
+    shard_table = _shard_table(m)
+    if shard_table:
+        print("\n" + shard_table)
+    print("\nmemory per device (GiB)  stage  params(M)  weights  gradients  optimizer  activations  total  / device")
+    for row in memory_estimate(m):
+        flag = "  DOES NOT FIT" if row["total"] > row["device"] else ""
+        print(f"{'':24s} {row['stage']:5d}  {row['params'] / 1e6:9.1f} {_gib(row['weights'])} {_gib(row['gradients'])}"
+              f"   {_gib(row['optimizer'])}    {_gib(row['activations'])} {_gib(row['total'])}  "
+              f"/ {row['device'] / (1 << 30):g}{flag}")
+    for w in m.warnings:
+        print(f"warning: {w}")
+    for w in memory_warnings(m):
+        print(f"warning: {w}")
+    if args.no_status:
+        return
+    from qwenbuild.status import task_status
+
+    print("\ntask             status      why")
+    for name, state, reasons in task_status(m):
+        print(f"{name:16s} {state:11s} {'; '.join(reasons)}")
+
+
+def _shard_table(m) -> str:
+    """Per rank, the shard shape and bytes of each parameter group, where the parallel library is present."""
+    try:
+        from qwenbuild.parallel.strategy import shard_table
+    except ImportError:
+        return ""
+    return shard_table(m.model, m.data["parallel"], m.device_count)

@@ -1,0 +1,152 @@
+"""The doit build graph on real tasks: what reruns after an edit, no-op runs, kill -9, corruption, concurrency."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+DOIT = [sys.executable, "-m", "doit", "-f", str(REPO / "dodo.py")]
+
+
+def small_manifest(tmp_path: Path) -> Path:
+    text = (REPO / "qwen.toml").read_text(encoding="utf-8")
+    text = text.replace("num_train = 4000", "num_train = 300").replace("num_heldout = 200", "num_heldout = 20")
+    path = tmp_path / "qwen.toml"
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def doit(manifest: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run(DOIT + [f"manifest={manifest}", *args], cwd=manifest.parent, capture_output=True,
+                          text=True, timeout=600)
+    if check:
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc
+
+
+def ran(proc) -> list[str]:
+    return [line[3:].strip() for line in proc.stdout.splitlines() if line.startswith(".  ")]
+
+
+def skipped(proc) -> list[str]:
+    return [line[3:].strip() for line in proc.stdout.splitlines() if line.startswith("-- ")]
+
+
+DATA_CHAIN = ["dataset", "alpaca", "tokenizer", "mindrecord"]
+
+
+@pytest.fixture
+def built(tmp_path):
+    manifest = small_manifest(tmp_path)
+    first = doit(manifest, "mindrecord")
+    assert ran(first) == DATA_CHAIN
+    return manifest
+
+
+def lock(manifest: Path) -> dict:
+    return json.loads((manifest.parent / "build" / "qwen.lock").read_text())
+
+
+def test_noop_run_executes_nothing(built):
+    again = doit(built, "mindrecord")
+    assert ran(again) == [] and skipped(again) == DATA_CHAIN
+
+
+def test_lock_records_artifacts_inputs_and_manifest_slice(built):
+    entry = lock(built)["tasks"]["mindrecord"]
+    assert entry["manifest"] == {"dataset.seq_length": 128, "dataset.mask_prompt": False, "dataset.file_partition": 1}
+    assert set(entry["inputs"]) == {"data/alpaca-messages.json", "tokenizer/.qwenbuild-manifest.json"}
+    assert entry["inputs"]["data/alpaca-messages.json"] == \
+        lock(built)["tasks"]["alpaca"]["artifacts"]["data/alpaca-messages.json"]["digest"]
+    members = entry["artifacts"]["data/mindrecord"]["members"]
+    assert set(members) == {"alpaca-messages.mindrecord", "alpaca-messages.mindrecord.db"}
+    assert entry["toolchain"]["mindspore"] == "2.9.0"
+
+
+def test_editing_one_key_reruns_exactly_the_dependent_tasks(built):
+    from qwenbuild.manifest.edit import set_keys
+
+    set_keys(built, [("dataset.seq_length", "64")])
+    assert ran(doit(built, "mindrecord")) == ["mindrecord"]
+    set_keys(built, [("tokenizer.vocab_size", "400")])
+    assert ran(doit(built, "mindrecord")) == ["tokenizer", "mindrecord"]
+
+
+def test_corrupted_artifact_is_rebuilt_and_identical(built):
+    target = built.parent / "build" / "data" / "alpaca-messages.json"
+    good = target.read_bytes()
+    with open(target, "r+b") as f:
+        f.seek(10)
+        f.write(b"X")
+    again = doit(built, "mindrecord")
+    # the rebuilt file has the recorded bytes again, so nothing downstream reruns
+    assert ran(again) == ["alpaca"]
+    assert target.read_bytes() == good
+
+
+def test_corrupted_member_of_a_directory_artifact_is_rebuilt(built):
+    target = built.parent / "build" / "tokenizer" / "merges.txt"
+    good = target.read_bytes()
+    target.write_bytes(good[:-5])
+    assert ran(doit(built, "mindrecord")) == ["tokenizer"]
+    assert target.read_bytes() == good
+
+
+def test_kill_9_during_a_task_leaves_no_artifact_and_the_next_run_completes(tmp_path):
+    manifest = small_manifest(tmp_path)
+    doit(manifest, "tokenizer")
+    mindrecord = tmp_path / "build" / "data" / "mindrecord"
+    proc = subprocess.Popen(DOIT + [f"manifest={manifest}", "mindrecord"], cwd=tmp_path, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    for line in proc.stdout:
+        if line.startswith(".  mindrecord"):
+            time.sleep(1.0)
+            os.killpg(proc.pid, signal.SIGKILL)
+            break
+    proc.wait(timeout=60)
+    assert not mindrecord.exists()
+    again = doit(manifest, "mindrecord")
+    assert ran(again) == ["mindrecord"]
+    assert (mindrecord / "alpaca-messages.mindrecord").is_file()
+    assert not list(mindrecord.parent.glob(".mindrecord.tmp-*"))
+
+
+def test_two_concurrent_builds_are_safe(tmp_path):
+    manifest = small_manifest(tmp_path)
+    procs = [subprocess.Popen(DOIT + [f"manifest={manifest}", "mindrecord"], cwd=tmp_path, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=600) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    runs = [[line[3:] for line in o.splitlines() if line.startswith(".  ")] for o, _ in outs]
+    # one build did the work; the other waited for it and found everything up to date
+    assert sorted(runs, key=len) == [[], DATA_CHAIN]
+    assert any("waiting for it to finish" in err for _, err in outs)
+    assert ran(doit(manifest, "mindrecord")) == []
+
+
+def test_plan_reports_why_tasks_are_out_of_date(built):
+    from qwenbuild.manifest import load_manifest
+    from qwenbuild.manifest.edit import set_keys
+    from qwenbuild.status import task_status
+
+    set_keys(built, [("dataset.mask_prompt", "true")])
+    status = {name: (state, reasons) for name, state, reasons in task_status(load_manifest(built))}
+    assert status["dataset"] == ("up to date", [])
+    assert status["mindrecord"] == ("will run", ["dataset.mask_prompt: False -> True"])
+    assert status["init_weights"][1] == ["not built yet"]
+
+
+def test_bad_manifest_stops_doit_with_the_error(tmp_path):
+    manifest = small_manifest(tmp_path)
+    manifest.write_text(manifest.read_text().replace("data_parallel = 2", "data_parallel = 3"))
+    proc = doit(manifest, "mindrecord", check=False)
+    assert proc.returncode == 2
+    assert "parallel.data_parallel" in proc.stderr and "Traceback" not in proc.stderr

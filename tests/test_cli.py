@@ -1,0 +1,97 @@
+"""The qwenbuild command: init, validate, set and plan as a user types them."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+QWENBUILD = [sys.executable, "-m", "qwenbuild"]
+
+
+def run(*args, cwd):
+    return subprocess.run(QWENBUILD + list(args), cwd=cwd, capture_output=True, text=True, timeout=120)
+
+
+def test_help_lists_commands_without_importing_mindspore(tmp_path):
+    proc = run("--help", cwd=tmp_path)
+    assert proc.returncode == 0
+    for name in ("init", "validate", "plan", "set"):
+        assert f"\n    {name} " in proc.stdout
+    probe = subprocess.run([sys.executable, "-c", "import sys; from qwenbuild.cli import build_parser; "
+                            "build_parser(); print('mindspore' in sys.modules)"], capture_output=True, text=True)
+    assert probe.stdout.strip() == "False"
+
+
+def test_init_then_validate(tmp_path):
+    assert run("init", "--preset", "qwen1.5-72b", "-o", "q.toml", cwd=tmp_path).returncode == 0
+    proc = run("validate", "-c", "q.toml", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "72.3" in proc.stdout or "72,28" in proc.stdout or "valid" in proc.stdout
+    again = run("init", "-o", "q.toml", cwd=tmp_path)
+    assert again.returncode == 2 and "already exists" in again.stderr
+
+
+def test_validate_exits_2_with_every_error(tmp_path):
+    run("init", "-o", "qwen.toml", cwd=tmp_path)
+    path = tmp_path / "qwen.toml"
+    path.write_text(path.read_text().replace("model_parallel = 1", "model_parallel = 0")
+                    .replace("learning_rate", "learnig_rate"))
+    proc = run("validate", cwd=tmp_path)
+    assert proc.returncode == 2
+    assert "parallel.model_parallel: found int 0, allowed: integer >= 1" in proc.stderr
+    assert "train.learnig_rate: unknown key; did you mean 'learning_rate'?" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_set_keeps_comments_and_refuses_rejected_values(tmp_path):
+    run("init", "-o", "qwen.toml", cwd=tmp_path)
+    path = tmp_path / "qwen.toml"
+    before = path.read_text()
+    proc = run("set", "train.learning_rate=1e-4", "export.predict_data=你好", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    after = path.read_text()
+    assert "learning_rate = 1e-4" in after and 'predict_data = "你好"' in after
+    assert [l for l in before.splitlines() if l.startswith("#")] == [l for l in after.splitlines() if l.startswith("#")]
+    assert "# per data-parallel rank and micro batch" in after
+    refused = run("set", "parallel.data_parallel=3", cwd=tmp_path)
+    assert refused.returncode == 2 and "data_parallel 3 x model_parallel 1" in refused.stderr
+    assert "qwen.toml:35: parallel.data_parallel" in refused.stderr and ".tmp-" not in refused.stderr
+    assert path.read_text() == after
+    assert not list(tmp_path.glob(".qwen.toml.*"))
+
+
+def test_set_hf_dir_switches_to_the_checkpoint_dimensions(tmp_path):
+    import json
+
+    from qwenbuild.manifest import load_manifest
+    from qwenbuild.model import QwenConfig
+
+    run("init", "-o", "qwen.toml", cwd=tmp_path)
+    (tmp_path / "hf").mkdir()
+    cfg = QwenConfig(vocab_size=512, hidden_size=64, num_layers=2, num_heads=4, n_kv_heads=2, intermediate_size=96)
+    (tmp_path / "hf" / "config.json").write_text(json.dumps(cfg.to_hf_dict()))
+    proc = run("set", "model.hf_dir=hf", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "removed model.preset" in proc.stdout
+    m = load_manifest(tmp_path / "qwen.toml")
+    assert (m.model.hidden_size, m.model.num_layers, m.model.n_kv_heads) == (64, 2, 2)
+
+
+def test_plan_shows_ranks_memory_and_status(tmp_path):
+    run("init", "--preset", "qwen1.5-72b", "-o", "qwen.toml", cwd=tmp_path)
+    proc = run("plan", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    rank_rows = [l.split() for l in lines if len(l.split()) == 8 and l.split()[0].isdigit()]
+    assert [int(r[0]) for r in rank_rows] == list(range(32))
+    assert [r[2] for r in rank_rows[::8]] == ["node0", "node1", "node2", "node3"]
+    assert [r[7] for r in rank_rows[::8]] == ["0-19", "20-39", "40-59", "60-79"]
+    assert "memory per device" in proc.stdout and "will run" in proc.stdout
+
+
+@pytest.mark.parametrize("args", [["validate", "-c", "missing.toml"], ["set", "novalue"], ["plan", "-c", "."]])
+def test_bad_invocations_give_a_message_not_a_traceback(tmp_path, args):
+    proc = run(*args, cwd=tmp_path)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr and "error:" in proc.stderr
