@@ -54,8 +54,8 @@ def layer_parameter_shapes(cfg: QwenConfig, i: int) -> dict[str, tuple[int, ...]
     h, hd = cfg.hidden_size, cfg.head_dim
     q, kv = cfg.num_heads * hd, cfg.n_kv_heads * hd
     p = f"model.layers.{i}."
-    # network order (parameters_and_names), which is also the order checkpoints are written in
-    shapes = {}
+    # MindFormers' own order (parameters_and_names), which is also the order checkpoints are written in
+    shapes = {p + "ffn_norm.weight": (h,), p + "attention_norm.weight": (h,)}
     for proj, size in (("wq", q), ("wk", kv), ("wv", kv)):
         shapes[f"{p}attention.{proj}.weight"] = (size, h)
         if cfg.qkv_has_bias:
@@ -65,8 +65,6 @@ def layer_parameter_shapes(cfg: QwenConfig, i: int) -> dict[str, tuple[int, ...]
         p + "feed_forward.w1.weight": (cfg.intermediate_size, h),
         p + "feed_forward.w2.weight": (h, cfg.intermediate_size),
         p + "feed_forward.w3.weight": (cfg.intermediate_size, h),
-        p + "attention_norm.weight": (h,),
-        p + "ffn_norm.weight": (h,),
     })
     return shapes
 

@@ -1,0 +1,328 @@
+"""The Qwen1.5 network in MindSpore, named like MindFormers' LlamaForCausalLM, plus its KV-cache graphs for export.
+
+Compute is float32 (the CPU kernels); parameters may be float32, bfloat16 or float16 and are cast on use.
+Wrapping cells (loss, prefill, decode, train step) must call `super().__init__(auto_prefix=False)`, otherwise
+MindSpore renames the shared parameters and checkpoints no longer match `parameter_shapes(cfg)`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import mindspore as ms
+from mindspore import Parameter, Tensor, nn, ops
+from mindspore.common.initializer import Normal, initializer
+
+from qwenbuild.errors import UserError
+from qwenbuild.model.config import QwenConfig
+from qwenbuild.model.params import check_names, is_training_state
+
+F32 = ms.float32
+MS_DTYPES = {"float32": ms.float32, "bfloat16": ms.bfloat16, "float16": ms.float16}
+# additive attention bias for masked positions: exp() underflows to exactly 0 in float32
+MASKED = -1.0e30
+
+
+def _param(shape, dtype, init, name):
+    return Parameter(initializer(init, shape, dtype), name=name)
+
+
+class RMSNorm(nn.Cell):
+    def __init__(self, size: int, eps: float, dtype):
+        super().__init__()
+        self.eps = eps
+        self.weight = _param((size,), dtype, "ones", "weight")
+
+    def construct(self, x):
+        variance = ops.mean(ops.square(x), -1, keep_dims=True)
+        return ops.cast(self.weight, F32) * (x * ops.rsqrt(variance + self.eps))
+
+
+class Linear(nn.Cell):
+    """y = x W^T + b with W stored [out, in], as both HF and MindFormers store it."""
+
+    def __init__(self, n_in: int, n_out: int, has_bias: bool, dtype):
+        super().__init__()
+        self.n_in, self.n_out, self.has_bias = n_in, n_out, has_bias
+        self.weight = _param((n_out, n_in), dtype, Normal(0.02), "weight")
+        if has_bias:
+            self.bias = _param((n_out,), dtype, "zeros", "bias")
+        self.matmul = ops.MatMul(transpose_b=True)
+
+    def construct(self, x):
+        # 2-D MatMul: the CPU backend has no broadcasting BatchMatMul for weights
+        y = self.matmul(ops.reshape(x, (-1, self.n_in)), ops.cast(self.weight, F32))
+        if self.has_bias:
+            y = y + ops.cast(self.bias, F32)
+        return ops.reshape(y, x.shape[:-1] + (self.n_out,))
+
+
+class Embedding(nn.Cell):
+    def __init__(self, vocab_size: int, hidden_size: int, dtype):
+        super().__init__()
+        self.embedding_weight = _param((vocab_size, hidden_size), dtype, Normal(0.02), "embedding_weight")
+
+    def construct(self, input_ids):
+        # the CPU Gather kernel has no bfloat16: cast the table first (a no-op for float32)
+        return ops.gather(ops.cast(self.embedding_weight, F32), input_ids, 0)
+
+
+def rotate_half(x):
+    half = x.shape[-1] // 2
+    return ops.concat((-x[..., half:], x[..., :half]), -1)
+
+
+class Attention(nn.Cell):
+    def __init__(self, cfg: QwenConfig, dtype):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.num_heads, cfg.n_kv_heads, cfg.head_dim
+        self.n_rep = cfg.num_heads // cfg.n_kv_heads
+        self.scale = float(cfg.head_dim) ** -0.5
+        h, q, kv = cfg.hidden_size, cfg.num_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
+        self.wq = Linear(h, q, cfg.qkv_has_bias, dtype)
+        self.wk = Linear(h, kv, cfg.qkv_has_bias, dtype)
+        self.wv = Linear(h, kv, cfg.qkv_has_bias, dtype)
+        self.wo = Linear(q, h, False, dtype)
+        self.scores = ops.BatchMatMul(transpose_b=True)
+        self.weighted = ops.BatchMatMul()
+
+    def _heads(self, x, n):
+        b, s, _ = x.shape
+        return ops.transpose(ops.reshape(x, (b, s, n, self.head_dim)), (0, 2, 1, 3))
+
+    def project(self, x, cos, sin):
+        """q [B, H, S, D] and k, v [B, KV, S, D] of x [B, S, hidden], RoPE applied to q and k."""
+        q = self._heads(self.wq(x), self.n_heads)
+        k = self._heads(self.wk(x), self.n_kv_heads)
+        v = self._heads(self.wv(x), self.n_kv_heads)
+        q = q * cos + rotate_half(q) * sin
+        k = k * cos + rotate_half(k) * sin
+        return q, k, v
+
+    def _repeat_kv(self, x):
+        if self.n_rep == 1:
+            return x
+        b, n, s, d = x.shape
+        x = ops.tile(ops.expand_dims(x, 2), (1, 1, self.n_rep, 1, 1))
+        return ops.reshape(x, (b, n * self.n_rep, s, d))
+
+    def attend(self, q, k, v, bias):
+        """Output projection of softmax(q k^T / sqrt(D) + bias) v; q [B, H, Sq, D], k, v [B, KV, Sk, D]."""
+        k, v = self._repeat_kv(k), self._repeat_kv(v)
+        probs = ops.softmax(self.scores(q, k) * self.scale + bias, -1)
+        out = self.weighted(probs, v)
+        b, _, s, _ = out.shape
+        return self.wo(ops.reshape(ops.transpose(out, (0, 2, 1, 3)), (b, s, self.n_heads * self.head_dim)))
+
+    def construct(self, x, cos, sin, bias):
+        q, k, v = self.project(x, cos, sin)
+        return self.attend(q, k, v, bias), k, v
+
+
+class FeedForward(nn.Cell):
+    def __init__(self, cfg: QwenConfig, dtype):
+        super().__init__()
+        self.w1 = Linear(cfg.hidden_size, cfg.intermediate_size, False, dtype)
+        self.w2 = Linear(cfg.intermediate_size, cfg.hidden_size, False, dtype)
+        self.w3 = Linear(cfg.hidden_size, cfg.intermediate_size, False, dtype)
+
+    def construct(self, x):
+        gate = self.w1(x)
+        return self.w2(gate * ops.sigmoid(gate) * self.w3(x))
+
+
+class DecoderLayer(nn.Cell):
+    def __init__(self, cfg: QwenConfig, dtype):
+        super().__init__()
+        # attribute order gives MindFormers' parameter order
+        self.ffn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+        self.attention_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+        self.attention = Attention(cfg, dtype)
+        self.feed_forward = FeedForward(cfg, dtype)
+
+    def construct(self, x, cos, sin, bias):
+        """x [B, S, hidden] -> (x, k, v) with the layer's roped keys and values [B, KV, S, D]."""
+        a, k, v = self.attention(self.attention_norm(x), cos, sin, bias)
+        x = x + a
+        return x + self.feed_forward(self.ffn_norm(x)), k, v
+
+    def decode(self, x, cos, sin, bias, write, key_cache, value_cache):
+        """One new token x [B, 1, hidden]; write [B, 1, S, 1] marks its cache slot; caches [B, KV, S, D]."""
+        q, k, v = self.attention.project(self.attention_norm(x), cos, sin)
+        key_cache = ops.where(write, k, key_cache)
+        value_cache = ops.where(write, v, value_cache)
+        x = x + self.attention.attend(q, key_cache, value_cache, bias)
+        return x + self.feed_forward(self.ffn_norm(x)), key_cache, value_cache
+
+
+class QwenModel(nn.Cell):
+    def __init__(self, cfg: QwenConfig, dtype):
+        super().__init__()
+        self.num_layers = cfg.num_layers
+        self.tok_embeddings = Embedding(cfg.vocab_size, cfg.hidden_size, dtype)
+        self.layers = nn.CellList([DecoderLayer(cfg, dtype) for _ in range(cfg.num_layers)])
+        self.norm_out = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+        d = cfg.head_dim
+        inv_freq = 1.0 / (np.float32(cfg.rope_theta) ** (np.arange(0, d, 2, dtype=np.float32) / np.float32(d)))
+        self.inv_freq = Tensor(inv_freq.astype(np.float32))
+
+    def rope(self, positions):
+        """cos, sin [B|1, 1, S, D] for float32 positions [B|1, S]."""
+        freqs = ops.expand_dims(positions, -1) * self.inv_freq
+        emb = ops.expand_dims(ops.concat((freqs, freqs), -1), 1)
+        return ops.cos(emb), ops.sin(emb)
+
+    def _causal(self, s):
+        positions = ops.cast(ops.arange(s), F32)
+        future = ops.cast(ops.expand_dims(positions, 0) > ops.expand_dims(positions, 1), F32)
+        return ops.expand_dims(positions, 0), future * MASKED
+
+    def run(self, input_ids):
+        """Hidden states before the final norm [B, S, hidden] and per-layer keys/values [L, B, KV, S, D]."""
+        positions, bias = self._causal(input_ids.shape[1])
+        cos, sin = self.rope(positions)
+        x = self.tok_embeddings(input_ids)
+        keys, values = (), ()
+        for layer in self.layers:
+            x, k, v = layer(x, cos, sin, bias)
+            keys += (k,)
+            values += (v,)
+        return x, ops.stack(keys), ops.stack(values)
+
+    def construct(self, input_ids):
+        positions, bias = self._causal(input_ids.shape[1])
+        cos, sin = self.rope(positions)
+        x = self.tok_embeddings(input_ids)
+        for layer in self.layers:
+            x, _, _ = layer(x, cos, sin, bias)
+        return self.norm_out(x)
+
+    def decode(self, input_ids, batch_valid_length, key_cache, value_cache):
+        """Hidden state of the new token [B, 1, hidden] and the caches with its keys/values written."""
+        pos = ops.cast(batch_valid_length, ms.int32) - 1
+        slots = ops.expand_dims(ops.arange(key_cache.shape[3], dtype=ms.int32), 0)
+        write = ops.reshape(slots == ops.expand_dims(pos, 1), (pos.shape[0], 1, -1, 1))
+        visible = ops.cast(slots <= ops.expand_dims(pos, 1), F32)
+        bias = ops.reshape((1.0 - visible) * MASKED, (pos.shape[0], 1, 1, -1))
+        cos, sin = self.rope(ops.expand_dims(ops.cast(pos, F32), 1))
+        x = self.tok_embeddings(input_ids)
+        keys, values = (), ()
+        for i in range(self.num_layers):
+            x, k, v = self.layers[i].decode(x, cos, sin, bias, write, key_cache[i], value_cache[i])
+            keys += (k,)
+            values += (v,)
+        return self.norm_out(x), ops.stack(keys), ops.stack(values)
+
+
+class QwenForCausalLM(nn.Cell):
+    """Qwen1.5 causal LM: construct(input_ids int32 [B, S]) -> logits float32 [B, S, vocab]."""
+
+    def __init__(self, cfg: QwenConfig):
+        super().__init__()
+        self.cfg = cfg
+        dtype = MS_DTYPES[cfg.param_dtype]
+        self.model = QwenModel(cfg, dtype)
+        self.tied = cfg.tie_word_embeddings
+        if not self.tied:
+            self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, False, dtype)
+        self.vocab_size = cfg.vocab_size
+        self.matmul = ops.MatMul(transpose_b=True)
+
+    def logits(self, hidden):
+        """hidden [..., hidden_size] (after the final norm) -> logits [..., vocab]."""
+        if self.tied:
+            table = ops.cast(self.model.tok_embeddings.embedding_weight, F32)
+            flat = self.matmul(ops.reshape(hidden, (-1, hidden.shape[-1])), table)
+            return ops.reshape(flat, hidden.shape[:-1] + (self.vocab_size,))
+        return self.lm_head(hidden)
+
+    def construct(self, input_ids):
+        return self.logits(self.model(input_ids))
+
+
+class PrefillCell(nn.Cell):
+    """construct(input_ids int32 [B, S], batch_valid_length int32 [B]) ->
+    (logits [B, vocab] at position batch_valid_length-1, key_cache, value_cache [L, B, KV, S, D]).
+
+    Prompts are right-padded to S; cache slots at and after batch_valid_length hold padding and stay masked.
+    """
+
+    def __init__(self, net: QwenForCausalLM, seq_length: int):
+        super().__init__(auto_prefix=False)
+        self.net = net
+        self.seq_length = seq_length
+
+    def construct(self, input_ids, batch_valid_length):
+        hidden, keys, values = self.net.model.run(input_ids)
+        last = ops.cast(batch_valid_length, ms.int32) - 1
+        pick = ops.cast(ops.expand_dims(ops.arange(input_ids.shape[1], dtype=ms.int32), 0)
+                        == ops.expand_dims(last, 1), F32)
+        hidden = ops.reduce_sum(hidden * ops.expand_dims(pick, -1), 1)
+        return self.net.logits(self.net.model.norm_out(hidden)), keys, values
+
+
+class DecodeCell(nn.Cell):
+    """construct(input_ids int32 [B, 1], batch_valid_length int32 [B] counting the new token, key_cache,
+    value_cache float32 [L, B, KV, S, D]) -> (logits [B, vocab], key_cache, value_cache).
+
+    The new token's keys/values are written at slot batch_valid_length-1; slots beyond it are masked.
+    """
+
+    def __init__(self, net: QwenForCausalLM, seq_length: int):
+        super().__init__(auto_prefix=False)
+        self.net = net
+        self.seq_length = seq_length
+
+    def construct(self, input_ids, batch_valid_length, key_cache, value_cache):
+        hidden, keys, values = self.net.model.decode(input_ids, batch_valid_length, key_cache, value_cache)
+        return self.net.logits(ops.squeeze(hidden, 1)), keys, values
+
+
+def cache_shape(cfg: QwenConfig, batch_size: int, seq_length: int) -> tuple[int, ...]:
+    """Shape of key_cache and value_cache: [num_layers, batch, n_kv_heads, seq_length, head_dim]."""
+    return (cfg.num_layers, batch_size, cfg.n_kv_heads, seq_length, cfg.head_dim)
+
+
+def _read_checkpoint(path: Path) -> dict:
+    if not path.is_file():
+        raise UserError(f"checkpoint {path} does not exist", hint="convert one with `qwenbuild convert_weight`")
+    fmt = "safetensors" if path.suffix == ".safetensors" else "ckpt"
+    try:
+        return ms.load_checkpoint(str(path), format=fmt)
+    except (ValueError, RuntimeError, TypeError, OSError) as exc:
+        raise UserError(f"{path} is not a readable MindSpore {fmt} checkpoint: {exc}")
+
+
+def load_weights(net: QwenForCausalLM, ckpt_path) -> None:
+    """Load a MindSpore checkpoint strictly, casting to the network's parameter dtype; optimizer state is ignored."""
+    path = Path(ckpt_path)
+    loaded = {n: p for n, p in _read_checkpoint(path).items() if not is_training_state(n)}
+    params = {p.name: p for p in net.get_parameters()}
+    check_names({n: p.shape for n, p in params.items()}, {n: p.shape for n, p in loaded.items()}, path)
+    for name, param in params.items():
+        value = loaded[name]
+        param.set_data(value if value.dtype == param.dtype else ops.cast(value, param.dtype))
+
+
+def greedy_generate(net: QwenForCausalLM, prompt_ids, max_new_tokens: int, eos_ids=()) -> list[int]:
+    """Greedy continuation of one prompt without a cache: the new token ids, ending with an eos id if one came.
+
+    The input is padded once to prompt + max_new_tokens so GRAPH mode compiles a single shape.
+    """
+    prompt = [int(t) for t in prompt_ids]
+    if not prompt:
+        raise UserError("greedy_generate needs a non-empty prompt")
+    eos = {int(e) for e in eos_ids}
+    ids = np.zeros((1, len(prompt) + max_new_tokens), dtype=np.int32)
+    ids[0, :len(prompt)] = prompt
+    new = []
+    for step in range(max_new_tokens):
+        last = len(prompt) + step - 1
+        logits = net(Tensor(ids)).asnumpy()
+        token = int(np.argmax(logits[0, last]))
+        new.append(token)
+        if token in eos:
+            break
+        ids[0, last + 1] = token
+    return new

@@ -1,0 +1,93 @@
+"""Hugging Face Qwen1.5 checkpoint -> one MindSpore .ckpt with MindFormers names, streamed tensor by tensor."""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from qwenbuild.model.config import QwenConfig
+from qwenbuild.model.params import check_names, hf_to_ms, ms_to_hf, parameter_shapes
+from qwenbuild.store import atomic_path
+from qwenbuild.weights import dtypes, hf_source, mindspore_ckpt
+from qwenbuild.weights.dtypes import ITEMSIZE
+
+# buffers some HF checkpoints carry that are recomputed, not learned
+_RECOMPUTED = (".rotary_emb.inv_freq",)
+
+
+@dataclass(frozen=True)
+class PlannedTensor:
+    name: str  # MindFormers name
+    shape: tuple[int, ...]
+    dtype: str  # output dtype
+    source: hf_source.SourceTensor
+
+    @property
+    def nbytes(self) -> int:
+        n = ITEMSIZE[self.dtype]
+        for d in self.shape:
+            n *= d
+        return n
+
+    def chunks(self):
+        for chunk in self.source.chunks():
+            yield dtypes.cast_bytes(chunk, self.source.dtype, self.dtype)
+
+
+def stderr_progress(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def plan_conversion(torch_ckpt_dir, dtype: str | None = None) -> tuple[QwenConfig, list, list[str]]:
+    """Check every tensor of the HF directory against its config.json; the MindSpore tensors to write, in network
+    order, and notes about dropped entries. Raises UserError listing every mismatch."""
+    cfg = QwenConfig.from_hf_dir(torch_ckpt_dir)
+    files, sources = hf_source.source_tensors(torch_ckpt_dir)
+    notes, kept = [], {}
+    for hf_name, src in sources.items():
+        if hf_name.endswith(_RECOMPUTED):
+            notes.append(f"dropped {hf_name} (recomputed buffer)")
+        elif hf_name == "lm_head.weight" and cfg.tie_word_embeddings:
+            notes.append("dropped lm_head.weight: config.json ties it to the embedding table")
+        else:
+            kept[hf_name] = src
+    expected = {ms_to_hf(n): shape for n, shape in parameter_shapes(cfg).items()}
+    where = f"{Path(torch_ckpt_dir)} ({', '.join(f.name for f in files)})"
+    check_names(expected, {n: s.shape for n, s in kept.items()}, where)
+    plan = [PlannedTensor(hf_to_ms(n), shape, dtype or kept[n].dtype, kept[n]) for n, shape in expected.items()]
+    return cfg, plan, notes
+
+
+def convert_weight(torch_ckpt_dir, mindspore_ckpt_path, dtype: str | None = None,
+                   progress: Callable[[str], None] | None = stderr_progress) -> dict:
+    """Convert a Hugging Face Qwen1.5 directory to one MindSpore checkpoint; returns a summary dict.
+
+    `dtype` is None (keep each tensor's dtype), "bf16"/"bfloat16", "fp16"/"float16" or "fp32"/"float32".
+    Memory stays at one chunk of one tensor whatever the model size. Nothing is written when any check fails.
+    """
+    started = time.monotonic()
+    out_dtype = dtypes.from_user(dtype)
+    cfg, plan, notes = plan_conversion(torch_ckpt_dir, out_dtype)
+    say = progress or (lambda _m: None)
+    for note in notes:
+        say(note)
+    total = len(plan)
+    done = [0]
+
+    def step(t: PlannedTensor):
+        done[0] += 1
+        say(f"[{done[0]}/{total}] {t.source.name} -> {t.name} {list(t.shape)} {t.source.dtype} -> {t.dtype}")
+
+    out = Path(mindspore_ckpt_path)
+    with atomic_path(out) as tmp:
+        size = mindspore_ckpt.write_checkpoint(tmp, plan, step)
+    numel = sum(t.nbytes // ITEMSIZE[t.dtype] for t in plan)
+    seconds = time.monotonic() - started
+    out_dtypes = sorted({t.dtype for t in plan})
+    say(f"converted {total} tensors ({numel / 1e6:.1f}M parameters, {'/'.join(out_dtypes)}) from {torch_ckpt_dir} "
+        f"to {out} ({size / 1e6:.1f} MB) in {seconds:.1f} s")
+    return {"tensors": total, "parameters": numel, "bytes": size, "seconds": seconds, "dtypes": out_dtypes,
+            "config": cfg}

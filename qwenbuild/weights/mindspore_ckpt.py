@@ -1,0 +1,190 @@
+"""MindSpore .ckpt files (protobuf `Checkpoint`) written and read entry by entry, without holding the model.
+
+A .ckpt is a concatenation of serialized one-entry `Checkpoint` messages; MindSpore's own writer splits a tensor
+into entries of at most SLICE_BYTES of content, each repeating the name, dims and type. Writing the same entries
+here gives the bytes `mindspore.save_checkpoint` gives for the same list of tensors.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO, Callable, Iterable, Iterator
+
+from qwenbuild.errors import UserError
+from qwenbuild.weights import dtypes
+
+SLICE_BYTES = 512 << 20
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        low, n = n & 0x7F, n >> 7
+        if n:
+            out.append(low | 0x80)
+        else:
+            out.append(low)
+            return bytes(out)
+
+
+def _field(number: int, payload: bytes) -> bytes:
+    return _varint(number << 3 | 2) + _varint(len(payload)) + payload
+
+
+def entry_header(name: str, shape, dtype: str, content_bytes: int) -> bytes:
+    """Bytes of one `Checkpoint` entry up to (not including) its tensor_content."""
+    dims = b"".join(_varint(1 << 3) + _varint(d) for d in shape)
+    tensor_head = dims + _field(2, dtypes.MINDSPORE[dtype].encode()) + _varint(3 << 3 | 2) + _varint(content_bytes)
+    tensor_len = len(tensor_head) + content_bytes
+    value_head = _field(1, name.encode()) + _varint(2 << 3 | 2) + _varint(tensor_len)
+    value_len = len(value_head) + tensor_len
+    return _varint(1 << 3 | 2) + _varint(value_len) + value_head + tensor_head
+
+
+def write_tensor(f: BinaryIO, name: str, shape, dtype: str, chunks: Iterable[bytes], nbytes: int,
+                 slice_bytes: int = SLICE_BYTES) -> None:
+    """Append one tensor, streaming its bytes, split into entries of `slice_bytes` like MindSpore does."""
+    pending, written = b"", 0
+    chunk_iter = iter(chunks)
+    for start in range(0, nbytes, slice_bytes):
+        size = min(slice_bytes, nbytes - start)
+        f.write(entry_header(name, shape, dtype, size))
+        left = size
+        while left:
+            if not pending:
+                pending = next(chunk_iter, b"")
+                if not pending:
+                    raise RuntimeError(f"tensor {name}: source ended after {written} of {nbytes} bytes")
+            piece, pending = pending[:left], pending[left:]
+            f.write(piece)
+            left -= len(piece)
+            written += len(piece)
+
+
+@dataclass(frozen=True)
+class CkptSlice:
+    """One entry of a .ckpt file: a whole tensor or one slice of it."""
+
+    name: str
+    shape: tuple[int, ...]
+    type_name: str  # MindSpore's name, e.g. BFloat16
+    offset: int  # absolute offset of the content bytes
+    nbytes: int
+
+
+def _read_varint(f: BinaryIO, where: str) -> int:
+    shift = value = 0
+    while True:
+        b = f.read(1)
+        if not b:
+            raise UserError(f"{where} ends in the middle of an entry: the checkpoint is truncated")
+        value |= (b[0] & 0x7F) << shift
+        if not b[0] & 0x80:
+            return value
+        shift += 7
+
+
+def _parse_fields(f: BinaryIO, end: int, where: str, keep_bytes: set[int]) -> dict:
+    """Fields of a message ending at `end`: lists of ints, bytes, or (offset, length) for fields in keep_bytes."""
+    fields: dict = {}
+    while f.tell() < end:
+        key = _read_varint(f, where)
+        number, wire = key >> 3, key & 7
+        if wire == 0:
+            fields.setdefault(number, []).append(_read_varint(f, where))
+        elif wire == 2:
+            length = _read_varint(f, where)
+            if number in keep_bytes:
+                fields.setdefault(number, []).append(f.read(length))
+            else:
+                fields.setdefault(number, []).append((f.tell(), length))
+                f.seek(length, os.SEEK_CUR)
+        else:
+            raise UserError(f"{where} is not a MindSpore checkpoint (protobuf wire type {wire})")
+    return fields
+
+
+def read_index(path: str | os.PathLike) -> list[CkptSlice]:
+    """Every entry of a .ckpt file, in file order, with where its content lies; contents are not read."""
+    path = Path(path)
+    size, slices = path.stat().st_size, []
+    with open(path, "rb") as f:
+        while f.tell() < size:
+            at = f.tell()
+            first = f.read(1)
+            if first != b"\x0a":
+                if first == b"c" and f.read(6) == b"rc_num":
+                    break  # CRC trailer of a checkpoint saved with crc_check=True
+                raise UserError(f"{path} is not a MindSpore checkpoint (unexpected byte at offset {at}); "
+                                "encrypted checkpoints are not supported")
+            length = _read_varint(f, str(path))
+            end = f.tell() + length
+            if end > size:
+                raise UserError(f"{path} is truncated: an entry at offset {at} needs {end} bytes, the file has {size}")
+            value = _parse_fields(f, end, str(path), keep_bytes={1})
+            if 2 not in value:
+                raise UserError(f"{path}: entry {value.get(1, [b'?'])[0].decode(errors='replace')} is not a dense "
+                                "tensor (map parameters are not supported)")
+            t_off, t_len = value[2][0]
+            resume = f.tell()
+            f.seek(t_off)
+            tensor = _parse_fields(f, t_off + t_len, str(path), keep_bytes={2})
+            f.seek(resume)
+            content_off, content_len = tensor[3][0]
+            slices.append(CkptSlice(value[1][0].decode(), tuple(tensor.get(1, [])), tensor[2][0].decode(),
+                                    content_off, content_len))
+    return slices
+
+
+@dataclass(frozen=True)
+class CkptTensor:
+    """A tensor of a .ckpt file, whose bytes may be spread over consecutive slices."""
+
+    name: str
+    shape: tuple[int, ...]
+    type_name: str
+    path: Path
+    parts: tuple[tuple[int, int], ...]  # (offset, nbytes)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(n for _, n in self.parts)
+
+    def chunks(self, chunk_bytes: int = 64 << 20) -> Iterator[bytes]:
+        with open(self.path, "rb") as f:
+            for offset, nbytes in self.parts:
+                f.seek(offset)
+                left = nbytes
+                while left:
+                    data = f.read(min(chunk_bytes, left))
+                    if not data:
+                        raise UserError(f"{self.path} is truncated inside tensor {self.name}")
+                    left -= len(data)
+                    yield data
+
+
+def read_tensors(path: str | os.PathLike) -> list[CkptTensor]:
+    """Tensors of a .ckpt file in file order, slices of one tensor joined."""
+    path = Path(path)
+    tensors: dict[str, CkptTensor] = {}
+    for s in read_index(path):
+        old = tensors.get(s.name)
+        if old is None:
+            tensors[s.name] = CkptTensor(s.name, s.shape, s.type_name, path, ((s.offset, s.nbytes),))
+        elif old.shape == s.shape and old.type_name == s.type_name:
+            tensors[s.name] = CkptTensor(s.name, s.shape, s.type_name, path, old.parts + ((s.offset, s.nbytes),))
+        else:
+            raise UserError(f"{path}: tensor {s.name} appears twice with different shapes or types")
+    return list(tensors.values())
+
+
+def write_checkpoint(path: str | os.PathLike, tensors: Iterable, progress: Callable | None = None) -> int:
+    """Write tensors (objects with name, shape, dtype, nbytes, chunks()) to a .ckpt; returns bytes written."""
+    with open(path, "wb") as f:
+        for t in tensors:
+            write_tensor(f, t.name, t.shape, t.dtype, t.chunks(), t.nbytes)
+            if progress:
+                progress(t)
+        return f.tell()
