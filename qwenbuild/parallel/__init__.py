@@ -1,0 +1,1 @@
+"""The distributed plan as files: rank tables, strategy files, per-rank checkpoints and launch scripts."""

@@ -1,0 +1,196 @@
+"""RANK_TABLE_FILE JSON in the hccl_tools / merge_hccl format: per-node tables, their merge, device IP discovery."""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import re
+import socket
+import subprocess
+from pathlib import Path
+
+from qwenbuild.errors import UserError
+from qwenbuild.store import atomic_path
+
+_RANGE_RE = re.compile(r"^\s*\[\s*(\d+)\s*,\s*(\d+)\s*[\)\]]\s*$")
+_HCCN_CONF = "/etc/hccn.conf"
+
+
+def parse_device_range(text: str, device_num_per_node: int = 8) -> range:
+    """Logical device indices of "[a,b)" or "[a,b]"; both mean a..b-1, as hccl_tools and run_multinode.sh read them."""
+    m = _RANGE_RE.match(str(text))
+    if not m:
+        raise UserError(f"--device_num {text!r} is not a device range",
+                        hint='write it as "[0,8)" (half-open, quoted so the shell leaves the brackets alone)')
+    start, end = int(m.group(1)), int(m.group(2))
+    if start >= end:
+        raise UserError(f"--device_num {text!r} is empty: start {start} must be below end {end}")
+    if end > device_num_per_node:
+        raise UserError(f"--device_num {text!r} ends at {end}, beyond the {device_num_per_node} devices of a node",
+                        hint="raise --device_num_per_node or shrink the range")
+    return range(start, end)
+
+
+def parse_visible_devices(text: str) -> list[int]:
+    try:
+        ids = [int(x) for x in str(text).split(",") if x.strip() != ""]
+    except ValueError:
+        raise UserError(f"--visible_devices {text!r} must be comma-separated device ids, like 0,1,2,3")
+    if not ids or len(set(ids)) != len(ids):
+        raise UserError(f"--visible_devices {text!r} must list distinct device ids")
+    return ids
+
+
+def physical_devices(device_range: range, visible_devices: list[int]) -> list[int]:
+    """Map logical indices to physical device ids (containers expose a subset of the NPUs)."""
+    if device_range.stop > len(visible_devices):
+        raise UserError(f"device range [{device_range.start},{device_range.stop}) needs {device_range.stop} visible "
+                        f"devices but --visible_devices lists {len(visible_devices)}")
+    return [visible_devices[i] for i in device_range]
+
+
+def check_ip(value: str, what: str) -> str:
+    try:
+        return str(ipaddress.ip_address(str(value).strip()))
+    except ValueError:
+        raise UserError(f"{what} {value!r} is not an IP address")
+
+
+def detect_server_ip() -> str:
+    """This host's address as hccl_tools finds it, refusing the loopback address many hosts resolve to."""
+    try:
+        ip = socket.gethostbyname(socket.gethostname())
+    except OSError as exc:
+        raise UserError(f"cannot resolve this host's name to an address ({exc})",
+                        hint="pass --server_ip with the node's cluster IP")
+    if ipaddress.ip_address(ip).is_loopback:
+        raise UserError(f"this host's name resolves to the loopback address {ip}, which other nodes cannot reach",
+                        hint="pass --server_ip with the node's cluster IP (or list it in qwen.toml hardware.nodes)")
+    return ip
+
+
+def _ip_from_hccn_tool(device_id: int) -> str | None:
+    try:
+        out = subprocess.run(["hccn_tool", "-i", str(device_id), "-ip", "-g"], capture_output=True, text=True,
+                             timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    for line in out.stdout.splitlines():
+        if line.strip().startswith("ipaddr") and ":" in line:
+            return line.split(":", 1)[1].strip() or None
+    return None
+
+
+def _ip_from_hccn_conf(device_id: int, hccn_conf: str | Path) -> str | None:
+    try:
+        text = Path(hccn_conf).read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return None
+    for line in text.splitlines():
+        key, _, value = line.strip().partition("=")
+        if key.strip() == f"address_{device_id}" and value.strip():
+            return value.strip()
+    return None
+
+
+def discover_device_ip(device_id: int, hccn_conf: str | Path = _HCCN_CONF, use_hccn_tool: bool = True) -> str:
+    """NPU IP of one device: `hccn_tool -i N -ip -g`, then address_N in /etc/hccn.conf."""
+    ip = _ip_from_hccn_tool(device_id) if use_hccn_tool else None
+    if ip is None:
+        ip = _ip_from_hccn_conf(device_id, hccn_conf)
+    if ip is None:
+        tried = f"`hccn_tool -i {device_id} -ip -g` gave no ipaddr line and " if use_hccn_tool else ""
+        conf = f"{hccn_conf} has no address_{device_id} line" if Path(hccn_conf).is_file() else \
+            f"{hccn_conf} does not exist"
+        raise UserError(f"no IP found for device {device_id}: {tried}{conf}",
+                        hint=f"list the NPU IPs in qwen.toml (hardware.nodes[].device_ips), or add "
+                             f"address_{device_id}=<ip> to {hccn_conf}, or install the Ascend driver tools")
+    return check_ip(ip, f"IP of device {device_id}")
+
+
+def node_rank_table(server_id: str, devices: list[tuple[int, str]]) -> dict:
+    """One node's table; rank_id counts from 0 in device order, as hccl_tools writes it."""
+    if not devices:
+        raise UserError(f"node {server_id} has no devices")
+    return {
+        "version": "1.0",
+        "server_count": "1",
+        "server_list": [{
+            "server_id": check_ip(server_id, "server_id"),
+            "device": [{"device_id": str(int(d)), "device_ip": check_ip(ip, f"IP of device {d}"), "rank_id": str(r)}
+                       for r, (d, ip) in enumerate(devices)],
+            "host_nic_ip": "reserve",
+        }],
+        "status": "completed",
+    }
+
+
+def merge_rank_tables(tables: list[dict]) -> dict:
+    """Concatenate servers in the given order and renumber rank_id 0..N-1, as merge_hccl does."""
+    servers, rank = [], 0
+    for table in tables:
+        for server in table["server_list"]:
+            devices = []
+            for device in server["device"]:
+                devices.append({**device, "rank_id": str(rank)})
+                rank += 1
+            servers.append({**server, "device": devices})
+    return {"version": "1.0", "server_count": str(len(servers)), "server_list": servers, "status": "completed"}
+
+
+def node_file_name(table: dict) -> str:
+    server = table["server_list"][0]
+    ids = "".join(d["device_id"] for d in server["device"])
+    return f"hccl_{len(server['device'])}p_{ids}_{server['server_id']}.json"
+
+
+def merged_file_name(table: dict) -> str:
+    ranks = sum(len(s["device"]) for s in table["server_list"])
+    return f"hccl_{table['server_count']}s_{ranks}p.json"
+
+
+def dumps(table: dict) -> str:
+    return json.dumps(table, indent=4)
+
+
+def write_rank_table(table: dict, path: str | Path) -> Path:
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        tmp.write_text(dumps(table), encoding="utf-8")
+    return path
+
+
+def read_rank_table(path: str | Path) -> dict:
+    """Load and check a per-node or merged table, naming the file and field that is wrong."""
+    path = Path(path)
+    try:
+        table = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UserError(f"rank table {path} does not exist")
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise UserError(f"rank table {path} is not valid JSON: {exc}")
+    if not isinstance(table, dict) or not isinstance(table.get("server_list"), list) or not table["server_list"]:
+        raise UserError(f"rank table {path} has no server_list", hint="pass files written by hccl_tools")
+    for i, server in enumerate(table["server_list"]):
+        for key in ("server_id", "device"):
+            if key not in server:
+                raise UserError(f"rank table {path}: server_list[{i}] lacks {key!r}")
+        for j, device in enumerate(server["device"]):
+            missing = {"device_id", "device_ip", "rank_id"} - set(device)
+            if missing:
+                raise UserError(f"rank table {path}: server_list[{i}].device[{j}] lacks {', '.join(sorted(missing))}")
+    return table
+
+
+def rank_table_for_nodes(nodes: list[dict], device_ip_source: str = "hccn_tool",
+                         hccn_conf: str | Path = _HCCN_CONF) -> tuple[list[dict], dict]:
+    """Per-node tables and the merged one from [{"ip", "device_ids", "device_ips"?}, ...] in rank order."""
+    tables = []
+    for n, node in enumerate(nodes):
+        ids = [int(d) for d in node["device_ids"]]
+        ips = node.get("device_ips") or [discover_device_ip(d, hccn_conf, device_ip_source == "hccn_tool")
+                                         for d in ids]
+        if len(ips) != len(ids):
+            raise UserError(f"node {n} ({node['ip']}) lists {len(ips)} device IPs for {len(ids)} devices")
+        tables.append(node_rank_table(node["ip"], list(zip(ids, ips))))
+    return tables, merge_rank_tables(tables)

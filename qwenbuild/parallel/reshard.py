@@ -1,0 +1,213 @@
+"""Reshard MindSpore checkpoints between strategies (transform_ckpt.py semantics), one destination rank at a time.
+
+MindSpore's transform_checkpoint_by_rank loads every source file whole for every rank; here each tensor is read on
+its own (ckpt_index) and passed through the same MindSpore layout transform, so memory holds one rank's shard plus
+one source tensor, and the bytes written are those MindSpore would write.
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable
+
+from qwenbuild.errors import UserError
+from qwenbuild.parallel.ckpt_index import CkptIndex
+from qwenbuild.store import atomic_path, write_dir_manifest
+
+_EMPTY = ("", "none", "null")
+
+
+def _stderr(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def resolve_strategy(arg: str | Path | None, workdir: Path, label: str) -> str | None:
+    """None for complete weights; a strategy file as is; a directory merged across pipeline stages into workdir."""
+    if arg is None or str(arg).strip().lower() in _EMPTY:
+        return None
+    path = Path(arg)
+    if path.is_file():
+        if path.suffix not in (".json", ".ckpt"):
+            raise UserError(f"{label} strategy {path} must be a .json or .ckpt strategy file")
+        return str(path)
+    if not path.is_dir():
+        raise UserError(f"{label} strategy {path} does not exist",
+                        hint="pass a strategy file, a directory of per-rank strategy files, or '' for complete weights")
+    files = [p for p in sorted(path.iterdir()) if p.is_file() and p.suffix in (".json", ".ckpt")
+             and not p.name.startswith("merged")]
+    if not files:
+        raise UserError(f"{label} strategy directory {path} holds no .json or .ckpt strategy file")
+    if len({p.suffix for p in files}) > 1:
+        raise UserError(f"{label} strategy directory {path} mixes .json and .ckpt files", hint="keep one format")
+    import mindspore as ms
+
+    stage_dir = workdir / f"{label}_strategies"
+    stage_dir.mkdir()
+    for p in files:
+        shutil.copyfile(p, stage_dir / p.name)
+    merged = workdir / f"{label}_merged_strategy{files[0].suffix}"
+    try:
+        ms.merge_pipeline_strategys(str(stage_dir), str(merged))
+    except Exception as exc:  # MindSpore raises ValueError/KeyError/DecodeError for unreadable files
+        raise UserError(f"{label} strategy directory {path} cannot be merged by MindSpore: {exc}")
+    return str(merged)
+
+
+def strategy_world_size(strategy: str | None) -> tuple[int, int]:
+    """(devices per pipeline stage, number of stages) of a strategy file; (1, 1) for complete weights."""
+    if strategy is None:
+        return 1, 1
+    import mindspore as ms
+
+    try:
+        layouts = ms.build_searched_strategy(strategy)
+    except Exception as exc:
+        raise UserError(f"strategy {strategy} cannot be read by MindSpore: {exc}")
+    if not layouts:
+        raise UserError(f"strategy {strategy} has no parameter layouts")
+    first = next(iter(layouts.values()))
+    per_stage = 1
+    for d in first.dev_matrix[0].dim:
+        per_stage *= d
+    stages = {int(k.split("-", 1)[0]) if "-" in k else 0 for k in layouts}
+    return per_stage, max(stages) + 1
+
+
+def source_checkpoints(src: str | Path) -> dict[int, Path]:
+    """{rank: .ckpt} from a single complete file, a directory of rank_N/<one>.ckpt, or a directory with one .ckpt."""
+    src = Path(src)
+    if src.is_file():
+        return {0: src}
+    if not src.is_dir():
+        raise UserError(f"source checkpoint {src} does not exist")
+    ranks = {}
+    for d in src.iterdir():
+        if d.is_dir() and d.name.startswith("rank_") and d.name[5:].isdigit():
+            ckpts = sorted(d.glob("*.ckpt"))
+            if len(ckpts) != 1:
+                raise UserError(f"{d} holds {len(ckpts)} .ckpt files ({', '.join(p.name for p in ckpts) or 'none'})",
+                                hint="keep exactly one checkpoint per rank directory")
+            ranks[int(d.name[5:])] = ckpts[0]
+    if ranks:
+        return dict(sorted(ranks.items()))
+    ckpts = sorted(src.glob("*.ckpt"))
+    if len(ckpts) == 1:
+        return {0: ckpts[0]}
+    raise UserError(f"{src} holds no rank_N/ directories and {len(ckpts)} .ckpt files",
+                    hint="lay shards out as DIR/rank_N/<name>.ckpt, or pass a single complete .ckpt file")
+
+
+def _check_sources(sources: dict[int, Path], src_strategy: str | None, src_ckpt_dir) -> None:
+    per_stage, stages = strategy_world_size(src_strategy)
+    world = per_stage * stages
+    if src_strategy is None and len(sources) > 1:
+        raise UserError(f"{src_ckpt_dir} holds {len(sources)} rank checkpoints but no source strategy was given",
+                        hint="pass --src_ckpt_strategy with the strategy the shards were made with")
+    missing = [r for r in range(world) if r not in sources]
+    if missing:
+        raise UserError(f"{src_ckpt_dir} lacks rank_{missing[0]} (the source strategy has {world} ranks, "
+                        f"found ranks {sorted(sources)})")
+
+
+class _RankWriter:
+    """The per-tensor form of mindspore.transform_checkpoint_by_rank for one destination rank."""
+
+    def __init__(self, src_strategy, dst_strategy, indexes: dict[int, CkptIndex]):
+        import mindspore as ms
+        from mindspore.parallel import _parallel_serialization as ps
+
+        self.ms, self.ps = ms, ps
+        self.src, self.dst, self.indexes = src_strategy, dst_strategy, indexes
+        self.src_per_stage = strategy_world_size(src_strategy)[0]
+        self.dst_per_stage = strategy_world_size(dst_strategy)[0]
+        self.origin_src = ps._extract_layout_map(src_strategy)
+        self.origin_dst = ps._extract_layout_map(dst_strategy)
+
+    def params(self, rank: int) -> list[dict]:
+        ms, ps = self.ms, self.ps
+        needed = ms.rank_list_for_transform(rank, self.src, self.dst)
+        src_map, dst_map = ps._extract_src_dst_layout_map(rank, self.src, self.dst)
+        names = list(dict.fromkeys(n for r in needed for n in self.indexes[r].names()))
+        out = []
+        for name in names:
+            if ps._parameter_not_in_local_stage(name, self.origin_src, src_map) and \
+                    ps._parameter_not_in_local_stage(name, self.origin_dst, dst_map):
+                continue
+            out.append(self._param(rank, name, needed, src_map, dst_map))
+        return out
+
+    def _param(self, rank, name, needed, src_map, dst_map) -> dict:
+        ms, ps = self.ms, self.ps
+        data, types = {}, {}
+        for r in needed:
+            index = self.indexes[r]
+            if name in index:
+                data[r % self.src_per_stage] = index.read(name)
+                types[r % self.src_per_stage] = index.entries[name].dtype
+        attrs = {k: (True, False) for k in data}  # what load_checkpoint gives every tensor
+        in_layouts = (src_map is None or name in src_map) and (dst_map is None or name in dst_map)
+        if in_layouts:
+            [param] = ps._transform_parallel_checkpoint(rank % self.dst_per_stage, {name: data}, {name: attrs},
+                                                        src_map, dst_map, {name: types})
+            return param
+        # tensors outside the layouts (step counters, loss scale) are copied from the matching source rank
+        key = rank % self.src_per_stage
+        p = ms.Parameter(ms.Tensor(data[key]), name, True, False)
+        if types[key] == "BFloat16":
+            p.set_dtype(ms.bfloat16)
+        return {"name": name, "data": p}
+
+
+def _stale_ranks(dst: Path, world: int) -> list[str]:
+    if not dst.is_dir():
+        return []
+    return sorted(d.name for d in dst.iterdir()
+                  if d.is_dir() and d.name.startswith("rank_") and d.name[5:].isdigit() and int(d.name[5:]) >= world)
+
+
+def transform_ckpt(src_ckpt_strategy, dst_ckpt_strategy, src_ckpt_dir, dst_ckpt_dir, prefix: str = "checkpoint_",
+                   progress: Callable[[str], None] | None = _stderr) -> dict:
+    """Write dst_ckpt_dir/rank_N/<prefix>N.ckpt for every rank of the destination strategy.
+
+    Strategies: '' or None = complete weights, a file, or a directory of per-rank files (merged across stages).
+    Each rank directory is promoted atomically when complete; nothing else in dst_ckpt_dir is touched.
+    """
+    progress = progress or (lambda _msg: None)
+    started = time.perf_counter()
+    dst = Path(dst_ckpt_dir)
+    with tempfile.TemporaryDirectory(prefix="qwenbuild-reshard-") as work:
+        src_strategy = resolve_strategy(src_ckpt_strategy, Path(work), "source")
+        dst_strategy = resolve_strategy(dst_ckpt_strategy, Path(work), "destination")
+        sources = source_checkpoints(src_ckpt_dir)
+        if any(dst.resolve() in p.resolve().parents for p in sources.values()):
+            raise UserError(f"destination {dst} holds the source checkpoints", hint="write to another directory")
+        _check_sources(sources, src_strategy, src_ckpt_dir)
+        per_stage, stages = strategy_world_size(dst_strategy)
+        world = per_stage * stages
+        stale = _stale_ranks(dst, world)
+        if stale:
+            raise UserError(f"{dst} already holds {', '.join(stale[:4])} from a layout with more ranks than this "
+                            f"one ({world})", hint="write this layout to a new directory; nothing was changed")
+        writer = _RankWriter(src_strategy, dst_strategy, {r: CkptIndex(p) for r, p in sources.items()})
+        files, total = [], 0
+        for rank in range(world):
+            t0 = time.perf_counter()
+            params = writer.params(rank)
+            final = dst / f"rank_{rank}"
+            with atomic_path(final, directory=True) as tmp:
+                writer.ms.save_checkpoint(params, str(tmp / f"{prefix}{rank}.ckpt"))
+            del params
+            path = final / f"{prefix}{rank}.ckpt"
+            size = path.stat().st_size
+            files.append(path)
+            total += size
+            progress(f"transform_ckpt: rank {rank + 1}/{world}: {path} {size / 2**20:.1f} MiB "
+                     f"in {time.perf_counter() - t0:.2f} s")
+    digest = write_dir_manifest(dst)
+    seconds = time.perf_counter() - started
+    progress(f"transform_ckpt: {world} ranks, {total / 2**20:.1f} MiB written to {dst} in {seconds:.1f} s")
+    return {"ranks": world, "files": files, "bytes": total, "seconds": seconds, "digest": digest}
