@@ -100,6 +100,10 @@ class Layout:
         return self.root / "run_qwen1_5.yaml"
 
     @property
+    def run_json(self) -> Path:
+        return self.root / "run.json"
+
+    @property
     def lite_ini(self) -> Path:
         return self.root / "lite.ini"
 

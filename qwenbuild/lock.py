@@ -11,7 +11,7 @@ import json
 import os
 from pathlib import Path
 
-from qwenbuild.store import DIR_MANIFEST, atomic_path, file_digest, json_digest, member_digests
+from qwenbuild.store import DIR_MANIFEST, atomic_path, content_digest, json_digest, member_digests
 
 LOCK_VERSION = 1
 
@@ -27,7 +27,7 @@ def describe_artifact(path: Path) -> dict:
         members = member_digests(path)
         return {"kind": "dir", "digest": json_digest(members),
                 "members": {rel: {"digest": d, **_stat(path / rel)} for rel, d in members.items()}}
-    return {"kind": "file", "digest": file_digest(path), **_stat(path)}
+    return {"kind": "file", "digest": content_digest(path), **_stat(path)}
 
 
 def _intact_file(path: Path, entry: dict) -> str | None:
@@ -35,7 +35,7 @@ def _intact_file(path: Path, entry: dict) -> str | None:
         return f"{path} is missing"
     if _stat(path) == {"size": entry["size"], "mtime_ns": entry["mtime_ns"]}:
         return None  # unchanged since it was recorded: trust without reading
-    if file_digest(path) != entry["digest"]:
+    if content_digest(path) != entry["digest"]:
         return f"{path} changed since it was built (digest differs from qwen.lock)"
     return None
 

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 
+from qwenbuild.errors import UserError
 from qwenbuild.model.config import QwenConfig
+from qwenbuild.parallel.strategy import indivisible_dims
 
 _BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 GIB = 1 << 30
@@ -23,15 +25,12 @@ class Rank:
     mp_index: int
 
 
-def stage_layers(num_layers: int, pipeline_stage: int) -> list[range]:
-    """Layers of each pipeline stage: an even split, the remainder going to the last stages."""
-    base, extra = divmod(num_layers, pipeline_stage)
-    out, start = [], 0
-    for s in range(pipeline_stage):
-        n = base + (1 if s >= pipeline_stage - extra else 0)
-        out.append(range(start, start + n))
-        start += n
-    return out
+def stage_layers(m) -> list[range]:
+    """Layers of each pipeline stage, by MindFormers' rule (parallel.offset spells out an uneven split)."""
+    from qwenbuild.parallel.strategy import stage_layers as split
+
+    par = m.data["parallel"]
+    return split(m.model.num_layers, par["pipeline_stage"], par.get("offset", 0))
 
 
 def rank_layout(m) -> list[Rank]:
@@ -39,7 +38,7 @@ def rank_layout(m) -> list[Rank]:
     hw, par = m.data["hardware"], m.data["parallel"]
     dp, mp, pp = par["data_parallel"], par["model_parallel"], par["pipeline_stage"]
     per_stage = dp * mp
-    stages = stage_layers(m.model.num_layers, pp)
+    stages = stage_layers(m)
     out = []
     for rank in range(dp * mp * pp):
         node, local = divmod(rank, hw["devices_per_node"])
@@ -73,7 +72,7 @@ def memory_estimate(m) -> list[dict]:
     abytes = 4 if m.data["hardware"]["device"] == "cpu" else _BYTES[cfg.compute_dtype]
     h = cfg.hidden_size
     rows = []
-    for stage, layers in enumerate(stage_layers(cfg.num_layers, pp)):
+    for stage, layers in enumerate(stage_layers(m)):
         params = _stage_params(cfg, len(layers), stage == 0, stage == pp - 1, mp, par["vocab_emb_dp"])
         weights = params * pbytes
         grads = params * 4  # gradients accumulate in float32
@@ -106,20 +105,17 @@ def plan_problems(m) -> list[tuple[str, str]]:
                     f"data_parallel {dp} x model_parallel {mp} x pipeline_stage {pp} = {dp * mp * pp}, but the "
                     f"hardware has {devices} devices ({len(hw['nodes'])} node(s) x {hw['devices_per_node']} "
                     "devices_per_node); make the product equal the device count"))
-    for name in ("num_heads", "n_kv_heads"):
-        if getattr(cfg, name) % mp:
-            out.append(("parallel.model_parallel", f"model.{name} {getattr(cfg, name)} is not divisible by "
-                                                   f"model_parallel {mp}"))
-    if cfg.intermediate_size % mp:
-        out.append(("parallel.model_parallel", f"model.intermediate_size {cfg.intermediate_size} is not divisible "
-                                               f"by model_parallel {mp}"))
-    if not par["vocab_emb_dp"] and cfg.vocab_size % mp:
-        out.append(("parallel.model_parallel", f"model.vocab_size {cfg.vocab_size} is not divisible by "
-                                               f"model_parallel {mp}; set parallel.vocab_emb_dp = true or pad the "
-                                               "vocabulary"))
+    for name, value in indivisible_dims(cfg, mp, par["vocab_emb_dp"]):
+        hint = "; set parallel.vocab_emb_dp = true or pad the vocabulary" if name == "vocab_size" else ""
+        out.append(("parallel.model_parallel", f"model.{name} {value} is not divisible by model_parallel {mp}{hint}"))
     if pp > cfg.num_layers:
         out.append(("parallel.pipeline_stage", f"pipeline_stage {pp} exceeds model.num_layers {cfg.num_layers}: "
                                                "every stage needs at least one layer"))
+    else:
+        try:
+            stage_layers(m)
+        except UserError as exc:
+            out.append(("parallel.offset" if "offset" in par else "parallel.pipeline_stage", str(exc)))
     if pp > 1 and par["micro_batch_num"] < pp:
         out.append(("parallel.micro_batch_num", f"micro_batch_num {par['micro_batch_num']} is below "
                                                 f"pipeline_stage {pp}; use at least {pp} to keep every stage busy"))

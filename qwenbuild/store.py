@@ -129,6 +129,15 @@ def file_digest(path: str | os.PathLike) -> str:
     return "sha256:" + h.hexdigest()
 
 
+def content_digest(path: str | os.PathLike) -> str:
+    """Digest of what a file means: MINDIR graphs are normalised (their raw bytes vary between processes)."""
+    if str(path).endswith(".mindir"):
+        from qwenbuild.export.digest import mindir_digest
+
+        return mindir_digest(path)
+    return file_digest(path)
+
+
 def bytes_digest(data: bytes) -> str:
     return "sha256:" + hashlib.sha256(data).hexdigest()
 
@@ -141,7 +150,7 @@ def json_digest(value) -> str:
 def member_digests(directory: str | os.PathLike) -> dict[str, str]:
     """Digest of every file below a directory, by POSIX relative path, excluding the manifest itself."""
     root = Path(directory)
-    return {p.relative_to(root).as_posix(): file_digest(p)
+    return {p.relative_to(root).as_posix(): content_digest(p)
             for p in sorted(root.rglob("*")) if p.is_file() and p.name != DIR_MANIFEST}
 
 

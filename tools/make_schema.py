@@ -128,6 +128,9 @@ schema = {
             "gradient_aggregation_group": integer("gradient fusion group size", 1, 4),
             "use_seq_parallel": boolean("sequence parallel (Ascend)", False),
             "recompute": boolean("recompute activations in backward (Ascend)", True),
+            "offset": {"type": "array", "items": {"type": "integer"},
+                       "description": "extra layers per pipeline stage when num_layers is not a multiple of "
+                                      "pipeline_stage (MindFormers' model_config.offset); adds up to the remainder"},
             "strategy_dir": string("strategy files compiled on Ascend (only_save_strategy); used instead of the "
                                    "synthesised ones; relative to qwen.toml"),
         }),

@@ -51,21 +51,24 @@ def stage_layers(num_layers: int, pipeline_stage: int, offset: int | list[int] =
     return ranges
 
 
+def indivisible_dims(cfg: QwenConfig, model_parallel: int, vocab_emb_dp: bool = False) -> list[tuple[str, int]]:
+    """Model dimensions that model_parallel must divide but does not."""
+    dims = [("num_heads", cfg.num_heads), ("n_kv_heads", cfg.n_kv_heads), ("intermediate_size", cfg.intermediate_size)]
+    if not vocab_emb_dp:
+        dims.append(("vocab_size", cfg.vocab_size))
+    return [(name, value) for name, value in dims if value % model_parallel]
+
+
 def check_plan(cfg: QwenConfig, data_parallel: int, model_parallel: int, pipeline_stage: int,
                vocab_emb_dp: bool = False) -> None:
     for name, value in (("data_parallel", data_parallel), ("model_parallel", model_parallel),
                         ("pipeline_stage", pipeline_stage)):
         if int(value) < 1:
             raise UserError(f"{name} must be at least 1, not {value}")
-    mp = model_parallel
-    dims = [("num_heads", cfg.num_heads), ("n_kv_heads", cfg.n_kv_heads), ("intermediate_size", cfg.intermediate_size)]
-    if not vocab_emb_dp:
-        dims.append(("vocab_size", cfg.vocab_size))
-    for name, value in dims:
-        if value % mp:
-            hint = "set vocab_emb_dp = true or change model_parallel" if name == "vocab_size" else \
-                "choose a model_parallel that divides it"
-            raise UserError(f"model_parallel {mp} does not divide {name} {value}", hint=hint)
+    for name, value in indivisible_dims(cfg, model_parallel, vocab_emb_dp)[:1]:
+        hint = "set vocab_emb_dp = true or change model_parallel" if name == "vocab_size" else \
+            "choose a model_parallel that divides it"
+        raise UserError(f"model_parallel {model_parallel} does not divide {name} {value}", hint=hint)
 
 
 def split_dim(name: str, vocab_emb_dp: bool) -> int | None:

@@ -39,7 +39,7 @@ def hold_build_dir(layout: Layout) -> None:
     _held.append(f)
 
 
-def dodo_namespace(manifest_path: str, argv: list[str] | None = None) -> dict:
+def dodo_namespace(manifest_path: str, build_dir: str | None = None, argv: list[str] | None = None) -> dict:
     """DOIT_CONFIG and task creators for the manifest; a bad manifest exits 2 with every error listed."""
     from qwenbuild.manifest import load_manifest
     from qwenbuild.tasks import doit_tasks
@@ -47,6 +47,8 @@ def dodo_namespace(manifest_path: str, argv: list[str] | None = None) -> dict:
     argv = sys.argv if argv is None else argv
     try:
         manifest = load_manifest(Path(manifest_path))
+        if build_dir:  # `doit build_dir=...`: the same inputs built elsewhere (qwenbuild verify)
+            manifest.data["build"]["dir"] = str(Path(build_dir).resolve())
     except UserError as exc:
         print(f"qwenbuild: error: {exc}", file=sys.stderr)
         raise SystemExit(exc.exit_code)

@@ -21,7 +21,8 @@ def source_dir(m, lay) -> Path:
 def _init_weights(ctx: Context) -> None:
     from qwenbuild.weights.random_init import write_random_hf_model
 
-    write_random_hf_model(ctx.manifest.model, ctx["model.init_seed"], ctx.layout.init_weights)
+    with ctx.output_dir(ctx.layout.init_weights) as tmp:
+        write_random_hf_model(ctx.manifest.model, ctx["model.init_seed"], tmp)
 
 
 def _convert(ctx: Context) -> None:

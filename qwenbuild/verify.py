@@ -1,0 +1,91 @@
+"""Rebuild everything into a fresh build dir and compare every artifact digest with the original qwen.lock."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from qwenbuild.compare import first_difference
+from qwenbuild.errors import UserError
+from qwenbuild.layout import Layout
+from qwenbuild.lock import Lock
+
+DODO = Path(__file__).resolve().parents[1] / "dodo.py"
+
+
+@dataclasses.dataclass
+class Difference:
+    task: str
+    artifact: str
+    recorded: str
+    rebuilt: str
+    where: str
+
+    def __str__(self) -> str:
+        return (f"{self.task}: {self.artifact}\n    recorded {self.recorded}\n    rebuilt  {self.rebuilt}\n"
+                f"    first difference: {self.where}")
+
+
+def rebuild(manifest_path: Path, build_dir: Path, tasks: list[str]) -> None:
+    cmd = [sys.executable, "-m", "doit", "-f", str(DODO), f"manifest={manifest_path}", f"build_dir={build_dir}",
+           *tasks]
+    proc = subprocess.run(cmd, cwd=manifest_path.parent)
+    if proc.returncode:
+        raise UserError(f"the fresh rebuild in {build_dir} failed (doit exit {proc.returncode})",
+                        hint="see the task output above")
+
+
+def _compare_artifact(task, rel, old, new, a_root: Path, b_root: Path) -> list[Difference]:
+    if new is None:
+        return [Difference(task, rel, old["digest"], "(not rebuilt)", "missing from the rebuild")]
+    if old["digest"] == new["digest"]:
+        return []
+    if old.get("kind") != "dir":
+        return [Difference(task, rel, old["digest"], new["digest"], first_difference(a_root / rel, b_root / rel))]
+    out = []
+    for member in sorted(set(old["members"]) | set(new["members"])):
+        x, y = old["members"].get(member), new["members"].get(member)
+        if x is None or y is None:
+            out.append(Difference(task, f"{rel}/{member}", x and x["digest"] or "(absent)",
+                                  y and y["digest"] or "(absent)", "present in only one build"))
+        elif x["digest"] != y["digest"]:
+            out.append(Difference(task, f"{rel}/{member}", x["digest"], y["digest"],
+                                  first_difference(a_root / rel / member, b_root / rel / member)))
+    return out
+
+
+def compare_locks(a_root: Path, b_root: Path) -> tuple[list[Difference], int]:
+    """Differences between two build dirs' locks, and how many artifacts were compared."""
+    a, b = Lock(Layout(a_root).lock).read()["tasks"], Lock(Layout(b_root).lock).read()["tasks"]
+    diffs, count = [], 0
+    for task, entry in sorted(a.items()):
+        rebuilt = b.get(task, {}).get("artifacts", {})
+        for rel, old in sorted(entry["artifacts"].items()):
+            count += 1
+            diffs += _compare_artifact(task, rel, old, rebuilt.get(rel), a_root, b_root)
+    return diffs, count
+
+
+def verify(manifest, keep: bool = False) -> tuple[list[Difference], int]:
+    from qwenbuild.tasks import task_specs
+
+    original = Layout(manifest.build_dir)
+    recorded = Lock(original.lock).read()["tasks"]
+    if not recorded:
+        raise UserError(f"{original.lock} records no artifacts yet", hint="build first, e.g. `doit export`")
+    known = [s.name for s in task_specs(manifest)]
+    tasks = [t for t in known if t in recorded]
+    scratch = Path(tempfile.mkdtemp(prefix="qwenbuild-verify-", dir=os.environ.get("QWENBUILD_VERIFY_DIR")))
+    print(f"verify: rebuilding {', '.join(tasks)} into {scratch}", file=sys.stderr, flush=True)
+    try:
+        rebuild(manifest.path, scratch, tasks)
+        return compare_locks(original.root, scratch)
+    finally:
+        if not keep:
+            import shutil
+
+            shutil.rmtree(scratch, ignore_errors=True)
