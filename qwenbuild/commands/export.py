@@ -1,0 +1,38 @@
+"""Export the prefill (mindir_full_checkpoint) and decode (mindir_inc_checkpoint) MINDIR graphs of one rank.
+
+Writes OUTPUT_DIR/mindir_{full,inc}_checkpoint/rank_N_graph.mindir (+ rank_N_variables/ for external weights)
+and rank_N_graph.json describing inputs, outputs, batch_size, seq_length, vocabulary and eos ids. The model
+dimensions come from the Hugging Face config.json in --torch_ckpt_dir. On CPU the checkpoint must hold whole
+tensors: a complete checkpoint, or the shard of an mp=1 plan."""
+
+from __future__ import annotations
+
+import json
+import os
+
+
+def add_arguments(parser):
+    parser.add_argument("--load_checkpoint", "--mindspore_ckpt_path", dest="load_checkpoint", required=True,
+                        metavar="CKPT", help="MindSpore checkpoint (complete, or this rank's mp=1 shard)")
+    parser.add_argument("--torch_ckpt_dir", required=True, metavar="DIR",
+                        help="directory with the model's config.json (the Hugging Face model it came from)")
+    parser.add_argument("--output_dir", default="output", metavar="DIR", help="export root (default: output)")
+    parser.add_argument("--seq_length", type=int, required=True, help="sequence length of the graphs")
+    parser.add_argument("--batch_size", type=int, default=1, help="batch size of the graphs (default 1)")
+    parser.add_argument("--rank", type=int, default=int(os.environ.get("RANK_ID", 0)),
+                        help="rank number in the file names (default: $RANK_ID or 0)")
+    parser.add_argument("--tokenizer_dir", default=None, metavar="DIR",
+                        help="tokenizer whose eos/pad ids the sidecar records (default: the Qwen1.5 ids)")
+    parser.add_argument("--external_weights", action="store_true",
+                        help="always write weights to rank_N_variables/ (MindSpore does so above 1 GiB)")
+
+
+def main(args):
+    from qwenbuild.export import export_mindir
+    from qwenbuild.model.config import QwenConfig
+
+    cfg = QwenConfig.from_hf_dir(args.torch_ckpt_dir)
+    summary = export_mindir(cfg, args.load_checkpoint, args.output_dir, rank=args.rank,
+                            batch_size=args.batch_size, seq_length=args.seq_length,
+                            tokenizer_dir=args.tokenizer_dir, external_weights=args.external_weights)
+    print(json.dumps(summary, indent=1))

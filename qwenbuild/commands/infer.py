@@ -1,0 +1,75 @@
+"""Generate text with the exported MINDIR graphs (prefill once, then one decode call per token).
+
+The prompt is wrapped in ChatML with the system turn "You are a helpful assistant." unless --raw is given.
+Greedy by default; --do_sample draws from the distribution after repetition penalty, temperature, top_k and
+top_p, with a seeded numpy generator. Generation stops at <|im_end|> or <|endoftext|> (ids taken from the
+tokenizer), after --max_new_tokens, or when the exported seq_length is full.
+
+Backends: graphcell (MindSpore nn.GraphCell on CPU) or lite (mindspore_lite on Ascend with the GE provider
+and --ge_config_path lite.ini); auto picks lite when mindspore_lite imports and a lite.ini is given.
+--batch_size/--seq_length, when given, must equal the export (read from rank_N_graph.json)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+
+def str2bool(text: str) -> bool:
+    lowered = text.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, not {text!r}")
+
+
+def add_arguments(parser):
+    parser.add_argument("--mindir_root_dir", default="output", metavar="DIR",
+                        help="export root holding mindir_full_checkpoint/ and mindir_inc_checkpoint/ (default: output)")
+    parser.add_argument("--tokenizer_dir", required=True, metavar="DIR",
+                        help="vocab.json, merges.txt and tokenizer_config.json of the model")
+    parser.add_argument("--predict_data", required=True, metavar="TEXT", help="the prompt")
+    parser.add_argument("--max_new_tokens", type=int, default=512, metavar="N",
+                        help="stop after N new tokens (default 512; never past the exported seq_length)")
+    parser.add_argument("--do_sample", type=str2bool, nargs="?", const=True, default=False,
+                        help="sample instead of greedy (also accepts --do_sample True/False)")
+    parser.add_argument("--top_k", type=int, default=3, help="sampling: keep the k most likely tokens, 0 = all "
+                                                              "(default 3, as the original script)")
+    parser.add_argument("--top_p", type=float, default=0.85, help="sampling: nucleus mass, 1 = off (default 0.85)")
+    parser.add_argument("--temperature", type=float, default=1.0, help="sampling: divide logits by T (default 1)")
+    parser.add_argument("--repetition_penalty", type=float, default=1.0,
+                        help="penalise tokens already in the row, 1 = off (default 1)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the sampling generator (default 0)")
+    parser.add_argument("--raw", action="store_true", help="feed the text as is, without the chat template")
+    parser.add_argument("--json", action="store_true",
+                        help="print one JSON object: prompt_ids, generated_ids, text, tokens_per_s")
+    parser.add_argument("--backend", choices=("auto", "graphcell", "lite"), default="auto",
+                        help="graphcell (MindSpore, CPU) or lite (mindspore_lite, Ascend); default auto")
+    parser.add_argument("--ge_config_path", default=None, metavar="lite.ini", help="MindSpore Lite config file")
+    parser.add_argument("--batch_size", type=int, default=None, help="must equal the export's (checked)")
+    parser.add_argument("--seq_length", type=int, default=None, help="must equal the export's (checked)")
+    parser.add_argument("--rank", type=int, default=int(os.environ.get("RANK_ID", 0)),
+                        help="which rank's graphs to run (default: $RANK_ID or 0)")
+    parser.add_argument("--device_id", type=int, default=int(os.environ.get("DEVICE_ID", 0)),
+                        help="lite backend: Ascend device (default: $DEVICE_ID or 0)")
+
+
+def main(args):
+    from qwenbuild.infer.runtime import generate, print_progress
+
+    result = generate(args.mindir_root_dir, args.tokenizer_dir, args.predict_data,
+                      max_new_tokens=args.max_new_tokens, do_sample=args.do_sample, top_k=args.top_k,
+                      top_p=args.top_p, temperature=args.temperature, repetition_penalty=args.repetition_penalty,
+                      seed=args.seed, raw=args.raw, backend=args.backend, ge_config_path=args.ge_config_path,
+                      batch_size=args.batch_size, seq_length=args.seq_length, rank=args.rank,
+                      device_id=args.device_id, progress=None if args.json else print_progress)
+    if args.json:
+        doc = result.to_json()
+        doc.update(prompt_ids=doc["prompt_ids"][0], generated_ids=doc["generated_ids"][0], text=doc["text"][0])
+        print(json.dumps(doc, ensure_ascii=False))
+    else:
+        print(result.texts[0])
+    sys.stdout.flush()

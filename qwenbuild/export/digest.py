@@ -1,0 +1,71 @@
+"""A digest of a MINDIR that is equal for equal graphs and weights, although MindSpore's bytes are not reproducible."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+from qwenbuild.errors import UserError
+
+# the only attribute known to change between processes: it embeds a per-process id
+VOLATILE_ATTRIBUTES = ("compile_phase",)
+_CHUNK = 1 << 20
+
+
+def load_model_proto(path):
+    """Parse a MINDIR file with MindSpore's own mind_ir protobuf classes."""
+    from google.protobuf.message import DecodeError
+    from mindspore.train import mind_ir_pb2
+
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise UserError(f"{path} does not exist", hint="export the graphs first (qwenbuild export / doit export)")
+    model = mind_ir_pb2.ModelProto()
+    try:
+        model.ParseFromString(data)
+    except DecodeError as exc:
+        raise UserError(f"{path} is not a MINDIR file ({exc})", hint="re-export it; the file may be truncated")
+    if not model.graph.name and not model.graph.node:
+        raise UserError(f"{path} holds no graph", hint="re-export it; the file may be truncated or not a MINDIR")
+    return model
+
+
+def _drop_volatile(graph) -> None:
+    keep = [a for a in graph.attribute if a.name not in VOLATILE_ATTRIBUTES]
+    del graph.attribute[:]
+    graph.attribute.extend(keep)
+
+
+def normalise(model):
+    """Remove compile_phase and put the primitive table in a canonical order (in place; returns the model)."""
+    _drop_volatile(model.graph)
+    for function in model.functions:
+        _drop_volatile(function)
+    primitives = sorted(model.primitives, key=lambda p: p.SerializeToString(deterministic=True))
+    del model.primitives[:]
+    model.primitives.extend(primitives)
+    return model
+
+
+def _external_files(model, base: Path) -> list[Path]:
+    locations = {p.external_data.location for p in model.graph.parameter if p.external_data.location}
+    return [base / loc for loc in sorted(locations)]
+
+
+def mindir_digest(path) -> str:
+    """sha256 of the normalised graph plus the external weight files it references (rank_N_variables/data_*)."""
+    path = Path(path)
+    model = normalise(load_model_proto(path))
+    h = hashlib.sha256(model.SerializeToString(deterministic=True))
+    for data_file in _external_files(model, path.parent):
+        h.update(b"\0" + data_file.relative_to(path.parent).as_posix().encode() + b"\0")
+        try:
+            with open(data_file, "rb") as f:
+                while chunk := f.read(_CHUNK):
+                    h.update(chunk)
+        except FileNotFoundError:
+            raise UserError(f"{path} refers to external weights {data_file}, which do not exist",
+                            hint="copy the whole rank_N_variables/ directory along with the graph, or re-export")
+    return "sha256:" + h.hexdigest()

@@ -1,0 +1,122 @@
+"""The JSON written next to each exported graph: its inputs, outputs, shapes and the tokenizer it expects."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+from qwenbuild.errors import UserError
+from qwenbuild.export.layout import FULL, INC, GRAPH_DIRS
+from qwenbuild.model.config import QwenConfig
+
+FORMAT = "qwenbuild-mindir-graph/1"
+SYSTEM_PROMPT = "You are a helpful assistant."
+# Qwen1.5 ids of <|endoftext|>, <|im_start|>, <|im_end|>
+ENDOFTEXT_ID, IM_START_ID, IM_END_ID = 151643, 151644, 151645
+DEFAULT_EOS_IDS = (IM_END_ID, ENDOFTEXT_ID)
+
+
+def _tensor(name: str, dtype: str, shape: list, meaning: str) -> dict:
+    return {"name": name, "dtype": dtype, "shape": shape, "meaning": meaning}
+
+
+def graph_io(kind: str, cfg: QwenConfig, batch_size: int, seq_length: int) -> tuple[list, list]:
+    """(inputs, outputs) of the prefill ("full") or decode ("inc") graph, in graph argument order."""
+    b, s = batch_size, seq_length
+    cache = [cfg.num_layers, b, cfg.n_kv_heads, s, cfg.head_dim]
+    caches_in = [
+        _tensor("key_cache", "float32", cache, "keys of every layer (RoPE applied) from the previous graph call"),
+        _tensor("value_cache", "float32", cache, "values of every layer from the previous graph call"),
+    ]
+    caches_out = [
+        _tensor("key_cache", "float32", cache, "keys of every layer; slots at and after batch_valid_length "
+                                               "are padding and stay masked; feed to the next decode call"),
+        _tensor("value_cache", "float32", cache, "values of every layer, laid out like key_cache"),
+    ]
+    logits = _tensor("logits", "float32", [b, cfg.vocab_size],
+                     "next-token logits of each row, taken at position batch_valid_length-1")
+    if kind == FULL:
+        inputs = [
+            _tensor("input_ids", "int32", [b, s], "prompt token ids, right-padded with pad_token_id to seq_length"),
+            _tensor("batch_valid_length", "int32", [b], "number of real prompt tokens in each row (1..seq_length)"),
+        ]
+        return inputs, [logits] + caches_out
+    inputs = [
+        _tensor("input_ids", "int32", [b, 1], "the token chosen last for each row"),
+        _tensor("batch_valid_length", "int32", [b], "tokens in each row counting this one; its keys and values "
+                                                     "are written at cache slot batch_valid_length-1"),
+    ] + caches_in
+    return inputs, [logits] + caches_out
+
+
+def sidecar(kind: str, cfg: QwenConfig, *, rank: int, batch_size: int, seq_length: int, mindir: str,
+            variables: str | None, digest: str, eos_token_ids, pad_token_id: int | None, source_checkpoint: str,
+            mindspore_version: str) -> dict:
+    """eos_token_ids/pad_token_id: the tokenizer's (empty/None when unknown at export; the runtime always takes
+    them from the tokenizer it is given)."""
+    inputs, outputs = graph_io(kind, cfg, batch_size, seq_length)
+    return {
+        "format": FORMAT,
+        "graph": kind,
+        "role": "prefill: the whole prompt in one call" if kind == FULL else "decode: one new token per row",
+        "rank": rank,
+        "mindir": mindir,
+        "variables": variables,
+        "mindir_digest": digest,
+        "batch_size": batch_size,
+        "seq_length": seq_length,
+        "vocab_size": cfg.vocab_size,
+        "model": {"hidden_size": cfg.hidden_size, "num_layers": cfg.num_layers, "num_heads": cfg.num_heads,
+                  "n_kv_heads": cfg.n_kv_heads, "head_dim": cfg.head_dim,
+                  "intermediate_size": cfg.intermediate_size, "rope_theta": cfg.rope_theta,
+                  "rms_norm_eps": cfg.rms_norm_eps, "param_dtype": cfg.param_dtype},
+        "inputs": inputs,
+        "outputs": outputs,
+        "kv_cache": "passed as graph inputs and outputs: the caller keeps the prefill's caches and feeds each "
+                    "decode call the caches the previous call returned",
+        "eos_token_ids": [int(e) for e in eos_token_ids],
+        "pad_token_id": pad_token_id,
+        "tokenizer": {
+            "class": "Qwen2Tokenizer (byte-level BPE: vocab.json, merges.txt, tokenizer_config.json)",
+            "special_tokens": {"<|endoftext|>": "eos, pad", "<|im_start|>": "ChatML turn start",
+                               "<|im_end|>": "ChatML turn end, eos of chat replies"},
+            "max_token_id": cfg.vocab_size - 1,
+            "chat_template": "ChatML: <|im_start|>system\\n{system}<|im_end|>\\n<|im_start|>user\\n{prompt}"
+                             "<|im_end|>\\n<|im_start|>assistant\\n",
+            "system_prompt": SYSTEM_PROMPT,
+        },
+        "source_checkpoint": source_checkpoint,
+        "mindspore_version": mindspore_version,
+    }
+
+
+_INT_LIST = re.compile(r"\[\s*(-?\d+(?:,\s*-?\d+)*)\s*\]")
+
+
+def dump(doc: dict) -> bytes:
+    """Indented JSON with shapes and id lists kept on one line."""
+    text = json.dumps(doc, indent=1, ensure_ascii=False)
+    text = _INT_LIST.sub(lambda m: "[" + ", ".join(x.strip() for x in m.group(1).split(",")) + "]", text)
+    return (text + "\n").encode("utf-8")
+
+
+def read_sidecar(path) -> dict:
+    """Read and check one rank_N_graph.json; UserError naming the file when missing or malformed."""
+    path = Path(path)
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UserError(f"{path} does not exist: the export under {path.parent.parent} is missing or incomplete",
+                        hint=f"export the graphs first (doit export, or qwenbuild export --output_dir "
+                             f"{path.parent.parent}); --mindir_root_dir must hold {GRAPH_DIRS[FULL]}/ and "
+                             f"{GRAPH_DIRS[INC]}/")
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise UserError(f"{path} is not valid JSON: {exc}", hint="re-export the graphs")
+    if not isinstance(doc, dict) or doc.get("format") != FORMAT:
+        raise UserError(f"{path}: format is {doc.get('format') if isinstance(doc, dict) else doc!r}, "
+                        f"expected {FORMAT!r}", hint="re-export the graphs with this version of qwenbuild")
+    for key in ("graph", "mindir", "batch_size", "seq_length", "vocab_size", "inputs", "outputs"):
+        if key not in doc:
+            raise UserError(f"{path} lacks the key {key!r}", hint="re-export the graphs")
+    return doc

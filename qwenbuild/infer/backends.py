@@ -1,0 +1,121 @@
+"""Two ways to run the exported graphs, one interface: prefill(ids, valid) and decode(tokens, valid) -> logits.
+
+Each backend keeps the KV cache between calls: the caches the last graph returned feed the next decode call.
+"""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+
+import numpy as np
+
+from qwenbuild.errors import UserError
+
+BACKENDS = ("auto", "graphcell", "lite")
+
+
+class GraphCellBackend:
+    """MindSpore on CPU: nn.GraphCell over ms.load(MINDIR); the cache stays in MindSpore tensors between steps."""
+
+    name = "graphcell"
+
+    def __init__(self, full_path: Path, inc_path: Path):
+        import mindspore as ms
+        from mindspore import nn
+
+        _use_cpu(ms)
+        self._tensor = ms.Tensor
+        self.full = nn.GraphCell(ms.load(str(full_path)))
+        self.inc = nn.GraphCell(ms.load(str(inc_path)))
+        self.key_cache = self.value_cache = None
+
+    def prefill(self, input_ids: np.ndarray, valid_length: np.ndarray) -> np.ndarray:
+        logits, self.key_cache, self.value_cache = self.full(self._tensor(input_ids), self._tensor(valid_length))
+        return logits.asnumpy()
+
+    def decode(self, tokens: np.ndarray, valid_length: np.ndarray) -> np.ndarray:
+        logits, self.key_cache, self.value_cache = self.inc(self._tensor(tokens), self._tensor(valid_length),
+                                                            self.key_cache, self.value_cache)
+        return logits.asnumpy()
+
+
+def _use_cpu(ms) -> None:
+    try:
+        ms.set_device("CPU")
+    except RuntimeError:
+        pass  # the device is fixed once a kernel has run in this process; graphs load wherever that is
+    ms.set_context(mode=ms.GRAPH_MODE)
+
+
+class LiteBackend:
+    """MindSpore Lite on Ascend with the GE provider and lite.ini, as run_qwen1_5_mslite_infer.py builds it:
+    both graphs in one ModelGroup sharing weights, inputs set from numpy, caches copied back between steps."""
+
+    name = "lite"
+
+    def __init__(self, full_path: Path, inc_path: Path, config_path=None, device_id: int = 0, rank_id: int = 0):
+        mslite = import_lite()
+        context = mslite.Context()
+        context.target = ["Ascend"]
+        context.ascend.device_id = device_id
+        context.ascend.rank_id = rank_id
+        context.ascend.provider = "ge"
+        self.full, self.inc = mslite.Model(), mslite.Model()
+        group = mslite.ModelGroup(mslite.ModelGroupFlag.SHARE_WEIGHT)
+        group.add_model([self.full, self.inc])
+        config = str(config_path) if config_path else ""
+        self.full.build_from_file(str(full_path), mslite.ModelType.MINDIR, context, config)
+        self.inc.build_from_file(str(inc_path), mslite.ModelType.MINDIR, context, config)
+        self.key_cache = self.value_cache = None
+
+    @staticmethod
+    def _run(model, arrays) -> list:
+        inputs = model.get_inputs()
+        if len(inputs) != len(arrays):
+            raise UserError(f"the MINDIR takes {len(inputs)} inputs, the runtime has {len(arrays)}",
+                            hint="re-export the graphs with this version of qwenbuild")
+        for tensor, array in zip(inputs, arrays):
+            tensor.set_data_from_numpy(np.ascontiguousarray(array))
+        return [out.get_data_to_numpy() for out in model.predict(inputs)]
+
+    def prefill(self, input_ids: np.ndarray, valid_length: np.ndarray) -> np.ndarray:
+        logits, self.key_cache, self.value_cache = self._run(self.full, [input_ids, valid_length])
+        return logits
+
+    def decode(self, tokens: np.ndarray, valid_length: np.ndarray) -> np.ndarray:
+        logits, self.key_cache, self.value_cache = self._run(
+            self.inc, [tokens, valid_length, self.key_cache, self.value_cache])
+        return logits
+
+
+def import_lite():
+    try:
+        return importlib.import_module("mindspore_lite")
+    except ImportError as exc:
+        raise UserError(f"--backend lite needs the mindspore_lite package, which cannot be imported here ({exc})",
+                        hint="install the mindspore-lite wheel matching your CANN on the Ascend host, "
+                             "or use --backend graphcell (MindSpore on CPU)") from None
+
+
+def lite_importable() -> bool:
+    try:
+        importlib.import_module("mindspore_lite")
+    except ImportError:
+        return False
+    return True
+
+
+def open_backend(name: str, full_path: Path, inc_path: Path, *, ge_config_path=None, device_id: int = 0,
+                 rank_id: int = 0):
+    """auto = lite when mindspore_lite imports and a lite.ini is given, graphcell otherwise."""
+    if name not in BACKENDS:
+        raise UserError(f"--backend {name!r} is not one of {', '.join(BACKENDS)}")
+    if ge_config_path is not None and not Path(ge_config_path).is_file():
+        raise UserError(f"--ge_config_path {ge_config_path} does not exist",
+                        hint="write it with `doit lite_ini` or leave the flag out")
+    if name == "auto":
+        name = "lite" if ge_config_path is not None and lite_importable() else "graphcell"
+    if name == "lite":
+        return LiteBackend(full_path, inc_path, ge_config_path, device_id, rank_id)
+    return GraphCellBackend(full_path, inc_path)

@@ -1,0 +1,186 @@
+"""MINDIR export: the original layout, sidecars that match the graphs, external weights, a normalised digest
+that is stable across processes, and clear errors that leave nothing behind."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from qwenbuild.errors import UserError
+from qwenbuild.export import export_mindir, mindir_digest
+from qwenbuild.export.digest import load_model_proto
+from qwenbuild.export.layout import FULL, INC, graph_file, sidecar_file, variables_dir
+from qwenbuild.model.config import QwenConfig
+from qwenbuild.store import file_digest
+
+SEQ = 16
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+    from qwenbuild.weights import convert_weight
+
+    root = tmp_path_factory.mktemp("export")
+    torch.manual_seed(0)
+    Qwen2ForCausalLM(Qwen2Config(vocab_size=96, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                 num_key_value_heads=2, intermediate_size=64,
+                                 max_position_embeddings=64)).save_pretrained(root / "hf")
+    convert_weight(root / "hf", root / "m.ckpt", progress=None)
+    cfg = QwenConfig.from_hf_dir(root / "hf")
+    summary = export_mindir(cfg, root / "m.ckpt", root / "out", rank=0, batch_size=2, seq_length=SEQ, progress=None)
+    return {"root": root, "cfg": cfg, "ckpt": root / "m.ckpt", "out": root / "out", "summary": summary}
+
+
+def test_original_layout_and_nothing_else(model):
+    out = model["out"]
+    files = sorted(p.relative_to(out).as_posix() for p in out.rglob("*"))
+    assert files == ["mindir_full_checkpoint", "mindir_full_checkpoint/rank_0_graph.json",
+                     "mindir_full_checkpoint/rank_0_graph.mindir", "mindir_inc_checkpoint",
+                     "mindir_inc_checkpoint/rank_0_graph.json", "mindir_inc_checkpoint/rank_0_graph.mindir"]
+    assert model["summary"][FULL]["mindir"] == str(graph_file(out, FULL, 0))
+    assert model["summary"][INC]["variables"] is None
+
+
+@pytest.mark.parametrize("kind", [FULL, INC])
+def test_sidecar_describes_the_graph_it_sits_next_to(model, kind):
+    cfg, out = model["cfg"], model["out"]
+    doc = json.loads(sidecar_file(out, kind, 0).read_text())
+    proto = load_model_proto(graph_file(out, kind, 0))
+    graph_inputs = [(i.name.rsplit(":", 1)[-1], list(i.tensor[0].dims)) for i in proto.graph.input]
+    assert graph_inputs == [(t["name"], t["shape"]) for t in doc["inputs"]]
+    cache = [cfg.num_layers, 2, cfg.n_kv_heads, SEQ, cfg.head_dim]
+    assert [t["shape"] for t in doc["outputs"]] == [[2, 96], cache, cache]
+    expected_inputs = [[2, SEQ], [2]] if kind == FULL else [[2, 1], [2], cache, cache]
+    assert [t["shape"] for t in doc["inputs"]] == expected_inputs
+    assert (doc["batch_size"], doc["seq_length"], doc["vocab_size"], doc["rank"]) == (2, SEQ, 96, 0)
+    assert doc["mindir_digest"] == mindir_digest(graph_file(out, kind, 0)) == model["summary"][kind]["digest"]
+    assert doc["eos_token_ids"] == [] and doc["pad_token_id"] is None  # vocab 96 holds no Qwen special ids
+    assert doc["tokenizer"]["system_prompt"] == "You are a helpful assistant."
+
+
+def test_reexport_in_a_new_process_gives_the_same_normalised_digest(model, tmp_path):
+    # compile something in this process first: MINDIR names count compilations, export must not depend on it
+    import mindspore as ms
+    from qwenbuild.model.network import QwenForCausalLM
+
+    ms.set_context(mode=ms.GRAPH_MODE)
+    QwenForCausalLM(model["cfg"])(ms.Tensor(np.ones((1, 4), np.int32)))
+    proc = subprocess.run([sys.executable, "-m", "qwenbuild", "export", "--load_checkpoint", model["ckpt"],
+                           "--torch_ckpt_dir", model["root"] / "hf", "--output_dir", tmp_path / "again",
+                           "--seq_length", str(SEQ), "--batch_size", "2"], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    for kind in (FULL, INC):
+        first, second = graph_file(model["out"], kind, 0), graph_file(tmp_path / "again", kind, 0)
+        assert mindir_digest(first) == mindir_digest(second)
+        # the raw bytes differ: compile_phase embeds a per-process id
+        assert file_digest(first) != file_digest(second)
+
+
+def test_digest_ignores_only_compile_phase_and_primitive_order(model, tmp_path):
+    original = graph_file(model["out"], FULL, 0)
+    base = mindir_digest(original)
+
+    def variant(name, change):
+        proto = load_model_proto(original)
+        change(proto)
+        path = tmp_path / name
+        path.write_bytes(proto.SerializeToString())
+        return mindir_digest(path)
+
+    def set_phase(p):
+        next(a for a in p.graph.attribute if a.name == "compile_phase").s = b"export.mindir.1.2.0...0"
+
+    def reverse_primitives(p):
+        prims = list(p.primitives)[::-1]
+        del p.primitives[:]
+        p.primitives.extend(prims)
+
+    def bump_weight(p):
+        raw = bytearray(p.graph.parameter[0].raw_data)
+        raw[0] ^= 1
+        p.graph.parameter[0].raw_data = bytes(raw)
+
+    def rename_node(p):
+        p.graph.node[0].name += "_x"
+
+    assert len(load_model_proto(original).primitives) > 1
+    assert variant("phase.mindir", set_phase) == base
+    assert variant("order.mindir", reverse_primitives) == base
+    assert variant("weight.mindir", bump_weight) != base
+    assert variant("node.mindir", rename_node) != base
+
+
+@pytest.mark.slow
+def test_external_weights_layout_same_logits_and_digest_covers_them(model, tmp_path):
+    import mindspore as ms
+    from mindspore import nn
+
+    out = tmp_path / "ext"
+    export_mindir(model["cfg"], model["ckpt"], out, rank=1, batch_size=2, seq_length=SEQ, external_weights=True,
+                  progress=None)
+    for kind in (FULL, INC):
+        assert (variables_dir(out, kind, 1) / "data_0").is_file()
+        assert json.loads(sidecar_file(out, kind, 1).read_text())["variables"] == "rank_1_variables"
+    ids = ms.Tensor(np.arange(2 * SEQ, dtype=np.int32).reshape(2, SEQ) % 96)
+    valid = ms.Tensor(np.array([5, SEQ], np.int32))
+    split = nn.GraphCell(ms.load(str(graph_file(out, FULL, 1))))(ids, valid)[0].asnumpy()
+    whole = nn.GraphCell(ms.load(str(graph_file(model["out"], FULL, 0))))(ids, valid)[0].asnumpy()
+    np.testing.assert_array_equal(split, whole)
+    digest = mindir_digest(graph_file(out, FULL, 1))
+    data = variables_dir(out, FULL, 1) / "data_0"
+    data.chmod(0o600)
+    raw = bytearray(data.read_bytes())
+    raw[-1] ^= 1
+    data.write_bytes(bytes(raw))
+    assert mindir_digest(graph_file(out, FULL, 1)) != digest
+    # exporting again without external weights removes the stale variables directory
+    export_mindir(model["cfg"], model["ckpt"], out, rank=1, batch_size=2, seq_length=SEQ, progress=None)
+    assert not variables_dir(out, FULL, 1).exists() and not variables_dir(out, INC, 1).exists()
+    assert json.loads(sidecar_file(out, FULL, 1).read_text())["variables"] is None
+
+
+def _shard(model, path):
+    import mindspore as ms
+
+    params = ms.load_checkpoint(str(model["ckpt"]))
+    entries = []
+    for name, value in params.items():
+        data = value.asnumpy()
+        if name.endswith("attention.wq.weight"):
+            data = data[: data.shape[0] // 2]  # the first half of an mp=2 column split
+        entries.append({"name": name, "data": ms.Tensor(data)})
+    ms.save_checkpoint(entries, str(path))
+    return path
+
+
+def test_bad_inputs_are_user_errors_and_write_nothing(model, tmp_path):
+    cfg, out = model["cfg"], tmp_path / "out"
+    with pytest.raises(UserError, match="does not exist"):
+        export_mindir(cfg, tmp_path / "none.ckpt", out, seq_length=SEQ, progress=None)
+    with pytest.raises(UserError, match="seq_length 1 must lie in 2..64"):
+        export_mindir(cfg, model["ckpt"], out, seq_length=1, progress=None)
+    with pytest.raises(UserError, match="batch_size must be at least 1"):
+        export_mindir(cfg, model["ckpt"], out, batch_size=0, seq_length=SEQ, progress=None)
+    with pytest.raises(UserError, match=r"(?s)wrong shape.*tensor-parallel \(mp>1\) plan"):
+        export_mindir(cfg, _shard(model, tmp_path / "shard.ckpt"), out, seq_length=SEQ, progress=None)
+    leftovers = [p for p in out.rglob("*") if p.is_file() or p.name.startswith(".")] if out.exists() else []
+    assert leftovers == []
+
+
+def test_failed_reexport_keeps_the_previous_export(model, tmp_path):
+    import shutil
+
+    out = tmp_path / "keep"
+    shutil.copytree(model["out"], out)
+    before = {p: file_digest(p) for p in out.rglob("*") if p.is_file()}
+    with pytest.raises(UserError):
+        export_mindir(model["cfg"], _shard(model, tmp_path / "shard.ckpt"), out, batch_size=2, seq_length=SEQ,
+                      progress=None)
+    assert {p: file_digest(p) for p in out.rglob("*") if p.is_file()} == before
+    assert [p for p in out.rglob(".*")] == []
