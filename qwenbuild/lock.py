@@ -1,7 +1,9 @@
 """qwen.lock: per task, the digests of its artifacts and inputs and the manifest slice it was built from.
 
-The lock is both the record of what was built from what and the test of whether an artifact can be trusted:
-an artifact whose size or mtime differs from its entry is re-hashed, and one whose bytes differ is rebuilt."""
+The lock is both the record of what was built from what and the test of whether an artifact can be trusted.
+It holds content only, so two clean builds of the same inputs give identical lock files; the size and mtime seen
+when each artifact was recorded live beside it in qwen.lock.stat, a cache that lets a no-op build skip reading
+artifacts. An artifact whose size or mtime differs is re-hashed, and one whose bytes differ is rebuilt."""
 
 from __future__ import annotations
 
@@ -11,54 +13,62 @@ import json
 import os
 from pathlib import Path
 
-from qwenbuild.store import DIR_MANIFEST, atomic_path, content_digest, json_digest, member_digests
+from qwenbuild.store import DIR_MANIFEST, atomic_path, content_digest, json_digest
 
 LOCK_VERSION = 1
 
 
-def _stat(path: Path) -> dict:
+def _stat(path: Path) -> list[int]:
     st = path.stat()
-    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    return [st.st_size, st.st_mtime_ns]
 
 
-def describe_artifact(path: Path) -> dict:
-    """Digest and stat of a file, or of every member of a directory artifact."""
+def _members(path: Path) -> list[Path]:
+    return [p for p in sorted(path.rglob("*")) if p.is_file() and p.name != DIR_MANIFEST]
+
+
+def describe_artifact(path: Path) -> tuple[dict, dict[str, list[int]]]:
+    """(lock entry, stats by absolute path) of a file, or of every member of a directory artifact."""
     if path.is_dir():
-        members = member_digests(path)
-        return {"kind": "dir", "digest": json_digest(members),
-                "members": {rel: {"digest": d, **_stat(path / rel)} for rel, d in members.items()}}
-    return {"kind": "file", "digest": content_digest(path), **_stat(path)}
+        members = {p.relative_to(path).as_posix(): content_digest(p) for p in _members(path)}
+        stats = {str(path / rel): _stat(path / rel) for rel in members}
+        return {"kind": "dir", "digest": json_digest(members), "members": members}, stats
+    return {"kind": "file", "digest": content_digest(path)}, {str(path): _stat(path)}
 
 
-def _intact_file(path: Path, entry: dict) -> str | None:
+def _intact_file(path: Path, digest: str, stats: dict) -> str | None:
     if not path.is_file():
         return f"{path} is missing"
-    if _stat(path) == {"size": entry["size"], "mtime_ns": entry["mtime_ns"]}:
+    if stats.get(str(path)) == _stat(path):
         return None  # unchanged since it was recorded: trust without reading
-    if content_digest(path) != entry["digest"]:
+    if content_digest(path) != digest:
         return f"{path} changed since it was built (digest differs from qwen.lock)"
     return None
 
 
-def check_artifact(path: Path, entry: dict) -> str | None:
+def check_artifact(path: Path, entry: dict, stats: dict) -> str | None:
     """None when the artifact still matches its lock entry, else the reason it does not."""
-    if entry.get("kind") == "dir":
-        if not path.is_dir():
-            return f"{path} is missing"
-        present = {p.relative_to(path).as_posix() for p in path.rglob("*") if p.is_file() and p.name != DIR_MANIFEST}
-        if present != set(entry["members"]):
-            return f"{path} gained or lost files since it was built"
-        for rel, member in entry["members"].items():
-            reason = _intact_file(path / rel, {"kind": "file", **member})
-            if reason:
-                return reason
-        return None
-    return _intact_file(path, entry)
+    if entry.get("kind") != "dir":
+        return _intact_file(path, entry["digest"], stats)
+    if not path.is_dir():
+        return f"{path} is missing"
+    if {p.relative_to(path).as_posix() for p in _members(path)} != set(entry["members"]):
+        return f"{path} gained or lost files since it was built"
+    for rel, digest in entry["members"].items():
+        reason = _intact_file(path / rel, digest, stats)
+        if reason:
+            return reason
+    return None
+
+
+def _dump(value) -> str:
+    return json.dumps(value, indent=1, sort_keys=True, ensure_ascii=False) + "\n"
 
 
 class Lock:
     def __init__(self, path: Path):
         self.path = Path(path)
+        self.stat_path = self.path.with_name(self.path.name + ".stat")
 
     def read(self) -> dict:
         try:
@@ -67,6 +77,12 @@ class Lock:
             return {"version": LOCK_VERSION, "tasks": {}}
         return data if data.get("version") == LOCK_VERSION else {"version": LOCK_VERSION, "tasks": {}}
 
+    def read_stats(self) -> dict:
+        try:
+            return json.loads(self.stat_path.read_text(encoding="utf-8"))
+        except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError):
+            return {}
+
     @contextlib.contextmanager
     def _exclusive(self):
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -74,41 +90,46 @@ class Lock:
             fcntl.flock(f, fcntl.LOCK_EX)
             yield
 
+    def _write(self, data: dict, stats: dict | None = None) -> None:
+        with atomic_path(self.path) as tmp:
+            tmp.write_text(_dump(data), encoding="utf-8")
+        if stats is not None:
+            with atomic_path(self.stat_path) as tmp:
+                tmp.write_text(_dump(stats), encoding="utf-8")
+
     def entry(self, task: str) -> dict | None:
         return self.read()["tasks"].get(task)
 
-    def record(self, task: str, artifacts: dict[str, Path], inputs: dict[str, str], manifest: dict,
+    def record(self, task: str, artifacts: list[Path], inputs: dict[str, str], manifest: dict,
                toolchain: dict, root: Path) -> dict:
-        entry = {
-            "artifacts": {str(p.relative_to(root)): describe_artifact(p) for p in artifacts.values()},
-            "inputs": dict(sorted(inputs.items())),
-            "manifest": manifest,
-            "toolchain": toolchain,
-        }
+        described, seen = {}, {}
+        for path in artifacts:
+            described[os.path.relpath(path, root)], stats = describe_artifact(path)
+            seen.update(stats)
+        entry = {"artifacts": described, "inputs": dict(sorted(inputs.items())), "manifest": manifest,
+                 "toolchain": toolchain}
         with self._exclusive():
-            data = self.read()
+            data, stats = self.read(), self.read_stats()
             data["tasks"][task] = entry
             data["tasks"] = dict(sorted(data["tasks"].items()))
-            with atomic_path(self.path) as tmp:
-                tmp.write_text(json.dumps(data, indent=1, sort_keys=True, ensure_ascii=False) + "\n",
-                               encoding="utf-8")
+            stats.update(seen)
+            self._write(data, dict(sorted(stats.items())))
         return entry
 
     def forget(self, task: str) -> None:
         with self._exclusive():
             data = self.read()
             if data["tasks"].pop(task, None) is not None:
-                with atomic_path(self.path) as tmp:
-                    tmp.write_text(json.dumps(data, indent=1, sort_keys=True, ensure_ascii=False) + "\n",
-                                   encoding="utf-8")
+                self._write(data)
 
     def intact(self, task: str, root: Path) -> str | None:
         """None when every artifact of `task` matches the lock, else why the task must run."""
         entry = self.entry(task)
         if entry is None:
             return f"{task} has no entry in qwen.lock"
+        stats = self.read_stats()
         for rel, art in entry["artifacts"].items():
-            reason = check_artifact(root / rel, art)
+            reason = check_artifact(root / rel, art, stats)
             if reason:
                 return reason
         return None
@@ -123,5 +144,5 @@ class Lock:
                 if art.get("kind") == "dir" and rel.startswith(art_rel + "/"):
                     member = art["members"].get(rel[len(art_rel) + 1:])
                     if member:
-                        return member["digest"]
+                        return member
         return None

@@ -39,21 +39,35 @@ def rebuild(manifest_path: Path, build_dir: Path, tasks: list[str]) -> None:
                         hint="see the task output above")
 
 
+def _same_but_for_root(a: Path, b: Path, a_root: Path, b_root: Path) -> bool:
+    """Launch scripts, run.json and the YAML name the build dir itself: compare with the rebuild's dir renamed."""
+    try:
+        old, new = a.read_bytes(), b.read_bytes()
+    except OSError:
+        return False
+    if b"\0" in old or len(old) > 1 << 22:
+        return False
+    return new.replace(str(b_root).encode(), str(a_root).encode()) == old
+
+
 def _compare_artifact(task, rel, old, new, a_root: Path, b_root: Path) -> list[Difference]:
     if new is None:
         return [Difference(task, rel, old["digest"], "(not rebuilt)", "missing from the rebuild")]
     if old["digest"] == new["digest"]:
         return []
     if old.get("kind") != "dir":
+        if _same_but_for_root(a_root / rel, b_root / rel, a_root, b_root):
+            return []
         return [Difference(task, rel, old["digest"], new["digest"], first_difference(a_root / rel, b_root / rel))]
     out = []
     for member in sorted(set(old["members"]) | set(new["members"])):
         x, y = old["members"].get(member), new["members"].get(member)
         if x is None or y is None:
-            out.append(Difference(task, f"{rel}/{member}", x and x["digest"] or "(absent)",
-                                  y and y["digest"] or "(absent)", "present in only one build"))
-        elif x["digest"] != y["digest"]:
-            out.append(Difference(task, f"{rel}/{member}", x["digest"], y["digest"],
+            out.append(Difference(task, f"{rel}/{member}", x or "(absent)", y or "(absent)",
+                                  "present in only one build"))
+        elif x != y and not _same_but_for_root(a_root / rel / member, b_root / rel / member,
+                                                                   a_root, b_root):
+            out.append(Difference(task, f"{rel}/{member}", x, y,
                                   first_difference(a_root / rel / member, b_root / rel / member)))
     return out
 

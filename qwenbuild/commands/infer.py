@@ -27,9 +27,12 @@ def str2bool(text: str) -> bool:
 
 
 def add_arguments(parser):
-    parser.add_argument("--mindir_root_dir", default="output", metavar="DIR",
-                        help="export root holding mindir_full_checkpoint/ and mindir_inc_checkpoint/ (default: output)")
-    parser.add_argument("--tokenizer_dir", required=True, metavar="DIR",
+    parser.add_argument("-c", "--config", default=None, metavar="PATH",
+                        help="take the export dir, tokenizer, batch and seq_length from this qwen.toml's build "
+                             "(the default when --mindir_root_dir and --tokenizer_dir are not given: ./qwen.toml)")
+    parser.add_argument("--mindir_root_dir", default=None, metavar="DIR",
+                        help="export root holding mindir_full_checkpoint/ and mindir_inc_checkpoint/")
+    parser.add_argument("--tokenizer_dir", default=None, metavar="DIR",
                         help="vocab.json, merges.txt and tokenizer_config.json of the model")
     parser.add_argument("--predict_data", required=True, metavar="TEXT", help="the prompt")
     parser.add_argument("--max_new_tokens", type=int, default=512, metavar="N",
@@ -57,8 +60,26 @@ def add_arguments(parser):
                         help="lite backend: Ascend device (default: $DEVICE_ID or 0)")
 
 
+def _from_manifest(args) -> None:
+    """Fill unset paths and shapes from the manifest's build, so `qwenbuild infer --predict_data ...` just works."""
+    from qwenbuild.layout import Layout
+    from qwenbuild.manifest import load_manifest
+
+    m = load_manifest(args.config or "qwen.toml")
+    lay = Layout(m.build_dir)
+    args.mindir_root_dir = args.mindir_root_dir or str(lay.output)
+    args.tokenizer_dir = args.tokenizer_dir or str(lay.tokenizer)
+    args.batch_size = args.batch_size or m.data["export"]["batch_size"]
+    args.seq_length = args.seq_length or m.data["export"]["seq_length"]
+    if args.ge_config_path is None and lay.lite_ini.is_file():
+        args.ge_config_path = str(lay.lite_ini)
+
+
 def main(args):
     from qwenbuild.infer.runtime import generate, print_progress
+
+    if args.config or args.mindir_root_dir is None or args.tokenizer_dir is None:
+        _from_manifest(args)
 
     result = generate(args.mindir_root_dir, args.tokenizer_dir, args.predict_data,
                       max_new_tokens=args.max_new_tokens, do_sample=args.do_sample, top_k=args.top_k,

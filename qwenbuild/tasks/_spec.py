@@ -66,6 +66,7 @@ class TaskSpec:
     inputs: list[Path] = dataclasses.field(default_factory=list)
     outputs: list[Path] = dataclasses.field(default_factory=list)
     dir_outputs: list[Path] = dataclasses.field(default_factory=list)
+    reports: list[Path] = dataclasses.field(default_factory=list)  # written, but timings make them unrepeatable
     packages: tuple[str, ...] = ()
     after: list[str] = dataclasses.field(default_factory=list)
     always: bool = False
@@ -88,8 +89,8 @@ def _run(spec: TaskSpec, manifest, layout: Layout, values: dict, versions: dict)
     except UserError as exc:
         print(f"qwenbuild {spec.name}: error: {exc}", file=sys.stderr)
         return TaskFailed(f"{spec.name} stopped: see the message above")
-    artifacts = {str(p): p for p in spec.outputs + spec.dir_outputs}
-    missing = [p for p in artifacts.values() if not p.exists()]
+    artifacts = spec.outputs + spec.dir_outputs
+    missing = [p for p in artifacts if not p.exists()]
     if missing:
         return TaskFailed(f"{spec.name} did not produce {', '.join(map(str, missing))}")
     inputs = {str(Path(p).resolve().relative_to(layout.root) if Path(p).resolve().is_relative_to(layout.root)
