@@ -1,0 +1,40 @@
+"""Write vocab.json, merges.txt and tokenizer_config.json of a Qwen1.5 tokenizer.
+
+By default the real Qwen1.5 tokenizer (151,643 tokens + 3 special) is rebuilt offline from the vendored
+qwen.tiktoken ranks. With --train_from and --vocab_size, a small byte-level BPE tokenizer in the same format is
+trained instead, on the ChatML text of alpaca or ChatML rows (.json/.jsonl files, arrays or JSON Lines);
+files with other suffixes are read as plain text.
+"""
+
+from __future__ import annotations
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--output_dir", required=True, help="directory to write the three tokenizer files into")
+    parser.add_argument("--tiktoken_file", default=None,
+                        help="ranks file to rebuild from (default: the vendored qwen.tiktoken)")
+    parser.add_argument("--train_from", nargs="+", default=None, metavar="FILE",
+                        help="train a small tokenizer on these alpaca/ChatML files instead")
+    parser.add_argument("--vocab_size", type=int, default=None,
+                        help="size of the trained tokenizer, the 3 special tokens included")
+
+
+def main(args) -> int:
+    from qwenbuild.errors import UserError
+
+    if args.train_from:
+        if args.vocab_size is None:
+            raise UserError("--train_from needs --vocab_size", hint="e.g. --vocab_size 640")
+        from pathlib import Path
+
+        from qwenbuild.tokenizer import train_tokenizer
+
+        train_tokenizer([Path(p) for p in args.train_from], args.vocab_size, args.output_dir)
+        return 0
+    if args.vocab_size is not None:
+        raise UserError("--vocab_size only applies with --train_from",
+                        hint="the real Qwen1.5 tokenizer always has 151,646 tokens")
+    from qwenbuild.tokenizer import build_qwen_tokenizer
+
+    build_qwen_tokenizer(args.output_dir, args.tiktoken_file)
+    return 0

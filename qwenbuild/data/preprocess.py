@@ -1,0 +1,281 @@
+"""ChatML JSON Lines -> MindRecord rows of seq_length + 1 token ids, as Qwen1.5's preprocessing makes them.
+
+The input is streamed in fixed chunks of lines; worker processes tokenize chunks and the parent writes their
+results in input order, so the output bytes depend only on the input, never on the number of workers.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import dataclasses
+import glob
+import json
+import multiprocessing
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from qwenbuild.data.chatml import message_problem, render
+from qwenbuild.data.mindrecord import write_mindrecord
+from qwenbuild.errors import UserError
+from qwenbuild.tokenizer.files import ENDOFTEXT
+
+IGNORE_TOKEN_ID = -100
+TRAINED_ROLE = "assistant"
+CHUNK_LINES = 256
+SMALL_INPUT_BYTES = 4 << 20
+_PROGRESS_SECONDS = 5.0
+MAX_SEQ_LENGTH = 1 << 17  # 4x the longest Qwen1.5 context; a chunk of padded rows must still fit in memory
+
+
+@dataclasses.dataclass
+class PreprocessStats:
+    rows: int = 0
+    truncated_rows: int = 0
+    tokens: int = 0
+    padding: int = 0
+    seconds: float = 0.0
+
+    @property
+    def padding_fraction(self) -> float:
+        total = self.tokens + self.padding
+        return self.padding / total if total else 0.0
+
+    def summary(self, row_length: int) -> str:
+        rate = self.rows / self.seconds if self.seconds else 0.0
+        return (f"{self.rows:,} rows of {row_length} tokens, {self.truncated_rows:,} truncated, "
+                f"{self.tokens:,} tokens, padding {self.padding_fraction:.1%}, "
+                f"{self.seconds:.1f} s ({rate:,.0f} rows/s)")
+
+
+@dataclasses.dataclass
+class Chunk:
+    """Lines of one input file; first_line is the 1-based number of lines[0]."""
+    file: str
+    first_line: int
+    lines: list[bytes]
+
+
+@dataclasses.dataclass
+class TokenizedChunk:
+    ids: np.ndarray            # int32, rows' kept tokens back to back
+    lengths: np.ndarray        # int64, full token count of each row before truncation
+    trained: np.ndarray | None  # bool per kept token when prompts are masked
+    error: str | None = None
+
+
+def input_files(input_glob: str) -> list[Path]:
+    """The file itself, or the sorted files a glob pattern matches."""
+    if os.path.isfile(input_glob):
+        return [Path(input_glob)]
+    matches = sorted(p for p in glob.glob(input_glob) if os.path.isfile(p))
+    if not matches:
+        raise UserError(f"no input file matches {input_glob}",
+                        hint="pass the JSON Lines file written by `qwenbuild alpaca_converter`")
+    return [Path(p) for p in matches]
+
+
+def default_workers(files: list[Path]) -> int:
+    """One tokenizing process per core but the writer's; none for small inputs, where starting them costs more."""
+    if sum(p.stat().st_size for p in files) < SMALL_INPUT_BYTES:
+        return 0
+    return max(1, (os.cpu_count() or 1) - 1)
+
+
+def count_lines(files: list[Path]) -> int:
+    """Upper bound of the row count, read fast before tokenizing: it sizes the MindRecord header."""
+    total = 0
+    for path in files:
+        with open(path, "rb") as f:
+            while block := f.read(1 << 20):
+                total += block.count(b"\n")
+        total += 1
+    return total
+
+
+def read_chunks(files: list[Path], chunk_lines: int = CHUNK_LINES) -> Iterator[Chunk]:
+    for path in files:
+        with open(path, "rb") as f:
+            lines, first = [], 1
+            for lineno, line in enumerate(f, start=1):
+                if not lines:
+                    first = lineno
+                lines.append(line)
+                if len(lines) == chunk_lines:
+                    yield Chunk(str(path), first, lines)
+                    lines = []
+            if lines:
+                yield Chunk(str(path), first, lines)
+
+
+def parse_line(line: bytes) -> tuple[list[dict] | None, str | None]:
+    """(messages, None) for a good line, (None, None) for a blank one, (None, problem) for a bad one."""
+    try:
+        text = line.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return None, f"not valid UTF-8 (byte {exc.start} of the line)"
+    if not text.strip():
+        return None, None
+    try:
+        record = json.loads(text)
+    except json.JSONDecodeError as exc:
+        return None, f"not valid JSON ({exc.msg} at column {exc.colno})"
+    if not isinstance(record, dict) or "messages" not in record:
+        return None, 'expected an object with a "messages" list (as alpaca_converter writes)'
+    problem = message_problem(record["messages"])
+    return (None, problem) if problem else (record["messages"], None)
+
+
+_worker: dict = {}
+
+
+def init_worker(vocab_file: str, merges_file: str, row_length: int, mask_prompt: bool, threads: bool) -> None:
+    if not threads:
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    from qwenbuild.tokenizer.load import bpe_pipeline
+
+    tokenizer, _ = bpe_pipeline(vocab_file, merges_file)
+    _worker.update(tokenizer=tokenizer, row_length=row_length, mask_prompt=mask_prompt)
+
+
+def tokenize_chunk(chunk: Chunk) -> TokenizedChunk:
+    """Render and tokenize every conversation of a chunk; stop at the first bad line."""
+    conversations = []
+    for offset, line in enumerate(chunk.lines):
+        messages, problem = parse_line(line)
+        if problem:
+            return TokenizedChunk(np.empty(0, np.int32), np.empty(0, np.int64), None,
+                                  f"{chunk.file} line {chunk.first_line + offset}: {problem}")
+        if messages is not None:
+            conversations.append(messages)
+    tokenizer, row_length = _worker["tokenizer"], _worker["row_length"]
+    texts = [render(m) for m in conversations]
+    # offsets are only needed to find assistant replies; skipping them is faster
+    encode = tokenizer.encode_batch if _worker["mask_prompt"] else tokenizer.encode_batch_fast
+    encodings = encode(texts, add_special_tokens=False)
+    kept = [np.asarray(e.ids[:row_length], dtype=np.int32) for e in encodings]
+    lengths = np.array([len(e.ids) for e in encodings], dtype=np.int64)
+    trained = None
+    if _worker["mask_prompt"]:
+        trained = np.concatenate([_trained_tokens(m, e, row_length) for m, e in zip(conversations, encodings)]
+                                 or [np.empty(0, bool)])
+    ids = np.concatenate(kept) if kept else np.empty(0, np.int32)
+    return TokenizedChunk(ids, lengths, trained)
+
+
+def _trained_tokens(messages: list[dict], encoding, row_length: int) -> np.ndarray:
+    """True for tokens that start inside an assistant reply (its content, <|im_end|> and newline)."""
+    starts = np.array([s for s, _ in encoding.offsets[:row_length]], dtype=np.int64)
+    spans, pos = [], 0
+    for m in messages:
+        header = len("<|im_start|>") + len(m["role"]) + 1
+        end = pos + header + len(m["content"]) + len("<|im_end|>") + 1
+        if m["role"] == TRAINED_ROLE:
+            spans.append((pos + header, end))
+        pos = end
+    trained = np.zeros(len(starts), dtype=bool)
+    for lo, hi in spans:
+        trained |= (starts >= lo) & (starts < hi)
+    return trained
+
+
+def chunk_rows(result: TokenizedChunk, row_length: int, pad_id: int) -> dict[str, np.ndarray]:
+    """The three MindRecord columns for a chunk: right padding with pad_id, -100 targets on padding."""
+    n = len(result.lengths)
+    kept = np.minimum(result.lengths, row_length)
+    input_ids = np.full((n, row_length), pad_id, dtype=np.int32)
+    filled = np.arange(row_length)[None, :] < kept[:, None]
+    input_ids[filled] = result.ids
+    target_ids = input_ids.copy()
+    # like the original, every pad id is ignored, also one typed literally in the text
+    target_ids[input_ids == pad_id] = IGNORE_TOKEN_ID
+    if result.trained is not None:
+        untrained = np.zeros((n, row_length), dtype=bool)
+        untrained[filled] = ~result.trained
+        target_ids[untrained] = IGNORE_TOKEN_ID
+    attention_mask = (input_ids != pad_id).astype(np.int32)
+    return {"input_ids": input_ids, "target_ids": target_ids, "attention_mask": attention_mask}
+
+
+@contextlib.contextmanager
+def _tokenizing_pool(workers: int, init_args: tuple):
+    """Worker processes (None for workers=0); they start loading while the parent imports MindSpore."""
+    if workers == 0:
+        init_worker(*init_args, threads=True)
+        yield None
+        return
+    context = multiprocessing.get_context("spawn")
+    with context.Pool(workers, initializer=init_worker, initargs=(*init_args, False)) as pool:
+        yield pool
+
+
+def _tokenized(chunks: Iterator[Chunk], pool, workers: int) -> Iterator[TokenizedChunk]:
+    """Results in input order; at most 2 chunks per worker are in flight, so memory stays flat."""
+    if pool is None:
+        yield from map(tokenize_chunk, chunks)
+        return
+    pending = collections.deque()
+    for chunk in chunks:
+        pending.append(pool.apply_async(tokenize_chunk, (chunk,)))
+        if len(pending) > 2 * workers:
+            yield pending.popleft().get()
+    while pending:
+        yield pending.popleft().get()
+
+
+def preprocess(input_glob: str, vocab_file: str | os.PathLike, merges_file: str | os.PathLike, seq_length: int,
+               output_file: str | os.PathLike, file_partition: int = 1, mask_prompt: bool = False,
+               workers: int | None = None) -> PreprocessStats:
+    """Tokenize ChatML conversations into a MindRecord of input_ids/target_ids/attention_mask rows."""
+    from qwenbuild.tokenizer.files import read_vocab, special_ids
+
+    if not 1 <= seq_length <= MAX_SEQ_LENGTH:
+        raise UserError(f"--seq_length must be between 1 and {MAX_SEQ_LENGTH:,}, found {seq_length:,}",
+                        hint="the longest Qwen1.5 context is 32,768 tokens")
+    if file_partition < 1:
+        raise UserError(f"--file_partition must be at least 1, found {file_partition}")
+    files = input_files(input_glob)
+    pad_id = special_ids(read_vocab(vocab_file))[ENDOFTEXT]
+    row_length = seq_length + 1
+    workers = default_workers(files) if workers is None else workers
+    if workers < 0:
+        raise UserError(f"--workers must be 0 (tokenize in the writing process) or more, found {workers}")
+    stats, start = PreprocessStats(), time.perf_counter()
+
+    def batches(pool):
+        last_report = start
+        for result in _tokenized(read_chunks(files), pool, workers):
+            if result.error:
+                raise UserError(result.error, hint="each line must be one JSON object with a \"messages\" list of "
+                                "{\"role\", \"content\"} strings")
+            batch = chunk_rows(result, row_length, pad_id)
+            _count(stats, result, batch, row_length)
+            yield batch
+            if time.perf_counter() - last_report > _PROGRESS_SECONDS:
+                last_report = time.perf_counter()
+                print(f"preprocess: {stats.rows:,} rows, {stats.rows / (last_report - start):,.0f} rows/s",
+                      file=sys.stderr)
+
+    init_args = (str(vocab_file), str(merges_file), row_length, mask_prompt)
+    lines = count_lines(files)
+    if lines == len(files) and not any(p.stat().st_size for p in files):
+        raise UserError(f"{', '.join(map(str, files))}: empty, no conversations to write",
+                        hint="pass the JSON Lines file written by `qwenbuild alpaca_converter`")
+    with _tokenizing_pool(workers, init_args) as pool:
+        write_mindrecord(output_file, batches(pool), row_length, lines, file_partition)
+    stats.seconds = time.perf_counter() - start
+    print(f"preprocess: {stats.summary(row_length)} -> {output_file}", file=sys.stderr)
+    return stats
+
+
+def _count(stats: PreprocessStats, result: TokenizedChunk, batch: dict, row_length: int) -> None:
+    stats.rows += len(result.lengths)
+    stats.truncated_rows += int((result.lengths > row_length).sum())
+    kept = int(np.minimum(result.lengths, row_length).sum())
+    stats.tokens += kept
+    stats.padding += len(result.lengths) * row_length - kept

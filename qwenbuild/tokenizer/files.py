@@ -1,0 +1,108 @@
+"""The on-disk tokenizer format shared by the real Qwen tokenizer and the project's small trained one."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from qwenbuild.errors import UserError
+from qwenbuild.store import atomic_path
+
+ENDOFTEXT, IM_START, IM_END = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
+# appended right after the regular tokens, in this order (Qwen2Tokenizer's convention)
+SPECIAL_TOKENS = (ENDOFTEXT, IM_START, IM_END)
+
+# the pre-tokenizer of Qwen2Tokenizer: contractions, letter runs, single digits, punctuation, newlines, spaces
+PRETOKENIZE_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                       r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+
+# plain ChatML with no injected system turn, as MindFormers' Qwen1.5 preprocessing renders conversations
+CHATML_TEMPLATE = ("{% for message in messages %}"
+                   "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+                   "{% endfor %}"
+                   "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+
+MODEL_MAX_LENGTH = 32768
+VOCAB_FILE, MERGES_FILE, CONFIG_FILE = "vocab.json", "merges.txt", "tokenizer_config.json"
+
+
+def tokenizer_config(num_regular: int) -> dict:
+    """tokenizer_config.json declaring the three special tokens right after `num_regular` regular tokens."""
+    added = {str(num_regular + i): {"content": tok, "lstrip": False, "normalized": False, "rstrip": False,
+                                    "single_word": False, "special": True}
+             for i, tok in enumerate(SPECIAL_TOKENS)}
+    return {
+        "add_prefix_space": False,
+        "added_tokens_decoder": added,
+        "additional_special_tokens": [IM_START, IM_END],
+        "bos_token": None,
+        "chat_template": CHATML_TEMPLATE,
+        "clean_up_tokenization_spaces": False,
+        "eos_token": ENDOFTEXT,
+        "errors": "replace",
+        "model_max_length": MODEL_MAX_LENGTH,
+        "pad_token": ENDOFTEXT,
+        "split_special_tokens": False,
+        "tokenizer_class": "Qwen2Tokenizer",
+        "unk_token": None,
+    }
+
+
+def write_tokenizer_files(output_dir: str | os.PathLike, vocab: list[str], merges: list[tuple[str, str]]) -> Path:
+    """Write vocab.json (token -> id, ids in list order), merges.txt and tokenizer_config.json as one directory."""
+    output_dir = Path(output_dir)
+    with atomic_path(output_dir, directory=True) as tmp:
+        vocab_json = json.dumps({tok: i for i, tok in enumerate(vocab)}, ensure_ascii=False, separators=(",", ":"))
+        (tmp / VOCAB_FILE).write_text(vocab_json, encoding="utf-8")
+        lines = ["#version: 0.2"] + [f"{a} {b}" for a, b in merges]
+        (tmp / MERGES_FILE).write_text("\n".join(lines) + "\n", encoding="utf-8")
+        config = json.dumps(tokenizer_config(len(vocab)), ensure_ascii=False, indent=2, sort_keys=True)
+        (tmp / CONFIG_FILE).write_text(config + "\n", encoding="utf-8")
+    return output_dir
+
+
+def read_vocab(vocab_file: str | os.PathLike) -> dict[str, int]:
+    path = Path(vocab_file)
+    try:
+        vocab = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UserError(f"vocab file {path} does not exist",
+                        hint="build one with `qwenbuild tokenizer --output_dir DIR` or point at a model's vocab.json")
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise UserError(f"{path} is not a JSON vocab file: {exc}", hint="expected a token -> id JSON object")
+    if not isinstance(vocab, dict) or not all(isinstance(v, int) for v in vocab.values()):
+        raise UserError(f"{path} is not a token -> id JSON object", hint="expected e.g. {\"!\": 0, ...}")
+    return vocab
+
+
+def special_ids(vocab: dict[str, int]) -> dict[str, int]:
+    """Ids of <|endoftext|>, <|im_start|>, <|im_end|>: from the vocab if listed there, else appended after it."""
+    ids, next_id = {}, max(vocab.values(), default=-1) + 1
+    for tok in SPECIAL_TOKENS:
+        if tok in vocab:
+            ids[tok] = vocab[tok]
+        else:
+            ids[tok], next_id = next_id, next_id + 1
+    return ids
+
+
+def read_merges(merges_file: str | os.PathLike) -> list[tuple[str, str]]:
+    """Merges in rank order; empty lines and '#' lines (the version header) are skipped like Qwen2Tokenizer does."""
+    path = Path(merges_file)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise UserError(f"merges file {path} does not exist",
+                        hint="build one with `qwenbuild tokenizer --output_dir DIR` or point at a model's merges.txt")
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{path} is not UTF-8 text: {exc}")
+    merges = []
+    for lineno, line in enumerate(text.split("\n"), start=1):
+        if not line or line.startswith("#"):
+            continue
+        parts = line.split(" ")
+        if len(parts) != 2 or not all(parts):
+            raise UserError(f"{path} line {lineno}: expected two tokens separated by one space, found {line!r}")
+        merges.append((parts[0], parts[1]))
+    return merges

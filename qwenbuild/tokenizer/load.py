@@ -1,0 +1,57 @@
+"""Loading tokenizer files: transformers' Qwen2TokenizerFast for users, a bare `tokenizers` pipeline for preprocess."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from qwenbuild.errors import UserError
+from qwenbuild.tokenizer.files import (CONFIG_FILE, MERGES_FILE, PRETOKENIZE_PATTERN, VOCAB_FILE, read_merges,
+                                       read_vocab, special_ids)
+
+
+def load_tokenizer(tokenizer_dir: str | os.PathLike):
+    """transformers.Qwen2TokenizerFast for a directory holding vocab.json, merges.txt and tokenizer_config.json."""
+    from transformers import Qwen2TokenizerFast
+
+    tokenizer_dir = Path(tokenizer_dir)
+    missing = [name for name in (VOCAB_FILE, MERGES_FILE, CONFIG_FILE) if not (tokenizer_dir / name).is_file()]
+    if missing:
+        raise UserError(f"tokenizer directory {tokenizer_dir} lacks {', '.join(missing)}",
+                        hint="build it with `qwenbuild tokenizer --output_dir DIR`")
+    return Qwen2TokenizerFast.from_pretrained(str(tokenizer_dir))
+
+
+def with_qwen_text_rules(tokenizer):
+    """NFC, then Qwen's split regex, then the byte-level alphabet: what every Qwen tokenizer does before BPE."""
+    from tokenizers import Regex, normalizers, pre_tokenizers
+
+    tokenizer.normalizer = normalizers.NFC()
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(PRETOKENIZE_PATTERN), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+    return tokenizer
+
+
+def bpe_pipeline(vocab_file: str | os.PathLike, merges_file: str | os.PathLike):
+    """A `tokenizers.Tokenizer` equal to Qwen2Tokenizer on these files: NFC, Qwen regex, byte-level BPE, specials."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models
+
+    vocab = read_vocab(vocab_file)
+    merges = read_merges(merges_file)
+    specials = special_ids(vocab)
+    regular = {tok: i for tok, i in vocab.items() if tok not in specials}
+    try:
+        bpe = models.BPE(vocab=regular, merges=merges, unk_token=None, fuse_unk=False, byte_fallback=False)
+    except Exception as exc:  # the Rust side reports merges naming tokens absent from the vocab
+        raise UserError(f"{merges_file} does not match {vocab_file}: {exc}",
+                        hint="use the vocab.json and merges.txt of the same tokenizer")
+    tokenizer = with_qwen_text_rules(Tokenizer(bpe))
+    tokenizer.decoder = decoders.ByteLevel()
+    for tok in sorted(specials, key=specials.get):
+        tokenizer.add_special_tokens([AddedToken(tok, special=True, normalized=False)])
+        if tokenizer.token_to_id(tok) != specials[tok]:
+            raise UserError(f"{vocab_file}: {tok} would get id {tokenizer.token_to_id(tok)}, expected "
+                            f"{specials[tok]}", hint="special tokens must follow the regular tokens without gaps")
+    return tokenizer, specials
