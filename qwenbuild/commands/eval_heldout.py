@@ -1,0 +1,28 @@
+"""Score a checkpoint on held-out alpaca rows: greedy answers to the ChatML prompts, exact match with the output.
+
+Writes heldout_accuracy (and per-task figures) into --metrics when given.
+"""
+
+
+def add_arguments(parser):
+    parser.add_argument("--checkpoint", required=True, help="MindSpore .ckpt (a training checkpoint is fine)")
+    parser.add_argument("--config", required=True, help="run.json (its model dims) or a Hugging Face config.json")
+    parser.add_argument("--tokenizer_dir", required=True, help="directory with vocab.json and merges.txt")
+    parser.add_argument("--heldout", required=True, help="held-out alpaca JSON array")
+    parser.add_argument("--metrics", default=None, help="metrics.json to merge the results into")
+    parser.add_argument("--max_new_tokens", type=int, default=32)
+
+
+def main(args):
+    import json
+    from pathlib import Path
+
+    from qwenbuild.model.config import QwenConfig
+    from qwenbuild.train.evaluate import evaluate_heldout
+    from qwenbuild.train.settings import read_run_json
+
+    path = Path(args.config)
+    is_hf = "model_type" in json.loads(path.read_text(encoding="utf-8"))
+    cfg = QwenConfig.from_hf_dir(path.parent) if is_hf else read_run_json(path).model
+    evaluate_heldout(args.checkpoint, cfg, args.tokenizer_dir, args.heldout, args.metrics, args.max_new_tokens)
+    return 0

@@ -1,0 +1,21 @@
+"""Fine-tune Qwen1.5 on a MindRecord with the settings of a run.json, data-parallel over CPU workers via msrun.
+
+run.json holds plain settings (model dims, train_data, init_checkpoint, output_dir, seq_length, batch_size per
+worker, learning_rate, warmup_ratio, weight_decay, epochs or steps, grad_clip, seed, save_steps, workers).
+Checkpoints go to <output_dir>/checkpoint/rank_N/; a rerun resumes from the last one the workers all saved.
+"""
+
+
+def add_arguments(parser):
+    parser.add_argument("--config", required=True, help="run.json with the training settings")
+    parser.add_argument("--log_dir", default="output/msrun_log", help="msrun worker logs (default: %(default)s)")
+    parser.add_argument("--master_port", type=int, default=None, help="msrun scheduler port (default: a free one)")
+
+
+def main(args):
+    from qwenbuild.train.launch import run_msrun
+    from qwenbuild.train.settings import read_run_json
+
+    settings = read_run_json(args.config)
+    run_msrun(settings.workers, args.config, args.log_dir, args.master_port)
+    return 0

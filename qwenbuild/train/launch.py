@@ -1,0 +1,163 @@
+"""Run the training workers through msrun on this machine, echo rank 0's progress, report a failed rank's log."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from qwenbuild.errors import UserError
+from qwenbuild.train import worker
+from qwenbuild.train.progress import STEP_LINE, bar
+
+TAIL_LINES = 25
+# lines of a worker log worth echoing: our own progress and summaries, never MindSpore's log chatter
+_ECHO_PREFIXES = ("step ", "resuming ", "trained ", worker.ERROR_MARK)
+
+
+def die_with_parent() -> None:
+    """Ask Linux to SIGKILL this process when its parent dies, so a killed build leaves no training behind."""
+    import ctypes
+
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below `pid` (msrun's workers run in their own process groups)."""
+    found = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            children = [int(c) for c in (task / "children").read_text().split()]
+        except OSError:
+            continue
+        for child in children:
+            found += [child, *descendants(child)]
+    return found
+
+
+def kill_tree(pid: int) -> None:
+    for p in [*descendants(pid), pid]:
+        try:
+            os.kill(p, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def msrun_command(worker_count: int, run_json: str | Path, log_dir: str | Path, master_port: int,
+                  msrun: str = "msrun") -> list[str]:
+    return [msrun, f"--worker_num={worker_count}", f"--local_worker_num={worker_count}", "--master_addr=127.0.0.1",
+            f"--master_port={master_port}", f"--log_dir={log_dir}", "--join=True", worker.__file__,
+            "--config", str(Path(run_json).resolve())]
+
+
+def worker_env(python_bin_dir: str | Path | None) -> dict:
+    env = dict(os.environ)
+    bin_dir = str(python_bin_dir or Path(sys.executable).parent)
+    # msrun starts `python` from PATH: the environment with mindspore must come first
+    env["PATH"] = bin_dir + os.pathsep + env.get("PATH", "")
+    env.setdefault("GLOG_v", "3")
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def log_tail(path: Path, lines: int = TAIL_LINES) -> str:
+    if not path.is_file():
+        return f"({path} was not written)"
+    text = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    useful = [line for line in text if not line.startswith(("[WARNING]", "[INFO]", "[DEBUG]"))]
+    return "\n".join(useful[-lines:])
+
+
+def failed_rank_log(log_dir: Path, worker_count: int) -> tuple[int, Path]:
+    """The rank whose log shows the failure (our error mark or a traceback), else rank 0."""
+    logs = [log_dir / f"worker_{rank}.log" for rank in range(worker_count)]
+    for marker in (worker.ERROR_MARK, "Traceback (most recent call last)", "Error"):
+        for rank, path in enumerate(logs):
+            if path.is_file() and marker in path.read_text(encoding="utf-8", errors="replace"):
+                return rank, path
+    return 0, logs[0]
+
+
+class _Echo:
+    """Follows rank 0's log and repeats its progress lines on stderr, with a bar on a terminal."""
+
+    def __init__(self, path: Path, show_bar: bool):
+        self.path, self.offset, self.pending, self.show_bar = path, 0, "", show_bar
+
+    def poll(self) -> None:
+        if not self.path.is_file():
+            return
+        with open(self.path, "r", encoding="utf-8", errors="replace") as f:
+            f.seek(self.offset)
+            chunk = f.read()
+            self.offset = f.tell()
+        self.pending += chunk
+        *lines, self.pending = self.pending.split("\n")
+        for line in lines:
+            if line.startswith(_ECHO_PREFIXES):
+                self._show(line)
+
+    def _show(self, line: str) -> None:
+        if self.show_bar:
+            sys.stderr.write("\r\033[K")
+        print(line, file=sys.stderr, flush=True)
+        m = STEP_LINE.match(line)
+        if self.show_bar and m:
+            sys.stderr.write(bar(int(m.group(1)), int(m.group(2))))
+            sys.stderr.flush()
+
+    def close(self) -> None:
+        self.poll()
+        if self.show_bar:
+            sys.stderr.write("\r\033[K")
+
+
+def run_msrun(worker_count: int, run_json: str | Path, log_dir: str | Path, master_port: int | None = None,
+              python_bin_dir: str | Path | None = None, poll_s: float = 0.5) -> None:
+    """Train with `worker_count` data-parallel CPU workers under msrun; raises UserError with the failed rank's log.
+
+    Logs land in log_dir (scheduler.log, worker_N.log, msrun.log); previous logs there are replaced.
+    """
+    log_dir = Path(log_dir)
+    log_dir.mkdir(parents=True, exist_ok=True)
+    for old in [*log_dir.glob("worker_*.log"), log_dir / "scheduler.log", log_dir / "msrun.log"]:
+        old.unlink(missing_ok=True)
+    env = worker_env(python_bin_dir)
+    msrun = shutil.which("msrun", path=env["PATH"])
+    if msrun is None:
+        raise UserError("msrun was not found on PATH", hint="install mindspore into the environment given by "
+                                                            "python_bin_dir (msrun ships with it)")
+    command = msrun_command(worker_count, run_json, log_dir, master_port or free_port(), msrun)
+    echo = _Echo(log_dir / "worker_0.log", sys.stderr.isatty())
+    with open(log_dir / "msrun.log", "w", encoding="utf-8") as out:
+        proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+                                preexec_fn=die_with_parent)
+        try:
+            while proc.poll() is None:
+                echo.poll()
+                time.sleep(poll_s)
+        except BaseException:
+            kill_tree(proc.pid)
+            proc.wait()
+            raise
+        finally:
+            echo.close()
+    if proc.returncode != 0:
+        rank, path = failed_rank_log(log_dir, worker_count)
+        raise UserError(f"training worker rank {rank} failed (msrun exit code {proc.returncode}); "
+                        f"last lines of {path}:\n{log_tail(path)}",
+                        hint=f"all logs are in {log_dir}; rerunning resumes from the last checkpoint")

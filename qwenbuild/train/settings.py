@@ -1,0 +1,142 @@
+"""The plain settings of one training run (run.json): read, checked key by key, and digested for resume."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+from qwenbuild.errors import UserError
+from qwenbuild.model.config import QwenConfig
+from qwenbuild.store import atomic_path, json_digest
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainSettings:
+    model: QwenConfig
+    train_data: str
+    output_dir: str
+    seq_length: int
+    batch_size: int  # per data-parallel rank, as MindFormers runner_config.batch_size
+    learning_rate: float
+    init_checkpoint: str | None = None
+    workers: int = 1
+    warmup_ratio: float = 0.01
+    lr_end: float = 0.0
+    weight_decay: float = 0.01
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    epochs: int = 1
+    steps: int | None = None  # overrides epochs when set
+    grad_clip: float = 1.0  # max global gradient norm; 0 turns clipping off
+    seed: int = 42
+    save_steps: int = 100
+    keep_checkpoint_max: int = 2
+    checkpoint_prefix: str = "qwen2"
+    threads: int = 0  # CPU kernel threads per worker; 0 lets MindSpore choose
+    model_parallel: int = 1
+    pipeline_stage: int = 1
+    device_target: str = "CPU"
+
+    @property
+    def global_batch_size(self) -> int:
+        return self.batch_size * self.workers
+
+    def result_digest(self) -> str:
+        """Digest of everything that changes the trained parameters (not paths to outputs or save cadence)."""
+        values = dataclasses.asdict(self)
+        for key in ("output_dir", "save_steps", "keep_checkpoint_max", "checkpoint_prefix", "threads"):
+            values.pop(key)
+        return json_digest(values)
+
+    def to_json(self) -> dict:
+        values = dataclasses.asdict(self)
+        values["model"] = dataclasses.asdict(self.model)
+        return values
+
+
+_POSITIVE_INTS = ("seq_length", "batch_size", "workers", "epochs", "save_steps", "model_parallel", "pipeline_stage")
+_NON_NEGATIVE = ("warmup_ratio", "lr_end", "weight_decay", "grad_clip", "eps", "threads", "keep_checkpoint_max")
+
+
+def _check(values: dict, source: str) -> None:
+    def bad(key, what):
+        raise UserError(f"{source}: key {key!r} is {values[key]!r}; {what}")
+
+    for key in _POSITIVE_INTS:
+        if key in values and (not isinstance(values[key], int) or isinstance(values[key], bool) or values[key] < 1):
+            bad(key, "it must be a whole number >= 1")
+    if values.get("steps") is not None and (not isinstance(values["steps"], int) or values["steps"] < 1):
+        bad("steps", "it must be a whole number >= 1, or null to train for `epochs`")
+    for key in _NON_NEGATIVE:
+        if key in values and (not isinstance(values[key], (int, float)) or values[key] < 0):
+            bad(key, "it must be a number >= 0")
+    if not isinstance(values.get("learning_rate"), (int, float)) or values["learning_rate"] <= 0:
+        bad("learning_rate", "it must be a number > 0")
+    if values.get("warmup_ratio", 0) > 1:
+        bad("warmup_ratio", "it is a fraction of the total steps, between 0 and 1")
+    for key in ("beta1", "beta2"):
+        if key in values and not 0 <= values[key] < 1:
+            bad(key, "it must lie in [0, 1)")
+    if values.get("device_target", "CPU") not in ("CPU", "Ascend", "GPU"):
+        bad("device_target", "use CPU, Ascend or GPU")
+
+
+def check_parallel(settings: TrainSettings, source: str = "run.json") -> None:
+    """MindSpore compiles model/pipeline parallel only on Ascend/GPU; on CPU only data parallel runs."""
+    if settings.device_target == "CPU" and (settings.model_parallel > 1 or settings.pipeline_stage > 1):
+        raise UserError(
+            f"{source}: model_parallel={settings.model_parallel}, pipeline_stage={settings.pipeline_stage} cannot "
+            "train on CPU: MindSpore runs semi-auto/auto parallel only on Ascend or GPU, CPU workers train "
+            "data-parallel only",
+            hint="set model_parallel = 1 and pipeline_stage = 1 for CPU, or run the generated MindFormers YAML "
+                 "on an Ascend cluster")
+
+
+_PATH_KEYS = ("train_data", "output_dir", "init_checkpoint")
+
+
+def settings_from_dict(values: dict, source: str = "run.json", base_dir: str | Path | None = None) -> TrainSettings:
+    """Checked settings; relative paths are taken relative to base_dir (the directory of run.json) when given."""
+    fields = {f.name for f in dataclasses.fields(TrainSettings)}
+    unknown = sorted(set(values) - fields)
+    if unknown:
+        raise UserError(f"{source}: unknown key(s) {', '.join(unknown)}", hint=f"allowed keys: {', '.join(sorted(fields))}")
+    required = [f.name for f in dataclasses.fields(TrainSettings)
+                if f.default is dataclasses.MISSING and f.name not in values]
+    if required:
+        raise UserError(f"{source}: missing key(s) {', '.join(required)}")
+    _check(values, source)
+    model = values["model"]
+    if isinstance(model, dict):
+        try:
+            model = QwenConfig(**model)
+        except TypeError as exc:
+            raise UserError(f"{source}: key 'model' does not describe a QwenConfig: {exc}") from exc
+    if base_dir is not None:
+        values = {**values, **{k: str(Path(base_dir, values[k])) for k in _PATH_KEYS if values.get(k)}}
+    settings = TrainSettings(**{**values, "model": model})
+    check_parallel(settings, source)
+    return settings
+
+
+def read_run_json(path: str | Path) -> TrainSettings:
+    """Settings from run.json; its relative paths are relative to the file's own directory."""
+    path = Path(path)
+    try:
+        values = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UserError(f"{path} does not exist", hint="write the run settings first (write_run_json)") from None
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{path}: not valid JSON at line {exc.lineno}: {exc.msg}") from None
+    if not isinstance(values, dict):
+        raise UserError(f"{path}: expected a JSON object of run settings")
+    return settings_from_dict(values, str(path), base_dir=path.parent)
+
+
+def write_run_json(path: str | Path, settings: TrainSettings) -> Path:
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(settings.to_json(), indent=1, sort_keys=True) + "\n", encoding="utf-8")
+    return path

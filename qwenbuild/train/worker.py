@@ -1,0 +1,57 @@
+"""One training worker: `python -m qwenbuild.train.worker --config run.json`, alone or as an msrun worker.
+
+Under msrun (MS_ROLE set) it joins the data-parallel group first; gradients are averaged across workers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+if __name__ == "__main__" and sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
+    # msrun runs this file as a script: its folder (data.py, schedule.py, ...) must not shadow top-level modules
+    sys.path.pop(0)
+
+from qwenbuild.errors import UserError
+
+ERROR_MARK = "qwenbuild worker error:"
+
+
+def init_data_parallel(device_target: str) -> tuple[int, int]:
+    """(rank, world size): join msrun's group when launched by it, else a single worker."""
+    if not os.environ.get("MS_ROLE"):
+        return 0, 1
+    from qwenbuild.train.launch import die_with_parent
+
+    die_with_parent()  # msrun gone (killed with the build) means this worker goes too
+    import mindspore as ms
+    from mindspore.communication import get_group_size, get_rank, init
+
+    ms.set_context(mode=ms.GRAPH_MODE, device_target=device_target)
+    init()
+    world = get_group_size()
+    ms.set_auto_parallel_context(parallel_mode=ms.ParallelMode.DATA_PARALLEL, gradients_mean=True, device_num=world)
+    return get_rank(), world
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m qwenbuild.train.worker", description=__doc__)
+    parser.add_argument("--config", required=True, help="run.json with the plain training settings")
+    args = parser.parse_args(argv)
+    try:
+        from qwenbuild.train.finetune import finetune
+        from qwenbuild.train.settings import read_run_json
+
+        settings = read_run_json(args.config)
+        rank, world = init_data_parallel(settings.device_target)
+        finetune(settings, rank, world)
+    except UserError as exc:
+        print(f"{ERROR_MARK} {exc}", file=sys.stderr, flush=True)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,161 @@
+"""Training pieces against references (MindFormers' schedule, torch's AdamW, numpy's cross entropy) and a real run."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from qwenbuild.errors import UserError
+from qwenbuild.train import checkpoint, data
+from qwenbuild.train.progress import STEP_LINE, step_line
+from qwenbuild.train.schedule import cosine_with_warmup, schedule
+from qwenbuild.train.settings import read_run_json, settings_from_dict, write_run_json
+from train_data import SEQ, TINY, progression_rows, settings, write_mindrecord
+
+
+def test_schedule_matches_mindformers_cosine_with_warmup():
+    import mindspore as ms
+    from mindformers.core.lr import CosineWithWarmUpLR
+
+    ms.set_context(mode=ms.PYNATIVE_MODE)
+    theirs = CosineWithWarmUpLR(learning_rate=2e-3, warmup_ratio=0.1, total_steps=50)
+    ours = schedule(50, 2e-3, 0.1)
+    for step in (0, 1, 4, 5, 6, 20, 49):
+        assert ours[step] == pytest.approx(float(theirs(ms.Tensor(step, ms.int32)).asnumpy()), rel=1e-5, abs=1e-9)
+    assert ours[0] == 0.0 and ours[5] == pytest.approx(2e-3)
+    assert cosine_with_warmup(50, 50, 2e-3, 0.1) == 0.0
+
+
+def test_adamw_matches_torch_adamw():
+    import mindspore as ms
+    import torch
+
+    from qwenbuild.train.optimizer import AdamW
+
+    ms.set_context(mode=ms.PYNATIVE_MODE)
+    rng = np.random.default_rng(0)
+    start = rng.standard_normal((3, 4)).astype(np.float32)
+    grads = [rng.standard_normal((3, 4)).astype(np.float32) for _ in range(3)]
+    param = ms.Parameter(ms.Tensor(start), name="w")
+    ours = AdamW([param], weight_decay=0.1)
+    ref = torch.nn.Parameter(torch.tensor(start))
+    theirs = torch.optim.AdamW([ref], lr=1e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
+    for g in grads:
+        ours((ms.Tensor(g),), ms.Tensor(np.float32(1e-2)))
+        ref.grad = torch.tensor(g)
+        theirs.step()
+    np.testing.assert_allclose(param.asnumpy(), ref.detach().numpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(ours.moments1[0].asnumpy(), theirs.state[ref]["exp_avg"].numpy(), rtol=1e-5)
+    assert [m.name for m in (*ours.moments1, *ours.moments2)] == ["adam_m.w", "adam_v.w"]
+    assert int(ours.global_step.asnumpy()) == 3
+
+
+def test_loss_is_shifted_cross_entropy_over_unmasked_targets():
+    import mindspore as ms
+    from mindspore import nn
+
+    from qwenbuild.train.step import CausalLMLoss
+
+    ms.set_context(mode=ms.PYNATIVE_MODE)
+    rng = np.random.default_rng(1)
+    table = rng.standard_normal((7, 5, 11)).astype(np.float32)
+
+    class Fixed(nn.Cell):
+        def construct(self, tokens):
+            return ms.Tensor(table[:tokens.shape[0], :tokens.shape[1]])
+
+    input_ids = rng.integers(0, 11, (2, 6)).astype(np.int32)
+    target_ids = input_ids.copy()
+    target_ids[0, 4:] = -100
+    loss = float(CausalLMLoss(Fixed())(ms.Tensor(input_ids), ms.Tensor(target_ids)).asnumpy())
+    logits = table[:2]
+    logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    labels = target_ids[:, 1:]
+    terms = [-logp[b, t, labels[b, t]] for b in range(2) for t in range(5) if labels[b, t] != -100]
+    assert loss == pytest.approx(np.mean(terms), rel=1e-5)
+
+
+def test_rank_slices_make_up_the_global_batch_and_replay_from_any_step():
+    one = [data.rank_rows(50, 8, 3, step, 0, 8) for step in range(12)]
+    two = [np.concatenate([data.rank_rows(50, 8, 3, step, r, 4) for r in (0, 1)]) for step in range(12)]
+    assert all((a == b).all() for a, b in zip(one, two))
+    assert sorted(np.concatenate(one[:6])) == sorted(data.epoch_order(50, 3, 0)[:48])
+    assert not (one[0] == one[6]).all()  # the next epoch is another order
+    full = sum(data.rank_row_plan(50, 8, 3, 0, 12, 1, 4), [])
+    assert sum(data.rank_row_plan(50, 8, 3, 5, 12, 1, 4), []) == full[5 * 4:]
+
+
+def test_checkpoint_names_follow_mindformers_and_resume_needs_every_rank(tmp_path):
+    assert checkpoint.file_name("qwen2", 1, 10, 4) == "qwen2_rank_1-3_2.ckpt"
+    assert checkpoint.file_name("qwen2", 0, 8, 4) == "qwen2_rank_0-2_4.ckpt"
+    for rank, steps in ((0, (4, 8)), (1, (4,))):
+        d = checkpoint.rank_dir(tmp_path, rank)
+        d.mkdir(parents=True)
+        for s in steps:
+            (d / checkpoint.file_name("qwen2", rank, s, 4)).write_bytes(b"")
+        (d / "meta.json").write_text(json.dumps({"run_digest": "A"}))
+    assert checkpoint.resume_step(tmp_path, 2, "qwen2", 4, "A") == 4
+    assert checkpoint.resume_step(tmp_path, 1, "qwen2", 4, "A") == 8
+    assert checkpoint.resume_step(tmp_path, 2, "qwen2", 4, "B") == 0
+
+
+def test_run_json_round_trip_and_errors_name_the_key(tmp_path):
+    s = settings(tmp_path / "d.mindrecord", tmp_path / "out")
+    path = write_run_json(tmp_path / "run.json", s)
+    assert read_run_json(path) == s
+    values = json.loads(path.read_text())
+    with pytest.raises(UserError, match="'learning_rate'"):
+        settings_from_dict({**values, "learning_rate": -1})
+    with pytest.raises(UserError, match="unknown key.*lr"):
+        settings_from_dict({**values, "lr": 1})
+    with pytest.raises(UserError, match="model_parallel=2.*CPU.*data-parallel"):
+        settings_from_dict({**values, "model_parallel": 2})
+    with pytest.raises(UserError, match="warmup_ratio"):
+        settings_from_dict({**values, "warmup_ratio": 2.0})
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "run.json").write_text(json.dumps({**values, "train_data": "d.mindrecord"}))
+    assert read_run_json(tmp_path / "sub" / "run.json").train_data == str(tmp_path / "sub" / "d.mindrecord")
+
+
+def test_step_line_is_parsed_back():
+    line = step_line(3, 40, 2.5, 1e-3, 1234.0, 75)
+    assert line == "step 3/40 loss 2.5000 lr 1.000e-03 tokens/s 1234 eta 1m15s"
+    assert STEP_LINE.match(line).groups()[:2] == ("3", "40")
+
+
+def test_mindrecord_with_other_seq_length_is_refused(tmp_path):
+    path = write_mindrecord(tmp_path / "d.mindrecord", progression_rows(8))
+    with pytest.raises(UserError, match=f"rows hold {SEQ + 1} tokens but seq_length is 32"):
+        data.check_mindrecord(path, 32)
+
+
+@pytest.mark.slow
+def test_loss_decreases_and_results_are_written(tmp_path):
+    from qwenbuild.train.finetune import finetune
+
+    path = write_mindrecord(tmp_path / "d.mindrecord", progression_rows(64))
+    s = settings(path, tmp_path / "out", steps=40, save_steps=20)
+    metrics = finetune(s)
+    losses = metrics["loss"]
+    assert len(losses) == 40 and np.isfinite(losses).all()
+    assert np.mean(losses[-5:]) < 0.7 * np.mean(losses[:3])
+    written = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert written["loss"] == losses and written["tokens_per_s"] > 0 and written["wall_s"] > 0
+    assert (tmp_path / "out" / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    rank0 = tmp_path / "out" / "checkpoint" / "rank_0"
+    assert sorted(p.name for p in rank0.glob("*.ckpt")) == ["qwen2_rank_0-2_4.ckpt", "qwen2_rank_0-3_8.ckpt"]
+    meta = json.loads((rank0 / "meta.json").read_text())
+    assert meta["last_ckpt_file"] == "qwen2_rank_0-3_8.ckpt" and meta["last_epoch"] == 3
+
+    import mindspore as ms
+
+    saved = ms.load_checkpoint(str(rank0 / "qwen2_rank_0-3_8.ckpt"))
+    assert int(saved["global_step"].asnumpy()) == 40 and int(saved["step_num"].asnumpy()) == 40
+    assert {"adam_m.lm_head.weight", "adam_v.model.norm_out.weight"} <= set(saved)
+    from qwenbuild.model.network import QwenForCausalLM, load_weights
+
+    net = QwenForCausalLM(TINY)
+    load_weights(net, rank0 / "qwen2_rank_0-3_8.ckpt")
+    np.testing.assert_array_equal(net.lm_head.weight.asnumpy(), saved["lm_head.weight"].asnumpy())
