@@ -12,6 +12,17 @@ REPO = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
 
 
+@pytest.fixture(scope="session")
+def qwen_dir(tmp_path_factory):
+    """The real Qwen tokenizer files, built once per test session."""
+    from qwenbuild.tokenizer import build_qwen_tokenizer
+
+    path = tmp_path_factory.getbasetemp() / "qwen-tokenizer"
+    if not path.exists():
+        build_qwen_tokenizer(path)
+    return path
+
+
 @pytest.fixture(autouse=True)
 def _in_tmp_cwd(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)

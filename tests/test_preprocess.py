@@ -10,7 +10,7 @@ from qwenbuild.data.chatml import render
 from qwenbuild.data.instructions import make_instructions, tokenizer_corpus, write_instruction_dataset
 from qwenbuild.data.preprocess import preprocess
 from qwenbuild.errors import UserError
-from qwenbuild.tokenizer import build_qwen_tokenizer, train_tokenizer
+from qwenbuild.tokenizer import train_tokenizer
 
 SEQ = 40
 EDGE_ROWS = [
@@ -23,14 +23,6 @@ EDGE_ROWS = [
     {"instruction": "x", "input": "", "output": ""},
 ]
 COLUMNS = ["input_ids", "target_ids", "attention_mask"]
-
-
-@pytest.fixture(scope="session")
-def qwen_dir(tmp_path_factory):
-    path = tmp_path_factory.getbasetemp() / "qwen-tokenizer"
-    if not path.exists():
-        build_qwen_tokenizer(path)
-    return path
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,7 @@ import json
 import pytest
 
 from qwenbuild.errors import UserError
-from qwenbuild.tokenizer import bpe_pipeline, build_qwen_tokenizer, load_tokenizer
+from qwenbuild.tokenizer import bpe_pipeline, load_tokenizer
 from qwenbuild.tokenizer.byte_level import byte_to_char, token_bytes, token_text
 from qwenbuild.tokenizer.files import special_ids
 from qwenbuild.tokenizer.qwen import merges_from_ranks, read_tiktoken
@@ -24,14 +24,6 @@ MIXED_TEXTS = [
     " ",
     "\n",
 ]
-
-
-@pytest.fixture(scope="session")
-def qwen_dir(tmp_path_factory):
-    path = tmp_path_factory.getbasetemp() / "qwen-tokenizer"
-    if not path.exists():
-        build_qwen_tokenizer(path)
-    return path
 
 
 @pytest.fixture(scope="session")

@@ -7,7 +7,6 @@ import shutil
 import sys
 from pathlib import Path
 
-from qwenbuild.errors import UserError
 from qwenbuild.store import atomic_path, json_digest
 from qwenbuild.tasks._spec import Context, TaskSpec
 from qwenbuild.tasks.weights import MODEL_KEYS
