@@ -15,6 +15,22 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "validate": ("qwenbuild.commands.validate", "check qwen.toml against the schema and the parallel plan"),
     "plan": ("qwenbuild.commands.plan", "show the rank layout, memory per device and which tasks are out of date"),
     "set": ("qwenbuild.commands.set_", "edit keys of qwen.toml in place, keeping comments"),
+    "hccl_tools": ("qwenbuild.commands.hccl_tools", "write this node's RANK_TABLE_FILE (hccl_tools format)"),
+    "merge_hccl": ("qwenbuild.commands.merge_hccl", "merge per-node rank tables into one RANK_TABLE_FILE"),
+    "strategy": ("qwenbuild.commands.strategy", "write one strategy file per rank for a parallel plan"),
+    "transform_ckpt": ("qwenbuild.commands.transform_ckpt", "reshard a checkpoint between strategies, rank by rank"),
+    "verify": ("qwenbuild.commands.verify", "rebuild into a fresh dir and compare every artifact with qwen.lock"),
+    "tokenizer": ("qwenbuild.commands.tokenizer", "write the Qwen1.5 tokenizer files (or train a small one)"),
+    "alpaca_converter": ("qwenbuild.commands.alpaca_converter", "convert alpaca rows to ChatML JSON Lines"),
+    "preprocess": ("qwenbuild.commands.preprocess", "tokenize ChatML conversations into a MindRecord"),
+    "qwen1_5_preprocess": ("qwenbuild.commands.preprocess", "same as preprocess (the original script's name)"),
+    "instructions": ("qwenbuild.commands.instructions", "write the project's own instruction dataset"),
+    "convert_weight": ("qwenbuild.commands.convert_weight", "convert a Hugging Face Qwen1.5 checkpoint to MindSpore"),
+    "convert_reversed": ("qwenbuild.commands.convert_reversed", "convert a MindSpore Qwen1.5 checkpoint to Hugging Face"),
+    "export": ("qwenbuild.commands.export", "write the prefill and decode MINDIR graphs of one rank"),
+    "infer": ("qwenbuild.commands.infer", "generate text with the exported MINDIR graphs"),
+    "finetune": ("qwenbuild.commands.finetune", "train on a MindRecord from run.json, data-parallel through msrun"),
+    "eval_heldout": ("qwenbuild.commands.eval_heldout", "exact-match accuracy of greedy answers on held-out rows"),
 }
 
 DESCRIPTION = """\
@@ -66,7 +82,19 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
+    except OSError as exc:
+        # a path the command could not read or write; QWENBUILD_DEBUG=1 keeps the traceback for bug reports
+        if os.environ.get("QWENBUILD_DEBUG"):
+            raise
+        print(f"qwenbuild {argv[0]}: error: {_os_error_text(exc)}", file=sys.stderr)
+        return 1
     return int(rc or 0)
+
+
+def _os_error_text(exc: OSError) -> str:
+    paths = " -> ".join(str(p) for p in (exc.filename, exc.filename2) if p is not None)
+    what = exc.strerror or str(exc) or type(exc).__name__
+    return f"{paths}: {what}" if paths else what
 
 
 if __name__ == "__main__":

@@ -103,6 +103,13 @@ def atomic_path(final: str | os.PathLike, *, directory: bool = False) -> Iterato
                         hint="choose an output path in a writable directory") from exc
     if not os.access(final.parent, os.W_OK):
         raise UserError(f"{final.parent} is not writable", hint="choose an output path in a writable directory")
+    # a symbolic link (to a directory too) is replaced like a file
+    is_dir = final.is_dir() and not final.is_symlink()
+    if is_dir != directory and final.exists():
+        # checked before the work: promotion would fail only after it
+        found, wanted = ("a directory", "a file") if is_dir else ("a file", "a directory")
+        raise UserError(f"{final} is {found}, but the output is {wanted}",
+                        hint="remove it or choose another output path")
     sweep_stale(final)
     tmp = _tmp_sibling(final, "tmp")
     if directory:

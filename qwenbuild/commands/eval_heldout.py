@@ -21,8 +21,16 @@ def main(args):
     from qwenbuild.train.evaluate import evaluate_heldout
     from qwenbuild.train.settings import read_run_json
 
+    from qwenbuild.errors import UserError
+
     path = Path(args.config)
-    is_hf = "model_type" in json.loads(path.read_text(encoding="utf-8"))
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UserError(f"--config {path} does not exist") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise UserError(f"--config {path} is not valid JSON: {exc}") from None
+    is_hf = isinstance(doc, dict) and "model_type" in doc
     cfg = QwenConfig.from_hf_dir(path.parent) if is_hf else read_run_json(path).model
     evaluate_heldout(args.checkpoint, cfg, args.tokenizer_dir, args.heldout, args.metrics, args.max_new_tokens)
     return 0

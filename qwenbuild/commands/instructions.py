@@ -7,6 +7,8 @@ occur in the training file.
 
 from __future__ import annotations
 
+MAX_ROWS = 10_000_000  # the rows are built in memory; a larger set belongs in an alpaca file
+
 
 def add_arguments(parser) -> None:
     parser.add_argument("--output_dir", required=True)
@@ -17,6 +19,13 @@ def add_arguments(parser) -> None:
 
 def main(args) -> int:
     from qwenbuild.data.instructions import write_instruction_dataset
+    from qwenbuild.errors import UserError
+
+    for flag, value, least in (("--num_train", args.num_train, 1), ("--num_heldout", args.num_heldout, 0),
+                               ("--seed", args.seed, 0)):
+        if value < least or flag != "--seed" and value > MAX_ROWS:
+            bound = f"at least {least}" if flag == "--seed" else f"between {least} and {MAX_ROWS:,}"
+            raise UserError(f"{flag} must be {bound}, not {value:,}")
 
     write_instruction_dataset(args.output_dir, args.seed, args.num_train, args.num_heldout)
     return 0

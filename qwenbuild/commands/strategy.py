@@ -37,6 +37,8 @@ def main(args):
     try:
         offset = json.loads(args.offset)
     except json.JSONDecodeError:
+        offset = None
+    if not (type(offset) is int or isinstance(offset, list) and all(type(o) is int for o in offset)):
         raise UserError(f"--offset {args.offset!r} must be an integer or a list like [0,1,1,0]")
     cfg = QwenConfig.from_hf_dir(args.model_dir)
     files = st.write_strategy_files(cfg, args.data_parallel, args.model_parallel, args.pipeline_stage,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import shutil
 import tempfile
@@ -96,6 +97,24 @@ def _blob_writer(writer):
     return write
 
 
+@contextlib.contextmanager
+def _writer_errors(output_file: Path) -> Iterator[None]:
+    """MindSpore's writer reports a full disk as a RuntimeError holding a multi-page report: keep its one line."""
+    try:
+        yield
+    except RuntimeError as exc:
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip().startswith("[ERROR]")]
+        raise UserError(f"MindRecord could not write {output_file}: {lines[0] if lines else exc}; "
+                        "nothing was changed there",
+                        hint="the disk may be full or a file-size limit reached: free space or write elsewhere, "
+                             "then run again") from None
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            raise
+        raise UserError(f"no space left while writing {output_file} ({exc.strerror}); nothing was changed there",
+                        hint="free disk space or point the output elsewhere, then run again") from None
+
+
 def write_mindrecord(output_file: str | os.PathLike, batches: Iterable[dict[str, np.ndarray]], row_length: int,
                      max_rows: int, file_partition: int = 1, fast: bool = True) -> list[Path]:
     """Write batches of 2-D int32 arrays (one per column) and promote every file only when all are complete.
@@ -108,7 +127,7 @@ def write_mindrecord(output_file: str | os.PathLike, batches: Iterable[dict[str,
     if output_file.is_dir():
         raise UserError(f"output file {output_file} is a directory", hint="give a file name such as data.mindrecord")
     finals = shard_files(output_file, file_partition)
-    with _staging_dir(output_file.parent) as staging:
+    with _staging_dir(output_file.parent) as staging, _writer_errors(output_file):
         writer = FileWriter(file_name=str(staging / output_file.name), shard_num=file_partition, overwrite=True)
         page, header = layout(row_length, max_rows, file_partition)
         writer.set_page_size(page)

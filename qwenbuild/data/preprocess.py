@@ -237,8 +237,8 @@ def preprocess(input_glob: str, vocab_file: str | os.PathLike, merges_file: str 
     if not 1 <= seq_length <= MAX_SEQ_LENGTH:
         raise UserError(f"--seq_length must be between 1 and {MAX_SEQ_LENGTH:,}, found {seq_length:,}",
                         hint="the longest Qwen1.5 context is 32,768 tokens")
-    if file_partition < 1:
-        raise UserError(f"--file_partition must be at least 1, found {file_partition}")
+    if not 1 <= file_partition <= 1000:
+        raise UserError(f"--file_partition must be between 1 and 1000 (MindRecord's limit), found {file_partition}")
     files = input_files(input_glob)
     pad_id = special_ids(read_vocab(vocab_file))[ENDOFTEXT]
     row_length = seq_length + 1

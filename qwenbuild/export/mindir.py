@@ -20,6 +20,9 @@ from qwenbuild.model.config import QwenConfig
 from qwenbuild.store import atomic_path, promote, remove
 
 
+MAX_BATCH_SIZE = 4096  # the graphs' inputs and KV cache are allocated for the whole batch at export time
+
+
 def _stderr(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
@@ -30,8 +33,8 @@ def _check_args(cfg: QwenConfig, ckpt_path: Path, rank: int, batch_size: int, se
                         hint="convert one with `qwenbuild convert_weight` or point at a rank's shard")
     if not isinstance(rank, int) or rank < 0:
         raise UserError(f"rank must be a non-negative integer, not {rank!r}")
-    if not isinstance(batch_size, int) or batch_size < 1:
-        raise UserError(f"batch_size must be at least 1, not {batch_size!r}")
+    if not isinstance(batch_size, int) or not 1 <= batch_size <= MAX_BATCH_SIZE:
+        raise UserError(f"batch_size must lie in 1..{MAX_BATCH_SIZE}, not {batch_size!r}")
     if not isinstance(seq_length, int) or not 2 <= seq_length <= cfg.max_position_embeddings:
         raise UserError(f"seq_length {seq_length!r} must lie in 2..{cfg.max_position_embeddings} "
                         f"(max_position_embeddings of the model)")

@@ -7,6 +7,7 @@ Usage: python -m qwenbuild.export.worker SPEC.json  (written by export_mindir; r
 
 from __future__ import annotations
 
+import errno
 import json
 import sys
 import time
@@ -99,6 +100,13 @@ def main(argv: list[str]) -> int:
         result = run(spec)
     except UserError as exc:
         Path(spec["error_file"]).write_text(str(exc))
+        return 2
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            raise
+        Path(spec["error_file"]).write_text(
+            f"no space left while writing the graphs under {spec['out_root']} ({exc.strerror}); nothing was "
+            "changed there\n  hint: free disk space or point the output elsewhere, then run again")
         return 2
     Path(spec["result_file"]).write_text(json.dumps(result))
     return 0

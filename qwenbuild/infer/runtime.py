@@ -190,6 +190,8 @@ def generate(mindir_root_dir, tokenizer_dir, prompts, *, max_new_tokens: int = 5
     from qwenbuild.infer.prompt import encode, pad_id, stop_ids
 
     sampling = Sampling(do_sample, top_k, top_p, temperature, repetition_penalty, seed)
+    if max_new_tokens < 1:
+        raise UserError(f"--max_new_tokens must be at least 1, not {max_new_tokens}")
     info = open_export(mindir_root_dir, rank, batch_size, seq_length)
     tokenizer = _load_tokenizer(tokenizer_dir)
     if len(tokenizer) > info.vocab_size:

@@ -25,6 +25,18 @@ HF_KEYS = {
 DTYPES = ("float32", "bfloat16", "float16")
 
 
+def _checked(key: str, value):
+    """A config.json dimension as found, refused when it is not a positive number of the right kind."""
+    if key == "tie_word_embeddings":
+        if not isinstance(value, bool):
+            raise UserError(f"{key} must be true or false, not {value!r}")
+        return value
+    kind = float if key in ("rms_norm_eps", "rope_theta") else int
+    if isinstance(value, bool) or not isinstance(value, (int, float) if kind is float else int) or value <= 0:
+        raise UserError(f"{key} must be a positive {'number' if kind is float else 'integer'}, not {value!r}")
+    return value
+
+
 @dataclasses.dataclass(frozen=True)
 class QwenConfig:
     vocab_size: int
@@ -46,6 +58,10 @@ class QwenConfig:
         return self.hidden_size // self.num_heads
 
     def __post_init__(self):
+        for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "n_kv_heads", "intermediate_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise UserError(f"{name} must be a whole number >= 1, not {value!r}")
         if self.hidden_size % self.num_heads:
             raise UserError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
         if self.num_heads % self.n_kv_heads:
@@ -68,10 +84,12 @@ class QwenConfig:
     @classmethod
     def from_hf_dict(cls, hf: dict, **overrides) -> "QwenConfig":
         """Read the dimensions of a Hugging Face Qwen2/Qwen1.5 config.json dict."""
+        if not isinstance(hf, dict):
+            raise UserError(f"config.json holds a JSON {type(hf).__name__}, not an object of model settings")
         values = {}
         for field, key in HF_KEYS.items():
             if key in hf:
-                values[field] = hf[key]
+                values[field] = _checked(key, hf[key])
         if "num_key_value_heads" not in hf and "num_attention_heads" in hf:
             values["n_kv_heads"] = hf["num_attention_heads"]
         # transformers 5.x moves rope_theta under rope_parameters; 4.57 would silently fall back to 10000
@@ -96,7 +114,13 @@ class QwenConfig:
             raise UserError(f"{path} does not exist", hint="the Hugging Face model directory must hold config.json")
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise UserError(f"{path} is not valid JSON: {exc}")
-        return cls.from_hf_dict(hf, **overrides)
+        except OSError as exc:
+            raise UserError(f"cannot read {path}: {exc.strerror}",
+                            hint="pass the Hugging Face model directory that holds config.json")
+        try:
+            return cls.from_hf_dict(hf, **overrides)
+        except UserError as exc:
+            raise UserError(f"{path}: {exc}") from None
 
     def to_hf_dict(self) -> dict:
         """config.json in the Qwen1.5 layout (top-level rope_theta), loadable by transformers 4.37+ and 5.x."""

@@ -99,6 +99,8 @@ class CkptIndex:
         except (IndexError, ValueError, UnicodeDecodeError) as exc:
             raise UserError(f"{self.path} is not a readable MindSpore checkpoint ({exc})",
                             hint="pass an unencrypted .ckpt written by mindspore.save_checkpoint")
+        if not self.entries:
+            raise UserError(f"{self.path} holds no tensors", hint="pass a checkpoint written by mindspore.save_checkpoint")
 
     def _scan(self) -> None:
         size = self.path.stat().st_size
@@ -116,6 +118,9 @@ class CkptIndex:
                     raise ValueError(f"unexpected field {key >> 3} at byte {pos}")
                 length, p = _varint(head, p)
                 start = pos + p
+                if start + length > size:
+                    raise ValueError(f"truncated: the record at byte {pos} needs {start + length} bytes, "
+                                     f"the file has {size}")
                 self._add_value(f, start, length)
                 pos = start + length
 

@@ -186,6 +186,9 @@ def transform_ckpt(src_ckpt_strategy, dst_ckpt_strategy, src_ckpt_dir, dst_ckpt_
         if any(dst.resolve() in p.resolve().parents for p in sources.values()):
             raise UserError(f"destination {dst} holds the source checkpoints", hint="write to another directory")
         _check_sources(sources, src_strategy, src_ckpt_dir)
+        if src_strategy is None and dst_strategy is None:
+            raise UserError("both strategies are '' (complete weights): there is nothing to reshard",
+                            hint="pass --dst_ckpt_strategy to shard, or --src_ckpt_strategy to merge shards")
         per_stage, stages = strategy_world_size(dst_strategy)
         world = per_stage * stages
         stale = _stale_ranks(dst, world)

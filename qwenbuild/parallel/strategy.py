@@ -17,6 +17,7 @@ from qwenbuild.model.params import parameter_shapes
 from qwenbuild.store import atomic_path
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+MAX_RANKS = 1 << 16  # one strategy file per rank: a bound that stops a typo from writing files forever
 _LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 _STRATEGY_FILE_RE = re.compile(r"_rank_(\d+)(?:_rank_\d+)?\.(json|ckpt)$")
 # layer parameters split by model_parallel on the output (row) dimension / on the input (column) dimension
@@ -65,6 +66,10 @@ def check_plan(cfg: QwenConfig, data_parallel: int, model_parallel: int, pipelin
                         ("pipeline_stage", pipeline_stage)):
         if int(value) < 1:
             raise UserError(f"{name} must be at least 1, not {value}")
+    ranks = data_parallel * model_parallel * pipeline_stage
+    if ranks > MAX_RANKS:
+        raise UserError(f"data_parallel {data_parallel} x model_parallel {model_parallel} x pipeline_stage "
+                        f"{pipeline_stage} = {ranks:,} ranks, more than the {MAX_RANKS:,} one plan may have")
     for name, value in indivisible_dims(cfg, model_parallel, vocab_emb_dp)[:1]:
         hint = "set vocab_emb_dp = true or change model_parallel" if name == "vocab_size" else \
             "choose a model_parallel that divides it"

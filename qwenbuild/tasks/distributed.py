@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import sys
@@ -71,7 +72,18 @@ def _shard_key(lay) -> str:
 
     lock = Lock(lay.lock)
     return json_digest({"source": lock.digest_of(lay.converted, lay.root),
-                        "strategy": lock.digest_of(lay.sealed(lay.strategy), lay.root)})[7:19]
+                        "strategy": lock.digest_of(lay.strategy, lay.root)})[7:19]
+
+
+def _sealed_and_intact(directory: Path) -> bool:
+    """A directory artifact whose members still have the digests its seal records (a damaged one is rebuilt)."""
+    from qwenbuild.store import DIR_MANIFEST, member_digests
+
+    try:
+        sealed = json.loads((directory / DIR_MANIFEST).read_text(encoding="utf-8"))
+    except (FileNotFoundError, ValueError):
+        return False
+    return sealed == member_digests(directory)
 
 
 def _shard(ctx: Context) -> None:
@@ -81,7 +93,7 @@ def _shard(ctx: Context) -> None:
 
     lay = ctx.layout
     keyed = lay.transformed.with_name(f"{lay.transformed.name}-{_shard_key(lay)}")
-    if (keyed / ".qwenbuild-manifest.json").is_file():
+    if _sealed_and_intact(keyed):
         print(f"shard: reusing {keyed.name} (same checkpoint and strategy)", file=sys.stderr)
     else:
         with atomic_path(keyed, directory=True) as tmp:

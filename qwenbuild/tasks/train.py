@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import socket
 import subprocess
 import sys
@@ -36,7 +37,7 @@ def _run_config(ctx: Context) -> None:
     from qwenbuild.tokenizer import special_ids
     from qwenbuild.tokenizer.files import read_vocab
     from qwenbuild.train.settings import write_run_json
-    from qwenbuild.train.yaml import RunYaml, write_yaml
+    from qwenbuild.train.mindformers_yaml import RunYaml, write_yaml
 
     m, lay = ctx.manifest, ctx.layout
     t, par = m.data["train"], m.data["parallel"]
@@ -70,11 +71,28 @@ def _this_node(m) -> int:
                     hint="run `doit finetune` on every node of the cluster, or launch build/launch/node_K.sh by hand")
 
 
+def drop_damaged_checkpoints(lay) -> None:
+    """Delete files of a finished run that no longer match its seal: resuming must never start from damaged bytes."""
+    from qwenbuild.lock import Lock, check_artifact
+
+    try:
+        members = json.loads(lay.sealed(lay.checkpoint).read_text(encoding="utf-8"))
+    except (FileNotFoundError, ValueError):
+        return
+    stats = Lock(lay.lock).read_stats()
+    for rel, digest in members.items():
+        path = lay.checkpoint / rel
+        if path.is_file() and check_artifact(path, {"kind": "file", "digest": digest}, stats):
+            print(f"finetune: {path} changed since it was saved; training resumes without it", file=sys.stderr)
+            path.unlink()
+
+
 def _finetune(ctx: Context) -> None:
     from qwenbuild.train.settings import read_run_json
 
     m, lay = ctx.manifest, ctx.layout
     settings = read_run_json(lay.run_json)  # refuses model/pipeline parallel on CPU with the reason
+    drop_damaged_checkpoints(lay)
     # unsealed while training: a killed run is resumed, never taken as complete
     lay.sealed(lay.checkpoint).unlink(missing_ok=True)
     if m.data["hardware"]["device"] == "ascend":

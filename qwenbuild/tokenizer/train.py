@@ -27,11 +27,19 @@ def _texts(texts_or_files: Iterable[str | os.PathLike]) -> Iterable[str]:
         if path.suffix in (".json", ".jsonl"):
             from qwenbuild.data.alpaca import alpaca_corpus
 
-            yield from alpaca_corpus(path)
+            rows = alpaca_corpus(path)
+            if not rows:
+                raise UserError(f"tokenizer training file {path} holds no rows")
+            yield from rows
             continue
         try:
             with open(path, encoding="utf-8") as f:
-                yield from f
+                empty = True
+                for line in f:
+                    empty = False
+                    yield line
+            if empty:
+                raise UserError(f"tokenizer training file {path} is empty")
         except FileNotFoundError:
             raise UserError(f"tokenizer training file {path} does not exist")
         except UnicodeDecodeError as exc:

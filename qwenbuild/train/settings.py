@@ -77,7 +77,7 @@ def _check(values: dict, source: str) -> None:
     if values.get("warmup_ratio", 0) > 1:
         bad("warmup_ratio", "it is a fraction of the total steps, between 0 and 1")
     for key in ("beta1", "beta2"):
-        if key in values and not 0 <= values[key] < 1:
+        if key in values and not (isinstance(values[key], (int, float)) and 0 <= values[key] < 1):
             bad(key, "it must lie in [0, 1)")
     if values.get("device_target", "CPU") not in ("CPU", "Ascend", "GPU"):
         bad("device_target", "use CPU, Ascend or GPU")
@@ -112,8 +112,10 @@ def settings_from_dict(values: dict, source: str = "run.json", base_dir: str | P
     if isinstance(model, dict):
         try:
             model = QwenConfig(**model)
-        except TypeError as exc:
+        except (TypeError, UserError) as exc:
             raise UserError(f"{source}: key 'model' does not describe a QwenConfig: {exc}") from exc
+    if not isinstance(model, QwenConfig):
+        raise UserError(f"{source}: key 'model' must be an object of model dimensions, not {model!r}")
     if base_dir is not None:
         values = {**values, **{k: str(Path(base_dir, values[k])) for k in _PATH_KEYS if values.get(k)}}
     settings = TrainSettings(**{**values, "model": model})
@@ -130,6 +132,8 @@ def read_run_json(path: str | Path) -> TrainSettings:
         raise UserError(f"{path} does not exist", hint="write the run settings first (write_run_json)") from None
     except json.JSONDecodeError as exc:
         raise UserError(f"{path}: not valid JSON at line {exc.lineno}: {exc.msg}") from None
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{path}: not UTF-8 text ({exc})") from None
     if not isinstance(values, dict):
         raise UserError(f"{path}: expected a JSON object of run settings")
     return settings_from_dict(values, str(path), base_dir=path.parent)
