@@ -81,21 +81,43 @@ def _input_digest(path: Path, lock: Lock, root: Path) -> str:
 
 
 def _run(spec: TaskSpec, manifest, layout: Layout, values: dict, versions: dict):
-    lock = Lock(layout.lock)
-    lock.forget(spec.name)  # from here until the new entry is written the old artifacts are not trusted
-    started = time.monotonic()
     try:
-        spec.action(Context(spec.name, values, layout, manifest))
+        return _run_recorded(spec, manifest, layout, values, versions)
     except UserError as exc:
         print(f"qwenbuild {spec.name}: error: {exc}", file=sys.stderr)
-        return TaskFailed(f"{spec.name} stopped: see the message above")
+    except OSError as exc:  # e.g. a full disk while writing qwen.lock itself
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"qwenbuild {spec.name}: error: {where}{exc.strerror or exc}", file=sys.stderr)
+    return TaskFailed(f"{spec.name} stopped: see the message above")
+
+
+def _inputs(spec: TaskSpec, lock: Lock, layout: Layout) -> dict[str, str]:
+    return {str(Path(p).resolve().relative_to(layout.root) if Path(p).resolve().is_relative_to(layout.root)
+                else Path(p).resolve()): _input_digest(Path(p), lock, layout.root) for p in spec.inputs}
+
+
+def _recorded(spec: TaskSpec, lock: Lock, layout: Layout, values: dict, versions: dict) -> bool:
+    """qwen.lock already holds this task built from these inputs and settings, with intact artifacts."""
+    entry = lock.entry(spec.name)
+    return (not spec.always and entry is not None and entry["inputs"] == _inputs(spec, lock, layout)
+            and json_digest(entry["manifest"]) == json_digest(values) and entry["toolchain"] == versions
+            and lock.intact(spec.name, layout.root) is None)
+
+
+def _run_recorded(spec: TaskSpec, manifest, layout: Layout, values: dict, versions: dict):
+    lock = Lock(layout.lock)
+    if _recorded(spec, lock, layout, values, versions):
+        # doit saves its own state only when a build ends: a killed build's finished tasks are kept from here
+        print(f"qwenbuild {spec.name}: already built (qwen.lock), kept", file=sys.stderr)
+        return None
+    lock.forget(spec.name)  # from here until the new entry is written the old artifacts are not trusted
+    started = time.monotonic()
+    spec.action(Context(spec.name, values, layout, manifest))
     artifacts = spec.outputs + spec.dir_outputs
     missing = [p for p in artifacts if not p.exists()]
     if missing:
         return TaskFailed(f"{spec.name} did not produce {', '.join(map(str, missing))}")
-    inputs = {str(Path(p).resolve().relative_to(layout.root) if Path(p).resolve().is_relative_to(layout.root)
-                  else Path(p).resolve()): _input_digest(Path(p), lock, layout.root) for p in spec.inputs}
-    lock.record(spec.name, artifacts, inputs, values, versions, layout.root)
+    lock.record(spec.name, artifacts, _inputs(spec, lock, layout), values, versions, layout.root)
     print(f"qwenbuild {spec.name}: done in {time.monotonic() - started:.1f} s", file=sys.stderr)
     return None
 
