@@ -62,7 +62,11 @@ def test_noop_run_executes_nothing(built):
 
 def test_lock_records_artifacts_inputs_and_manifest_slice(built):
     entry = lock(built)["tasks"]["mindrecord"]
-    assert entry["manifest"] == {"dataset.seq_length": 128, "dataset.mask_prompt": False, "dataset.file_partition": 1}
+    from qwenbuild.manifest import load_manifest
+
+    ds = load_manifest(built).data["dataset"]
+    assert entry["manifest"] == {"dataset.seq_length": ds["seq_length"], "dataset.mask_prompt": ds["mask_prompt"],
+                                 "dataset.file_partition": 1}
     assert set(entry["inputs"]) == {"data/alpaca-messages.json", "tokenizer/.qwenbuild-manifest.json"}
     assert entry["inputs"]["data/alpaca-messages.json"] == \
         lock(built)["tasks"]["alpaca"]["artifacts"]["data/alpaca-messages.json"]["digest"]
@@ -74,9 +78,9 @@ def test_lock_records_artifacts_inputs_and_manifest_slice(built):
 def test_editing_one_key_reruns_exactly_the_dependent_tasks(built):
     from qwenbuild.manifest.edit import set_keys
 
-    set_keys(built, [("dataset.seq_length", "64")])
+    set_keys(built, [("dataset.seq_length", "56")])
     assert ran(doit(built, "mindrecord")) == ["mindrecord"]
-    set_keys(built, [("tokenizer.vocab_size", "400")])
+    set_keys(built, [("tokenizer.vocab_size", "400")])  # below what the data supports
     assert ran(doit(built, "mindrecord")) == ["tokenizer", "mindrecord"]
 
 
@@ -137,10 +141,11 @@ def test_plan_reports_why_tasks_are_out_of_date(built):
     from qwenbuild.manifest.edit import set_keys
     from qwenbuild.status import task_status
 
-    set_keys(built, [("dataset.mask_prompt", "true")])
+    before = load_manifest(built).data["dataset"]["mask_prompt"]
+    set_keys(built, [("dataset.mask_prompt", "false" if before else "true")])
     status = {name: (state, reasons) for name, state, reasons in task_status(load_manifest(built))}
     assert status["dataset"] == ("up to date", [])
-    assert status["mindrecord"] == ("will run", ["dataset.mask_prompt: False -> True"])
+    assert status["mindrecord"] == ("will run", [f"dataset.mask_prompt: {before} -> {not before}"])
     assert status["init_weights"][1] == ["not built yet"]
 
 

@@ -32,42 +32,57 @@ def test_heldout_prompts_are_new_and_every_task_is_covered(split):
     assert not any((r["instruction"], r["input"]) in seen for r in heldout)
     assert len({(r["instruction"], r["input"]) for r in heldout}) == len(heldout) == 400
     assert {r["task"] for r in heldout} == {r["task"] for r in train} == set(ins.TASKS)
-    assert any("\u4e00" <= ch <= "\u9fff" for r in train for ch in r["instruction"])
-    assert sum(r["input"] != "" for r in train) > 1000 and sum(r["input"] == "" for r in train) > 1000
+    chinese = [r for r in train if any("\u4e00" <= ch <= "\u9fff" for ch in r["instruction"])]
+    assert {r["task"] for r in chinese} == TASKS_ZH and 1000 < len(chinese) < 2000
+
+
+TASKS_ZH = {"zh_digits", "zh_to_digits", "zh_reverse_digits", "zh_next_letters", "zh_even_odd", "zh_kg_to_g"}
+ZH = "零一二三四五六七八九"
+
+
+def _next(text: str) -> str:
+    return "".join(" " + chr(ord(c) + 1) for c in text.split())
 
 
 def test_answers_follow_the_rules(split):
+    rules = {
+        "copy_digits": lambda t: t, "reverse_digits": lambda t: t[::-1], "zh_reverse_digits": lambda t: t[::-1],
+        "add_one_digits": lambda t: "".join(str((int(d) + 1) % 10) for d in t),
+        "next_letters": _next, "zh_next_letters": _next,
+        "reverse_letters": lambda t: "".join(" " + c for c in t.split()[::-1]),
+        "last_letter": lambda t: " " + t.split()[-1], "count_letters": lambda t: str(len(t.split())),
+        "even_odd": lambda t: "odd" if int(t) % 2 else "even",
+        "zh_even_odd": lambda t: "单数" if int(t) % 2 else "双数",
+        "km_to_m": lambda t: t.replace(" km", "000 m"), "zh_kg_to_g": lambda t: t.replace(" 千克", "000 克"),
+        "zh_digits": lambda t: "".join(" " + ZH[int(d)] for d in t),
+        "zh_to_digits": lambda t: "".join(str(ZH.index(c)) for c in t.split()),
+    }
+    assert set(rules) == set(ins.TASKS)
     for r in split[0] + split[1]:
-        task, text, out = r["task"], r["input"], r["output"]
-        if task == "reverse_letters" or task == "zh_reverse":
-            assert out.split() == text.split()[::-1]
-        elif task in ("copy_words", "zh_copy"):
-            assert out == text
-        elif task == "uppercase_letters":
-            assert out == text.upper()
-        elif task == "next_letters":
-            assert [ord(b) - ord(a) for a, b in zip(text.split(), out.split())] == [1] * len(text.split())
-        elif task == "count_letters":
-            assert int(out) == len(text.split())
-        elif task == "add_small":
-            a, b = r["instruction"].removeprefix("What is ").removesuffix("?").split(" + ")
-            assert int(out) == int(a) + int(b)
-        elif task == "zh_digits":
-            assert out == "".join("零一二三四五六七八九"[int(d)] for d in text.split())
-    assert ins.zh_number_word.__name__ in ins.TASKS
-    words = {int(r["instruction"].split()[0]): r["output"] for r in split[0] if r["task"] == "zh_number_word"}
-    assert words.get(11, "十一") == "十一" and words.get(20, "二十") == "二十" and words.get(35, "三十五") == "三十五"
-    assert all(len(w) <= 3 for w in words.values())
+        assert r["output"] == rules[r["task"]](r["input"]), r
 
 
-def test_rows_are_short_with_the_small_tokenizer(split, tmp_path):
-    train, heldout = split
-    tok = load_tokenizer(train_tokenizer(ins.tokenizer_corpus(train), 640, tmp_path / "tok"))
-    lengths = np.array([len(tok(t).input_ids) for t in ins.tokenizer_corpus(heldout)])
-    assert lengths.max() < 64 and 25 < lengths.mean() < 45
+def test_every_item_is_one_token_so_answers_sit_at_fixed_distances(tmp_path):
+    # the default manifest's split: the tokenizer's vocab_size is all its training text supports
+    train, heldout = ins.make_instructions(seed=0, num_train=4000, num_heldout=200)
+    tok = load_tokenizer(train_tokenizer(ins.tokenizer_corpus(train), 505, tmp_path / "tok"))
+    lengths = np.array([len(tok(t).input_ids) for t in ins.tokenizer_corpus(train + heldout)])
+    assert lengths.max() <= 41 and 25 < lengths.mean() < 40
+    shapes: dict[str, set] = {}
+    for r in train + heldout:
+        prompt, answer = ins.eval_examples([r])[0]
+        n = len(tok(prompt).input_ids)
+        full = tok(prompt + answer + "<|im_end|>\n").input_ids
+        assert full == tok(ins.tokenizer_corpus([r])[0]).input_ids
+        shapes.setdefault(r["task"], set()).add((n, len(full) - n))
+    # the answer of every task but counting has one length, and so has its prompt
+    assert all(len(s) == 1 for task, s in shapes.items() if task != "count_letters"), shapes
+    copy = next(r for r in heldout if r["task"] == "reverse_letters")
+    ids = tok(ins.tokenizer_corpus([copy])[0]).input_ids
+    # " a" in the prompt and " a" in the answer are the same token
+    assert ids[-4:-2] == ids[-10:-12:-1]
     prompt, answer = ins.eval_examples(heldout[:1])[0]
     assert prompt.endswith("<|im_end|>\n<|im_start|>assistant\n") and answer == heldout[0]["output"]
-    assert tok(prompt + answer + "<|im_end|>\n").input_ids == tok(ins.tokenizer_corpus(heldout[:1])[0]).input_ids
 
 
 def test_converter_accepts_the_files_and_renders_the_same_text(tmp_path):

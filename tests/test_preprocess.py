@@ -28,7 +28,7 @@ COLUMNS = ["input_ids", "target_ids", "attention_mask"]
 @pytest.fixture(scope="module")
 def small_dir(tmp_path_factory):
     train, _ = make_instructions(seed=0, num_train=4000, num_heldout=400)
-    return train_tokenizer(tokenizer_corpus(train), 640, tmp_path_factory.mktemp("small") / "tok")
+    return train_tokenizer(tokenizer_corpus(train), 500, tmp_path_factory.mktemp("small") / "tok")
 
 
 @pytest.fixture(scope="module")
@@ -99,7 +99,7 @@ def test_small_tokenizer_rows_equal_the_original_and_use_its_pad_id(dataset_chat
     expected, _, _ = original_rows(dataset_chatml, small_dir, 63)
     for c in COLUMNS:
         np.testing.assert_array_equal(got[c], expected[c])
-    assert got["input_ids"].max() == 639 and (got["input_ids"][:, -1] == 637).all()
+    assert got["input_ids"].max() == 499 and (got["input_ids"][:, -1] == 497).all()
     assert not (got["input_ids"] == 151643).any()
 
 

@@ -11,7 +11,7 @@ from qwenbuild.data.instructions import make_instructions, tokenizer_corpus
 from qwenbuild.errors import UserError
 from qwenbuild.tokenizer import bpe_pipeline, load_tokenizer, train_tokenizer
 
-VOCAB_SIZE = 640
+VOCAB_SIZE = 500
 TEXTS = ["Reverse the letters: a b c", "把下面的字倒过来: 山 水 火", "emoji 😀 not in the corpus", "tabs\tand\n\nnewlines  ",
          "<|im_start|>user\nWhat is 12 + 3?<|im_end|>\n<|im_start|>assistant\n15<|im_end|>\n"]
 

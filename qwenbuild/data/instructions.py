@@ -1,9 +1,11 @@
 """The project's own instruction dataset: small English and Chinese tasks a tiny model can learn to answer exactly.
 
-Every answer is a direct function of tokens visible in the prompt (copy, reverse, uppercase, next letter, add a
-little, unit conversion by a fixed rule, digits read in Chinese), and lists and numbers have a fixed length per
-task, so each answer token sits at a fixed distance from the token it depends on: a model of a few million
-parameters learns that from relative positions much sooner than general copying.
+Every answer item is a function of one token visible in the prompt (copy, reverse, next letter, add one,
+digit read in Chinese, even or odd), and every task has a fixed number of items, so each answer token sits at a
+fixed distance from the token it depends on: a model of a million parameters learns that from relative positions
+much sooner than general copying. Items are digits (the Qwen pre-tokenizer keeps each digit a token of its own) or
+space-separated letters and Chinese numerals, whose lists in the answer also start with a space, so an answer
+token is the very token it copies from the prompt (the tokenizer of the default manifest makes each one token).
 """
 
 from __future__ import annotations
@@ -21,103 +23,100 @@ from qwenbuild.store import atomic_path
 
 TRAIN_FILE, HELDOUT_FILE = "train.json", "heldout.json"
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
-WORDS = ("cat dog sun moon tree book fish bird star rain snow king milk road ship lamp door cake blue red "
-         "green hat cup box pen map egg leaf rock wind fire sea sky").split()
-ZH_WORDS = "山 水 火 木 花 鸟 鱼 月 日 云 雨 风 天 地 人 门 书 马 牛 羊 米 茶 田 石".split()
+DIGITS = "0123456789"
 ZH_DIGITS = "零一二三四五六七八九"
 
 Row = tuple[str, str, str]  # instruction, input, output
 
 
-def _letters(rng: random.Random, n: int = 4, pool: str = LETTERS) -> list[str]:
+def _pick(rng: random.Random, pool, n: int) -> list[str]:
     return [rng.choice(pool) for _ in range(n)]
 
 
-def _words(rng: random.Random, pool, n: int = 3) -> list[str]:
-    return [rng.choice(pool) for _ in range(n)]
+def _spaced(items) -> str:
+    """ a b c: the leading space makes the first item the same token as in the prompt, where it follows ': '."""
+    return "".join(" " + i for i in items)
 
 
-def copy_words(rng):
-    words = " ".join(_words(rng, WORDS))
-    return "Repeat the words.", words, words
+def copy_digits(rng):
+    digits = "".join(_pick(rng, DIGITS, 3))
+    return "Repeat the digits.", digits, digits
 
 
-def reverse_letters(rng):
-    letters = _letters(rng)
-    return "Reverse the letters.", " ".join(letters), " ".join(reversed(letters))
+def reverse_digits(rng):
+    digits = "".join(_pick(rng, DIGITS, 3))
+    return "Reverse the digits.", digits, digits[::-1]
 
 
-def uppercase_letters(rng):
-    letters = " ".join(_letters(rng))
-    return "Write the letters in uppercase.", letters, letters.upper()
+def add_one_digits(rng):
+    digits = _pick(rng, DIGITS, 3)
+    return "Add one to each digit.", "".join(digits), "".join(str((int(d) + 1) % 10) for d in digits)
 
 
 def next_letters(rng):
-    letters = _letters(rng, 3, LETTERS[:-1])
+    letters = _pick(rng, LETTERS[:-1], 2)
     return "Write the letter that comes after each letter.", " ".join(letters), \
-        " ".join(LETTERS[LETTERS.index(c) + 1] for c in letters)
+        _spaced(LETTERS[LETTERS.index(c) + 1] for c in letters)
 
 
-def last_word(rng):
-    words = _words(rng, WORDS)
-    return f"What is the last word in: {' '.join(words)}?", "", words[-1]
+def reverse_letters(rng):
+    letters = _pick(rng, LETTERS, 2)
+    return "Reverse the letters.", " ".join(letters), _spaced(reversed(letters))
+
+
+def last_letter(rng):
+    letters = _pick(rng, LETTERS, 3)
+    return "What is the last letter?", " ".join(letters), " " + letters[-1]
 
 
 def count_letters(rng):
-    letters = [rng.choice(LETTERS) for _ in range(rng.randint(2, 7))]
+    letters = _pick(rng, LETTERS, rng.randint(2, 7))
     return "How many letters are there?", " ".join(letters), str(len(letters))
 
 
-def add_small(rng):
-    a, b = rng.randint(10, 89), rng.randint(1, 9)
-    return f"What is {a} + {b}?", "", str(a + b)
-
-
-def next_number(rng):
-    n = rng.randint(100, 998)
-    return f"What number comes after {n}?", "", str(n + 1)
+def even_odd(rng):
+    n = rng.randint(100, 999)
+    return "Is the number even or odd?", str(n), "odd" if n % 2 else "even"
 
 
 def km_to_m(rng):
-    n = rng.randint(10, 99)
-    return f"Convert {n} km to meters.", "", f"{n}000 m"
-
-
-def zh_copy(rng):
-    words = " ".join(_words(rng, ZH_WORDS))
-    return "重复下面的字", words, words
-
-
-def zh_reverse(rng):
-    words = _words(rng, ZH_WORDS)
-    return "把下面的字倒过来", " ".join(words), " ".join(reversed(words))
+    n = rng.randint(100, 999)
+    return "Convert kilometers to meters.", f"{n} km", f"{n}000 m"
 
 
 def zh_digits(rng):
-    digits = _letters(rng, 4, "0123456789")
-    return "用中文写出每个数字", " ".join(digits), "".join(ZH_DIGITS[int(d)] for d in digits)
+    digits = _pick(rng, DIGITS, 3)
+    return "用中文写出数字", "".join(digits), _spaced(ZH_DIGITS[int(d)] for d in digits)
 
 
-def zh_number_word(rng):
-    n = rng.randint(11, 99)
-    tens, ones = divmod(n, 10)
-    word = ("十" if tens == 1 else ZH_DIGITS[tens] + "十") + (ZH_DIGITS[ones] if ones else "")
-    return f"{n} 用中文怎么写？", "", word
+def zh_to_digits(rng):
+    digits = _pick(rng, DIGITS, 3)
+    return "写成阿拉伯数字", " ".join(ZH_DIGITS[int(d)] for d in digits), "".join(digits)
 
 
-def zh_next_number(rng):
-    n = rng.randint(10, 98)
-    return f"{n} 后面的数是几？", "", str(n + 1)
+def zh_reverse_digits(rng):
+    digits = "".join(_pick(rng, DIGITS, 3))
+    return "把数字倒过来", digits, digits[::-1]
+
+
+def zh_next_letters(rng):
+    letters = _pick(rng, LETTERS[:-1], 2)
+    return "写出后面的字母", " ".join(letters), _spaced(LETTERS[LETTERS.index(c) + 1] for c in letters)
+
+
+def zh_even_odd(rng):
+    n = rng.randint(100, 999)
+    return "是单数还是双数？", str(n), "单数" if n % 2 else "双数"
 
 
 def zh_kg_to_g(rng):
-    n = rng.randint(10, 99)
-    return f"{n} 千克是多少克？", "", f"{n}000 克"
+    n = rng.randint(100, 999)
+    return "千克换算成克", f"{n} 千克", f"{n}000 克"
 
 
 TASKS: dict[str, Callable[[random.Random], Row]] = {f.__name__: f for f in (
-    copy_words, reverse_letters, uppercase_letters, next_letters, last_word, count_letters, add_small,
-    next_number, km_to_m, zh_copy, zh_reverse, zh_digits, zh_number_word, zh_next_number, zh_kg_to_g)}
+    copy_digits, reverse_digits, add_one_digits, next_letters, reverse_letters, last_letter, count_letters,
+    even_odd, km_to_m, zh_digits, zh_reverse_digits, zh_to_digits, zh_next_letters, zh_even_odd, zh_kg_to_g)}
 
 
 def _draw(rng: random.Random, count: int, avoid: set[tuple[str, str]], unique: bool) -> list[dict]:

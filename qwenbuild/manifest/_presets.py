@@ -7,7 +7,8 @@ _QWEN = dict(rms_norm_eps=1e-6, rope_theta=1_000_000.0, max_position_embeddings=
 
 MODELS: dict[str, dict] = {
     "tiny": dict(_QWEN, hidden_size=128, num_layers=4, num_heads=4, n_kv_heads=2, intermediate_size=352,
-                 vocab_size=512, max_position_embeddings=512, param_dtype="float32", compute_dtype="float32"),
+                 vocab_size=512, max_position_embeddings=512, rope_theta=10_000.0, param_dtype="float32",
+                 compute_dtype="float32"),
     "qwen1.5-0.5b": dict(_QWEN, hidden_size=1024, num_layers=24, num_heads=16, n_kv_heads=16,
                          intermediate_size=2816, vocab_size=151936, tie_word_embeddings=True),
     "qwen1.5-1.8b": dict(_QWEN, hidden_size=2048, num_layers=24, num_heads=16, n_kv_heads=16,
@@ -26,7 +27,7 @@ MODELS: dict[str, dict] = {
 
 # (nodes, devices per node, dp, mp, pp, micro_batch_num, seq_length) a new manifest starts from
 PLANS: dict[str, tuple[int, int, int, int, int, int, int]] = {
-    "tiny": (1, 2, 2, 1, 1, 1, 128),
+    "tiny": (1, 2, 2, 1, 1, 1, 40),
     "qwen1.5-0.5b": (1, 8, 8, 1, 1, 1, 4096),
     "qwen1.5-1.8b": (1, 8, 4, 2, 1, 1, 4096),
     "qwen1.5-4b": (1, 8, 2, 4, 1, 1, 4096),

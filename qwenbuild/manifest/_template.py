@@ -5,7 +5,7 @@ from __future__ import annotations
 from qwenbuild.manifest._presets import MODELS, PLANS
 
 # training settings a new manifest starts from, per preset family
-_TINY_TRAIN = dict(learning_rate=3e-3, warmup_ratio=0.05, weight_decay=0.01, epochs=1, steps=600, batch_size=16,
+_TINY_TRAIN = dict(learning_rate=3e-3, warmup_ratio=0.05, weight_decay=0.01, epochs=1, steps=600, batch_size=32,
                    save_steps=200)
 _LARGE_TRAIN = dict(learning_rate=1e-6, warmup_ratio=0.01, weight_decay=0.01, epochs=5, steps=None, batch_size=2,
                     save_steps=400)
@@ -50,7 +50,7 @@ def render(preset: str) -> str:
     if tiny:
         lines += ["kind = \"trained\"  # small BPE in the Qwen format, trained on the dataset: a tiny model's softmax",
                   "                  # over the real 151,646-token vocabulary would dominate CPU training",
-                  "vocab_size = 512"]
+                  "vocab_size = 505  # all this dataset supports: every letter, digit and Chinese numeral is one token"]
     else:
         lines += ["kind = \"qwen\"  # the real Qwen1.5 vocabulary, built offline"]
     lines += ["",
@@ -63,7 +63,7 @@ def render(preset: str) -> str:
         lines += ["source = \"alpaca\"",
                   "path = \"data/alpaca_data.json\"  # alpaca JSON array or JSON Lines"]
     lines += [f"seq_length = {seq}  # the one place the training length is set; MindRecord rows hold seq_length + 1",
-              "mask_prompt = false  # true: train on assistant replies only",
+              f"mask_prompt = {_toml(tiny)}  # true: train on assistant replies only",
               "",
               "[hardware]",
               f"device = {_toml('cpu' if tiny else 'ascend')}",

@@ -9,14 +9,24 @@ from pathlib import Path
 
 from qwenbuild.errors import UserError
 from qwenbuild.layout import Layout
+from qwenbuild.store import sweep_stale
 
 # doit commands that only read: they neither wait for nor block a running build
 _READ_ONLY = {"list", "info", "help", "dumpdb", "strace", "tabcompletion", "forget", "ignore", "reset-dep", "clean"}
 _held = []
 
 
+_VALUE_OPTIONS = {"-f", "--file", "-d", "--dir", "--db-file", "--backend", "--check_file_uptodate", "-k",
+                  "--seek-file", "-n", "--process", "-P", "--parallel-type", "-r", "--reporter", "-o", "--output-file"}
+
+
 def _is_build(argv: list[str]) -> bool:
-    words = [a for a in argv[1:] if not a.startswith("-") and "=" not in a]
+    words, args = [], iter(argv[1:])
+    for a in args:
+        if a in _VALUE_OPTIONS:
+            next(args, None)  # the option's value is not a command
+        elif not a.startswith("-") and "=" not in a:
+            words.append(a)
     return not words or words[0] not in _READ_ONLY
 
 
@@ -37,6 +47,8 @@ def hold_build_dir(layout: Layout) -> None:
     f.write(f"pid {os.getpid()}\n")
     f.flush()
     _held.append(f)
+    # a build killed while writing qwen.lock or its stat cache leaves a temporary that no later write may sweep
+    sweep_stale(layout.lock)
 
 
 def dodo_namespace(manifest_path: str, build_dir: str | None = None, argv: list[str] | None = None) -> dict:

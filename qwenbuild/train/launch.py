@@ -60,7 +60,9 @@ def free_port() -> int:
 def msrun_command(worker_count: int, run_json: str | Path, log_dir: str | Path, master_port: int,
                   msrun: str = "msrun") -> list[str]:
     return [msrun, f"--worker_num={worker_count}", f"--local_worker_num={worker_count}", "--master_addr=127.0.0.1",
-            f"--master_port={master_port}", f"--log_dir={log_dir}", "--join=True", worker.__file__,
+            f"--master_port={master_port}", f"--log_dir={log_dir}", "--join=True",
+            # msrun's own `tail -f` of each log outlives a killed build; rank 0's log is echoed here instead
+            f"--tail_worker_log={worker_count + 1}", worker.__file__,
             "--config", str(Path(run_json).resolve())]
 
 

@@ -48,12 +48,27 @@ class TrainSettings:
         values = dataclasses.asdict(self)
         for key in ("output_dir", "save_steps", "keep_checkpoint_max", "checkpoint_prefix", "threads"):
             values.pop(key)
+        # inputs by content, not by path: the same run built in another directory has the same digest
+        values["train_data"] = _content(values["train_data"])
+        values["init_checkpoint"] = _content(values["init_checkpoint"])
         return json_digest(values)
 
     def to_json(self) -> dict:
         values = dataclasses.asdict(self)
         values["model"] = dataclasses.asdict(self.model)
         return values
+
+
+def _content(path: str | None) -> str | None:
+    """Digest of an input file, or of a sealed directory's member digests (per-rank shards)."""
+    from qwenbuild.store import DIR_MANIFEST, file_digest
+
+    if not path:
+        return path
+    p = Path(path)
+    if p.is_dir() and (p / DIR_MANIFEST).is_file():
+        return file_digest(p / DIR_MANIFEST)
+    return file_digest(p) if p.is_file() else str(p)
 
 
 _POSITIVE_INTS = ("seq_length", "batch_size", "workers", "epochs", "save_steps", "model_parallel", "pipeline_stage")
