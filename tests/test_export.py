@@ -165,7 +165,7 @@ def test_bad_inputs_are_user_errors_and_write_nothing(model, tmp_path):
         export_mindir(cfg, tmp_path / "none.ckpt", out, seq_length=SEQ, progress=None)
     with pytest.raises(UserError, match="seq_length 1 must lie in 2..64"):
         export_mindir(cfg, model["ckpt"], out, seq_length=1, progress=None)
-    with pytest.raises(UserError, match="batch_size must be at least 1"):
+    with pytest.raises(UserError, match="batch_size must lie in 1..4096"):
         export_mindir(cfg, model["ckpt"], out, batch_size=0, seq_length=SEQ, progress=None)
     with pytest.raises(UserError, match=r"(?s)wrong shape.*tensor-parallel \(mp>1\) plan"):
         export_mindir(cfg, _shard(model, tmp_path / "shard.ckpt"), out, seq_length=SEQ, progress=None)
