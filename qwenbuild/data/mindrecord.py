@@ -104,6 +104,8 @@ def _writer_errors(output_file: Path) -> Iterator[None]:
         yield
     except RuntimeError as exc:
         lines = [line.strip() for line in str(exc).splitlines() if line.strip().startswith("[ERROR]")]
+        if not lines and "MindRecord" not in str(exc):
+            raise  # not the writer's: an error of the rows being written, for the caller to report
         raise UserError(f"MindRecord could not write {output_file}: {lines[0] if lines else exc}; "
                         "nothing was changed there",
                         hint="the disk may be full or a file-size limit reached: free space or write elsewhere, "
