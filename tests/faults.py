@@ -18,6 +18,7 @@ from pathlib import Path
 
 from qwenbuild.layout import Layout
 from qwenbuild.lock import Lock
+from qwenbuild.train.launch import descendants
 from qwenbuild.store import DIR_MANIFEST, content_digest, member_digests
 from qwenbuild.verify import compare_locks
 
@@ -145,18 +146,6 @@ class Build:
 
     def skipped(self) -> list[str]:
         return self.tasks("--")
-
-
-def descendants(pid: int) -> list[int]:
-    found = []
-    for task in Path(f"/proc/{pid}/task").glob("*"):
-        try:
-            children = [int(c) for c in (task / "children").read_text().split()]
-        except OSError:
-            continue
-        for child in children:
-            found += [child, *descendants(child)]
-    return found
 
 
 def alive(pid: int) -> bool:
