@@ -148,8 +148,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=52_000)
     parser.add_argument("--baseline_rows", type=int, default=1_500)
-    parser.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 1) - 1),
-                        help="tokenizing processes besides the writing one (preprocess's default for large inputs)")
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1,
+                        help="encoding processes besides the writing one (preprocess's default for large inputs)")
     parser.add_argument("--keep", type=Path, default=None, help="keep the generated files in this directory")
     args = parser.parse_args()
     work = args.keep or Path(tempfile.mkdtemp(prefix="bench-preprocess-"))

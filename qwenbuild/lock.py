@@ -1,9 +1,11 @@
 """qwen.lock: per task, the digests of its artifacts and inputs and the manifest slice it was built from.
 
 The lock is both the record of what was built from what and the test of whether an artifact can be trusted.
-It holds content only, so two clean builds of the same inputs give identical lock files; the size and mtime seen
-when each artifact was recorded live beside it in qwen.lock.stat, a cache that lets a no-op build skip reading
-artifacts. An artifact whose size or mtime differs is re-hashed, and one whose bytes differ is rebuilt."""
+It holds content only, so two clean builds of the same inputs give identical lock files; the size, mtime, ctime
+and inode seen when each artifact was recorded live beside it in qwen.lock.stat, a cache that lets a no-op build
+skip reading artifacts. An artifact whose stat differs is re-hashed (ctime catches a write whose mtime was put
+back; the inode, a file replaced by a copy), and one whose bytes differ is rebuilt; a re-hash that finds the same
+bytes refreshes the cache."""
 
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ LOCK_VERSION = 1
 
 def _stat(path: Path) -> list[int]:
     st = path.stat()
-    return [st.st_size, st.st_mtime_ns]
+    return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
 
 
 def _members(path: Path) -> list[Path]:
@@ -36,26 +38,30 @@ def describe_artifact(path: Path) -> tuple[dict, dict[str, list[int]]]:
     return {"kind": "file", "digest": content_digest(path)}, {str(path): _stat(path)}
 
 
-def _intact_file(path: Path, digest: str, stats: dict) -> str | None:
+def _intact_file(path: Path, digest: str, stats: dict, refreshed: dict | None) -> str | None:
     if not path.is_file():
         return f"{path} is missing"
-    if stats.get(str(path)) == _stat(path):
+    seen = _stat(path)
+    if stats.get(str(path)) == seen:
         return None  # unchanged since it was recorded: trust without reading
     if content_digest(path) != digest:
         return f"{path} changed since it was built (digest differs from qwen.lock)"
+    if refreshed is not None:
+        refreshed[str(path)] = seen
     return None
 
 
-def check_artifact(path: Path, entry: dict, stats: dict) -> str | None:
-    """None when the artifact still matches its lock entry, else the reason it does not."""
+def check_artifact(path: Path, entry: dict, stats: dict, refreshed: dict | None = None) -> str | None:
+    """None when the artifact still matches its lock entry, else the reason it does not; files re-hashed and found
+    unchanged go into `refreshed` with their new stat."""
     if entry.get("kind") != "dir":
-        return _intact_file(path, entry["digest"], stats)
+        return _intact_file(path, entry["digest"], stats, refreshed)
     if not path.is_dir():
         return f"{path} is missing"
     if {p.relative_to(path).as_posix() for p in _members(path)} != set(entry["members"]):
         return f"{path} gained or lost files since it was built"
     for rel, digest in entry["members"].items():
-        reason = _intact_file(path / rel, digest, stats)
+        reason = _intact_file(path / rel, digest, stats, refreshed)
         if reason:
             return reason
     return None
@@ -127,12 +133,25 @@ class Lock:
         entry = self.entry(task)
         if entry is None:
             return f"{task} has no entry in qwen.lock"
-        stats = self.read_stats()
+        stats, refreshed = self.read_stats(), {}
         for rel, art in entry["artifacts"].items():
-            reason = check_artifact(root / rel, art, stats)
+            reason = check_artifact(root / rel, art, stats, refreshed)
             if reason:
                 return reason
+        if refreshed:
+            self._refresh(refreshed)
         return None
+
+    def _refresh(self, seen: dict) -> None:
+        """Remember stats of files whose bytes were just confirmed, so the next check need not read them."""
+        try:
+            with self._exclusive():
+                stats = self.read_stats()
+                stats.update(seen)
+                with atomic_path(self.stat_path) as tmp:
+                    tmp.write_text(_dump(dict(sorted(stats.items()))), encoding="utf-8")
+        except OSError:
+            pass  # only a cache: a read-only build dir still checks correctly, just slower
 
     def digest_of(self, path: Path, root: Path) -> str | None:
         """Digest recorded for an artifact path (a file, a directory, or a member of a directory)."""

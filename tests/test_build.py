@@ -96,6 +96,30 @@ def test_corrupted_artifact_is_rebuilt_and_identical(built):
     assert target.read_bytes() == good
 
 
+def test_a_write_that_puts_the_mtime_back_is_still_seen(built):
+    target = built.parent / "build" / "data" / "alpaca-messages.json"
+    good, before = target.read_bytes(), target.stat()
+    with open(target, "r+b") as f:
+        f.seek(10)
+        f.write(bytes([good[10] ^ 0xFF]))
+    os.utime(target, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert target.stat().st_size == before.st_size and target.stat().st_mtime_ns == before.st_mtime_ns
+    assert ran(doit(built, "mindrecord")) == ["alpaca"]
+    assert target.read_bytes() == good
+
+
+def test_an_identical_copy_is_hashed_once_then_trusted_again(built):
+    target = built.parent / "build" / "data" / "alpaca-messages.json"
+    copy = target.with_name("copy.json")
+    copy.write_bytes(target.read_bytes())
+    os.replace(copy, target)
+    stats_file = built.parent / "build" / "qwen.lock.stat"
+    assert json.loads(stats_file.read_text())[str(target)][3] != target.stat().st_ino
+    assert ran(doit(built, "mindrecord")) == []
+    # the confirmed bytes refreshed the cache: the next check trusts the new inode without reading
+    assert json.loads(stats_file.read_text())[str(target)][3] == target.stat().st_ino
+
+
 def test_corrupted_member_of_a_directory_artifact_is_rebuilt(built):
     target = built.parent / "build" / "tokenizer" / "merges.txt"
     good = target.read_bytes()

@@ -4,8 +4,9 @@ Each conversation is rendered as plain ChatML (<|im_start|>role, newline, conten
 cut or right-padded with <|endoftext|> to seq_length + 1 tokens, and stored as input_ids / target_ids /
 attention_mask (int32). target_ids is -100 on padding, and with --mask_prompt also on everything but the assistant
 replies. Without --mask_prompt the rows equal those of MindFormers' qwen1_5_preprocess.py. Special-token ids come
-from the vocab file, so a small trained tokenizer works too. The output bytes do not depend on --workers;
-with --file_partition > 1, MindRecord itself orders pages differently from run to run (the rows are the same).
+from the vocab file, so a small trained tokenizer works too. The output bytes (the same MindSpore's FileWriter
+writes) depend only on the input: never on --workers, also with --file_partition > 1, where each batch of rows is
+split over the shards in order.
 """
 
 from __future__ import annotations
@@ -20,8 +21,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--file_partition", type=int, default=1, help="number of MindRecord shard files")
     parser.add_argument("--mask_prompt", action="store_true", help="train on assistant replies only")
     parser.add_argument("--workers", type=int, default=None,
-                        help="tokenizing processes besides the writing one; 0 tokenizes in the writing process "
-                             "(default: CPU count - 1, or 0 for inputs under 4 MiB)")
+                        help="processes that tokenize and encode rows besides the writing one; 0 does it all in the "
+                             "writing process (default: one per CPU, or 0 for inputs under 4 MiB)")
 
 
 def main(args) -> int:

@@ -12,11 +12,13 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
+from qwenbuild.data.mindrecord_format import EncodedRows, MindRecordWriter, encode_rows
 from qwenbuild.errors import UserError
 from qwenbuild.store import promote
 
 COLUMNS = ("input_ids", "target_ids", "attention_mask")
 SCHEMA = {name: {"type": "int32", "shape": [-1]} for name in COLUMNS}
+DESCRIPTION = "qwenbuild preprocess"
 _MIN_PAGE, _MAX_PAGE = 1 << 15, 1 << 28
 _MIN_HEADER, _MAX_HEADER = 1 << 16, 1 << 27
 _ROWS_PER_PAGE = 64
@@ -59,42 +61,9 @@ def _staging_dir(final_dir: Path) -> Iterator[Path]:
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def blob_rows(batch: dict[str, np.ndarray], fields: list[str]) -> list[bytes]:
-    """Each row's blob as MindRecord stores several array fields: per field an 8-byte big-endian size, then data."""
-    n = len(batch[fields[0]])
-    parts = []
-    for field in fields:
-        data = np.ascontiguousarray(batch[field], dtype=np.int32).view(np.uint8).reshape(n, -1)
-        size = np.frombuffer(data.shape[1].to_bytes(8, "big"), dtype=np.uint8)
-        parts += [np.broadcast_to(size, (n, 8)), data]
-    return [row.tobytes() for row in np.concatenate(parts, axis=1)]
-
-
 def _public_write(writer, batch: dict[str, np.ndarray]) -> None:
     rows = [{name: batch[name][i] for name in COLUMNS} for i in range(len(batch[COLUMNS[0]]))]
     writer.write_raw_data(rows)
-
-
-def _blob_writer(writer):
-    """A writer of whole batches as ready blobs, skipping FileWriter's per-row Python work (most of its time).
-
-    It feeds the same native call FileWriter.write_raw_data ends in; None when this MindSpore lays it out
-    differently, and then the public path is used. Tests check both paths give identical bytes.
-    """
-    shard = getattr(writer, "_writer", None)
-    native, header = getattr(shard, "_writer", None), getattr(shard, "_header", None)
-    if native is None or header is None or not hasattr(native, "write_raw_data"):
-        return None
-    fields = list(header.blob_fields)
-    if sorted(fields) != sorted(COLUMNS):
-        return None
-
-    from mindspore._c_mindrecord import MSRStatus
-
-    def write(batch):
-        if native.write_raw_data({}, blob_rows(batch, fields), True, False) != MSRStatus.SUCCESS:
-            raise RuntimeError("MindRecord failed to write a batch of rows")
-    return write
 
 
 @contextlib.contextmanager
@@ -117,40 +86,58 @@ def _writer_errors(output_file: Path) -> Iterator[None]:
                         hint="free disk space or point the output elsewhere, then run again") from None
 
 
-def write_mindrecord(output_file: str | os.PathLike, batches: Iterable[dict[str, np.ndarray]], row_length: int,
-                     max_rows: int, file_partition: int = 1, fast: bool = True) -> list[Path]:
-    """Write batches of 2-D int32 arrays (one per column) and promote every file only when all are complete.
+def write_mindrecord(output_file: str | os.PathLike, batches: Iterable[dict[str, np.ndarray] | EncodedRows],
+                     row_length: int, max_rows: int, file_partition: int = 1, fast: bool = True) -> list[Path]:
+    """Write batches (2-D int32 arrays per column, or rows already encoded in worker processes) and promote every
+    file only when all are complete.
 
     max_rows bounds the row count (the input's line count will do); it sizes the header, which must hold every page.
+    fast=False writes through MindSpore's FileWriter instead (same bytes for one shard; the tests compare them).
     """
-    from mindspore.mindrecord import FileWriter
-
     output_file = Path(output_file)
     if output_file.is_dir():
         raise UserError(f"output file {output_file} is a directory", hint="give a file name such as data.mindrecord")
     finals = shard_files(output_file, file_partition)
+    page, header = layout(row_length, max_rows, file_partition)
     with _staging_dir(output_file.parent) as staging, _writer_errors(output_file):
-        writer = FileWriter(file_name=str(staging / output_file.name), shard_num=file_partition, overwrite=True)
-        page, header = layout(row_length, max_rows, file_partition)
-        writer.set_page_size(page)
-        writer.set_header_size(header)
-        writer.add_schema(SCHEMA, "qwenbuild preprocess")
-        write, wrote = None, 0
-        for batch in batches:
-            if not len(batch[COLUMNS[0]]):
-                continue
-            if write is None:
-                # the first batch goes the public way: it opens the files and writes the header
-                _public_write(writer, batch)
-                write = (_blob_writer(writer) if fast else None) or (lambda b: _public_write(writer, b))
-            else:
-                write(batch)
-            wrote += len(batch[COLUMNS[0]])
-        if wrote == 0:
-            raise UserError("no rows to write", hint="the input has no conversations")
-        writer.commit()
+        staged = [staging / final.name for final in finals]
+        writer = (MindRecordWriter(staged, list(COLUMNS), DESCRIPTION, page, header) if fast
+                  else _FileWriter(staging / output_file.name, file_partition, page, header))
+        try:
+            wrote = 0
+            for batch in batches:
+                rows = batch if isinstance(batch, EncodedRows) or not fast else encode_rows(batch)
+                count = len(rows) if isinstance(rows, EncodedRows) else len(rows[COLUMNS[0]])
+                if count:
+                    writer.write(rows)
+                    wrote += count
+            if wrote == 0:
+                raise UserError("no rows to write", hint="the input has no conversations")
+            writer.commit()
+        finally:
+            writer.close()
         for final in finals:
             for suffix in ("", ".db"):
-                staged = staging / (final.name + suffix)
-                promote(staged, final.with_name(final.name + suffix))
+                promote(staging / (final.name + suffix), final.with_name(final.name + suffix))
     return finals
+
+
+class _FileWriter:
+    """MindSpore's own writer behind the same three calls as MindRecordWriter."""
+
+    def __init__(self, path: Path, shards: int, page: int, header: int):
+        from mindspore.mindrecord import FileWriter
+
+        self.writer = FileWriter(file_name=str(path), shard_num=shards, overwrite=True)
+        self.writer.set_page_size(page)
+        self.writer.set_header_size(header)
+        self.writer.add_schema(SCHEMA, DESCRIPTION)
+
+    def write(self, batch: dict[str, np.ndarray]) -> None:
+        _public_write(self.writer, batch)
+
+    def commit(self) -> None:
+        self.writer.commit()
+
+    def close(self) -> None:
+        pass

@@ -22,6 +22,7 @@ import numpy as np
 
 from qwenbuild.data.chatml import message_problem, render
 from qwenbuild.data.mindrecord import write_mindrecord
+from qwenbuild.data.mindrecord_format import EncodedRows, encode_rows
 from qwenbuild.errors import UserError
 from qwenbuild.tokenizer.files import ENDOFTEXT
 
@@ -69,6 +70,14 @@ class TokenizedChunk:
     error: str | None = None
 
 
+@dataclasses.dataclass
+class EncodedChunk:
+    """A chunk's rows ready for MindRecord pages, and what the statistics need."""
+    rows: EncodedRows | None
+    lengths: np.ndarray        # int64, full token count of each row before truncation
+    error: str | None = None
+
+
 def input_files(input_glob: str) -> list[Path]:
     """The file itself, or the sorted files a glob pattern matches."""
     if os.path.isfile(input_glob):
@@ -81,10 +90,11 @@ def input_files(input_glob: str) -> list[Path]:
 
 
 def default_workers(files: list[Path]) -> int:
-    """One tokenizing process per core but the writer's; none for small inputs, where starting them costs more."""
+    """One encoding process per core (the writing process only places finished rows); none for small inputs,
+    where starting them costs more."""
     if sum(p.stat().st_size for p in files) < SMALL_INPUT_BYTES:
         return 0
-    return max(1, (os.cpu_count() or 1) - 1)
+    return os.cpu_count() or 1
 
 
 def count_lines(files: list[Path]) -> int:
@@ -134,13 +144,22 @@ def parse_line(line: bytes) -> tuple[list[dict] | None, str | None]:
 _worker: dict = {}
 
 
-def init_worker(vocab_file: str, merges_file: str, row_length: int, mask_prompt: bool, threads: bool) -> None:
+def init_worker(vocab_file: str, merges_file: str, row_length: int, mask_prompt: bool, pad_id: int,
+                threads: bool) -> None:
     if not threads:
         os.environ["TOKENIZERS_PARALLELISM"] = "false"
     from qwenbuild.tokenizer.load import bpe_pipeline
 
     tokenizer, _ = bpe_pipeline(vocab_file, merges_file)
-    _worker.update(tokenizer=tokenizer, row_length=row_length, mask_prompt=mask_prompt)
+    _worker.update(tokenizer=tokenizer, row_length=row_length, mask_prompt=mask_prompt, pad_id=pad_id)
+
+
+def encode_chunk(chunk: Chunk) -> EncodedChunk:
+    """A chunk tokenized, padded into rows and encoded as MindRecord stores them: all the per-row work."""
+    result = tokenize_chunk(chunk)
+    if result.error:
+        return EncodedChunk(None, result.lengths, result.error)
+    return EncodedChunk(encode_rows(chunk_rows(result, _worker["row_length"], _worker["pad_id"])), result.lengths)
 
 
 def tokenize_chunk(chunk: Chunk) -> TokenizedChunk:
@@ -214,14 +233,14 @@ def _tokenizing_pool(workers: int, init_args: tuple):
         yield pool
 
 
-def _tokenized(chunks: Iterator[Chunk], pool, workers: int) -> Iterator[TokenizedChunk]:
+def _encoded(chunks: Iterator[Chunk], pool, workers: int) -> Iterator[EncodedChunk]:
     """Results in input order; at most 2 chunks per worker are in flight, so memory stays flat."""
     if pool is None:
-        yield from map(tokenize_chunk, chunks)
+        yield from map(encode_chunk, chunks)
         return
     pending = collections.deque()
     for chunk in chunks:
-        pending.append(pool.apply_async(tokenize_chunk, (chunk,)))
+        pending.append(pool.apply_async(encode_chunk, (chunk,)))
         if len(pending) > 2 * workers:
             yield pending.popleft().get()
     while pending:
@@ -249,19 +268,18 @@ def preprocess(input_glob: str, vocab_file: str | os.PathLike, merges_file: str 
 
     def batches(pool):
         last_report = start
-        for result in _tokenized(read_chunks(files), pool, workers):
+        for result in _encoded(read_chunks(files), pool, workers):
             if result.error:
                 raise UserError(result.error, hint="each line must be one JSON object with a \"messages\" list of "
                                 "{\"role\", \"content\"} strings")
-            batch = chunk_rows(result, row_length, pad_id)
-            _count(stats, result, batch, row_length)
-            yield batch
+            _count(stats, result.lengths, row_length)
+            yield result.rows
             if time.perf_counter() - last_report > _PROGRESS_SECONDS:
                 last_report = time.perf_counter()
                 print(f"preprocess: {stats.rows:,} rows, {stats.rows / (last_report - start):,.0f} rows/s",
                       file=sys.stderr)
 
-    init_args = (str(vocab_file), str(merges_file), row_length, mask_prompt)
+    init_args = (str(vocab_file), str(merges_file), row_length, mask_prompt, pad_id)
     lines = count_lines(files)
     if lines == len(files) and not any(p.stat().st_size for p in files):
         raise UserError(f"{', '.join(map(str, files))}: empty, no conversations to write",
@@ -273,9 +291,9 @@ def preprocess(input_glob: str, vocab_file: str | os.PathLike, merges_file: str 
     return stats
 
 
-def _count(stats: PreprocessStats, result: TokenizedChunk, batch: dict, row_length: int) -> None:
-    stats.rows += len(result.lengths)
-    stats.truncated_rows += int((result.lengths > row_length).sum())
-    kept = int(np.minimum(result.lengths, row_length).sum())
+def _count(stats: PreprocessStats, lengths: np.ndarray, row_length: int) -> None:
+    stats.rows += len(lengths)
+    stats.truncated_rows += int((lengths > row_length).sum())
+    kept = int(np.minimum(lengths, row_length).sum())
     stats.tokens += kept
-    stats.padding += len(result.lengths) * row_length - kept
+    stats.padding += len(lengths) * row_length - kept
