@@ -210,7 +210,7 @@ CASES = [
     ("merge_hccl {c}/rt_list.json", 2, "has no server_list", None),
     ("merge_hccl {c}/rt_noservers.json", 2, "has no server_list", None),
     ("merge_hccl {c}/rt_wrongtype.json", 2, "rt_wrongtype.json", None),
-    ("merge_hccl {c}/dir", 1, "dir: Is a directory", None),
+    ("merge_hccl {c}/dir", 2, "dir is a directory, not a JSON file", None),
     ("merge_hccl {c}/badutf8.json --output out.json", 2, "badutf8.json", "out.json"),
     # strategy
     ("strategy", 2, "--model_dir", None),
@@ -438,7 +438,7 @@ CASES = [
     ("finetune --config {c}/run_beta.json", 2, "'beta1'", None),
     ("finetune --config {c}/run_model.json", 2, "num_heads", None),
     ("finetune --config {c}/run_modeltype.json", 2, "'model'", None),
-    ("finetune --config {c}/dir", 1, "dir: Is a directory", None),
+    ("finetune --config {c}/dir", 2, "dir is a directory, not a JSON file", None),
     ("eval_heldout --checkpoint {c}/ms.ckpt --tokenizer_dir {c}/tok --heldout {c}/alpaca.json", 2, "--config", None),
     ("eval_heldout --checkpoint {c}/ms.ckpt --config {c}/trunc.json --tokenizer_dir {c}/tok --heldout "
      "{c}/alpaca.json", 2, "trunc.json is not valid JSON", None),
@@ -493,6 +493,7 @@ def test_corpus_covers_every_subcommand():
 
 def test_debug_variable_keeps_the_traceback(corpus, tmp_path):
     env = {**os.environ, "QWENBUILD_DEBUG": "1"}
-    proc = subprocess.run([sys.executable, "-m", "qwenbuild", "merge_hccl", str(corpus / "dir")], cwd=tmp_path,
+    proc = subprocess.run([sys.executable, "-m", "qwenbuild", "tokenizer", "--output_dir", "tok", "--train_from",
+                           str(corpus / "dir"), "--vocab_size", "300"], cwd=tmp_path,
                           capture_output=True, text=True, timeout=60, env=env)
     assert proc.returncode == 1 and "Traceback" in proc.stderr and "IsADirectoryError" in proc.stderr

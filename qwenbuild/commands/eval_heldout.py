@@ -14,22 +14,15 @@ def add_arguments(parser):
 
 
 def main(args):
-    import json
     from pathlib import Path
 
+    from qwenbuild.jsonfile import read_json
     from qwenbuild.model.config import QwenConfig
     from qwenbuild.train.evaluate import evaluate_heldout
     from qwenbuild.train.settings import read_run_json
 
-    from qwenbuild.errors import UserError
-
     path = Path(args.config)
-    try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise UserError(f"--config {path} does not exist") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise UserError(f"--config {path} is not valid JSON: {exc}") from None
+    doc = read_json(path, "--config", hint="run.json of a build, or a Hugging Face config.json")
     is_hf = isinstance(doc, dict) and "model_type" in doc
     cfg = QwenConfig.from_hf_dir(path.parent) if is_hf else read_run_json(path).model
     evaluate_heldout(args.checkpoint, cfg, args.tokenizer_dir, args.heldout, args.metrics, args.max_new_tokens)

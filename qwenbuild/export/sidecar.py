@@ -7,6 +7,7 @@ import re
 from pathlib import Path
 
 from qwenbuild.errors import UserError
+from qwenbuild.jsonfile import read_json
 from qwenbuild.export.layout import FULL, INC, GRAPH_DIRS
 from qwenbuild.model.config import QwenConfig
 
@@ -104,15 +105,12 @@ def dump(doc: dict) -> bytes:
 def read_sidecar(path) -> dict:
     """Read and check one rank_N_graph.json; UserError naming the file when missing or malformed."""
     path = Path(path)
-    try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
+    if not path.exists():
         raise UserError(f"{path} does not exist: the export under {path.parent.parent} is missing or incomplete",
                         hint=f"export the graphs first (doit export, or qwenbuild export --output_dir "
                              f"{path.parent.parent}); --mindir_root_dir must hold {GRAPH_DIRS[FULL]}/ and "
                              f"{GRAPH_DIRS[INC]}/")
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise UserError(f"{path} is not valid JSON: {exc}", hint="re-export the graphs")
+    doc = read_json(path, "graph description", hint="re-export the graphs")
     if not isinstance(doc, dict) or doc.get("format") != FORMAT:
         raise UserError(f"{path}: format is {doc.get('format') if isinstance(doc, dict) else doc!r}, "
                         f"expected {FORMAT!r}", hint="re-export the graphs with this version of qwenbuild")

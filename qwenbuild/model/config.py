@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 
 from qwenbuild.errors import UserError
+from qwenbuild.jsonfile import read_json
 
 # config.json keys of a Qwen1.5 (Qwen2ForCausalLM) checkpoint, by QwenConfig field
 HF_KEYS = {
@@ -108,15 +108,7 @@ class QwenConfig:
     @classmethod
     def from_hf_dir(cls, directory: str | Path, **overrides) -> "QwenConfig":
         path = Path(directory) / "config.json"
-        try:
-            hf = json.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise UserError(f"{path} does not exist", hint="the Hugging Face model directory must hold config.json")
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise UserError(f"{path} is not valid JSON: {exc}")
-        except OSError as exc:
-            raise UserError(f"cannot read {path}: {exc.strerror}",
-                            hint="pass the Hugging Face model directory that holds config.json")
+        hf = read_json(path, "model config", hint="pass the Hugging Face model directory that holds config.json")
         try:
             return cls.from_hf_dict(hf, **overrides)
         except UserError as exc:

@@ -10,6 +10,7 @@ import subprocess
 from pathlib import Path
 
 from qwenbuild.errors import UserError
+from qwenbuild.jsonfile import read_json
 from qwenbuild.store import atomic_path
 
 _RANGE_RE = re.compile(r"^\s*\[\s*(\d+)\s*,\s*(\d+)\s*[\)\]]\s*$")
@@ -163,12 +164,7 @@ def write_rank_table(table: dict, path: str | Path) -> Path:
 def read_rank_table(path: str | Path) -> dict:
     """Load and check a per-node or merged table, naming the file and field that is wrong."""
     path = Path(path)
-    try:
-        table = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise UserError(f"rank table {path} does not exist")
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise UserError(f"rank table {path} is not valid JSON: {exc}")
+    table = read_json(path, "rank table", hint="pass files written by hccl_tools")
     if not isinstance(table, dict) or not isinstance(table.get("server_list"), list) or not table["server_list"]:
         raise UserError(f"rank table {path} has no server_list", hint="pass files written by hccl_tools")
     for i, server in enumerate(table["server_list"]):

@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 from qwenbuild.errors import UserError
+from qwenbuild.jsonfile import read_json
 from qwenbuild.store import atomic_path
 
 ENDOFTEXT, IM_START, IM_END = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
@@ -64,13 +65,9 @@ def write_tokenizer_files(output_dir: str | os.PathLike, vocab: list[str], merge
 
 def read_vocab(vocab_file: str | os.PathLike) -> dict[str, int]:
     path = Path(vocab_file)
-    try:
-        vocab = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise UserError(f"vocab file {path} does not exist",
-                        hint="build one with `qwenbuild tokenizer --output_dir DIR` or point at a model's vocab.json")
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise UserError(f"{path} is not a JSON vocab file: {exc}", hint="expected a token -> id JSON object")
+    vocab = read_json(path, "vocab file", hint="expected a token -> id JSON object",
+                      missing_hint="build one with `qwenbuild tokenizer --output_dir DIR` or point at a model's "
+                                   "vocab.json")
     if not isinstance(vocab, dict) or not all(isinstance(v, int) for v in vocab.values()):
         raise UserError(f"{path} is not a token -> id JSON object", hint="expected e.g. {\"!\": 0, ...}")
     return vocab

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from qwenbuild.errors import UserError
+from qwenbuild.jsonfile import read_json
 from qwenbuild.model.config import QwenConfig
 from qwenbuild.train.progress import write_metrics
 
@@ -18,12 +19,7 @@ EVAL_BATCH = 64
 
 def read_heldout(path: str | Path) -> list[dict]:
     path = Path(path)
-    try:
-        rows = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise UserError(f"held-out file {path} does not exist", hint="build the dataset first") from None
-    except json.JSONDecodeError as exc:
-        raise UserError(f"{path}: not valid JSON at line {exc.lineno}: {exc.msg}") from None
+    rows = read_json(path, "held-out file", missing_hint="build the dataset first")
     if not isinstance(rows, list) or not rows:
         raise UserError(f"{path}: expected a non-empty JSON array of alpaca rows (instruction/input/output)")
     for i, row in enumerate(rows):

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 from qwenbuild.errors import UserError
+from qwenbuild.jsonfile import read_json
 from qwenbuild.model.config import QwenConfig
 from qwenbuild.store import atomic_path, json_digest
 
@@ -141,14 +142,7 @@ def settings_from_dict(values: dict, source: str = "run.json", base_dir: str | P
 def read_run_json(path: str | Path) -> TrainSettings:
     """Settings from run.json; its relative paths are relative to the file's own directory."""
     path = Path(path)
-    try:
-        values = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise UserError(f"{path} does not exist", hint="write the run settings first (write_run_json)") from None
-    except json.JSONDecodeError as exc:
-        raise UserError(f"{path}: not valid JSON at line {exc.lineno}: {exc.msg}") from None
-    except UnicodeDecodeError as exc:
-        raise UserError(f"{path}: not UTF-8 text ({exc})") from None
+    values = read_json(path, "run settings", missing_hint="write the run settings first (doit run_config)")
     if not isinstance(values, dict):
         raise UserError(f"{path}: expected a JSON object of run settings")
     return settings_from_dict(values, str(path), base_dir=path.parent)

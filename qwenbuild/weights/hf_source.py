@@ -6,12 +6,12 @@ torch.load(weights_only=True), which refuses to run code, and memory-mapped.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
 from qwenbuild.errors import UserError
+from qwenbuild.jsonfile import read_json
 from qwenbuild.weights import safetensors_file
 
 TORCH_DTYPES = {"torch.float32": "float32", "torch.bfloat16": "bfloat16", "torch.float16": "float16"}
@@ -28,10 +28,11 @@ class SourceTensor:
 
 def _index_files(directory: Path, index_name: str) -> list[Path]:
     index = directory / index_name
-    try:
-        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as exc:
-        raise UserError(f"{index} is not a valid shard index (needs a weight_map): {exc}")
+    doc = read_json(index, "shard index", hint="the index transformers writes beside sharded weights")
+    weight_map = doc.get("weight_map") if isinstance(doc, dict) else None
+    if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+        raise UserError(f"{index} is not a valid shard index: it needs a \"weight_map\" of tensor name -> file name",
+                        hint="the index transformers writes beside sharded weights")
     files = sorted(set(weight_map.values()))
     missing = [f for f in files if not (directory / f).is_file()]
     if missing:

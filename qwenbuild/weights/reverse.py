@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import re
 import time
 from pathlib import Path
 from typing import Callable
 
 from qwenbuild.errors import UserError
+from qwenbuild.jsonfile import read_json
 from qwenbuild.model.config import QwenConfig
 from qwenbuild.model.params import check_names, is_training_state, ms_to_hf, parameter_shapes
 from qwenbuild.store import atomic_path
@@ -54,12 +54,7 @@ def _as_config(config) -> QwenConfig | None:
 
 
 def _config_file(path: Path) -> QwenConfig:
-    try:
-        return QwenConfig.from_hf_dict(json.loads(path.read_text(encoding="utf-8")))
-    except FileNotFoundError:
-        raise UserError(f"config {path} does not exist")
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise UserError(f"config {path} is not valid JSON: {exc}")
+    return QwenConfig.from_hf_dict(read_json(path, "config", hint="a Hugging Face Qwen1.5 config.json"))
 
 
 def convert_reversed(mindspore_ckpt_path, torch_ckpt_path, config: QwenConfig | str | Path | None = None,
