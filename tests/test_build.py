@@ -179,3 +179,21 @@ def test_bad_manifest_stops_doit_with_the_error(tmp_path):
     proc = doit(manifest, "mindrecord", check=False)
     assert proc.returncode == 2
     assert "parallel.data_parallel" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_sharded_mindrecord_is_what_run_json_and_the_yaml_train_on(tmp_path):
+    import mindspore.dataset as ds
+    import yaml
+
+    from qwenbuild.manifest.edit import set_keys
+
+    manifest = small_manifest(tmp_path)
+    set_keys(manifest, [("dataset.file_partition", "2")])
+    doit(manifest, "mindrecord", "run_config")
+    build = tmp_path / "build"
+    run = json.loads((build / "run.json").read_text())
+    config = yaml.safe_load((build / "run_qwen1_5.yaml").read_text())
+    assert run["train_data"] == config["train_dataset"]["data_loader"]["dataset_dir"]
+    assert run["train_data"].endswith("alpaca-messages.mindrecord0")
+    # MindDataset reads every shard from the first one: all 300 training conversations
+    assert ds.MindDataset(run["train_data"], shuffle=False).get_dataset_size() == 300

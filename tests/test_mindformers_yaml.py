@@ -2,22 +2,28 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
 from qwenbuild.errors import UserError
 from qwenbuild.train.mindformers_yaml import RunYaml, mindformers_config, write_yaml
+from qwenbuild.train.settings import TrainSettings
 from train_data import TINY
 
-RUN = RunYaml(seq_length=16, batch_size=2, learning_rate=3e-4, train_dataset="/data/train.mindrecord",
-              load_checkpoint="/build/output/transformed_checkpoint/qwen", data_parallel=1, model_parallel=4,
-              pipeline_stage=2, micro_batch_num=8, epochs=3, warmup_ratio=0.05, weight_decay=0.02)
+SETTINGS = TrainSettings(model=TINY, train_data="/data/train.mindrecord", output_dir="/build/output", seq_length=16,
+                         batch_size=2, learning_rate=3e-4, init_checkpoint="/build/output/transformed_checkpoint/qwen",
+                         workers=1, model_parallel=4, pipeline_stage=2, epochs=3, warmup_ratio=0.05,
+                         weight_decay=0.02, beta1=0.8, beta2=0.99, eps=1e-6, lr_end=1e-5, keep_checkpoint_max=3,
+                         save_steps=50, seed=11, device_target="Ascend")
+RUN = RunYaml(SETTINGS, micro_batch_num=8)
 
 
 def test_ascend_yaml_loads_in_mindformers_with_the_performance_settings(tmp_path):
     from mindformers.tools.register import MindFormerConfig
 
-    config = MindFormerConfig(str(write_yaml(tmp_path / "run_qwen1_5.yaml", TINY, RUN, "ascend")))
+    config = MindFormerConfig(str(write_yaml(tmp_path / "run_qwen1_5.yaml", RUN)))
     model = config.model.model_config
     assert (model.use_flash_attention, model.fused_rms_norm, model.use_rope_slice) == (True, True, False)
     assert model.compute_dtype == "bfloat16" and model.qkv_has_bias is True and model.n_kv_heads == 2
@@ -25,30 +31,39 @@ def test_ascend_yaml_loads_in_mindformers_with_the_performance_settings(tmp_path
     assert config.recompute_config.recompute is True and config.parallel_config.use_seq_parallel is True
     assert (config.parallel_config.model_parallel, config.parallel_config.pipeline_stage) == (4, 2)
     assert config.parallel.parallel_mode == 1 and config.context.device_target == "Ascend"
-    assert config.load_checkpoint == RUN.load_checkpoint and config.auto_trans_ckpt is False
+    assert config.load_checkpoint == SETTINGS.init_checkpoint and config.auto_trans_ckpt is False
     assert config.train_dataset.data_loader.dataset_dir == "/data/train.mindrecord"
-    assert config.optimizer.betas == [0.9, 0.95] and config.optimizer.eps == 1e-8
-    assert config.lr_schedule.type == "CosineWithWarmUpLR" and config.lr_schedule.warmup_ratio == 0.05
     assert config.runner_config.epochs == 3 and config.runner_config.batch_size == 2
+    assert config.runner_config.stop_step == 0 and config.parallel_config.micro_batch_num == 8
+
+
+def test_every_training_value_is_the_one_run_json_holds():
+    config = mindformers_config(RUN)
+    assert config["optimizer"] == {"type": "AdamW", "betas": [0.8, 0.99], "eps": 1e-6, "weight_decay": 0.02}
+    assert config["lr_schedule"] == {"type": "CosineWithWarmUpLR", "learning_rate": 3e-4, "lr_end": 1e-5,
+                                     "warmup_ratio": 0.05, "total_steps": -1}
+    assert (config["seed"], config["output_dir"]) == (11, "/build/output")
+    monitor = config["callbacks"][1]
+    assert (monitor["prefix"], monitor["save_checkpoint_steps"], monitor["keep_checkpoint_max"]) == ("qwen2", 50, 3)
+    fixed = mindformers_config(RunYaml(dataclasses.replace(SETTINGS, steps=600)))
+    assert fixed["runner_config"]["stop_step"] == 600 and fixed["lr_schedule"]["total_steps"] == 600
 
 
 def test_cpu_yaml_refuses_model_parallel():
     with pytest.raises(UserError, match="model_parallel=4, pipeline_stage=2 cannot run on CPU"):
-        mindformers_config(TINY, RUN, "cpu")
+        mindformers_config(RUN, "cpu")
 
 
 @pytest.mark.slow
 def test_cpu_yaml_builds_llama_that_matches_our_network(tmp_path):
-    import dataclasses
-
     import mindspore as ms
 
     from qwenbuild.model.network import QwenForCausalLM
     from qwenbuild.train.mindformers_yaml import llama_from_yaml
 
     ms.set_context(mode=ms.GRAPH_MODE, device_target="CPU")
-    cpu = dataclasses.replace(RUN, model_parallel=1, pipeline_stage=1, data_parallel=2, micro_batch_num=1)
-    path = write_yaml(tmp_path / "run_cpu.yaml", TINY, cpu, "cpu")
+    cpu = RunYaml(dataclasses.replace(SETTINGS, model_parallel=1, pipeline_stage=1, workers=2, device_target="CPU"))
+    path = write_yaml(tmp_path / "run_cpu.yaml", cpu)
     ms.set_seed(3)
     ours = QwenForCausalLM(TINY)
     ms.save_checkpoint(ours, str(tmp_path / "w.ckpt"))

@@ -16,15 +16,19 @@ from qwenbuild.tasks.weights import MODEL_KEYS
 
 TRAIN_KEYS = ("train.learning_rate", "train.warmup_ratio", "train.weight_decay", "train.beta1", "train.beta2",
               "train.eps", "train.grad_clip", "train.epochs", "train.steps", "train.batch_size", "train.seed",
-              "train.save_steps", "dataset.seq_length", "hardware.device", "parallel.micro_batch_num")
+              "train.save_steps", "dataset.seq_length", "dataset.file_partition", "hardware.device",
+              "parallel.micro_batch_num")
 
 
 def run_settings(m, lay):
+    from qwenbuild.data.mindrecord import shard_files
     from qwenbuild.train.settings import TrainSettings
 
     t, par = m.data["train"], m.data["parallel"]
+    # MindDataset finds the other shards of a MindRecord from any one of them
+    train_data = shard_files(lay.mindrecord_file, m.data["dataset"]["file_partition"])[0]
     return TrainSettings(
-        model=m.model, train_data=str(lay.mindrecord_file), output_dir=str(lay.output),
+        model=m.model, train_data=str(train_data), output_dir=str(lay.output),
         seq_length=m.data["dataset"]["seq_length"], batch_size=t["batch_size"], learning_rate=t["learning_rate"],
         init_checkpoint=str(lay.transformed), workers=par["data_parallel"], warmup_ratio=t["warmup_ratio"],
         weight_decay=t["weight_decay"], beta1=t["beta1"], beta2=t["beta2"], eps=t["eps"], epochs=t["epochs"],
@@ -37,23 +41,17 @@ def _run_config(ctx: Context) -> None:
     from qwenbuild.tokenizer import special_ids
     from qwenbuild.tokenizer.files import read_vocab
     from qwenbuild.train.settings import write_run_json
-    from qwenbuild.train.mindformers_yaml import RunYaml, write_yaml
+    from qwenbuild.train.mindformers_yaml import RunYaml, default_target, write_yaml
 
     m, lay = ctx.manifest, ctx.layout
-    t, par = m.data["train"], m.data["parallel"]
     settings = run_settings(m, lay)
     write_run_json(lay.run_json, settings)
     ids = special_ids(read_vocab(lay.tokenizer / "vocab.json"))
-    run = RunYaml(seq_length=settings.seq_length, batch_size=t["batch_size"], learning_rate=t["learning_rate"],
-                  train_dataset=str(lay.mindrecord), load_checkpoint=str(lay.transformed),
-                  data_parallel=par["data_parallel"], model_parallel=par["model_parallel"],
-                  pipeline_stage=par["pipeline_stage"], micro_batch_num=par["micro_batch_num"], epochs=t["epochs"],
-                  warmup_ratio=t["warmup_ratio"], weight_decay=t["weight_decay"], grad_clip=t["grad_clip"],
-                  seed=t["seed"], save_steps=t["save_steps"], output_dir=str(lay.output),
+    run = RunYaml(settings, micro_batch_num=m.data["parallel"]["micro_batch_num"],
                   vocab_file=str(lay.tokenizer / "vocab.json"), merges_file=str(lay.tokenizer / "merges.txt"),
                   pad_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|endoftext|>"])
-    target = "ascend" if m.data["hardware"]["device"] == "ascend" else "cpu"
-    write_yaml(lay.mindformers_yaml, m.model, run, target)
+    target = default_target(settings)
+    write_yaml(lay.mindformers_yaml, run, target)
     print(f"run_config: {lay.run_json.name} and {lay.mindformers_yaml.name} ({target}) -> {lay.root}", file=sys.stderr)
 
 

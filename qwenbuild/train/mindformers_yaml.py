@@ -11,8 +11,8 @@ import dataclasses
 from pathlib import Path
 
 from qwenbuild.errors import UserError
-from qwenbuild.model.config import QwenConfig
 from qwenbuild.store import atomic_path
+from qwenbuild.train.settings import TrainSettings
 
 TARGETS = ("ascend", "cpu")
 QWEN_EOS = 151643
@@ -20,37 +20,23 @@ QWEN_EOS = 151643
 
 @dataclasses.dataclass(frozen=True)
 class RunYaml:
-    """What the YAML says beyond the model dimensions; batch_size is per data-parallel rank."""
+    """A run's settings (the same run.json the CPU trainer reads, so both agree on every value) plus what only the
+    YAML needs: micro batches for pipeline stages and the tokenizer files."""
 
-    seq_length: int
-    batch_size: int
-    learning_rate: float
-    train_dataset: str
-    load_checkpoint: str = ""
-    data_parallel: int = 1
-    model_parallel: int = 1
-    pipeline_stage: int = 1
+    settings: TrainSettings
     micro_batch_num: int = 1
-    epochs: int = 1
-    warmup_ratio: float = 0.01
-    weight_decay: float = 0.01
-    grad_clip: float = 1.0
-    seed: int = 42
-    save_steps: int = 400
-    keep_checkpoint_max: int = 1
-    output_dir: str = "./output"
     vocab_file: str = ""
     merges_file: str = ""
     pad_token_id: int = QWEN_EOS
     eos_token_id: int = QWEN_EOS
 
 
-def _model_config(cfg: QwenConfig, run: RunYaml, ascend: bool) -> dict:
-    compute = "bfloat16" if ascend else "float32"
+def _model_config(run: RunYaml, ascend: bool) -> dict:
+    cfg, compute = run.settings.model, "bfloat16" if ascend else "float32"
     return {
         "type": "LlamaConfig",
         "batch_size": 1,
-        "seq_length": run.seq_length,
+        "seq_length": run.settings.seq_length,
         "hidden_size": cfg.hidden_size,
         "num_layers": cfg.num_layers,
         "num_heads": cfg.num_heads,
@@ -88,7 +74,7 @@ def _model_config(cfg: QwenConfig, run: RunYaml, ascend: bool) -> dict:
     }
 
 
-def _parallel(run: RunYaml, ascend: bool) -> dict:
+def _parallel(ascend: bool) -> dict:
     return {
         # semi-auto parallel (1) on Ascend; CPU compiles only data parallel (0)
         "parallel_mode": 1 if ascend else 0,
@@ -113,12 +99,12 @@ def _context(ascend: bool) -> dict:
 
 def _dataset(run: RunYaml, shuffle: bool) -> dict:
     return {
-        "data_loader": {"type": "MindDataset", "dataset_dir": run.train_dataset, "shuffle": shuffle},
+        "data_loader": {"type": "MindDataset", "dataset_dir": run.settings.train_data, "shuffle": shuffle},
         "input_columns": ["input_ids", "target_ids", "attention_mask"],
         "num_parallel_workers": 8,
         "python_multiprocessing": False,
         "drop_remainder": shuffle,
-        "batch_size": run.batch_size,
+        "batch_size": run.settings.batch_size,
         "repeat": 1,
         "numa_enable": False,
         "prefetch_size": 1,
@@ -128,21 +114,33 @@ def _dataset(run: RunYaml, shuffle: bool) -> dict:
 def check_target(run: RunYaml, target: str) -> None:
     if target not in TARGETS:
         raise UserError(f"YAML target {target!r} is not one of {', '.join(TARGETS)}")
-    if target == "cpu" and (run.model_parallel > 1 or run.pipeline_stage > 1):
-        raise UserError(f"model_parallel={run.model_parallel}, pipeline_stage={run.pipeline_stage} cannot run on "
+    s = run.settings
+    if target == "cpu" and (s.model_parallel > 1 or s.pipeline_stage > 1):
+        raise UserError(f"model_parallel={s.model_parallel}, pipeline_stage={s.pipeline_stage} cannot run on "
                         "CPU: MindSpore compiles semi-auto parallel only on Ascend/GPU",
                         hint="use the ascend YAML for model or pipeline parallel")
 
 
-def mindformers_config(cfg: QwenConfig, run: RunYaml, target: str = "ascend") -> dict:
-    """The YAML content as a dict, keys in the order of the original run_qwen1_5_72b.yaml."""
+def default_target(settings: TrainSettings) -> str:
+    return "ascend" if settings.device_target == "Ascend" else "cpu"
+
+
+def mindformers_config(run: RunYaml, target: str | None = None) -> dict:
+    """The YAML content as a dict, keys in the order of the original run_qwen1_5_72b.yaml; the target defaults to
+    the settings' device."""
+    s = run.settings
+    target = target or default_target(s)
     check_target(run, target)
     ascend = target == "ascend"
-    sharded = run.model_parallel > 1
+    sharded = s.model_parallel > 1
+    runner = {"epochs": s.epochs, "batch_size": s.batch_size, "sink_mode": True, "sink_size": 1}
+    if s.steps:
+        runner["stop_step"] = s.steps  # a fixed step count, as the CPU trainer runs it
     return {
-        "seed": run.seed,
-        "output_dir": run.output_dir,
-        "load_checkpoint": run.load_checkpoint,
+        "seed": s.seed,
+        # MindFormers writes checkpoint/rank_N below its output_dir
+        "output_dir": s.output_dir,
+        "load_checkpoint": s.init_checkpoint or "",
         "src_strategy_path_or_dir": "",
         # the shards under load_checkpoint are already built for this layout
         "auto_trans_ckpt": False,
@@ -153,25 +151,25 @@ def mindformers_config(cfg: QwenConfig, run: RunYaml, target: str = "ascend") ->
         "do_eval": False,
         "eval_step_interval": -1,
         "eval_epoch_interval": 50,
-        "runner_config": {"epochs": run.epochs, "batch_size": run.batch_size, "sink_mode": True, "sink_size": 1},
+        "runner_config": runner,
         "runner_wrapper": {
             "type": "MFTrainOneStepCell",
             "scale_sense": {"type": "DynamicLossScaleUpdateCell", "loss_scale_value": 4096, "scale_factor": 2,
                             "scale_window": 1000} if ascend else 1.0,
-            "use_clip_grad": run.grad_clip > 0,
-            "max_grad_norm": run.grad_clip or 1.0,
+            "use_clip_grad": s.grad_clip > 0,
+            "max_grad_norm": s.grad_clip or 1.0,
         },
-        "optimizer": {"type": "AdamW", "betas": [0.9, 0.95], "eps": 1.0e-8, "weight_decay": run.weight_decay},
-        "lr_schedule": {"type": "CosineWithWarmUpLR", "learning_rate": run.learning_rate,
-                        "warmup_ratio": run.warmup_ratio, "total_steps": -1},
+        "optimizer": {"type": "AdamW", "betas": [s.beta1, s.beta2], "eps": s.eps, "weight_decay": s.weight_decay},
+        "lr_schedule": {"type": "CosineWithWarmUpLR", "learning_rate": s.learning_rate, "lr_end": s.lr_end,
+                        "warmup_ratio": s.warmup_ratio, "total_steps": s.steps or -1},
         "train_dataset": _dataset(run, shuffle=True),
         "train_dataset_task": {"type": "CausalLanguageModelDataset"},
-        "use_parallel": run.data_parallel * run.model_parallel * run.pipeline_stage > 1,
-        "parallel": _parallel(run, ascend),
+        "use_parallel": s.workers * s.model_parallel * s.pipeline_stage > 1,
+        "parallel": _parallel(ascend),
         "parallel_config": {
-            "data_parallel": run.data_parallel,
-            "model_parallel": run.model_parallel,
-            "pipeline_stage": run.pipeline_stage,
+            "data_parallel": s.workers,
+            "model_parallel": s.model_parallel,
+            "pipeline_stage": s.pipeline_stage,
             "use_seq_parallel": ascend and sharded,
             "micro_batch_num": run.micro_batch_num,
             "vocab_emb_dp": not sharded,
@@ -183,11 +181,11 @@ def mindformers_config(cfg: QwenConfig, run: RunYaml, target: str = "ascend") ->
                              "recompute_slice_activation": ascend},
         "callbacks": [
             {"type": "MFLossMonitor"},
-            {"type": "CheckpointMonitor", "prefix": "qwen2", "save_checkpoint_steps": run.save_steps,
-             "keep_checkpoint_max": run.keep_checkpoint_max, "integrated_save": False, "async_save": False},
+            {"type": "CheckpointMonitor", "prefix": s.checkpoint_prefix, "save_checkpoint_steps": s.save_steps,
+             "keep_checkpoint_max": s.keep_checkpoint_max, "integrated_save": False, "async_save": False},
         ],
         "context": _context(ascend),
-        "model": {"model_config": _model_config(cfg, run, ascend), "arch": {"type": "LlamaForCausalLM"}},
+        "model": {"model_config": _model_config(run, ascend), "arch": {"type": "LlamaForCausalLM"}},
         "processor": {
             "return_tensors": "ms",
             "tokenizer": {"model_max_length": 32768, "vocab_file": run.vocab_file, "merges_file": run.merges_file,
@@ -201,10 +199,10 @@ def mindformers_config(cfg: QwenConfig, run: RunYaml, target: str = "ascend") ->
     }
 
 
-def write_yaml(path: str | Path, cfg: QwenConfig, run: RunYaml, target: str = "ascend") -> Path:
+def write_yaml(path: str | Path, run: RunYaml, target: str | None = None) -> Path:
     import yaml
 
-    content = mindformers_config(cfg, run, target)
+    content = mindformers_config(run, target)
     path = Path(path)
     with atomic_path(path) as tmp:
         text = yaml.safe_dump(content, sort_keys=False, default_flow_style=False, allow_unicode=True)

@@ -61,7 +61,8 @@ class TrainSettings:
 
 
 def _content(path: str | None) -> str | None:
-    """Digest of an input file, or of a sealed directory's member digests (per-rank shards)."""
+    """Digest of an input file, or of a sealed directory's member digests (per-rank shards; every shard of a
+    MindRecord named by its first file)."""
     from qwenbuild.store import DIR_MANIFEST, file_digest
 
     if not path:
@@ -69,6 +70,8 @@ def _content(path: str | None) -> str | None:
     p = Path(path)
     if p.is_dir() and (p / DIR_MANIFEST).is_file():
         return file_digest(p / DIR_MANIFEST)
+    if p.is_file() and (p.parent / DIR_MANIFEST).is_file():
+        return file_digest(p.parent / DIR_MANIFEST)
     return file_digest(p) if p.is_file() else str(p)
 
 
