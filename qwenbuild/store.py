@@ -20,7 +20,7 @@ _CHUNK = 1 << 20
 _DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
 
 
-def _tmp_sibling(final: Path, kind: str) -> Path:
+def tmp_sibling(final: Path, kind: str) -> Path:
     return final.parent / f".{final.name}.{kind}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
 
 
@@ -62,7 +62,7 @@ def promote(tmp: Path, final: Path) -> None:
         if _exchange(tmp, final):
             remove(tmp)
             return
-        old = _tmp_sibling(final, "old")
+        old = tmp_sibling(final, "old")
         os.replace(final, old)
         os.replace(tmp, final)
         remove(old)
@@ -111,7 +111,7 @@ def atomic_path(final: str | os.PathLike, *, directory: bool = False) -> Iterato
         raise UserError(f"{final} is {found}, but the output is {wanted}",
                         hint="remove it or choose another output path")
     sweep_stale(final)
-    tmp = _tmp_sibling(final, "tmp")
+    tmp = tmp_sibling(final, "tmp")
     if directory:
         tmp.mkdir()
     try:

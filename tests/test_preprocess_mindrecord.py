@@ -128,3 +128,12 @@ def test_failure_leaves_nothing_and_keeps_the_old_file(tmp_path):
 def test_shard_names():
     assert [p.name for p in shard_files("x/d.mindrecord", 1)] == ["d.mindrecord"]
     assert [p.name for p in shard_files("x/d.mindrecord", 3)] == ["d.mindrecord0", "d.mindrecord1", "d.mindrecord2"]
+
+
+def test_a_killed_writers_staging_dir_is_swept_by_the_next_run(tmp_path):
+    dead = 2**22 + 1  # above Linux's largest pid: no such process
+    leftover = tmp_path / f".d.mindrecord.tmp-{dead}-0123abcd"
+    leftover.mkdir()
+    (leftover / "d.mindrecord").write_bytes(b"half")
+    write_mindrecord(tmp_path / "d.mindrecord", batches(sizes=(3,)), 65, 3)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d.mindrecord", "d.mindrecord.db"]

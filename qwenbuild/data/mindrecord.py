@@ -6,7 +6,6 @@ import contextlib
 import errno
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -14,7 +13,7 @@ import numpy as np
 
 from qwenbuild.data.mindrecord_format import EncodedRows, MindRecordWriter, encode_rows
 from qwenbuild.errors import UserError
-from qwenbuild.store import promote
+from qwenbuild.store import promote, sweep_stale, tmp_sibling
 
 COLUMNS = ("input_ids", "target_ids", "attention_mask")
 SCHEMA = {name: {"type": "int32", "shape": [-1]} for name in COLUMNS}
@@ -51,10 +50,13 @@ def shard_files(output_file: str | os.PathLike, file_partition: int) -> list[Pat
 
 
 @contextlib.contextmanager
-def _staging_dir(final_dir: Path) -> Iterator[Path]:
-    # MindRecord stores each file's own name inside it, so files are staged under their final names
-    final_dir.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".mindrecord-", dir=final_dir))
+def _staging_dir(output_file: Path) -> Iterator[Path]:
+    # MindRecord stores each file's own name inside it, so files are staged under their final names; the staging
+    # dir is named like every temporary, so a later run sweeps one a killed run left
+    output_file.parent.mkdir(parents=True, exist_ok=True)
+    sweep_stale(output_file)
+    staging = tmp_sibling(output_file, "tmp")
+    staging.mkdir()
     try:
         yield staging
     finally:
@@ -99,7 +101,7 @@ def write_mindrecord(output_file: str | os.PathLike, batches: Iterable[dict[str,
         raise UserError(f"output file {output_file} is a directory", hint="give a file name such as data.mindrecord")
     finals = shard_files(output_file, file_partition)
     page, header = layout(row_length, max_rows, file_partition)
-    with _staging_dir(output_file.parent) as staging, _writer_errors(output_file):
+    with _staging_dir(output_file) as staging, _writer_errors(output_file):
         staged = [staging / final.name for final in finals]
         writer = (MindRecordWriter(staged, list(COLUMNS), DESCRIPTION, page, header) if fast
                   else _FileWriter(staging / output_file.name, file_partition, page, header))
