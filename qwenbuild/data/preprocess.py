@@ -1,7 +1,8 @@
 """ChatML JSON Lines -> MindRecord rows of seq_length + 1 token ids, as Qwen1.5's preprocessing makes them.
 
-The input is streamed in fixed chunks of lines; worker processes tokenize chunks and the parent writes their
-results in input order, so the output bytes depend only on the input, never on the number of workers.
+The input is streamed in fixed chunks of lines; worker processes tokenize each chunk, pad it into rows and encode
+the rows as MindRecord stores them, and the parent places the finished records in pages in input order, so the
+output bytes depend only on the input, never on the number of workers.
 """
 
 from __future__ import annotations
