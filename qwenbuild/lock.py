@@ -15,7 +15,7 @@ import json
 import os
 from pathlib import Path
 
-from qwenbuild.store import DIR_MANIFEST, atomic_path, content_digest, json_digest
+from qwenbuild.store import DIR_MANIFEST, atomic_path, content_digest, json_digest, member_digests
 
 LOCK_VERSION = 1
 
@@ -32,7 +32,7 @@ def _members(path: Path) -> list[Path]:
 def describe_artifact(path: Path) -> tuple[dict, dict[str, list[int]]]:
     """(lock entry, stats by absolute path) of a file, or of every member of a directory artifact."""
     if path.is_dir():
-        members = {p.relative_to(path).as_posix(): content_digest(p) for p in _members(path)}
+        members = member_digests(path)
         stats = {str(path / rel): _stat(path / rel) for rel in members}
         return {"kind": "dir", "digest": json_digest(members), "members": members}, stats
     return {"kind": "file", "digest": content_digest(path)}, {str(path): _stat(path)}
