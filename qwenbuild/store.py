@@ -161,6 +161,14 @@ def member_digests(directory: str | os.PathLike) -> dict[str, str]:
             for p in sorted(root.rglob("*")) if p.is_file() and p.name != DIR_MANIFEST}
 
 
+def read_dir_manifest(directory: str | os.PathLike) -> dict[str, str] | None:
+    """The member digests a directory artifact's seal records, or None when it has no readable seal."""
+    try:
+        return json.loads((Path(directory) / DIR_MANIFEST).read_text(encoding="utf-8"))
+    except (FileNotFoundError, ValueError):
+        return None
+
+
 def write_dir_manifest(directory: str | os.PathLike) -> str:
     """Record member digests inside a directory artifact; returns the digest of the whole directory."""
     members = member_digests(directory)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import sys
@@ -77,13 +76,10 @@ def _shard_key(lay) -> str:
 
 def _sealed_and_intact(directory: Path) -> bool:
     """A directory artifact whose members still have the digests its seal records (a damaged one is rebuilt)."""
-    from qwenbuild.store import DIR_MANIFEST, member_digests
+    from qwenbuild.store import member_digests, read_dir_manifest
 
-    try:
-        sealed = json.loads((directory / DIR_MANIFEST).read_text(encoding="utf-8"))
-    except (FileNotFoundError, ValueError):
-        return False
-    return sealed == member_digests(directory)
+    sealed = read_dir_manifest(directory)
+    return sealed is not None and sealed == member_digests(directory)
 
 
 def _shard(ctx: Context) -> None:

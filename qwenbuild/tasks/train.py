@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import socket
 import subprocess
 import sys
@@ -72,10 +71,10 @@ def _this_node(m) -> int:
 def drop_damaged_checkpoints(lay) -> None:
     """Delete files of a finished run that no longer match its seal: resuming must never start from damaged bytes."""
     from qwenbuild.lock import Lock, check_artifact
+    from qwenbuild.store import read_dir_manifest
 
-    try:
-        members = json.loads(lay.sealed(lay.checkpoint).read_text(encoding="utf-8"))
-    except (FileNotFoundError, ValueError):
+    members = read_dir_manifest(lay.checkpoint)
+    if members is None:
         return
     stats = Lock(lay.lock).read_stats()
     for rel, digest in members.items():
