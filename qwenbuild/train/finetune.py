@@ -50,9 +50,9 @@ def build(settings: TrainSettings):
     return net, TrainStep(net, optimizer, settings.grad_clip, settings.workers)
 
 
-def start_state(settings: TrainSettings, train_step, rank: int, per_epoch: int) -> tuple[int, dict]:
-    """Restore the latest common checkpoint (returns its step and history) or load the initial weights (step 0)."""
-    digest = settings.result_digest()
+def start_state(settings: TrainSettings, train_step, rank: int, per_epoch: int, digest: str) -> tuple[int, dict]:
+    """Restore the latest common checkpoint of the run with this digest (returns its step and history) or load
+    the initial weights (step 0)."""
     step = checkpoint.resume_step(settings.output_dir, settings.workers, settings.checkpoint_prefix, per_epoch,
                                   digest)
     if step:
@@ -86,7 +86,9 @@ def finetune(settings: TrainSettings, rank: int = 0, world_size: int = 1, progre
     total = total_steps(settings, num_rows)
     lrs = schedule(total, settings.learning_rate, settings.warmup_ratio, settings.lr_end)
     net, train_step = build(settings)
-    first, history = start_state(settings, train_step, rank, per_epoch)
+    # hashes the training data and initial weights: once per run, not at every save
+    digest = settings.result_digest()
+    first, history = start_state(settings, train_step, rank, per_epoch, digest)
     # step times are this process's only: they never enter a checkpoint, whose bytes must not depend on timing
     losses, norms, times = history.get("loss", []), history.get("grad_norm", []), []
     rows = data.rank_row_plan(num_rows, settings.global_batch_size, settings.seed, first, total, rank,
@@ -109,7 +111,7 @@ def finetune(settings: TrainSettings, rank: int = 0, world_size: int = 1, progre
             progress.step(step, loss, lrs[step - 1], tokens_per_step, times[-1])
         if step % settings.save_steps == 0 or step == total:
             checkpoint.save(train_step, settings.output_dir, rank, step, per_epoch, settings.checkpoint_prefix,
-                            settings.result_digest(), settings.keep_checkpoint_max,
+                            digest, settings.keep_checkpoint_max,
                             {"history": {"loss": losses, "grad_norm": norms}})
     if progress:
         progress.close()
