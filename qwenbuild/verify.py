@@ -39,7 +39,7 @@ def rebuild(manifest_path: Path, build_dir: Path, tasks: list[str]) -> None:
                         hint="see the task output above")
 
 
-def _same_but_for_root(a: Path, b: Path, a_root: Path, b_root: Path) -> bool:
+def same_but_for_root(a: Path, b: Path, a_root: Path, b_root: Path) -> bool:
     """Launch scripts, run.json and the YAML name the build dir itself: compare with the rebuild's dir renamed."""
     try:
         old, new = a.read_bytes(), b.read_bytes()
@@ -56,7 +56,7 @@ def _compare_artifact(task, rel, old, new, a_root: Path, b_root: Path) -> list[D
     if old["digest"] == new["digest"]:
         return []
     if old.get("kind") != "dir":
-        if _same_but_for_root(a_root / rel, b_root / rel, a_root, b_root):
+        if same_but_for_root(a_root / rel, b_root / rel, a_root, b_root):
             return []
         return [Difference(task, rel, old["digest"], new["digest"], first_difference(a_root / rel, b_root / rel))]
     out = []
@@ -65,7 +65,7 @@ def _compare_artifact(task, rel, old, new, a_root: Path, b_root: Path) -> list[D
         if x is None or y is None:
             out.append(Difference(task, f"{rel}/{member}", x or "(absent)", y or "(absent)",
                                   "present in only one build"))
-        elif x != y and not _same_but_for_root(a_root / rel / member, b_root / rel / member,
+        elif x != y and not same_but_for_root(a_root / rel / member, b_root / rel / member,
                                                                    a_root, b_root):
             out.append(Difference(task, f"{rel}/{member}", x, y,
                                   first_difference(a_root / rel / member, b_root / rel / member)))

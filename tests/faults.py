@@ -20,7 +20,7 @@ from qwenbuild.layout import Layout
 from qwenbuild.lock import Lock
 from qwenbuild.train.launch import descendants
 from qwenbuild.store import DIR_MANIFEST, content_digest, member_digests
-from qwenbuild.verify import compare_locks
+from qwenbuild.verify import compare_locks, same_but_for_root
 
 REPO = Path(__file__).resolve().parents[1]
 # every task of a CPU build: finetune, export and infer pull in the chain, the rest are leaves
@@ -299,13 +299,8 @@ def same_but_step_times(a: Path, b: Path) -> bool:
 def _same_file(ref: Path, mine: Path, ref_root: Path, root: Path) -> bool:
     if content_digest(ref) == content_digest(mine):
         return True
-    if same_but_step_times(ref, mine):
-        return True
-    try:
-        # run.json, the YAML and launch scripts name the build dir itself
-        return mine.read_bytes().replace(str(root).encode(), str(ref_root).encode()) == ref.read_bytes()
-    except OSError:
-        return False
+    # run.json, the YAML and launch scripts name the build dir itself
+    return same_but_step_times(ref, mine) or same_but_for_root(ref, mine, ref_root, root)
 
 
 def reference_artifacts(ref_root: Path) -> list[tuple[str, str, dict]]:
