@@ -6,13 +6,13 @@ import json
 import re
 from pathlib import Path
 
+from qwenbuild.data.chatml import SYSTEM_PROMPT
 from qwenbuild.errors import UserError
 from qwenbuild.jsonfile import read_json
 from qwenbuild.export.layout import FULL, INC, GRAPH_DIRS
 from qwenbuild.model.config import QwenConfig
 
 FORMAT = "qwenbuild-mindir-graph/1"
-SYSTEM_PROMPT = "You are a helpful assistant."
 # Qwen1.5 ids of <|endoftext|>, <|im_start|>, <|im_end|>
 ENDOFTEXT_ID, IM_START_ID, IM_END_ID = 151643, 151644, 151645
 DEFAULT_EOS_IDS = (IM_END_ID, ENDOFTEXT_ID)

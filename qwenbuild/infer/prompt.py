@@ -2,17 +2,14 @@
 
 from __future__ import annotations
 
+from qwenbuild.data import chatml
 from qwenbuild.errors import UserError
-from qwenbuild.export.sidecar import SYSTEM_PROMPT
-
-ENDOFTEXT, IM_START, IM_END = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
+from qwenbuild.tokenizer.files import ENDOFTEXT, IM_END
 
 
-def chat_text(prompt: str, system: str = SYSTEM_PROMPT) -> str:
+def chat_text(prompt: str, system: str = chatml.SYSTEM_PROMPT) -> str:
     """A one-turn ChatML conversation ending with the assistant's generation prompt."""
-    return (f"{IM_START}system\n{system}{IM_END}\n"
-            f"{IM_START}user\n{prompt}{IM_END}\n"
-            f"{IM_START}assistant\n")
+    return chatml.prompt([{"role": "system", "content": system}, {"role": "user", "content": prompt}])
 
 
 def encode(tokenizer, prompt: str, raw: bool = False) -> list[int]:
