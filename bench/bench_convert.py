@@ -70,6 +70,7 @@ def main() -> None:
     args = parser.parse_args()
     sys.path.insert(0, str(REPO))
     from qwenbuild.weights import write_random_hf_model
+    from qwenbuild.model.params import num_parameters
 
     work = args.keep or Path(tempfile.mkdtemp(prefix="bench_convert_"))
     work.mkdir(parents=True, exist_ok=True)
@@ -78,7 +79,7 @@ def main() -> None:
     if not (hf / "model.safetensors").exists():
         write_random_hf_model(cfg, 0, hf)
     size_gb = (hf / "model.safetensors").stat().st_size / 1e9
-    print(f"model: {cfg.num_parameters() / 1e6:.0f}M parameters, bf16, {size_gb:.2f} GB safetensors "
+    print(f"model: {num_parameters(cfg) / 1e6:.0f}M parameters, bf16, {size_gb:.2f} GB safetensors "
           f"({cfg.num_layers} layers, vocab {cfg.vocab_size})")
 
     runs = {

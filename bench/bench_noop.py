@@ -56,7 +56,7 @@ def doit(manifest: Path, *tasks: str, probe: bool = False) -> tuple[float, int, 
 
 
 def rehash_all(build: Path) -> tuple[float, int]:
-    from qwenbuild.store import file_digest
+    from qwenbuild.digests import file_digest
 
     t0, total = time.perf_counter(), 0
     for p in build.rglob("*"):

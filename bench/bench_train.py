@@ -87,6 +87,7 @@ def main() -> int:
     from qwenbuild.train.settings import TrainSettings
     from qwenbuild.weights.convert import convert_weight
     from qwenbuild.weights.random_init import write_random_hf_model
+    from qwenbuild.model.params import num_parameters
 
     work = Path(tempfile.mkdtemp(prefix="bench_train_"))
     os.chdir(work)  # mindformers and MindSpore write logs into the working directory
@@ -102,7 +103,7 @@ def main() -> int:
     lrs = schedule(args.steps, args.lr, settings.warmup_ratio)
     tokens_per_step = args.batch * args.seq
 
-    print(f"model {cfg.num_parameters() / 1e6:.2f}M params, batch {args.batch} x {args.seq} tokens, "
+    print(f"model {num_parameters(cfg) / 1e6:.2f}M params, batch {args.batch} x {args.seq} tokens, "
           f"{args.steps} steps, {args.threads} threads", file=sys.stderr)
     ours = finetune(settings, progress=None)
     theirs_loss, theirs_times = run_torch(work / "hf", settings, plan, lrs, args.threads)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from qwenbuild.store import DIR_MANIFEST
+from qwenbuild.store import SEAL
 
 
 class Layout:
@@ -114,4 +114,4 @@ class Layout:
     @staticmethod
     def sealed(directory: Path) -> Path:
         """The member-digest manifest that marks a directory artifact as complete."""
-        return directory / DIR_MANIFEST
+        return directory / SEAL

@@ -15,7 +15,8 @@ import json
 import os
 from pathlib import Path
 
-from qwenbuild.store import DIR_MANIFEST, atomic_path, content_digest, json_digest, member_digests
+from qwenbuild.digests import content_digest, json_digest
+from qwenbuild.store import SEAL, atomic_path, member_digests
 
 LOCK_VERSION = 1
 
@@ -26,7 +27,7 @@ def _stat(path: Path) -> list[int]:
 
 
 def _members(path: Path) -> list[Path]:
-    return [p for p in sorted(path.rglob("*")) if p.is_file() and p.name != DIR_MANIFEST]
+    return [p for p in sorted(path.rglob("*")) if p.is_file() and p.name != SEAL]
 
 
 def describe_artifact(path: Path) -> tuple[dict, dict[str, list[int]]]:

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import dataclasses
 
+from qwenbuild.dtypes import ITEMSIZE
 from qwenbuild.errors import UserError
+from qwenbuild.tokenizer.files import QWEN_VOCAB_SIZE
 from qwenbuild.model.config import QwenConfig
 from qwenbuild.parallel.strategy import indivisible_dims
 
-_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 GIB = 1 << 30
-QWEN_TOKENIZER_SIZE = 151646  # 151,643 byte-level BPE tokens + 3 special tokens
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,8 +68,8 @@ def memory_estimate(m) -> list[dict]:
     cfg, par, train = m.model, m.data["parallel"], m.data["train"]
     dp, mp, pp = par["data_parallel"], par["model_parallel"], par["pipeline_stage"]
     seq, batch = m.data["dataset"]["seq_length"], train["batch_size"]
-    pbytes = _BYTES[cfg.param_dtype]
-    abytes = 4 if m.data["hardware"]["device"] == "cpu" else _BYTES[cfg.compute_dtype]
+    pbytes = ITEMSIZE[cfg.param_dtype]
+    abytes = 4 if m.data["hardware"]["device"] == "cpu" else ITEMSIZE[cfg.compute_dtype]
     h = cfg.hidden_size
     rows = []
     for stage, layers in enumerate(stage_layers(m)):
@@ -137,8 +137,8 @@ def plan_problems(m) -> list[tuple[str, str]]:
     if tok.get("kind") == "trained" and tok.get("vocab_size", 0) > cfg.vocab_size:
         out.append(("tokenizer.vocab_size", f"{tok['vocab_size']} exceeds model.vocab_size {cfg.vocab_size}: the "
                                             "embedding needs a row for every token"))
-    if tok.get("kind") == "qwen" and cfg.vocab_size < QWEN_TOKENIZER_SIZE:
-        out.append(("tokenizer.kind", f"the Qwen tokenizer has {QWEN_TOKENIZER_SIZE} tokens but model.vocab_size is "
+    if tok.get("kind") == "qwen" and cfg.vocab_size < QWEN_VOCAB_SIZE:
+        out.append(("tokenizer.kind", f"the Qwen tokenizer has {QWEN_VOCAB_SIZE} tokens but model.vocab_size is "
                                       f"{cfg.vocab_size}; use kind = \"trained\" or a larger vocabulary"))
     return out
 

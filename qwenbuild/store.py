@@ -1,11 +1,10 @@
-"""Atomic promotion of outputs and content digests: a killed build never leaves a half artifact that looks complete."""
+"""Atomic promotion of outputs and sealed directories: a killed build never leaves a half artifact that looks complete."""
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
 import errno
-import hashlib
 import json
 import os
 import shutil
@@ -13,9 +12,10 @@ import uuid
 from pathlib import Path
 from typing import Iterator
 
+from qwenbuild.digests import content_digest, json_digest
 from qwenbuild.errors import UserError
 
-DIR_MANIFEST = ".qwenbuild-manifest.json"
+SEAL = ".qwenbuild-seal.json"
 _CHUNK = 1 << 20
 _DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
 
@@ -128,49 +128,23 @@ def atomic_path(final: str | os.PathLike, *, directory: bool = False) -> Iterato
         raise
 
 
-def file_digest(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            h.update(chunk)
-    return "sha256:" + h.hexdigest()
-
-
-def content_digest(path: str | os.PathLike) -> str:
-    """Digest of what a file means: MINDIR graphs are normalised (their raw bytes vary between processes)."""
-    if str(path).endswith(".mindir"):
-        from qwenbuild.export.digest import mindir_digest
-
-        return mindir_digest(path)
-    return file_digest(path)
-
-
-def bytes_digest(data: bytes) -> str:
-    return "sha256:" + hashlib.sha256(data).hexdigest()
-
-
-def json_digest(value) -> str:
-    """Digest of a JSON-able value, independent of key order."""
-    return bytes_digest(json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode())
-
-
 def member_digests(directory: str | os.PathLike) -> dict[str, str]:
     """Digest of every file below a directory, by POSIX relative path, excluding the manifest itself."""
     root = Path(directory)
     return {p.relative_to(root).as_posix(): content_digest(p)
-            for p in sorted(root.rglob("*")) if p.is_file() and p.name != DIR_MANIFEST}
+            for p in sorted(root.rglob("*")) if p.is_file() and p.name != SEAL}
 
 
-def read_dir_manifest(directory: str | os.PathLike) -> dict[str, str] | None:
+def read_seal(directory: str | os.PathLike) -> dict[str, str] | None:
     """The member digests a directory artifact's seal records, or None when it has no readable seal."""
     try:
-        return json.loads((Path(directory) / DIR_MANIFEST).read_text(encoding="utf-8"))
+        return json.loads((Path(directory) / SEAL).read_text(encoding="utf-8"))
     except (FileNotFoundError, ValueError):
         return None
 
 
-def write_dir_manifest(directory: str | os.PathLike) -> str:
+def write_seal(directory: str | os.PathLike) -> str:
     """Record member digests inside a directory artifact; returns the digest of the whole directory."""
     members = member_digests(directory)
-    (Path(directory) / DIR_MANIFEST).write_text(json.dumps(members, indent=1, sort_keys=True) + "\n")
+    (Path(directory) / SEAL).write_text(json.dumps(members, indent=1, sort_keys=True) + "\n")
     return json_digest(members)

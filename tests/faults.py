@@ -18,8 +18,9 @@ from pathlib import Path
 
 from qwenbuild.layout import Layout
 from qwenbuild.lock import Lock
-from qwenbuild.train.launch import descendants
-from qwenbuild.store import DIR_MANIFEST, content_digest, member_digests
+from qwenbuild.processes import descendants
+from qwenbuild.digests import content_digest
+from qwenbuild.store import SEAL, member_digests
 from qwenbuild.verify import compare_locks, same_but_for_root
 
 REPO = Path(__file__).resolve().parents[1]
@@ -332,7 +333,7 @@ def leftover_problems(root: Path, ref_root: Path) -> list[str]:
             continue
         if not mine.is_dir():
             continue
-        seal = mine / DIR_MANIFEST
+        seal = mine / SEAL
         if not seal.is_file() and rel not in WRITTEN_IN_PLACE:
             problems.append(f"{rel} (of {task}) is at its final path without its seal")
         if seal.is_file():
@@ -345,7 +346,7 @@ def leftover_problems(root: Path, ref_root: Path) -> list[str]:
                          for p in sorted(mine.rglob("*.json")) if without_step_times(p.read_bytes()) is None]
             continue
         for member in sorted(p.relative_to(mine).as_posix() for p in mine.rglob("*") if p.is_file()):
-            if member == DIR_MANIFEST or TEMPORARY.match(Path(member).name):
+            if member == SEAL or TEMPORARY.match(Path(member).name):
                 continue
             if member in art["members"]:
                 if not _same_file(ref_root / rel / member, mine / member, ref_root, root):

@@ -67,7 +67,7 @@ def test_lock_records_artifacts_inputs_and_manifest_slice(built):
     ds = load_manifest(built).data["dataset"]
     assert entry["manifest"] == {"dataset.seq_length": ds["seq_length"], "dataset.mask_prompt": ds["mask_prompt"],
                                  "dataset.file_partition": 1}
-    assert set(entry["inputs"]) == {"data/alpaca-messages.json", "tokenizer/.qwenbuild-manifest.json"}
+    assert set(entry["inputs"]) == {"data/alpaca-messages.json", "tokenizer/.qwenbuild-seal.json"}
     assert entry["inputs"]["data/alpaca-messages.json"] == \
         lock(built)["tasks"]["alpaca"]["artifacts"]["data/alpaca-messages.json"]["digest"]
     members = entry["artifacts"]["data/mindrecord"]["members"]

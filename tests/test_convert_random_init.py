@@ -11,7 +11,7 @@ from transformers import Qwen2ForCausalLM
 
 from qwenbuild.model.config import QwenConfig
 from qwenbuild.model.params import ms_to_hf, parameter_shapes
-from qwenbuild.store import file_digest
+from qwenbuild.digests import file_digest
 from qwenbuild.weights import write_random_hf_model
 
 CFG = QwenConfig(vocab_size=128, hidden_size=64, num_layers=2, num_heads=4, n_kv_heads=2, intermediate_size=96,

@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 
 from qwenbuild.errors import UserError
-from qwenbuild.export import export_mindir, mindir_digest
-from qwenbuild.export.digest import load_model_proto
+from qwenbuild.digests import load_model_proto, mindir_digest
+from qwenbuild.export import export_mindir
 from qwenbuild.export.layout import FULL, INC, graph_file, sidecar_file, variables_dir
 from qwenbuild.model.config import QwenConfig
-from qwenbuild.store import file_digest
+from qwenbuild.digests import file_digest
 
 SEQ = 16
 

@@ -20,7 +20,7 @@ from faults import (Build, Timeline, flip_byte, kill_points, leftover_problems, 
                     trusted_tasks, without_step_times)
 from qwenbuild.layout import Layout
 from qwenbuild.lock import Lock
-from qwenbuild.store import content_digest
+from qwenbuild.digests import content_digest
 
 pytestmark = pytest.mark.slow
 

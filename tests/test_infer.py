@@ -15,7 +15,8 @@ from qwenbuild.errors import UserError
 from qwenbuild.export import export_mindir
 from qwenbuild.export.layout import FULL, INC, sidecar_file
 from qwenbuild.infer.backends import GraphCellBackend, open_backend
-from qwenbuild.infer.prompt import chat_text, stop_ids
+from qwenbuild.infer.prompt import chat_text
+from qwenbuild.tokenizer import stop_ids
 from qwenbuild.infer.runtime import generate, generate_ids, open_export, warm_up
 from qwenbuild.infer.sampling import Sampling
 from qwenbuild.model.config import QwenConfig

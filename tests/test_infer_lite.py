@@ -16,7 +16,7 @@ import types
 import numpy as np
 import pytest
 
-from qwenbuild.export.digest import load_model_proto
+from qwenbuild.digests import load_model_proto
 from qwenbuild.export.lite_ini import write_lite_ini
 from qwenbuild.export.layout import FULL, INC
 from qwenbuild.infer.backends import GraphCellBackend, LiteBackend, open_backend

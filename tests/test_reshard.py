@@ -13,7 +13,7 @@ from qwenbuild.errors import UserError
 from qwenbuild.model.config import QwenConfig
 from qwenbuild.model.params import parameter_shapes
 from qwenbuild.parallel import reshard, strategy as st
-from qwenbuild.parallel.ckpt_index import CkptIndex
+from qwenbuild.weights.mindspore_ckpt import read_array
 
 CFG = QwenConfig(vocab_size=256, hidden_size=128, num_layers=4, num_heads=16, n_kv_heads=8, intermediate_size=96)
 QUIET = None  # progress callback
@@ -125,9 +125,9 @@ def test_pipeline_shards_hold_their_stage_only_and_merge_back(work):
 
 def test_bfloat16_round_trip_and_index(tmp_path):
     src = _save(_tensors(seed=1), tmp_path / "bf16.ckpt", bf16=True)
-    index = CkptIndex(src)
-    assert index.entries["lm_head.weight"].dtype == "BFloat16"
-    assert index.read("lm_head.weight").dtype == np.float32
+    index = reshard.tensor_index(src)
+    assert index["lm_head.weight"].type_name == "BFloat16"
+    assert read_array(index["lm_head.weight"]).dtype == np.float32
     st.write_strategy_files(CFG, 2, 4, 1, tmp_path / "s")
     reshard.transform_ckpt("", tmp_path / "s", src, tmp_path / "sh", progress=QUIET)
     reshard.transform_ckpt(tmp_path / "s", "", tmp_path / "sh", tmp_path / "back", progress=QUIET)
@@ -140,10 +140,10 @@ def test_index_reads_tensors_split_across_records(tmp_path, monkeypatch):
     monkeypatch.setattr(ser, "SLICE_SIZE", 16)  # KB: forces save_checkpoint to write big tensors in pieces
     tensors = _tensors(seed=2)
     path = _save(tensors, tmp_path / "sliced.ckpt")
-    index = CkptIndex(path)
-    assert len(index.entries["lm_head.weight"].chunks) > 1
+    index = reshard.tensor_index(path)
+    assert len(index["lm_head.weight"].parts) > 1
     for name, a in tensors.items():
-        np.testing.assert_array_equal(index.read(name), a)
+        np.testing.assert_array_equal(read_array(index[name]), a)
 
 
 def test_other_layouts_are_never_deleted(work, tmp_path):

@@ -10,6 +10,7 @@ import pytest
 from qwenbuild.cli import main as cli
 from qwenbuild.errors import UserError
 from qwenbuild.model.config import QwenConfig
+from qwenbuild.model.params import num_parameters
 from qwenbuild.parallel import strategy as st
 
 QWEN72B = QwenConfig(vocab_size=152064, hidden_size=8192, num_layers=80, num_heads=64, n_kv_heads=64,
@@ -147,7 +148,7 @@ def test_rank_plan_72b():
     assert r9["bytes"] == 20 * per_layer * 2
     assert plan[0]["bytes"] == (20 * per_layer + 19008 * 8192) * 2
     assert plan[31]["bytes"] == (20 * per_layer + 19008 * 8192 + 8192) * 2
-    assert sum(p["bytes"] for p in plan[::8]) * 8 == pytest.approx(QWEN72B.num_parameters() * 2, rel=0.001)
+    assert sum(p["bytes"] for p in plan[::8]) * 8 == pytest.approx(num_parameters(QWEN72B) * 2, rel=0.001)
     with pytest.raises(UserError, match="hold 8 devices"):
         st.rank_plan(QWEN72B, 1, 8, 4, node_devices=[list(range(8))])
 

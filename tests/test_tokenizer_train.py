@@ -56,8 +56,9 @@ def test_bytes_identical_across_runs_and_thread_counts(small_dir, corpus, tmp_pa
     again = train_tokenizer(corpus, VOCAB_SIZE, tmp_path / "again")
     corpus_file = tmp_path / "corpus.txt"
     corpus_file.write_text("".join(corpus), encoding="utf-8")
-    script = ("import sys, pathlib; from qwenbuild.tokenizer import train_tokenizer; "
-              f"train_tokenizer([pathlib.Path(sys.argv[1])], {VOCAB_SIZE}, sys.argv[2])")
+    script = ("import sys; from qwenbuild.tokenizer import train_tokenizer; "
+              "from qwenbuild.data.corpus import corpus_texts; "
+              f"train_tokenizer(corpus_texts([sys.argv[1]]), {VOCAB_SIZE}, sys.argv[2])")
     env = dict(os.environ, RAYON_NUM_THREADS="1")
     subprocess.run([sys.executable, "-c", script, str(corpus_file), str(tmp_path / "one")], check=True, env=env)
     for name in ("vocab.json", "merges.txt", "tokenizer_config.json"):
@@ -87,11 +88,12 @@ def test_command_trains_from_alpaca_files(tmp_path):
 
 def test_alpaca_and_chatml_files_train_the_same_tokenizer_as_the_text(small_dir, tmp_path):
     from qwenbuild.data.alpaca import convert_alpaca
+    from qwenbuild.data.corpus import corpus_texts
     from qwenbuild.data.instructions import write_instruction_dataset
 
     train_path, _ = write_instruction_dataset(tmp_path / "data", seed=0, num_train=4000, num_heldout=400)
     convert_alpaca(train_path, tmp_path / "chatml.jsonl")
     for source in (train_path, tmp_path / "chatml.jsonl"):
-        out = train_tokenizer([source], VOCAB_SIZE, tmp_path / source.stem)
+        out = train_tokenizer(corpus_texts([source]), VOCAB_SIZE, tmp_path / source.stem)
         for name in ("vocab.json", "merges.txt"):
             assert (out / name).read_bytes() == (small_dir / name).read_bytes()

@@ -4,6 +4,7 @@ estimate per device, and which build tasks are out of date and why."""
 from __future__ import annotations
 
 from qwenbuild.commands import add_manifest_argument
+from qwenbuild.model.params import num_parameters
 
 
 def add_arguments(parser):
@@ -21,7 +22,7 @@ def main(args):
 
     m = load_manifest(args.config)
     par, hw, cfg = m.data["parallel"], m.data["hardware"], m.model
-    print(f"{m.path}: {cfg.num_parameters() / 1e9:.3f}B parameters; {len(hw['nodes'])} node(s) x "
+    print(f"{m.path}: {num_parameters(cfg) / 1e9:.3f}B parameters; {len(hw['nodes'])} node(s) x "
           f"{hw['devices_per_node']} {hw['device']} devices; dp {par['data_parallel']} x mp {par['model_parallel']} "
           f"x pp {par['pipeline_stage']}")
     print("\nrank  node  host              device  stage  dp  mp  layers")

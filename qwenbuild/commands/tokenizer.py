@@ -8,6 +8,10 @@ files with other suffixes are read as plain text.
 
 from __future__ import annotations
 
+from qwenbuild.data.corpus import corpus_texts
+from qwenbuild.errors import UserError
+from qwenbuild.tokenizer import build_qwen_tokenizer, train_tokenizer
+
 
 def add_arguments(parser) -> None:
     parser.add_argument("--output_dir", required=True, help="directory to write the three tokenizer files into")
@@ -20,21 +24,13 @@ def add_arguments(parser) -> None:
 
 
 def main(args) -> int:
-    from qwenbuild.errors import UserError
-
     if args.train_from:
         if args.vocab_size is None:
             raise UserError("--train_from needs --vocab_size", hint="e.g. --vocab_size 640")
-        from pathlib import Path
-
-        from qwenbuild.tokenizer import train_tokenizer
-
-        train_tokenizer([Path(p) for p in args.train_from], args.vocab_size, args.output_dir)
+        train_tokenizer(corpus_texts(args.train_from), args.vocab_size, args.output_dir)
         return 0
     if args.vocab_size is not None:
         raise UserError("--vocab_size only applies with --train_from",
                         hint="the real Qwen1.5 tokenizer always has 151,646 tokens")
-    from qwenbuild.tokenizer import build_qwen_tokenizer
-
     build_qwen_tokenizer(args.output_dir, args.tiktoken_file)
     return 0

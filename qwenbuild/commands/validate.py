@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import sys
 
+from qwenbuild.model.params import num_parameters
+
 from qwenbuild.commands import add_manifest_argument
 
 
@@ -23,5 +25,5 @@ def main(args):
     for w in memory_warnings(m):
         print(f"warning: {m.path}:{m.line('hardware.device_memory_gb')}: {w}", file=sys.stderr)
     cfg = m.model
-    print(f"{m.path}: valid; {cfg.num_parameters() / 1e6:,.1f}M parameters, {m.device_count} "
+    print(f"{m.path}: valid; {num_parameters(cfg) / 1e6:,.1f}M parameters, {m.device_count} "
           f"{m.data['hardware']['device']} devices")

@@ -14,9 +14,10 @@ from pathlib import Path
 
 from qwenbuild.errors import UserError
 from qwenbuild.export import layout
-from qwenbuild.export.digest import mindir_digest
-from qwenbuild.export.sidecar import DEFAULT_EOS_IDS, ENDOFTEXT_ID, dump, sidecar
+from qwenbuild.digests import mindir_digest
+from qwenbuild.export.sidecar import dump, sidecar
 from qwenbuild.model.config import QwenConfig
+from qwenbuild.tokenizer.files import ENDOFTEXT, IM_END, QWEN_SPECIAL_IDS
 from qwenbuild.store import atomic_path, promote, remove
 
 
@@ -136,15 +137,14 @@ def _summary(scratch: Path, out_root: Path, kind: str, rank: int, doc: dict) -> 
 
 def _special_ids(cfg: QwenConfig, tokenizer_dir) -> tuple[list[int], int | None]:
     if tokenizer_dir is not None:
-        from qwenbuild.infer.prompt import pad_id, stop_ids
-        from qwenbuild.tokenizer import load_tokenizer
+        from qwenbuild.tokenizer import load_tokenizer, pad_id, stop_ids
 
         tokenizer = load_tokenizer(tokenizer_dir)
         if len(tokenizer) > cfg.vocab_size:
             raise UserError(f"the tokenizer in {tokenizer_dir} has {len(tokenizer)} tokens, more than the model's "
                             f"vocab_size {cfg.vocab_size}", hint="use the tokenizer the model was trained with")
         return stop_ids(tokenizer), pad_id(tokenizer)
-    if cfg.vocab_size > max(DEFAULT_EOS_IDS):
-        return list(DEFAULT_EOS_IDS), ENDOFTEXT_ID
+    if cfg.vocab_size > max(QWEN_SPECIAL_IDS.values()):
+        return [QWEN_SPECIAL_IDS[IM_END], QWEN_SPECIAL_IDS[ENDOFTEXT]], QWEN_SPECIAL_IDS[ENDOFTEXT]
     return [], None
 

@@ -13,9 +13,6 @@ from qwenbuild.export.layout import FULL, INC, GRAPH_DIRS
 from qwenbuild.model.config import QwenConfig
 
 FORMAT = "qwenbuild-mindir-graph/1"
-# Qwen1.5 ids of <|endoftext|>, <|im_start|>, <|im_end|>
-ENDOFTEXT_ID, IM_START_ID, IM_END_ID = 151643, 151644, 151645
-DEFAULT_EOS_IDS = (IM_END_ID, ENDOFTEXT_ID)
 
 
 def _tensor(name: str, dtype: str, shape: list, meaning: str) -> dict:

@@ -64,6 +64,7 @@ def run(spec: dict) -> dict:
     from mindspore import Tensor
 
     from qwenbuild.model.config import QwenConfig
+    from qwenbuild.model.params import num_parameters
     from qwenbuild.model.network import DecodeCell, PrefillCell, cache_shape
 
     ms.set_device("CPU")
@@ -73,7 +74,7 @@ def run(spec: dict) -> dict:
     t0 = time.perf_counter()
     _log(f"loading {spec['ckpt_path']}")
     net = _load(cfg, spec["ckpt_path"])
-    _log(f"loaded {cfg.num_parameters():,} parameters in {time.perf_counter() - t0:.1f} s")
+    _log(f"loaded {num_parameters(cfg):,} parameters in {time.perf_counter() - t0:.1f} s")
     ids_full = Tensor(np.ones((b, s), np.int32))
     ids_inc = Tensor(np.ones((b, 1), np.int32))
     valid = Tensor(np.ones((b,), np.int32))

@@ -187,7 +187,8 @@ def generate(mindir_root_dir, tokenizer_dir, prompts, *, max_new_tokens: int = 5
              progress=None) -> GenerationResult:
     """Tokenize (ChatML unless raw), run the exported graphs of `rank`, decode the replies."""
     from qwenbuild.infer.backends import open_backend
-    from qwenbuild.infer.prompt import encode, pad_id, stop_ids
+    from qwenbuild.infer.prompt import encode
+    from qwenbuild.tokenizer import pad_id, stop_ids
 
     sampling = Sampling(do_sample, top_k, top_p, temperature, repetition_penalty, seed)
     if max_new_tokens < 1:

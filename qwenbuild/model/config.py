@@ -5,8 +5,10 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+from qwenbuild.dtypes import DTYPES
 from qwenbuild.errors import UserError
 from qwenbuild.jsonfile import read_json
+from qwenbuild.tokenizer.files import ENDOFTEXT, QWEN_SPECIAL_IDS
 
 # config.json keys of a Qwen1.5 (Qwen2ForCausalLM) checkpoint, by QwenConfig field
 HF_KEYS = {
@@ -21,8 +23,6 @@ HF_KEYS = {
     "max_position_embeddings": "max_position_embeddings",
     "tie_word_embeddings": "tie_word_embeddings",
 }
-
-DTYPES = ("float32", "bfloat16", "float16")
 
 
 def _checked(key: str, value):
@@ -70,17 +70,6 @@ class QwenConfig:
             if getattr(self, name) not in DTYPES:
                 raise UserError(f"{name} must be one of {', '.join(DTYPES)}, not {getattr(self, name)!r}")
 
-    def num_parameters(self) -> int:
-        from qwenbuild.model.params import parameter_shapes
-
-        total = 0
-        for shape in parameter_shapes(self).values():
-            n = 1
-            for d in shape:
-                n *= d
-            total += n
-        return total
-
     @classmethod
     def from_hf_dict(cls, hf: dict, **overrides) -> "QwenConfig":
         """Read the dimensions of a Hugging Face Qwen2/Qwen1.5 config.json dict."""
@@ -119,8 +108,8 @@ class QwenConfig:
         return {
             "architectures": ["Qwen2ForCausalLM"],
             "attention_dropout": 0.0,
-            "bos_token_id": 151643,
-            "eos_token_id": 151643,
+            "bos_token_id": QWEN_SPECIAL_IDS[ENDOFTEXT],
+            "eos_token_id": QWEN_SPECIAL_IDS[ENDOFTEXT],
             "hidden_act": "silu",
             "hidden_size": self.hidden_size,
             "initializer_range": 0.02,

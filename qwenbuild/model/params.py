@@ -27,16 +27,22 @@ _TOP_NAMES = [
 _LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 
 
+def split_layer_name(name: str) -> tuple[int, str] | None:
+    """(layer index, name inside the layer) of a decoder-layer parameter, in HF or MindFormers naming; else None."""
+    m = _LAYER_RE.match(name)
+    return (int(m.group(1)), m.group(2)) if m else None
+
+
 def _map(name: str, pairs_layer, pairs_top) -> str | None:
     for a, b in pairs_top:
         if name == a:
             return b
-    m = _LAYER_RE.match(name)
-    if m:
-        rest = m.group(2)
+    layer = split_layer_name(name)
+    if layer:
+        index, rest = layer
         for a, b in pairs_layer:
             if rest.startswith(a):
-                return f"model.layers.{m.group(1)}.{b}{rest[len(a):]}"
+                return f"model.layers.{index}.{b}{rest[len(a):]}"
     return None
 
 
@@ -81,6 +87,16 @@ def parameter_shapes(cfg: QwenConfig) -> dict[str, tuple[int, ...]]:
     if not cfg.tie_word_embeddings:
         shapes["lm_head.weight"] = (cfg.vocab_size, cfg.hidden_size)
     return shapes
+
+
+def num_parameters(cfg: QwenConfig) -> int:
+    total = 0
+    for shape in parameter_shapes(cfg).values():
+        n = 1
+        for d in shape:
+            n *= d
+        total += n
+    return total
 
 
 # optimizer and loss-scale state that MindSpore training checkpoints carry next to the weights

@@ -1,8 +1,8 @@
 """Reshard MindSpore checkpoints between strategies (transform_ckpt.py semantics), one destination rank at a time.
 
 MindSpore's transform_checkpoint_by_rank loads every source file whole for every rank; here each tensor is read on
-its own (ckpt_index) and passed through the same MindSpore layout transform, so memory holds one rank's shard plus
-one source tensor, and the bytes written are those MindSpore would write.
+its own (weights.mindspore_ckpt) and passed through the same MindSpore layout transform, so memory holds one rank's
+shard plus one source tensor, and the bytes written are those MindSpore would write.
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import Callable
 
 from qwenbuild.errors import UserError
-from qwenbuild.parallel.ckpt_index import CkptIndex
-from qwenbuild.store import atomic_path, write_dir_manifest
+from qwenbuild.weights.mindspore_ckpt import NUMPY_TYPES, CkptTensor, read_array, read_tensors
+from qwenbuild.store import atomic_path, write_seal
 
 _EMPTY = ("", "none", "null")
 
@@ -116,7 +116,7 @@ def _check_sources(sources: dict[int, Path], src_strategy: str | None, src_ckpt_
 class _RankWriter:
     """The per-tensor form of mindspore.transform_checkpoint_by_rank for one destination rank."""
 
-    def __init__(self, src_strategy, dst_strategy, indexes: dict[int, CkptIndex]):
+    def __init__(self, src_strategy, dst_strategy, indexes: dict[int, dict[str, CkptTensor]]):
         import mindspore as ms
         from mindspore.parallel import _parallel_serialization as ps
 
@@ -131,7 +131,7 @@ class _RankWriter:
         ms, ps = self.ms, self.ps
         needed = ms.rank_list_for_transform(rank, self.src, self.dst)
         src_map, dst_map = ps._extract_src_dst_layout_map(rank, self.src, self.dst)
-        names = list(dict.fromkeys(n for r in needed for n in self.indexes[r].names()))
+        names = list(dict.fromkeys(n for r in needed for n in self.indexes[r]))
         out = []
         for name in names:
             if ps._parameter_not_in_local_stage(name, self.origin_src, src_map) and \
@@ -146,8 +146,8 @@ class _RankWriter:
         for r in needed:
             index = self.indexes[r]
             if name in index:
-                data[r % self.src_per_stage] = index.read(name)
-                types[r % self.src_per_stage] = index.entries[name].dtype
+                data[r % self.src_per_stage] = read_array(index[name])
+                types[r % self.src_per_stage] = index[name].type_name
         attrs = {k: (True, False) for k in data}  # what load_checkpoint gives every tensor
         in_layouts = (src_map is None or name in src_map) and (dst_map is None or name in dst_map)
         if in_layouts:
@@ -160,6 +160,17 @@ class _RankWriter:
         if types[key] == "BFloat16":
             p.set_dtype(ms.bfloat16)
         return {"name": name, "data": p}
+
+
+def tensor_index(path: Path) -> dict[str, CkptTensor]:
+    """Tensors of one source checkpoint by name; refused when empty or holding a type resharding cannot read."""
+    tensors = {t.name: t for t in read_tensors(path)}
+    if not tensors:
+        raise UserError(f"{path} holds no tensors", hint="pass a checkpoint written by mindspore.save_checkpoint")
+    for t in tensors.values():
+        if t.type_name not in NUMPY_TYPES:
+            raise UserError(f"{path}: tensor {t.name!r} has type {t.type_name!r}, which resharding does not handle")
+    return tensors
 
 
 def _stale_ranks(dst: Path, world: int) -> list[str]:
@@ -195,7 +206,7 @@ def transform_ckpt(src_ckpt_strategy, dst_ckpt_strategy, src_ckpt_dir, dst_ckpt_
         if stale:
             raise UserError(f"{dst} already holds {', '.join(stale[:4])} from a layout with more ranks than this "
                             f"one ({world})", hint="write this layout to a new directory; nothing was changed")
-        writer = _RankWriter(src_strategy, dst_strategy, {r: CkptIndex(p) for r, p in sources.items()})
+        writer = _RankWriter(src_strategy, dst_strategy, {r: tensor_index(p) for r, p in sources.items()})
         files, total = [], 0
         for rank in range(world):
             t0 = time.perf_counter()
@@ -210,7 +221,7 @@ def transform_ckpt(src_ckpt_strategy, dst_ckpt_strategy, src_ckpt_dir, dst_ckpt_
             total += size
             progress(f"transform_ckpt: rank {rank + 1}/{world}: {path} {size / 2**20:.1f} MiB "
                      f"in {time.perf_counter() - t0:.2f} s")
-    digest = write_dir_manifest(dst)
+    digest = write_seal(dst)
     seconds = time.perf_counter() - started
     progress(f"transform_ckpt: {world} ranks, {total / 2**20:.1f} MiB written to {dst} in {seconds:.1f} s")
     return {"ranks": world, "files": files, "bytes": total, "seconds": seconds, "digest": digest}

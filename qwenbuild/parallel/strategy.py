@@ -11,14 +11,13 @@ import json
 import re
 from pathlib import Path
 
+from qwenbuild.dtypes import ITEMSIZE
 from qwenbuild.errors import UserError
 from qwenbuild.model.config import QwenConfig
-from qwenbuild.model.params import parameter_shapes
+from qwenbuild.model.params import parameter_shapes, split_layer_name
 from qwenbuild.store import atomic_path
 
-DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 MAX_RANKS = 1 << 16  # one strategy file per rank: a bound that stops a typo from writing files forever
-_LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 _STRATEGY_FILE_RE = re.compile(r"_rank_(\d+)(?:_rank_\d+)?\.(json|ckpt)$")
 # layer parameters split by model_parallel on the output (row) dimension / on the input (column) dimension
 _SPLIT_OUT = ("attention.wq.", "attention.wk.", "attention.wv.", "feed_forward.w1.", "feed_forward.w3.")
@@ -80,8 +79,8 @@ def split_dim(name: str, vocab_emb_dp: bool) -> int | None:
     """Dimension of a parameter split by model_parallel, or None when every rank holds it whole."""
     if name in ("model.tok_embeddings.embedding_weight", "lm_head.weight"):
         return None if vocab_emb_dp else 0
-    m = _LAYER_RE.match(name)
-    rest = m.group(2) if m else ""
+    layer = split_layer_name(name)
+    rest = layer[1] if layer else ""
     if rest.startswith(_SPLIT_OUT):
         return 0
     if rest.startswith(_SPLIT_IN):
@@ -107,9 +106,9 @@ def parameter_stages(cfg: QwenConfig, stages: list[range]) -> dict[str, list[int
     layer_stage = {i: s for s, r in enumerate(stages) for i in r}
     out = {}
     for name in parameter_shapes(cfg):
-        m = _LAYER_RE.match(name)
-        if m:
-            out[name] = [layer_stage[int(m.group(1))]]
+        layer = split_layer_name(name)
+        if layer:
+            out[name] = [layer_stage[layer[0]]]
         elif name == "model.tok_embeddings.embedding_weight":
             # a tied lm_head reads the embedding table on the last stage too
             out[name] = sorted({0, last}) if cfg.tie_word_embeddings else [0]
@@ -210,8 +209,8 @@ def strategy_stage(path: str | Path) -> int:
 
 
 def group_name(name: str) -> str:
-    m = _LAYER_RE.match(name)
-    return f"layers.{m.group(2)}" if m else name
+    layer = split_layer_name(name)
+    return f"layers.{layer[1]}" if layer else name
 
 
 def rank_plan(cfg: QwenConfig, data_parallel: int, model_parallel: int, pipeline_stage: int,
@@ -227,7 +226,7 @@ def rank_plan(cfg: QwenConfig, data_parallel: int, model_parallel: int, pipeline
     slots = [(n, d) for n, ids in enumerate(node_devices) for d in ids]
     if len(slots) != world:
         raise UserError(f"the nodes hold {len(slots)} devices but dp x mp x pp = {world}")
-    itemsize = DTYPE_BYTES[dtype or cfg.param_dtype]
+    itemsize = ITEMSIZE[dtype or cfg.param_dtype]
     stages = stage_layers(cfg.num_layers, pipeline_stage, offset)
     where = parameter_stages(cfg, stages)
     shapes = parameter_shapes(cfg)

@@ -17,7 +17,8 @@ from doit.tools import config_changed
 from qwenbuild.errors import UserError
 from qwenbuild.layout import Layout
 from qwenbuild.lock import Lock
-from qwenbuild.store import atomic_path, file_digest, json_digest, write_dir_manifest
+from qwenbuild.digests import file_digest, json_digest
+from qwenbuild.store import atomic_path, write_seal
 
 
 def toolchain(packages: tuple[str, ...]) -> dict[str, str]:
@@ -51,7 +52,7 @@ class Context:
         """A temporary directory promoted onto `final` with its member-digest manifest once the block succeeds."""
         with atomic_path(final, directory=True) as tmp:
             yield tmp
-            write_dir_manifest(tmp)
+            write_seal(tmp)
 
     def output_file(self, final: Path):
         return atomic_path(final)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 
+from qwenbuild.data.corpus import corpus_texts
 from qwenbuild.errors import UserError
 from qwenbuild.tasks._spec import Context, TaskSpec
 
@@ -33,7 +34,7 @@ def _tokenizer(ctx: Context) -> None:
         if kind == "qwen":
             tokenizer.build_qwen_tokenizer(tmp)
         elif kind == "trained":
-            tokenizer.train_tokenizer([ctx.layout.alpaca_messages], ctx["tokenizer.vocab_size"], tmp)
+            tokenizer.train_tokenizer(corpus_texts([ctx.layout.alpaca_messages]), ctx["tokenizer.vocab_size"], tmp)
         else:
             source = ctx.path("tokenizer.dir") or ctx.path("model.hf_dir")
             for name in ("vocab.json", "merges.txt", "tokenizer_config.json"):

@@ -7,7 +7,8 @@ import shutil
 import sys
 from pathlib import Path
 
-from qwenbuild.store import atomic_path, json_digest
+from qwenbuild.digests import json_digest
+from qwenbuild.store import atomic_path
 from qwenbuild.tasks._spec import Context, TaskSpec
 from qwenbuild.tasks.weights import MODEL_KEYS
 
@@ -76,16 +77,16 @@ def _shard_key(lay) -> str:
 
 def _sealed_and_intact(directory: Path) -> bool:
     """A directory artifact whose members still have the digests its seal records (a damaged one is rebuilt)."""
-    from qwenbuild.store import member_digests, read_dir_manifest
+    from qwenbuild.store import member_digests, read_seal
 
-    sealed = read_dir_manifest(directory)
+    sealed = read_seal(directory)
     return sealed is not None and sealed == member_digests(directory)
 
 
 def _shard(ctx: Context) -> None:
     """Shards live in <name>-<content key>/; <name> links to the current layout, earlier layouts stay reusable."""
     from qwenbuild.parallel.reshard import transform_ckpt
-    from qwenbuild.store import write_dir_manifest
+    from qwenbuild.store import write_seal
 
     lay = ctx.layout
     keyed = lay.transformed.with_name(f"{lay.transformed.name}-{_shard_key(lay)}")
@@ -94,7 +95,7 @@ def _shard(ctx: Context) -> None:
     else:
         with atomic_path(keyed, directory=True) as tmp:
             transform_ckpt("", lay.strategy, lay.converted, tmp)
-            write_dir_manifest(tmp)
+            write_seal(tmp)
     with atomic_path(lay.transformed) as link:
         os.symlink(keyed.name, link)
 

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from qwenbuild.errors import UserError
-from qwenbuild.store import write_dir_manifest
+from qwenbuild.store import write_seal
 from qwenbuild.tasks._spec import Context, TaskSpec
 from qwenbuild.tasks.distributed import PLAN_KEYS
 from qwenbuild.tasks.weights import MODEL_KEYS
@@ -71,9 +71,9 @@ def _this_node(m) -> int:
 def drop_damaged_checkpoints(lay) -> None:
     """Delete files of a finished run that no longer match its seal: resuming must never start from damaged bytes."""
     from qwenbuild.lock import Lock, check_artifact
-    from qwenbuild.store import read_dir_manifest
+    from qwenbuild.store import read_seal
 
-    members = read_dir_manifest(lay.checkpoint)
+    members = read_seal(lay.checkpoint)
     if members is None:
         return
     stats = Lock(lay.lock).read_stats()
@@ -104,7 +104,7 @@ def _finetune(ctx: Context) -> None:
         run_msrun(settings.workers, lay.run_json, lay.output / "msrun_log", python_bin_dir=Path(sys.executable).parent)
         if m.data["dataset"]["source"] == "builtin" and m.data["dataset"]["num_heldout"]:
             _evaluate(m, lay)
-    write_dir_manifest(lay.checkpoint)
+    write_seal(lay.checkpoint)
 
 
 def _evaluate(m, lay) -> None:

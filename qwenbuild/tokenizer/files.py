@@ -13,6 +13,10 @@ from qwenbuild.store import atomic_path
 ENDOFTEXT, IM_START, IM_END = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
 # appended right after the regular tokens, in this order (Qwen2Tokenizer's convention)
 SPECIAL_TOKENS = (ENDOFTEXT, IM_START, IM_END)
+# the real Qwen1.5 vocabulary: 151,643 byte-level BPE tokens, then the special tokens 151643..151645
+QWEN_REGULAR_TOKENS = 151_643
+QWEN_SPECIAL_IDS = {tok: QWEN_REGULAR_TOKENS + i for i, tok in enumerate(SPECIAL_TOKENS)}
+QWEN_VOCAB_SIZE = QWEN_REGULAR_TOKENS + len(SPECIAL_TOKENS)
 
 # the pre-tokenizer of Qwen2Tokenizer: contractions, letter runs, single digits, punctuation, newlines, spaces
 PRETOKENIZE_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"

@@ -1,4 +1,5 @@
-"""Loading tokenizer files: transformers' Qwen2TokenizerFast for users, a bare `tokenizers` pipeline for preprocess."""
+"""Loading tokenizer files (transformers' Qwen2TokenizerFast for users, a bare `tokenizers` pipeline for preprocess)
+and the special ids a loaded tokenizer stops and pads with."""
 
 from __future__ import annotations
 
@@ -6,8 +7,8 @@ import os
 from pathlib import Path
 
 from qwenbuild.errors import UserError
-from qwenbuild.tokenizer.files import (CONFIG_FILE, MERGES_FILE, PRETOKENIZE_PATTERN, VOCAB_FILE, read_merges,
-                                       read_vocab, special_ids)
+from qwenbuild.tokenizer.files import (CONFIG_FILE, ENDOFTEXT, IM_END, MERGES_FILE, PRETOKENIZE_PATTERN, VOCAB_FILE,
+                                       read_merges, read_vocab, special_ids)
 
 
 def load_tokenizer(tokenizer_dir: str | os.PathLike):
@@ -55,3 +56,17 @@ def bpe_pipeline(vocab_file: str | os.PathLike, merges_file: str | os.PathLike):
             raise UserError(f"{vocab_file}: {tok} would get id {tokenizer.token_to_id(tok)}, expected "
                             f"{specials[tok]}", hint="special tokens must follow the regular tokens without gaps")
     return tokenizer, specials
+
+
+def stop_ids(tokenizer) -> list[int]:
+    """Ids of <|im_end|> (end of a chat reply) and <|endoftext|> (end of a document), as this tokenizer has them."""
+    vocab = tokenizer.get_vocab()
+    missing = [tok for tok in (IM_END, ENDOFTEXT) if tok not in vocab]
+    if missing:
+        raise UserError(f"the tokenizer has no {', '.join(missing)} token",
+                        hint="use a Qwen1.5 tokenizer directory (vocab.json, merges.txt, tokenizer_config.json)")
+    return [vocab[IM_END], vocab[ENDOFTEXT]]
+
+
+def pad_id(tokenizer) -> int:
+    return tokenizer.get_vocab()[ENDOFTEXT]

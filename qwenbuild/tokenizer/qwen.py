@@ -13,7 +13,6 @@ from qwenbuild.errors import UserError
 from qwenbuild.tokenizer.byte_level import token_text
 from qwenbuild.tokenizer.files import write_tokenizer_files
 
-QWEN_REGULAR_TOKENS = 151_643
 QWEN_MERGES = 151_387
 
 

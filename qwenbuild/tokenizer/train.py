@@ -10,54 +10,22 @@ from pathlib import Path
 from typing import Iterable
 
 from qwenbuild.errors import UserError
-from qwenbuild.tokenizer.files import SPECIAL_TOKENS, write_tokenizer_files
+from qwenbuild.tokenizer.files import QWEN_VOCAB_SIZE, SPECIAL_TOKENS, write_tokenizer_files
 from qwenbuild.tokenizer.load import with_qwen_text_rules
 
 _BYTES = 256
-MAX_VOCAB_SIZE = 151_646
 
 
-def _texts(texts_or_files: Iterable[str | os.PathLike]) -> Iterable[str]:
-    """str items are text; .json/.jsonl paths are alpaca or ChatML rows, rendered as ChatML; other paths plain text."""
-    for item in texts_or_files:
-        if isinstance(item, str):
-            yield item
-            continue
-        path = Path(item)
-        if path.suffix in (".json", ".jsonl"):
-            from qwenbuild.data.alpaca import alpaca_corpus
-
-            rows = alpaca_corpus(path)
-            if not rows:
-                raise UserError(f"tokenizer training file {path} holds no rows")
-            yield from rows
-            continue
-        try:
-            with open(path, encoding="utf-8") as f:
-                empty = True
-                for line in f:
-                    empty = False
-                    yield line
-            if empty:
-                raise UserError(f"tokenizer training file {path} is empty")
-        except FileNotFoundError:
-            raise UserError(f"tokenizer training file {path} does not exist")
-        except UnicodeDecodeError as exc:
-            raise UserError(f"tokenizer training file {path} is not UTF-8 text: {exc}")
-
-
-def train_tokenizer(texts_or_files: Iterable[str | os.PathLike], vocab_size: int,
-                    output_dir: str | os.PathLike) -> Path:
+def train_tokenizer(texts: Iterable[str], vocab_size: int, output_dir: str | os.PathLike) -> Path:
     """Train byte-level BPE with Qwen's normaliser and pre-tokenizer; vocab_size counts the 3 special tokens.
 
-    texts_or_files: str items are text; Path items ending in .json/.jsonl are alpaca or ChatML rows (the ChatML
-    text preprocess will tokenize is what gets trained on); other Path items are plain UTF-8 text files.
+    texts: the training text, e.g. the ChatML of every conversation (`qwenbuild.data.corpus.corpus_texts`).
     """
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
     regular = vocab_size - len(SPECIAL_TOKENS)
-    if vocab_size > MAX_VOCAB_SIZE:
-        raise UserError(f"vocab_size {vocab_size:,} is larger than the real Qwen1.5 vocabulary ({MAX_VOCAB_SIZE:,})",
+    if vocab_size > QWEN_VOCAB_SIZE:
+        raise UserError(f"vocab_size {vocab_size:,} is larger than the real Qwen1.5 vocabulary ({QWEN_VOCAB_SIZE:,})",
                         hint="a trained tokenizer is meant to be small, e.g. vocab_size 512")
     if regular < _BYTES:
         raise UserError(f"vocab_size {vocab_size} is too small: byte-level BPE needs {_BYTES} byte tokens "
@@ -66,7 +34,7 @@ def train_tokenizer(texts_or_files: Iterable[str | os.PathLike], vocab_size: int
     tokenizer = with_qwen_text_rules(Tokenizer(models.BPE()))
     trainer = trainers.BpeTrainer(vocab_size=regular, min_frequency=2, show_progress=False, special_tokens=[],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tokenizer.train_from_iterator(_texts(texts_or_files), trainer=trainer)
+    tokenizer.train_from_iterator(texts, trainer=trainer)
     model = json.loads(tokenizer.to_str())["model"]
     vocab = sorted(model["vocab"], key=model["vocab"].get)
     if len(vocab) != regular:

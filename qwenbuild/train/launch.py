@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -12,43 +11,13 @@ import time
 from pathlib import Path
 
 from qwenbuild.errors import UserError
+from qwenbuild.processes import die_with_parent, kill_tree
 from qwenbuild.train import worker
 from qwenbuild.train.progress import STEP_LINE, bar
 
 TAIL_LINES = 25
 # lines of a worker log worth echoing: our own progress and summaries, never MindSpore's log chatter
 _ECHO_PREFIXES = ("step ", "resuming ", "trained ", worker.ERROR_MARK)
-
-
-def die_with_parent() -> None:
-    """Ask Linux to SIGKILL this process when its parent dies, so a killed build leaves no training behind."""
-    import ctypes
-
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
-
-
-def descendants(pid: int) -> list[int]:
-    """Every process below `pid` (msrun's workers run in their own process groups)."""
-    found = []
-    for task in Path(f"/proc/{pid}/task").glob("*"):
-        try:
-            children = [int(c) for c in (task / "children").read_text().split()]
-        except OSError:
-            continue
-        for child in children:
-            found += [child, *descendants(child)]
-    return found
-
-
-def kill_tree(pid: int) -> None:
-    for p in [*descendants(pid), pid]:
-        try:
-            os.kill(p, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
 
 
 def free_port() -> int:

@@ -12,10 +12,10 @@ from pathlib import Path
 
 from qwenbuild.errors import UserError
 from qwenbuild.store import atomic_path
+from qwenbuild.tokenizer.files import ENDOFTEXT, QWEN_SPECIAL_IDS
 from qwenbuild.train.settings import TrainSettings
 
 TARGETS = ("ascend", "cpu")
-QWEN_EOS = 151643
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,8 +27,8 @@ class RunYaml:
     micro_batch_num: int = 1
     vocab_file: str = ""
     merges_file: str = ""
-    pad_token_id: int = QWEN_EOS
-    eos_token_id: int = QWEN_EOS
+    pad_token_id: int = QWEN_SPECIAL_IDS[ENDOFTEXT]
+    eos_token_id: int = QWEN_SPECIAL_IDS[ENDOFTEXT]
 
 
 def _model_config(run: RunYaml, ascend: bool) -> dict:

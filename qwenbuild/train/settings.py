@@ -9,7 +9,8 @@ from pathlib import Path
 from qwenbuild.errors import UserError
 from qwenbuild.jsonfile import read_json
 from qwenbuild.model.config import QwenConfig
-from qwenbuild.store import atomic_path, json_digest
+from qwenbuild.digests import file_digest, json_digest
+from qwenbuild.store import SEAL, atomic_path
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,15 +64,13 @@ class TrainSettings:
 def _content(path: str | None) -> str | None:
     """Digest of an input file, or of a sealed directory's member digests (per-rank shards; every shard of a
     MindRecord named by its first file)."""
-    from qwenbuild.store import DIR_MANIFEST, file_digest
-
     if not path:
         return path
     p = Path(path)
-    if p.is_dir() and (p / DIR_MANIFEST).is_file():
-        return file_digest(p / DIR_MANIFEST)
-    if p.is_file() and (p.parent / DIR_MANIFEST).is_file():
-        return file_digest(p.parent / DIR_MANIFEST)
+    if p.is_dir() and (p / SEAL).is_file():
+        return file_digest(p / SEAL)
+    if p.is_file() and (p.parent / SEAL).is_file():
+        return file_digest(p.parent / SEAL)
     return file_digest(p) if p.is_file() else str(p)
 
 

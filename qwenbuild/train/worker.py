@@ -15,6 +15,7 @@ if __name__ == "__main__" and sys.path and Path(sys.path[0]).resolve() == Path(_
     sys.path.pop(0)
 
 from qwenbuild.errors import UserError
+from qwenbuild.processes import die_with_parent
 
 ERROR_MARK = "qwenbuild worker error:"
 
@@ -23,8 +24,6 @@ def init_data_parallel(device_target: str) -> tuple[int, int]:
     """(rank, world size): join msrun's group when launched by it, else a single worker."""
     if not os.environ.get("MS_ROLE"):
         return 0, 1
-    from qwenbuild.train.launch import die_with_parent
-
     die_with_parent()  # msrun gone (killed with the build) means this worker goes too
     import mindspore as ms
     from mindspore.communication import get_group_size, get_rank, init

@@ -11,8 +11,9 @@ from typing import Callable
 from qwenbuild.model.config import QwenConfig
 from qwenbuild.model.params import check_names, hf_to_ms, ms_to_hf, parameter_shapes
 from qwenbuild.store import atomic_path
-from qwenbuild.weights import dtypes, hf_source, mindspore_ckpt
-from qwenbuild.weights.dtypes import ITEMSIZE
+from qwenbuild import dtypes
+from qwenbuild.weights import hf_source, mindspore_ckpt
+from qwenbuild.dtypes import ITEMSIZE
 
 # buffers some HF checkpoints carry that are recomputed, not learned
 _RECOMPUTED = (".rotary_emb.inv_freq",)

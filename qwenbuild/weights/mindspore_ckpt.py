@@ -12,10 +12,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Callable, Iterable, Iterator
 
+import numpy as np
+
 from qwenbuild.errors import UserError
-from qwenbuild.weights import dtypes
+from qwenbuild import dtypes
 
 SLICE_BYTES = 512 << 20
+NUMPY_TYPES = {"Int8": np.int8, "UInt8": np.uint8, "Int16": np.int16, "UInt16": np.uint16, "Int32": np.int32,
+               "UInt32": np.uint32, "Int64": np.int64, "UInt64": np.uint64, "Float16": np.float16,
+               "Float32": np.float32, "Float64": np.float64, "Bool": np.bool_, "BFloat16": np.uint16}
 
 
 def _varint(n: int) -> bytes:
@@ -102,39 +107,53 @@ def _parse_fields(f: BinaryIO, end: int, where: str, keep_bytes: set[int]) -> di
                 fields.setdefault(number, []).append((f.tell(), length))
                 f.seek(length, os.SEEK_CUR)
         else:
-            raise UserError(f"{where} is not a MindSpore checkpoint (protobuf wire type {wire})")
+            raise UserError(f"{where} is not a readable MindSpore checkpoint (protobuf wire type {wire})")
     return fields
 
 
 def read_index(path: str | os.PathLike) -> list[CkptSlice]:
     """Every entry of a .ckpt file, in file order, with where its content lies; contents are not read."""
     path = Path(path)
-    size, slices = path.stat().st_size, []
-    with open(path, "rb") as f:
-        while f.tell() < size:
-            at = f.tell()
-            first = f.read(1)
-            if first != b"\x0a":
-                if first == b"c" and f.read(6) == b"rc_num":
-                    break  # CRC trailer of a checkpoint saved with crc_check=True
-                raise UserError(f"{path} is not a MindSpore checkpoint (unexpected byte at offset {at}); "
-                                "encrypted checkpoints are not supported")
-            length = _read_varint(f, str(path))
-            end = f.tell() + length
-            if end > size:
-                raise UserError(f"{path} is truncated: an entry at offset {at} needs {end} bytes, the file has {size}")
-            value = _parse_fields(f, end, str(path), keep_bytes={1})
-            if 2 not in value:
-                raise UserError(f"{path}: entry {value.get(1, [b'?'])[0].decode(errors='replace')} is not a dense "
-                                "tensor (map parameters are not supported)")
-            t_off, t_len = value[2][0]
-            resume = f.tell()
-            f.seek(t_off)
-            tensor = _parse_fields(f, t_off + t_len, str(path), keep_bytes={2})
-            f.seek(resume)
-            content_off, content_len = tensor[3][0]
-            slices.append(CkptSlice(value[1][0].decode(), tuple(tensor.get(1, [])), tensor[2][0].decode(),
-                                    content_off, content_len))
+    size = path.stat().st_size
+    if size == 0:
+        raise UserError(f"{path} is empty (0 bytes): not a MindSpore checkpoint",
+                        hint="pass a checkpoint written by mindspore.save_checkpoint")
+    try:
+        with open(path, "rb") as f:
+            return _read_entries(f, path, size)
+    except (KeyError, IndexError, UnicodeDecodeError) as exc:
+        raise UserError(f"{path} is not a readable MindSpore checkpoint (damaged entry: {exc!r})",
+                        hint="pass an unencrypted .ckpt written by mindspore.save_checkpoint") from None
+
+
+def _read_entries(f: BinaryIO, path: Path, size: int) -> list[CkptSlice]:
+    slices = []
+    while f.tell() < size:
+        at = f.tell()
+        first = f.read(1)
+        if first != b"\x0a":
+            if first == b"c" and f.read(6) == b"rc_num":
+                break  # CRC trailer of a checkpoint saved with crc_check=True
+            raise UserError(f"{path} is not a readable MindSpore checkpoint (unexpected byte at offset {at}); "
+                            "encrypted checkpoints are not supported")
+        length = _read_varint(f, str(path))
+        end = f.tell() + length
+        if end > size:
+            raise UserError(f"{path} is truncated: an entry at offset {at} needs {end} bytes, the file has {size}")
+        value = _parse_fields(f, end, str(path), keep_bytes={1})
+        if 2 not in value:
+            raise UserError(f"{path}: entry {value.get(1, [b'?'])[0].decode(errors='replace')} is not a dense "
+                            "tensor (map parameters are not supported)")
+        t_off, t_len = value[2][0]
+        resume = f.tell()
+        f.seek(t_off)
+        tensor = _parse_fields(f, t_off + t_len, str(path), keep_bytes={2})
+        f.seek(resume)
+        content_off, content_len = tensor[3][0]
+        dims = tuple(tensor.get(1, []))
+        # MindSpore writes a scalar's dims as [0]
+        slices.append(CkptSlice(value[1][0].decode(), () if dims == (0,) else dims, tensor[2][0].decode(),
+                                content_off, content_len))
     return slices
 
 
@@ -178,6 +197,22 @@ def read_tensors(path: str | os.PathLike) -> list[CkptTensor]:
         else:
             raise UserError(f"{path}: tensor {s.name} appears twice with different shapes or types")
     return list(tensors.values())
+
+
+def read_array(tensor: CkptTensor) -> np.ndarray:
+    """A tensor's values as numpy; bfloat16 is widened to float32 exactly, as MindSpore's resharding does."""
+    if tensor.type_name not in NUMPY_TYPES:
+        raise UserError(f"{tensor.path}: tensor {tensor.name!r} has type {tensor.type_name!r}, which cannot be read "
+                        "as numpy")
+    raw = np.empty(tensor.nbytes, np.uint8)
+    done = 0
+    for chunk in tensor.chunks():
+        raw[done:done + len(chunk)] = np.frombuffer(chunk, np.uint8)
+        done += len(chunk)
+    data = raw.view(NUMPY_TYPES[tensor.type_name]).reshape(tensor.shape)
+    if tensor.type_name == "BFloat16":
+        return (data.astype(np.uint32) << 16).view(np.float32)
+    return data
 
 
 def write_checkpoint(path: str | os.PathLike, tensors: Iterable, progress: Callable | None = None) -> int:

@@ -9,7 +9,8 @@ import numpy as np
 from qwenbuild.model.config import QwenConfig
 from qwenbuild.model.params import ms_to_hf, parameter_shapes
 from qwenbuild.store import atomic_path
-from qwenbuild.weights import dtypes, hf_output
+from qwenbuild import dtypes
+from qwenbuild.weights import hf_output
 from qwenbuild.weights.safetensors_file import TensorToWrite
 
 STD = 0.02

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import re
 import time
 from pathlib import Path
 from typing import Callable
@@ -11,16 +10,16 @@ from typing import Callable
 from qwenbuild.errors import UserError
 from qwenbuild.jsonfile import read_json
 from qwenbuild.model.config import QwenConfig
-from qwenbuild.model.params import check_names, is_training_state, ms_to_hf, parameter_shapes
+from qwenbuild.model.params import check_names, is_training_state, ms_to_hf, parameter_shapes, split_layer_name
 from qwenbuild.store import atomic_path
-from qwenbuild.weights import dtypes, hf_output, mindspore_ckpt
+from qwenbuild import dtypes
+from qwenbuild.weights import hf_output, mindspore_ckpt
 from qwenbuild.weights.convert import stderr_progress
 from qwenbuild.weights.safetensors_file import TensorToWrite
 
 # hidden_size -> (num_heads, rope_theta) of the published Qwen1.5 sizes: head count is not visible in tensor shapes
 QWEN1_5_SIZES = {1024: (16, 1e6), 2048: (16, 1e6), 2560: (20, 5e6), 4096: (32, 1e6), 5120: (40, 1e6),
                  8192: (64, 1e6)}
-_LAYER = re.compile(r"^model\.layers\.(\d+)\.")
 
 
 def infer_config(shapes: dict[str, tuple[int, ...]], where) -> QwenConfig:
@@ -39,7 +38,7 @@ def infer_config(shapes: dict[str, tuple[int, ...]], where) -> QwenConfig:
                         hint="pass --config with the model's config.json")
     heads, theta = QWEN1_5_SIZES[hidden]
     head_dim = hidden // heads
-    layers = 1 + max(int(m.group(1)) for n in shapes if (m := _LAYER.match(n)))
+    layers = 1 + max(layer[0] for n in shapes if (layer := split_layer_name(n)))
     return QwenConfig(vocab_size=vocab, hidden_size=hidden, num_layers=layers, num_heads=heads,
                       n_kv_heads=kv_out // head_dim, intermediate_size=intermediate, rope_theta=theta,
                       qkv_has_bias="model.layers.0.attention.wq.bias" in shapes,

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
 from qwenbuild.errors import UserError
-from qwenbuild.weights import dtypes
+from qwenbuild import dtypes
 
 CHUNK_BYTES = 16 << 20
 _HEADER_LIMIT = 100 << 20

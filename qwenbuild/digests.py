@@ -1,8 +1,11 @@
-"""A digest of a MINDIR that is equal for equal graphs and weights, although MindSpore's bytes are not reproducible."""
+"""Content digests: of files, of JSON values, and of MINDIR graphs equal for equal graphs and weights although
+MindSpore's bytes are not reproducible."""
 
 from __future__ import annotations
 
 import hashlib
+import json
+import os
 from pathlib import Path
 
 from qwenbuild.errors import UserError
@@ -12,8 +15,31 @@ VOLATILE_ATTRIBUTES = ("compile_phase",)
 _CHUNK = 1 << 20
 
 
+def file_digest(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            h.update(chunk)
+    return "sha256:" + h.hexdigest()
+
+
+def content_digest(path: str | os.PathLike) -> str:
+    """Digest of what a file means: MINDIR graphs are normalised (their raw bytes vary between processes)."""
+    return mindir_digest(path) if str(path).endswith(".mindir") else file_digest(path)
+
+
+def bytes_digest(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def json_digest(value) -> str:
+    """Digest of a JSON-able value, independent of key order."""
+    return bytes_digest(json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode())
+
+
 def load_model_proto(path):
     """Parse a MINDIR file with MindSpore's own mind_ir protobuf classes."""
+    # mindspore loads in seconds: only a MINDIR digest needs its protobuf classes
     from google.protobuf.message import DecodeError
     from mindspore.train import mind_ir_pb2
 

@@ -7,6 +7,7 @@ import numpy as np
 from qwenbuild.errors import UserError
 
 ITEMSIZE = {"float32": 4, "bfloat16": 2, "float16": 2}
+DTYPES = tuple(ITEMSIZE)
 SAFETENSORS = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}
 MINDSPORE = {"float32": "Float32", "bfloat16": "BFloat16", "float16": "Float16"}
 USER = {"fp32": "float32", "float32": "float32", "bf16": "bfloat16", "bfloat16": "bfloat16",
