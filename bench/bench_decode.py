@@ -57,7 +57,7 @@ def time_transformers(model, prompt, new: int, repeat: int):
 
 
 def time_exported(root: Path, prompt, new: int, repeat: int):
-    from qwenbuild.export.layout import FULL, INC
+    from qwenbuild.export.graph_files import FULL, INC
     from qwenbuild.infer.backends import GraphCellBackend
     from qwenbuild.infer.runtime import generate_ids, open_export, warm_up
 

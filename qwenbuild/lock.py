@@ -2,8 +2,8 @@
 
 The lock is both the record of what was built from what and the test of whether an artifact can be trusted.
 It holds content only, so two clean builds of the same inputs give identical lock files; the size, mtime, ctime
-and inode seen when each artifact was recorded live beside it in qwen.lock.stat, a cache that lets a no-op build
-skip reading artifacts. An artifact whose stat differs is re-hashed (ctime catches a write whose mtime was put
+and inode seen when each artifact (or input file) was recorded live beside it in qwen.lock.stat, a cache that lets
+a no-op build skip reading files. A file whose stat differs is re-hashed (ctime catches a write whose mtime was put
 back; the inode, a file replaced by a copy), and one whose bytes differ is rebuilt; a re-hash that finds the same
 bytes refreshes the cache."""
 
@@ -16,12 +16,12 @@ import os
 from pathlib import Path
 
 from qwenbuild.digests import content_digest, json_digest
-from qwenbuild.store import SEAL, atomic_path, member_digests
+from qwenbuild.store import SEAL, atomic_path, member_digests, read_seal
 
 LOCK_VERSION = 1
 
 
-def _stat(path: Path) -> list[int]:
+def file_stat(path: Path) -> list[int]:
     st = path.stat()
     return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
 
@@ -34,15 +34,15 @@ def describe_artifact(path: Path) -> tuple[dict, dict[str, list[int]]]:
     """(lock entry, stats by absolute path) of a file, or of every member of a directory artifact."""
     if path.is_dir():
         members = member_digests(path)
-        stats = {str(path / rel): _stat(path / rel) for rel in members}
+        stats = {str(path / rel): file_stat(path / rel) for rel in members}
         return {"kind": "dir", "digest": json_digest(members), "members": members}, stats
-    return {"kind": "file", "digest": content_digest(path)}, {str(path): _stat(path)}
+    return {"kind": "file", "digest": content_digest(path)}, {str(path): file_stat(path)}
 
 
 def _intact_file(path: Path, digest: str, stats: dict, refreshed: dict | None) -> str | None:
     if not path.is_file():
         return f"{path} is missing"
-    seen = _stat(path)
+    seen = file_stat(path)
     if stats.get(str(path)) == seen:
         return None  # unchanged since it was recorded: trust without reading
     if content_digest(path) != digest:
@@ -68,6 +68,14 @@ def check_artifact(path: Path, entry: dict, stats: dict, refreshed: dict | None 
     return None
 
 
+def check_sealed(directory: Path, stats: dict) -> str | None:
+    """None when a directory's members still have the digests its own seal records, else why not."""
+    members = read_seal(directory)
+    if members is None:
+        return f"{directory} has no seal: it was never completed"
+    return check_artifact(directory, {"kind": "dir", "members": members}, stats)
+
+
 def _dump(value) -> str:
     return json.dumps(value, indent=1, sort_keys=True, ensure_ascii=False) + "\n"
 
@@ -91,9 +99,10 @@ class Lock:
             return {}
 
     @contextlib.contextmanager
-    def _exclusive(self):
+    def _writing(self):
+        """One writer at a time: a build records while `qwenbuild plan` may refresh the stat cache."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path.with_name(self.path.name + ".flock"), "a+") as f:
+        with open(self.path.with_name(self.path.name + ".mutex"), "a+") as f:
             fcntl.flock(f, fcntl.LOCK_EX)
             yield
 
@@ -108,14 +117,15 @@ class Lock:
         return self.read()["tasks"].get(task)
 
     def record(self, task: str, artifacts: list[Path], inputs: dict[str, str], manifest: dict,
-               toolchain: dict, root: Path) -> dict:
-        described, seen = {}, {}
+               toolchain: dict, root: Path, input_stats: dict[str, list[int]] | None = None) -> dict:
+        """Write the task's entry; input_stats are the stats of its input files when their digests were taken."""
+        described, seen = {}, dict(input_stats or {})
         for path in artifacts:
             described[os.path.relpath(path, root)], stats = describe_artifact(path)
             seen.update(stats)
         entry = {"artifacts": described, "inputs": dict(sorted(inputs.items())), "manifest": manifest,
                  "toolchain": toolchain}
-        with self._exclusive():
+        with self._writing():
             data, stats = self.read(), self.read_stats()
             data["tasks"][task] = entry
             data["tasks"] = dict(sorted(data["tasks"].items()))
@@ -124,7 +134,7 @@ class Lock:
         return entry
 
     def forget(self, task: str) -> None:
-        with self._exclusive():
+        with self._writing():
             data = self.read()
             if data["tasks"].pop(task, None) is not None:
                 self._write(data)
@@ -146,7 +156,7 @@ class Lock:
     def _refresh(self, seen: dict) -> None:
         """Remember stats of files whose bytes were just confirmed, so the next check need not read them."""
         try:
-            with self._exclusive():
+            with self._writing():
                 stats = self.read_stats()
                 stats.update(seen)
                 with atomic_path(self.stat_path) as tmp:

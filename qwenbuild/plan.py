@@ -1,53 +1,36 @@
-"""The parallel plan: rank layout over nodes, divisibility rules, and a per-device memory estimate."""
+"""The parallel plan on the manifest's hardware: where each rank runs, and a per-device memory estimate."""
 
 from __future__ import annotations
 
 import dataclasses
 
 from qwenbuild.dtypes import ITEMSIZE
-from qwenbuild.errors import UserError
-from qwenbuild.tokenizer.files import QWEN_VOCAB_SIZE
 from qwenbuild.model.config import QwenConfig
-from qwenbuild.parallel.strategy import indivisible_dims
+from qwenbuild.parallel.plan_rules import stage_layers
+from qwenbuild.parallel.ranks import Rank, place_ranks
 
 GIB = 1 << 30
 
 
 @dataclasses.dataclass(frozen=True)
-class Rank:
-    rank: int
-    node: int
+class PlacedRank:
+    rank: Rank
     host: str
-    device: int
-    stage: int
     layers: range
-    dp_index: int
-    mp_index: int
 
 
-def stage_layers(m) -> list[range]:
+def pipeline_layers(m) -> list[range]:
     """Layers of each pipeline stage, by MindFormers' rule (parallel.offset spells out an uneven split)."""
-    from qwenbuild.parallel.strategy import stage_layers as split
-
-    par = m.data["parallel"]
-    return split(m.model.num_layers, par["pipeline_stage"], par.get("offset", 0))
+    return stage_layers(m.model.num_layers, m.parallel.pipeline_stage, m.parallel.stage_offset)
 
 
-def rank_layout(m) -> list[Rank]:
-    """Global ranks in rank-table order: node by node; inside a stage, model_parallel varies fastest."""
-    hw, par = m.data["hardware"], m.data["parallel"]
-    dp, mp, pp = par["data_parallel"], par["model_parallel"], par["pipeline_stage"]
-    per_stage = dp * mp
-    stages = stage_layers(m)
-    out = []
-    for rank in range(dp * mp * pp):
-        node, local = divmod(rank, hw["devices_per_node"])
-        entry = hw["nodes"][node] if node < len(hw["nodes"]) else {"host": "?"}
-        ids = entry.get("device_ids") or list(range(hw["devices_per_node"]))
-        stage, inner = divmod(rank, per_stage)
-        out.append(Rank(rank, node, entry["host"], ids[local] if local < len(ids) else local, stage,
-                        stages[stage], inner // mp, inner % mp))
-    return out
+def ranks(m) -> list[PlacedRank]:
+    """Every rank of the plan with its node's host name and its layers."""
+    hw, par = m.hardware, m.parallel
+    stages = pipeline_layers(m)
+    placed = place_ranks(par.data_parallel, par.model_parallel, par.pipeline_stage,
+                         [hw.device_ids(node) for node in hw.nodes])
+    return [PlacedRank(r, hw.nodes[r.node].host, stages[r.stage]) for r in placed]
 
 
 def _stage_params(cfg: QwenConfig, layers: int, first: bool, last: bool, mp: int, vocab_emb_dp: bool) -> float:
@@ -65,82 +48,32 @@ def _stage_params(cfg: QwenConfig, layers: int, first: bool, last: bool, mp: int
 
 def memory_estimate(m) -> list[dict]:
     """Per pipeline stage, bytes per device: weights, gradients, AdamW states and activations of one step."""
-    cfg, par, train = m.model, m.data["parallel"], m.data["train"]
-    dp, mp, pp = par["data_parallel"], par["model_parallel"], par["pipeline_stage"]
-    seq, batch = m.data["dataset"]["seq_length"], train["batch_size"]
+    cfg, par, hw = m.model.config, m.parallel, m.hardware
+    dp, mp, pp = par.data_parallel, par.model_parallel, par.pipeline_stage
+    tokens = m.dataset.seq_length * m.train.batch_size
     pbytes = ITEMSIZE[cfg.param_dtype]
-    abytes = 4 if m.data["hardware"]["device"] == "cpu" else ITEMSIZE[cfg.compute_dtype]
+    abytes = 4 if hw.device == "cpu" else ITEMSIZE[cfg.compute_dtype]
     h = cfg.hidden_size
     rows = []
-    for stage, layers in enumerate(stage_layers(m)):
-        params = _stage_params(cfg, len(layers), stage == 0, stage == pp - 1, mp, par["vocab_emb_dp"])
+    for stage, layers in enumerate(pipeline_layers(m)):
+        params = _stage_params(cfg, len(layers), stage == 0, stage == pp - 1, mp, par.vocab_emb_dp)
         weights = params * pbytes
         grads = params * 4  # gradients accumulate in float32
         # AdamW m and v in float32, sharded across data parallel by the parallel optimizer on Ascend
-        optimizer = params * 8 / (dp if m.data["hardware"]["device"] == "ascend" else 1)
-        tokens = seq * batch
-        if par["recompute"]:
+        optimizer = params * 8 / (dp if hw.device == "ascend" else 1)
+        if par.recompute:
             per_layer = tokens * h * abytes
         else:
             per_layer = tokens * (h * 17 + cfg.intermediate_size * 3) * abytes / mp
-        in_flight = min(pp - stage, par["micro_batch_num"]) if pp > 1 else 1
+        in_flight = min(pp - stage, par.micro_batch_num) if pp > 1 else 1
         activations = per_layer * len(layers) * in_flight
         if stage == pp - 1:
-            activations += tokens * cfg.vocab_size * 4 * 2 / (1 if par["vocab_emb_dp"] else mp)
+            activations += tokens * cfg.vocab_size * 4 * 2 / (1 if par.vocab_emb_dp else mp)
         total = weights + grads + optimizer + activations
         rows.append(dict(stage=stage, layers=layers, params=params, weights=weights, gradients=grads,
                          optimizer=optimizer, activations=activations, total=total,
-                         device=m.data["hardware"]["device_memory_gb"] * GIB))
+                         device=hw.device_memory_gb * GIB))
     return rows
-
-
-def plan_problems(m) -> list[tuple[str, str]]:
-    """Rules the schema cannot express, as (key path, message)."""
-    cfg, par, hw = m.model, m.data["parallel"], m.data["hardware"]
-    dp, mp, pp = par["data_parallel"], par["model_parallel"], par["pipeline_stage"]
-    out = []
-    devices = m.device_count
-    if dp * mp * pp != devices:
-        out.append(("parallel.data_parallel",
-                    f"data_parallel {dp} x model_parallel {mp} x pipeline_stage {pp} = {dp * mp * pp}, but the "
-                    f"hardware has {devices} devices ({len(hw['nodes'])} node(s) x {hw['devices_per_node']} "
-                    "devices_per_node); make the product equal the device count"))
-    for name, value in indivisible_dims(cfg, mp, par["vocab_emb_dp"]):
-        hint = "; set parallel.vocab_emb_dp = true or pad the vocabulary" if name == "vocab_size" else ""
-        out.append(("parallel.model_parallel", f"model.{name} {value} is not divisible by model_parallel {mp}{hint}"))
-    if pp > cfg.num_layers:
-        out.append(("parallel.pipeline_stage", f"pipeline_stage {pp} exceeds model.num_layers {cfg.num_layers}: "
-                                               "every stage needs at least one layer"))
-    else:
-        try:
-            stage_layers(m)
-        except UserError as exc:
-            out.append(("parallel.offset" if "offset" in par else "parallel.pipeline_stage", str(exc)))
-    if pp > 1 and par["micro_batch_num"] < pp:
-        out.append(("parallel.micro_batch_num", f"micro_batch_num {par['micro_batch_num']} is below "
-                                                f"pipeline_stage {pp}; use at least {pp} to keep every stage busy"))
-    if m.data["export"]["seq_length"] > cfg.max_position_embeddings:
-        out.append(("export.seq_length", f"{m.data['export']['seq_length']} exceeds model.max_position_embeddings "
-                                         f"{cfg.max_position_embeddings}"))
-    if m.data["dataset"]["seq_length"] > cfg.max_position_embeddings:
-        out.append(("dataset.seq_length", f"{m.data['dataset']['seq_length']} exceeds "
-                                          f"model.max_position_embeddings {cfg.max_position_embeddings}"))
-    for i, node in enumerate(hw["nodes"]):
-        for key in ("device_ids", "device_ips"):
-            if key in node and len(node[key]) != hw["devices_per_node"]:
-                out.append((f"hardware.nodes[{i}].{key}", f"lists {len(node[key])} entries, but devices_per_node "
-                                                          f"is {hw['devices_per_node']}"))
-    ips = [n["ip"] for n in hw["nodes"]]
-    if len(set(ips)) != len(ips) and hw["device"] == "ascend":
-        out.append(("hardware.nodes", "two nodes share an ip; every Ascend node needs its own address"))
-    tok = m.data.get("tokenizer", {})
-    if tok.get("kind") == "trained" and tok.get("vocab_size", 0) > cfg.vocab_size:
-        out.append(("tokenizer.vocab_size", f"{tok['vocab_size']} exceeds model.vocab_size {cfg.vocab_size}: the "
-                                            "embedding needs a row for every token"))
-    if tok.get("kind") == "qwen" and cfg.vocab_size < QWEN_VOCAB_SIZE:
-        out.append(("tokenizer.kind", f"the Qwen tokenizer has {QWEN_VOCAB_SIZE} tokens but model.vocab_size is "
-                                      f"{cfg.vocab_size}; use kind = \"trained\" or a larger vocabulary"))
-    return out
 
 
 def memory_warnings(m) -> list[str]:

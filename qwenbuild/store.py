@@ -129,16 +129,21 @@ def atomic_path(final: str | os.PathLike, *, directory: bool = False) -> Iterato
 
 
 def member_digests(directory: str | os.PathLike) -> dict[str, str]:
-    """Digest of every file below a directory, by POSIX relative path, excluding the manifest itself."""
+    """Digest of every file below a directory, by POSIX relative path, excluding its seal."""
     root = Path(directory)
     return {p.relative_to(root).as_posix(): content_digest(p)
             for p in sorted(root.rglob("*")) if p.is_file() and p.name != SEAL}
 
 
+def seal_path(directory: str | os.PathLike) -> Path:
+    """The member-digest file that marks a directory artifact as complete."""
+    return Path(directory) / SEAL
+
+
 def read_seal(directory: str | os.PathLike) -> dict[str, str] | None:
     """The member digests a directory artifact's seal records, or None when it has no readable seal."""
     try:
-        return json.loads((Path(directory) / SEAL).read_text(encoding="utf-8"))
+        return json.loads(seal_path(directory).read_text(encoding="utf-8"))
     except (FileNotFoundError, ValueError):
         return None
 
@@ -146,5 +151,5 @@ def read_seal(directory: str | os.PathLike) -> dict[str, str] | None:
 def write_seal(directory: str | os.PathLike) -> str:
     """Record member digests inside a directory artifact; returns the digest of the whole directory."""
     members = member_digests(directory)
-    (Path(directory) / SEAL).write_text(json.dumps(members, indent=1, sort_keys=True) + "\n")
+    seal_path(directory).write_text(json.dumps(members, indent=1, sort_keys=True) + "\n")
     return json_digest(members)

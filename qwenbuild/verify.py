@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -11,8 +12,9 @@ from pathlib import Path
 
 from qwenbuild.compare import first_difference
 from qwenbuild.errors import UserError
-from qwenbuild.layout import Layout
+from qwenbuild.build_dir import BuildDir
 from qwenbuild.lock import Lock
+from qwenbuild.tasks.staleness import task_status
 
 DODO = Path(__file__).resolve().parents[1] / "dodo.py"
 
@@ -74,7 +76,7 @@ def _compare_artifact(task, rel, old, new, a_root: Path, b_root: Path) -> list[D
 
 def compare_locks(a_root: Path, b_root: Path) -> tuple[list[Difference], int]:
     """Differences between two build dirs' locks, and how many artifacts were compared."""
-    a, b = Lock(Layout(a_root).lock).read()["tasks"], Lock(Layout(b_root).lock).read()["tasks"]
+    a, b = Lock(BuildDir(a_root).lock).read()["tasks"], Lock(BuildDir(b_root).lock).read()["tasks"]
     diffs, count = [], 0
     for task, entry in sorted(a.items()):
         rebuilt = b.get(task, {}).get("artifacts", {})
@@ -85,14 +87,16 @@ def compare_locks(a_root: Path, b_root: Path) -> tuple[list[Difference], int]:
 
 
 def verify(manifest, keep: bool = False) -> tuple[list[Difference], int]:
-    from qwenbuild.tasks import task_specs
-
-    original = Layout(manifest.build_dir)
+    original = BuildDir(manifest.build_dir)
     recorded = Lock(original.lock).read()["tasks"]
     if not recorded:
         raise UserError(f"{original.lock} records no artifacts yet", hint="build first, e.g. `doit export`")
-    known = [s.name for s in task_specs(manifest)]
-    tasks = [t for t in known if t in recorded]
+    status = [(name, reasons) for name, state, reasons in task_status(manifest) if name in recorded]
+    stale = [f"{name}: {'; '.join(reasons)}" for name, reasons in status if reasons]
+    if stale:
+        raise UserError(f"the build in {original.root} is out of date, so qwen.lock does not describe "
+                        "qwen.toml:\n  " + "\n  ".join(stale), hint=f"rebuild first: doit {' '.join(n for n, _ in status)}")
+    tasks = [name for name, _ in status]
     scratch = Path(tempfile.mkdtemp(prefix="qwenbuild-verify-", dir=os.environ.get("QWENBUILD_VERIFY_DIR")))
     print(f"verify: rebuilding {', '.join(tasks)} into {scratch}", file=sys.stderr, flush=True)
     try:
@@ -100,6 +104,4 @@ def verify(manifest, keep: bool = False) -> tuple[list[Difference], int]:
         return compare_locks(original.root, scratch)
     finally:
         if not keep:
-            import shutil
-
             shutil.rmtree(scratch, ignore_errors=True)

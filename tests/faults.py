@@ -16,7 +16,7 @@ import threading
 import time
 from pathlib import Path
 
-from qwenbuild.layout import Layout
+from qwenbuild.build_dir import BuildDir
 from qwenbuild.lock import Lock
 from qwenbuild.processes import descendants
 from qwenbuild.digests import content_digest
@@ -275,7 +275,7 @@ def temporaries(root: Path) -> list[Path]:
 
 def trusted_tasks(root: Path) -> set[str]:
     """Tasks whose lock entry still matches every artifact on disk: the ones a build may skip."""
-    lock = Lock(Layout(root).lock)
+    lock = Lock(BuildDir(root).lock)
     return {task for task in lock.read()["tasks"] if lock.intact(task, root) is None}
 
 
@@ -306,7 +306,7 @@ def _same_file(ref: Path, mine: Path, ref_root: Path, root: Path) -> bool:
 
 def reference_artifacts(ref_root: Path) -> list[tuple[str, str, dict]]:
     """(task, path relative to the build dir, lock entry) of every artifact of the reference build."""
-    tasks = Lock(Layout(ref_root).lock).read()["tasks"]
+    tasks = Lock(BuildDir(ref_root).lock).read()["tasks"]
     return [(task, rel, art) for task, entry in sorted(tasks.items()) for rel, art in sorted(entry["artifacts"].items())]
 
 
@@ -315,12 +315,12 @@ def leftover_problems(root: Path, ref_root: Path) -> list[str]:
     file at a final path whose bytes differ from the uninterrupted build's."""
     problems = []
     try:
-        json.loads(Layout(root).lock.read_text(encoding="utf-8"))
+        json.loads(BuildDir(root).lock.read_text(encoding="utf-8"))
     except FileNotFoundError:
         pass
     except ValueError as exc:
         problems.append(f"qwen.lock is not valid JSON: {exc}")
-    lock = Lock(Layout(root).lock)
+    lock = Lock(BuildDir(root).lock)
     for task in lock.read()["tasks"]:
         reason = lock.intact(task, root)
         if reason:

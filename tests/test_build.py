@@ -64,10 +64,10 @@ def test_lock_records_artifacts_inputs_and_manifest_slice(built):
     entry = lock(built)["tasks"]["mindrecord"]
     from qwenbuild.manifest import load_manifest
 
-    ds = load_manifest(built).data["dataset"]
-    assert entry["manifest"] == {"dataset.seq_length": ds["seq_length"], "dataset.mask_prompt": ds["mask_prompt"],
+    ds = load_manifest(built).dataset
+    assert entry["manifest"] == {"dataset.seq_length": ds.seq_length, "dataset.mask_prompt": ds.mask_prompt,
                                  "dataset.file_partition": 1}
-    assert set(entry["inputs"]) == {"data/alpaca-messages.json", "tokenizer/.qwenbuild-seal.json"}
+    assert set(entry["inputs"]) == {"data/alpaca-messages.json", "tokenizer"}
     assert entry["inputs"]["data/alpaca-messages.json"] == \
         lock(built)["tasks"]["alpaca"]["artifacts"]["data/alpaca-messages.json"]["digest"]
     members = entry["artifacts"]["data/mindrecord"]["members"]
@@ -163,9 +163,9 @@ def test_two_concurrent_builds_are_safe(tmp_path):
 def test_plan_reports_why_tasks_are_out_of_date(built):
     from qwenbuild.manifest import load_manifest
     from qwenbuild.manifest.edit import set_keys
-    from qwenbuild.status import task_status
+    from qwenbuild.tasks.staleness import task_status
 
-    before = load_manifest(built).data["dataset"]["mask_prompt"]
+    before = load_manifest(built).dataset.mask_prompt
     set_keys(built, [("dataset.mask_prompt", "false" if before else "true")])
     status = {name: (state, reasons) for name, state, reasons in task_status(load_manifest(built))}
     assert status["dataset"] == ("up to date", [])

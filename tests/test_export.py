@@ -13,7 +13,7 @@ import pytest
 from qwenbuild.errors import UserError
 from qwenbuild.digests import load_model_proto, mindir_digest
 from qwenbuild.export import export_mindir
-from qwenbuild.export.layout import FULL, INC, graph_file, sidecar_file, variables_dir
+from qwenbuild.export.graph_files import FULL, INC, graph_file, sidecar_file, variables_dir
 from qwenbuild.model.config import QwenConfig
 from qwenbuild.digests import file_digest
 

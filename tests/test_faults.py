@@ -18,7 +18,7 @@ import pytest
 from faults import (Build, Timeline, flip_byte, kill_points, leftover_problems, lock_differences, reduced_manifest,
                     reference_artifacts, run_and_kill, snapshot_code, survivors, temporaries, timelines,
                     trusted_tasks, without_step_times)
-from qwenbuild.layout import Layout
+from qwenbuild.build_dir import BuildDir
 from qwenbuild.lock import Lock
 from qwenbuild.digests import content_digest
 
@@ -45,7 +45,7 @@ def reference(tmp_path_factory) -> Reference:
     build = Build(manifest, code)
     assert build.wait() == 0, build.output()[-4000:]
     lines = timelines(build)
-    assert set(lines) == set(Lock(Layout(directory / "build").lock).read()["tasks"])
+    assert set(lines) == set(Lock(BuildDir(directory / "build").lock).read()["tasks"])
     return Reference(code, manifest, directory / "build", lines, build.ran())
 
 
@@ -57,7 +57,7 @@ def _landed(kill, root: Path) -> str:
     if not ran:
         return "before any task started"
     last = ran[-1]
-    recorded = Lock(Layout(root).lock).entry(last) is not None
+    recorded = Lock(BuildDir(root).lock).entry(last) is not None
     return f"in {last}" + (" (after it recorded its artifacts)" if recorded else "")
 
 
@@ -111,7 +111,7 @@ def _member_to_flip(root: Path, rel: str, art: dict) -> Path:
 
 
 def _inputs(root: Path) -> dict[str, dict]:
-    return {task: entry["inputs"] for task, entry in Lock(Layout(root).lock).read()["tasks"].items()}
+    return {task: entry["inputs"] for task, entry in Lock(BuildDir(root).lock).read()["tasks"].items()}
 
 
 def _checkpoint_meta(root: Path) -> dict:

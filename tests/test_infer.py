@@ -13,7 +13,7 @@ import pytest
 
 from qwenbuild.errors import UserError
 from qwenbuild.export import export_mindir
-from qwenbuild.export.layout import FULL, INC, sidecar_file
+from qwenbuild.export.graph_files import FULL, INC, sidecar_file
 from qwenbuild.infer.backends import GraphCellBackend, open_backend
 from qwenbuild.infer.prompt import chat_text
 from qwenbuild.tokenizer import stop_ids

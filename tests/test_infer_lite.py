@@ -18,7 +18,7 @@ import pytest
 
 from qwenbuild.digests import load_model_proto
 from qwenbuild.export.lite_ini import write_lite_ini
-from qwenbuild.export.layout import FULL, INC
+from qwenbuild.export.graph_files import FULL, INC
 from qwenbuild.infer.backends import GraphCellBackend, LiteBackend, open_backend
 from qwenbuild.infer.runtime import generate_ids, open_export
 

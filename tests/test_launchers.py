@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from qwenbuild.errors import UserError
-from qwenbuild.parallel import launchers as ln
+from qwenbuild.parallel import launch_scripts as ln
 
 ASCEND_NODES = [{"ip": f"10.0.0.{n + 1}", "host": f"npu{n}"} for n in range(4)]
 

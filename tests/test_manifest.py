@@ -35,7 +35,7 @@ def test_embedded_default_is_the_tiny_template():
 def test_embedded_default_validates_with_defaults_filled(tmp_path):
     m = load_manifest(write(tmp_path, default_text()))
     assert m.model.hidden_size == MODELS["tiny"]["hidden_size"]
-    assert m.data["train"]["beta2"] == 0.95  # a schema default
+    assert m.train.beta2 == 0.95  # a schema default
     assert m.build_dir == (tmp_path / "build").resolve()
 
 
@@ -47,10 +47,10 @@ def test_every_preset_validates(tmp_path, preset):
 
 def test_72b_preset_reproduces_the_original_setup(tmp_path):
     m = load_manifest(write(tmp_path, render("qwen1.5-72b")))
-    par = m.data["parallel"]
-    assert (par["data_parallel"], par["model_parallel"], par["pipeline_stage"], par["micro_batch_num"]) == (1, 8, 4, 48)
-    assert len(m.data["hardware"]["nodes"]) == 4 and m.data["hardware"]["devices_per_node"] == 8
-    assert m.data["hardware"]["device"] == "ascend" and m.data["dataset"]["seq_length"] == 2048
+    par = m.parallel
+    assert (par.data_parallel, par.model_parallel, par.pipeline_stage, par.micro_batch_num) == (1, 8, 4, 48)
+    assert len(m.hardware.nodes) == 4 and m.hardware.devices_per_node == 8
+    assert m.hardware.device == "ascend" and m.dataset.seq_length == 2048
     assert (m.model.hidden_size, m.model.num_layers, m.model.vocab_size) == (8192, 80, 152064)
 
 

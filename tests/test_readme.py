@@ -21,7 +21,7 @@ def test_reference_section_is_generated_from_the_schema():
 
 
 def test_every_schema_key_is_documented():
-    from qwenbuild.manifest._schema import schema
+    from qwenbuild.schema import schema
 
     text = readme()
     for name, sec in schema()["properties"].items():

@@ -11,6 +11,7 @@ from qwenbuild.cli import main as cli
 from qwenbuild.errors import UserError
 from qwenbuild.model.config import QwenConfig
 from qwenbuild.model.params import num_parameters
+from qwenbuild.parallel import plan_rules, shard_sizes
 from qwenbuild.parallel import strategy as st
 
 QWEN72B = QwenConfig(vocab_size=152064, hidden_size=8192, num_layers=80, num_heads=64, n_kv_heads=64,
@@ -91,14 +92,14 @@ def test_stage_rule_matches_mindformers_layer_setting(num_layers, pp, offset):
     from mindformers.modules.transformer import TransformerOpParallelConfig
     from mindformers.parallel_core.training_graph.transformer.utils import LayerSetting
 
-    ours = st.stage_layers(num_layers, pp, offset)
+    ours = plan_rules.stage_layers(num_layers, pp, offset)
     theirs = LayerSetting(num_layers, offset, TransformerOpParallelConfig(pipeline_stage=pp)).pp_ids
     assert [s for i in range(num_layers) for s, r in enumerate(ours) if i in r] == [int(x) for x in theirs]
 
 
 def test_uneven_layers_need_an_offset():
     with pytest.raises(UserError, match="adding up to 2") as err:
-        st.stage_layers(30, 4)
+        plan_rules.stage_layers(30, 4)
     assert "offset = [0, 0, 1, 1]" in str(err.value)
 
 
@@ -107,15 +108,15 @@ def test_uneven_layers_need_an_offset():
 ])
 def test_plan_divisibility(mp, vocab_emb_dp, message):
     if message is None:
-        st.check_plan(TINY_GQA, 1, mp, 1, vocab_emb_dp)
+        plan_rules.check_plan(TINY_GQA, 1, mp, 1, vocab_emb_dp)
     else:
         with pytest.raises(UserError, match=message):
-            st.check_plan(TINY_GQA, 1, mp, 1, vocab_emb_dp)
+            plan_rules.check_plan(TINY_GQA, 1, mp, 1, vocab_emb_dp)
     odd_vocab = QwenConfig(vocab_size=250, hidden_size=64, num_layers=2, num_heads=8, n_kv_heads=8,
                            intermediate_size=96)
     with pytest.raises(UserError, match="vocab_emb_dp"):
-        st.check_plan(odd_vocab, 1, 4, 1)
-    st.check_plan(odd_vocab, 1, 4, 1, vocab_emb_dp=True)
+        plan_rules.check_plan(odd_vocab, 1, 4, 1)
+    plan_rules.check_plan(odd_vocab, 1, 4, 1, vocab_emb_dp=True)
 
 
 def test_gqa_and_vocab_emb_dp_layouts():
@@ -137,8 +138,8 @@ def test_tied_embedding_lives_on_first_and_last_stage():
     assert "model.tok_embeddings.embedding_weight" in last and "lm_head.weight" not in last
 
 
-def test_rank_plan_72b():
-    plan = st.rank_plan(QWEN72B, 1, 8, 4, node_devices=[list(range(8))] * 4)
+def test_rank_shards_72b():
+    plan = shard_sizes.rank_shards(QWEN72B, 1, 8, 4, node_devices=[list(range(8))] * 4)
     assert len(plan) == 32
     r9 = plan[9]
     assert (r9["node"], r9["device"], r9["stage"], r9["layers"], r9["model_parallel_index"]) == (1, 1, 1, [20, 39], 1)
@@ -150,7 +151,7 @@ def test_rank_plan_72b():
     assert plan[31]["bytes"] == (20 * per_layer + 19008 * 8192 + 8192) * 2
     assert sum(p["bytes"] for p in plan[::8]) * 8 == pytest.approx(num_parameters(QWEN72B) * 2, rel=0.001)
     with pytest.raises(UserError, match="hold 8 devices"):
-        st.rank_plan(QWEN72B, 1, 8, 4, node_devices=[list(range(8))])
+        shard_sizes.rank_shards(QWEN72B, 1, 8, 4, node_devices=[list(range(8))])
 
 
 def test_collect_strategy_files_checks_a_supplied_dir(tmp_path):
@@ -181,14 +182,14 @@ def test_strategy_command(tmp_path, capsys):
 
 
 def test_shard_table_for_plan_and_default_offset():
-    text = st.shard_table(QWEN72B, {"data_parallel": 1, "model_parallel": 8, "pipeline_stage": 4}, 32)
+    text = shard_sizes.shard_table(QWEN72B, {"data_parallel": 1, "model_parallel": 8, "pipeline_stage": 4}, 32)
     rows = text.splitlines()
     assert rows[1].split() == ["stage", "0", "ranks", "0-7", "model.tok_embeddings.embedding_weight", "1",
                                "19008x8192", "297.0"]
     assert any(r.split()[-3:] == ["20", "3072x8192", "960.0"] and "w1" in r for r in rows)
     assert sum(r.strip().startswith("total, layers") for r in rows) == 4
     with pytest.raises(UserError, match="16 devices"):
-        st.shard_table(QWEN72B, {"data_parallel": 1, "model_parallel": 8, "pipeline_stage": 4}, 16)
-    assert st.default_offset(80, 4) == 0
-    assert st.default_offset(30, 4) == [0, 0, 1, 1]
-    assert [len(r) for r in st.stage_layers(30, 4, st.default_offset(30, 4))] == [7, 7, 8, 8]
+        shard_sizes.shard_table(QWEN72B, {"data_parallel": 1, "model_parallel": 8, "pipeline_stage": 4}, 16)
+    assert plan_rules.default_offset(80, 4) == 0
+    assert plan_rules.default_offset(30, 4) == [0, 0, 1, 1]
+    assert [len(r) for r in plan_rules.stage_layers(30, 4, plan_rules.default_offset(30, 4))] == [7, 7, 8, 8]

@@ -32,7 +32,7 @@ def last_checkpoint(output_dir, rank: int):
 
 def test_two_workers_agree_and_match_one_worker_with_the_same_global_batch(tmp_path):
     from qwenbuild.train.finetune import finetune
-    from qwenbuild.train.launch import run_msrun
+    from qwenbuild.train.msrun import run_msrun
 
     path = write_mindrecord(tmp_path / "d.mindrecord", progression_rows(40))
     two = settings(path, tmp_path / "two", batch_size=2, workers=2, steps=12, save_steps=6)
@@ -53,7 +53,7 @@ def test_two_workers_agree_and_match_one_worker_with_the_same_global_batch(tmp_p
 
 
 def test_failed_worker_reports_its_log(tmp_path):
-    from qwenbuild.train.launch import run_msrun
+    from qwenbuild.train.msrun import run_msrun
 
     s = settings(tmp_path / "missing.mindrecord", tmp_path / "out", batch_size=2, workers=2)
     write_run_json(tmp_path / "run.json", s)

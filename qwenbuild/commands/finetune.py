@@ -5,6 +5,9 @@ worker, learning_rate, warmup_ratio, weight_decay, epochs or steps, grad_clip, s
 Checkpoints go to <output_dir>/checkpoint/rank_N/; a rerun resumes from the last one the workers all saved.
 """
 
+from qwenbuild.train.msrun import run_msrun
+from qwenbuild.train.settings import read_run_json
+
 
 def add_arguments(parser):
     parser.add_argument("--config", required=True, help="run.json with the training settings")
@@ -13,9 +16,6 @@ def add_arguments(parser):
 
 
 def main(args):
-    from qwenbuild.train.launch import run_msrun
-    from qwenbuild.train.settings import read_run_json
-
     settings = read_run_json(args.config)
     run_msrun(settings.workers, args.config, args.log_dir, args.master_port)
     return 0

@@ -16,6 +16,10 @@ import json
 import os
 import sys
 
+from qwenbuild.build_dir import BuildDir
+from qwenbuild.infer.runtime import generate, print_progress
+from qwenbuild.manifest import load_manifest
+
 
 def str2bool(text: str) -> bool:
     lowered = text.strip().lower()
@@ -62,22 +66,17 @@ def add_arguments(parser):
 
 def _from_manifest(args) -> None:
     """Fill unset paths and shapes from the manifest's build, so `qwenbuild infer --predict_data ...` just works."""
-    from qwenbuild.layout import Layout
-    from qwenbuild.manifest import load_manifest
-
     m = load_manifest(args.config or "qwen.toml")
-    lay = Layout(m.build_dir)
-    args.mindir_root_dir = args.mindir_root_dir or str(lay.output)
-    args.tokenizer_dir = args.tokenizer_dir or str(lay.tokenizer)
-    args.batch_size = args.batch_size or m.data["export"]["batch_size"]
-    args.seq_length = args.seq_length or m.data["export"]["seq_length"]
-    if args.ge_config_path is None and lay.lite_ini.is_file():
-        args.ge_config_path = str(lay.lite_ini)
+    build = BuildDir(m.build_dir)
+    args.mindir_root_dir = args.mindir_root_dir or str(build.output)
+    args.tokenizer_dir = args.tokenizer_dir or str(build.tokenizer)
+    args.batch_size = args.batch_size or m.export.batch_size
+    args.seq_length = args.seq_length or m.export.seq_length
+    if args.ge_config_path is None and build.lite_ini.is_file():
+        args.ge_config_path = str(build.lite_ini)
 
 
 def main(args):
-    from qwenbuild.infer.runtime import generate, print_progress
-
     if args.config or args.mindir_root_dir is None or args.tokenizer_dir is None:
         _from_manifest(args)
 

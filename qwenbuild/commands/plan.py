@@ -4,7 +4,10 @@ estimate per device, and which build tasks are out of date and why."""
 from __future__ import annotations
 
 from qwenbuild.commands import add_manifest_argument
+from qwenbuild.manifest import load_manifest
 from qwenbuild.model.params import num_parameters
+from qwenbuild.parallel.shard_sizes import shard_table
+from qwenbuild.plan import memory_estimate, memory_warnings, ranks
 
 
 def add_arguments(parser):
@@ -17,21 +20,17 @@ def _gib(n: float) -> str:
 
 
 def main(args):
-    from qwenbuild.manifest import load_manifest
-    from qwenbuild.plan import memory_estimate, memory_warnings, rank_layout
-
     m = load_manifest(args.config)
-    par, hw, cfg = m.data["parallel"], m.data["hardware"], m.model
-    print(f"{m.path}: {num_parameters(cfg) / 1e9:.3f}B parameters; {len(hw['nodes'])} node(s) x "
-          f"{hw['devices_per_node']} {hw['device']} devices; dp {par['data_parallel']} x mp {par['model_parallel']} "
-          f"x pp {par['pipeline_stage']}")
+    par, hw = m.parallel, m.hardware
+    print(f"{m.path}: {num_parameters(m.model.config) / 1e9:.3f}B parameters; {len(hw.nodes)} node(s) x "
+          f"{hw.devices_per_node} {hw.device} devices; dp {par.data_parallel} x mp {par.model_parallel} "
+          f"x pp {par.pipeline_stage}")
     print("\nrank  node  host              device  stage  dp  mp  layers")
-    for r in rank_layout(m):
-        print(f"{r.rank:4d}  {r.node:4d}  {r.host[:16]:16s}  {r.device:6d}  {r.stage:5d}  {r.dp_index:2d}  "
-              f"{r.mp_index:2d}  {r.layers.start}-{r.layers.stop - 1}")
-    shard_table = _shard_table(m)
-    if shard_table:
-        print("\n" + shard_table)
+    for p in ranks(m):
+        r = p.rank
+        print(f"{r.rank:4d}  {r.node:4d}  {p.host[:16]:16s}  {r.device:6d}  {r.stage:5d}  {r.dp_index:2d}  "
+              f"{r.mp_index:2d}  {p.layers.start}-{p.layers.stop - 1}")
+    print("\n" + shard_table(m.model.config, m.value("parallel"), hw.device_count))
     print("\nmemory per device (GiB)  stage  params(M)  weights  gradients  optimizer  activations  total  / device")
     for row in memory_estimate(m):
         flag = "  DOES NOT FIT" if row["total"] > row["device"] else ""
@@ -44,17 +43,9 @@ def main(args):
         print(f"warning: {w}")
     if args.no_status:
         return
-    from qwenbuild.status import task_status
+    # the task graph loads doit: only when the status is asked for
+    from qwenbuild.tasks.staleness import task_status
 
     print("\ntask             status      why")
     for name, state, reasons in task_status(m):
         print(f"{name:16s} {state:11s} {'; '.join(reasons)}")
-
-
-def _shard_table(m) -> str:
-    """Per rank, the shard shape and bytes of each parameter group, where the parallel library is present."""
-    try:
-        from qwenbuild.parallel.strategy import shard_table
-    except ImportError:
-        return ""
-    return shard_table(m.model, m.data["parallel"], m.device_count)

@@ -6,9 +6,10 @@ from __future__ import annotations
 
 import sys
 
-from qwenbuild.model.params import num_parameters
-
 from qwenbuild.commands import add_manifest_argument
+from qwenbuild.manifest import load_manifest
+from qwenbuild.model.params import num_parameters
+from qwenbuild.plan import memory_warnings
 
 
 def add_arguments(parser):
@@ -16,14 +17,10 @@ def add_arguments(parser):
 
 
 def main(args):
-    from qwenbuild.manifest import load_manifest
-    from qwenbuild.plan import memory_warnings
-
     m = load_manifest(args.config)
     for w in m.warnings:
         print(f"warning: {w}", file=sys.stderr)
     for w in memory_warnings(m):
         print(f"warning: {m.path}:{m.line('hardware.device_memory_gb')}: {w}", file=sys.stderr)
-    cfg = m.model
-    print(f"{m.path}: valid; {num_parameters(cfg) / 1e6:,.1f}M parameters, {m.device_count} "
-          f"{m.data['hardware']['device']} devices")
+    print(f"{m.path}: valid; {num_parameters(m.model.config) / 1e6:,.1f}M parameters, {m.hardware.device_count} "
+          f"{m.hardware.device} devices")

@@ -13,7 +13,7 @@ import uuid
 from pathlib import Path
 
 from qwenbuild.errors import UserError
-from qwenbuild.export import layout
+from qwenbuild.export.graph_files import FULL, KINDS, GraphDirs
 from qwenbuild.digests import mindir_digest
 from qwenbuild.export.sidecar import dump, sidecar
 from qwenbuild.model.config import QwenConfig
@@ -57,27 +57,29 @@ def _run_worker(spec: dict) -> dict:
         return json.loads((work / "result.json").read_text())
 
 
-def _promote_rank(out_root: Path, rank: int, scratch: dict[str, Path], docs: dict[str, dict]) -> None:
+def _promote_rank(dirs: GraphDirs, rank: int, scratch: dict[str, Path], docs: dict[str, dict]) -> None:
     # the sidecar marks completeness: drop the old ones first and write the new ones last
-    for kind in layout.KINDS:
-        remove(layout.sidecar_file(out_root, kind, rank))
-    for kind in layout.KINDS:
-        new_vars = scratch[kind] / layout.variables_dir(out_root, kind, rank).name
-        final_vars = layout.variables_dir(out_root, kind, rank)
+    for kind in KINDS:
+        remove(dirs.sidecar_file(kind, rank))
+    for kind in KINDS:
+        new_vars = scratch[kind] / dirs.variables_dir(kind, rank).name
+        final_vars = dirs.variables_dir(kind, rank)
         if new_vars.exists():
             promote(new_vars, final_vars)
         else:
             remove(final_vars)
-        promote(scratch[kind] / layout.graph_file(out_root, kind, rank).name, layout.graph_file(out_root, kind, rank))
-    for kind in layout.KINDS:
-        with atomic_path(layout.sidecar_file(out_root, kind, rank)) as tmp:
+        promote(scratch[kind] / dirs.graph_file(kind, rank).name, dirs.graph_file(kind, rank))
+    for kind in KINDS:
+        with atomic_path(dirs.sidecar_file(kind, rank)) as tmp:
             tmp.write_bytes(dump(docs[kind]))
 
 
-def export_mindir(cfg: QwenConfig, ckpt_path, out_root, rank: int = 0, batch_size: int = 1, seq_length: int = 2048,
-                  *, tokenizer_dir=None, external_weights: bool = False, progress=_stderr) -> dict:
+def export_mindir(cfg: QwenConfig, ckpt_path, out_root: str | Path | GraphDirs, rank: int = 0, batch_size: int = 1,
+                  seq_length: int = 2048, *, tokenizer_dir=None, external_weights: bool = False,
+                  progress=_stderr) -> dict:
     """Write out_root/mindir_{full,inc}_checkpoint/rank_N_graph.{mindir,json} (+ rank_N_variables/).
 
+    out_root: the export root, or GraphDirs naming the full and inc directories themselves.
     ckpt_path: a complete MindSpore checkpoint, or the shard of `rank` when it holds whole tensors (mp=1).
     An mp>1 shard holds tensor slices; MindSpore compiles sliced graphs only under semi_auto_parallel on
     Ascend/GPU, so on CPU such a shard is refused and the complete checkpoint exports the whole model per rank.
@@ -86,28 +88,29 @@ def export_mindir(cfg: QwenConfig, ckpt_path, out_root, rank: int = 0, batch_siz
     external_weights: write weights to rank_N_variables/ even below MindSpore's 1 GiB threshold (the layout
     of the original's large models). Returns {"full"|"inc": {"mindir", "sidecar", "variables", "digest"}}.
     """
-    ckpt_path, out_root = Path(ckpt_path), Path(out_root)
+    ckpt_path = Path(ckpt_path)
+    dirs = out_root if isinstance(out_root, GraphDirs) else GraphDirs.under(out_root)
     _check_args(cfg, ckpt_path, rank, batch_size, seq_length)
     eos_token_ids, pad_token_id = _special_ids(cfg, tokenizer_dir)
     t0 = time.perf_counter()
     tag = f".rank_{rank}.export-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    scratch = {kind: layout.graph_dir(out_root, kind) / tag for kind in layout.KINDS}
+    scratch = {kind: dirs.dir(kind) / tag for kind in KINDS}
     try:
         for path in scratch.values():
             path.mkdir(parents=True)
         spec = {"cfg": dataclasses.asdict(cfg), "ckpt_path": str(ckpt_path.resolve()), "rank": rank,
-                "out_root": str(out_root), "batch_size": batch_size, "seq_length": seq_length,
-                "graph_name": layout.graph_file(out_root, layout.FULL, rank).name,
+                "out_root": str(dirs.full.parent), "batch_size": batch_size, "seq_length": seq_length,
+                "graph_name": dirs.graph_file(FULL, rank).name,
                 "scratch": {k: str(p.resolve()) for k, p in scratch.items()},
                 "external_weights": bool(external_weights), "verbose": progress is not None}
         version = _run_worker(spec)["mindspore_version"]
         docs = {kind: sidecar(kind, cfg, rank=rank, batch_size=batch_size, seq_length=seq_length,
                               eos_token_ids=eos_token_ids, pad_token_id=pad_token_id,
                               source_checkpoint=ckpt_path.name, mindspore_version=version,
-                              **_graph_facts(scratch[kind], out_root, kind, rank))
-                for kind in layout.KINDS}
-        summary = {kind: _summary(scratch[kind], out_root, kind, rank, docs[kind]) for kind in layout.KINDS}
-        _promote_rank(out_root, rank, scratch, docs)
+                              **_graph_facts(scratch[kind], dirs, kind, rank))
+                for kind in KINDS}
+        summary = {kind: _summary(scratch[kind], dirs, kind, rank, docs[kind]) for kind in KINDS}
+        _promote_rank(dirs, rank, scratch, docs)
     finally:
         for path in scratch.values():
             remove(path)
@@ -115,23 +118,23 @@ def export_mindir(cfg: QwenConfig, ckpt_path, out_root, rank: int = 0, batch_siz
         progress(f"export rank {rank}: full {summary['full']['bytes'] / 1e6:.1f} MB + inc "
                  f"{summary['inc']['bytes'] / 1e6:.1f} MB, batch {batch_size} x seq {seq_length}, "
                  f"{'external weights, ' if summary['full']['variables'] else ''}"
-                 f"{time.perf_counter() - t0:.1f} s -> {out_root}")
+                 f"{time.perf_counter() - t0:.1f} s -> {dirs.full.parent}")
     return summary
 
 
-def _graph_facts(scratch: Path, out_root: Path, kind: str, rank: int) -> dict:
+def _graph_facts(scratch: Path, dirs: GraphDirs, kind: str, rank: int) -> dict:
     """mindir, variables and digest entries of the sidecar, from the freshly written scratch copy."""
-    graph = scratch / layout.graph_file(out_root, kind, rank).name
-    variables = layout.variables_dir(out_root, kind, rank).name
+    graph = scratch / dirs.graph_file(kind, rank).name
+    variables = dirs.variables_dir(kind, rank).name
     return {"mindir": graph.name, "variables": variables if (scratch / variables).exists() else None,
             "digest": mindir_digest(graph)}
 
 
-def _summary(scratch: Path, out_root: Path, kind: str, rank: int, doc: dict) -> dict:
+def _summary(scratch: Path, dirs: GraphDirs, kind: str, rank: int, doc: dict) -> dict:
     size = sum(p.stat().st_size for p in scratch.rglob("*") if p.is_file())
-    return {"mindir": str(layout.graph_file(out_root, kind, rank)),
-            "sidecar": str(layout.sidecar_file(out_root, kind, rank)),
-            "variables": str(layout.variables_dir(out_root, kind, rank)) if doc["variables"] else None,
+    return {"mindir": str(dirs.graph_file(kind, rank)),
+            "sidecar": str(dirs.sidecar_file(kind, rank)),
+            "variables": str(dirs.variables_dir(kind, rank)) if doc["variables"] else None,
             "digest": doc["mindir_digest"], "bytes": size}
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 from qwenbuild.data.chatml import SYSTEM_PROMPT
 from qwenbuild.errors import UserError
 from qwenbuild.jsonfile import read_json
-from qwenbuild.export.layout import FULL, INC, GRAPH_DIRS
+from qwenbuild.export.graph_files import FULL, GRAPH_DIRS, INC
 from qwenbuild.model.config import QwenConfig
 
 FORMAT = "qwenbuild-mindir-graph/1"

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from qwenbuild.errors import UserError
-from qwenbuild.export import layout
+from qwenbuild.export.graph_files import FULL, INC, KINDS, GraphDirs
 from qwenbuild.export.sidecar import read_sidecar
 from qwenbuild.infer.sampling import Sampling, TokenChooser
 
@@ -35,7 +35,7 @@ class ExportInfo:
         return self.full["vocab_size"]
 
     def graph_path(self, kind: str) -> Path:
-        return layout.graph_file(self.root, kind, self.rank)
+        return GraphDirs.under(self.root).graph_file(kind, self.rank)
 
 
 @dataclasses.dataclass
@@ -82,20 +82,21 @@ def open_export(mindir_root_dir, rank: int = 0, batch_size: int | None = None,
     if not root.is_dir():
         raise UserError(f"--mindir_root_dir {root} is not a directory",
                         hint="point at the export's output root, which holds mindir_full_checkpoint/")
-    docs = {kind: read_sidecar(layout.sidecar_file(root, kind, rank)) for kind in layout.KINDS}
+    dirs = GraphDirs.under(root)
+    docs = {kind: read_sidecar(dirs.sidecar_file(kind, rank)) for kind in KINDS}
     for kind, doc in docs.items():
-        _check_file(layout.graph_file(root, kind, rank), f"{kind} graph")
+        _check_file(dirs.graph_file(kind, rank), f"{kind} graph")
         if doc.get("variables"):
-            _check_file(layout.graph_dir(root, kind) / doc["variables"], "external weights")
+            _check_file(dirs.dir(kind) / doc["variables"], "external weights")
     for key in ("batch_size", "seq_length", "vocab_size"):
         if docs["full"][key] != docs["inc"][key]:
-            raise UserError(f"{layout.sidecar_file(root, 'full', rank)} and the inc sidecar disagree on {key} "
+            raise UserError(f"{dirs.sidecar_file(FULL, rank)} and the inc sidecar disagree on {key} "
                             f"({docs['full'][key]} vs {docs['inc'][key]})", hint="re-export both graphs together")
     info = ExportInfo(root, rank, docs["full"], docs["inc"])
     for flag, asked, exported in (("--batch_size", batch_size, info.batch_size),
                                   ("--seq_length", seq_length, info.seq_length)):
         if asked is not None and asked != exported:
-            raise UserError(f"{flag} {asked} does not match the export: {layout.sidecar_file(root, 'full', rank)} "
+            raise UserError(f"{flag} {asked} does not match the export: {dirs.sidecar_file(FULL, rank)} "
                             f"says {flag[2:]} = {exported}",
                             hint=f"use {flag} {exported}, or re-export with {flag[2:]} = {asked}")
     return info
@@ -201,7 +202,7 @@ def generate(mindir_root_dir, tokenizer_dir, prompts, *, max_new_tokens: int = 5
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     prompt_ids = [encode(tokenizer, p, raw) for p in prompts]
     _check_prompts(info, prompt_ids)
-    runner = open_backend(backend, info.graph_path(layout.FULL), info.graph_path(layout.INC),
+    runner = open_backend(backend, info.graph_path(FULL), info.graph_path(INC),
                           ge_config_path=ge_config_path, device_id=device_id, rank_id=rank)
     warm_up(runner, info)
     generated, (seconds, prefill_seconds) = generate_ids(runner, info, prompt_ids, max_new_tokens,

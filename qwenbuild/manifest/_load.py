@@ -10,8 +10,10 @@ import tomlkit
 from tomlkit.exceptions import ParseError
 
 from qwenbuild.errors import UserError
-from qwenbuild.manifest import _presets, _schema
+from qwenbuild import schema
+from qwenbuild.manifest import _presets, sections
 from qwenbuild.manifest._lines import key_lines, line_of
+from qwenbuild.manifest._rules import manifest_problems
 from qwenbuild.model.config import QwenConfig
 
 
@@ -36,10 +38,19 @@ class ManifestError(UserError):
 
 @dataclasses.dataclass
 class Manifest:
+    """A loaded qwen.toml: one typed object per section (sections.py), with where each key stands in the file."""
+
     path: Path
-    data: dict
     lines: dict[str, int]
-    model: QwenConfig
+    model: sections.Model
+    tokenizer: sections.Tokenizer
+    dataset: sections.Dataset
+    hardware: sections.Hardware
+    parallel: sections.Parallel
+    train: sections.Train
+    export: sections.Export
+    lite: sections.Lite
+    build: sections.Build
     warnings: list[Problem] = dataclasses.field(default_factory=list)
 
     @property
@@ -48,24 +59,19 @@ class Manifest:
 
     @property
     def build_dir(self) -> Path:
-        return (self.root / self.data["build"]["dir"]).resolve()
+        return (self.root / self.build.dir).resolve()
 
-    def get(self, key: str):
-        node = self.data
-        for part in key.split("."):
-            node = node[part]
-        return node
-
-    def has(self, key: str) -> bool:
-        try:
-            self.get(key)
-            return True
-        except (KeyError, TypeError):
-            return False
+    def value(self, key: str):
+        """The TOML-shaped value of a dotted key (`train.learning_rate`) or section (`lite`); None when left out."""
+        if not schema.is_key(key):
+            raise KeyError(f"{key!r} is not a qwen.toml key (see schemas/qwen.schema.json)")
+        section, _, name = key.partition(".")
+        obj = getattr(self, section)
+        return sections.to_json(getattr(obj, name) if name else obj)
 
     def path_of(self, key: str) -> Path | None:
         """A path-valued key resolved against the manifest's directory."""
-        value = self.get(key) if self.has(key) else None
+        value = self.value(key)
         return None if value is None else (self.root / value).resolve()
 
     def line(self, key: str) -> int:
@@ -73,10 +79,6 @@ class Manifest:
 
     def problem(self, key: str, message: str) -> Problem:
         return Problem(str(self.path), self.line(key), key, message)
-
-    @property
-    def device_count(self) -> int:
-        return len(self.data["hardware"]["nodes"]) * self.data["hardware"]["devices_per_node"]
 
 
 def read_toml(path: Path) -> tuple[dict, dict[str, int], str]:
@@ -98,14 +100,31 @@ def read_toml(path: Path) -> tuple[dict, dict[str, int], str]:
     return doc.unwrap(), key_lines(text), text
 
 
-def _resolve_model(m: Manifest, raw_model: dict) -> tuple[QwenConfig | None, list[Problem]]:
+@dataclasses.dataclass
+class _Draft:
+    """A schema-valid manifest's tables with defaults filled, before its sections are built."""
+
+    path: Path
+    lines: dict[str, int]
+    data: dict
+    warnings: list[Problem]
+
+    def problem(self, key: str, message: str) -> Problem:
+        return Problem(str(self.path), line_of(self.lines, key), key, message)
+
+    def path_of(self, section: str, key: str) -> Path | None:
+        value = self.data[section].get(key)
+        return None if value is None else (self.path.parent / value).resolve()
+
+
+def _resolve_model(d: _Draft, raw_model: dict) -> tuple[QwenConfig | None, list[Problem]]:
     problems: list[Problem] = []
-    model = m.data["model"]
+    model = d.data["model"]
     explicit = {k: raw_model[k] for k in _presets.DIMENSION_KEYS + ("param_dtype", "compute_dtype") if k in raw_model}
-    hf_dir = m.path_of("model.hf_dir")
+    hf_dir = d.path_of("model", "hf_dir")
     if hf_dir is not None and not (hf_dir / "config.json").exists() and model.get("preset"):
         # weights not downloaded yet: the preset stands in until they are
-        m.warnings.append(m.problem("model.hf_dir", f"{hf_dir / 'config.json'} does not exist yet; using the "
+        d.warnings.append(d.problem("model.hf_dir", f"{hf_dir / 'config.json'} does not exist yet; using the "
                                                     f"{model['preset']} preset's dimensions until it does"))
         hf_dir = None
     if hf_dir is not None:
@@ -114,15 +133,15 @@ def _resolve_model(m: Manifest, raw_model: dict) -> tuple[QwenConfig | None, lis
             hf = json.loads(config.read_text(encoding="utf-8"))
             base = dataclasses.asdict(QwenConfig.from_hf_dict(hf))
         except FileNotFoundError:
-            return None, [m.problem("model.hf_dir", f"{config} does not exist; point hf_dir at a Hugging Face "
+            return None, [d.problem("model.hf_dir", f"{config} does not exist; point hf_dir at a Hugging Face "
                                                     "Qwen1.5 checkpoint directory")]
         except (json.JSONDecodeError, UnicodeDecodeError, UserError, TypeError) as exc:
-            return None, [m.problem("model.hf_dir", f"{config} is not a usable Qwen1.5 config.json: {exc}")]
+            return None, [d.problem("model.hf_dir", f"{config} is not a usable Qwen1.5 config.json: {exc}")]
         for key, value in explicit.items():
             if key in ("param_dtype", "compute_dtype"):
                 continue
             if base.get(key) != value:
-                problems.append(m.problem(f"model.{key}", f"found {value!r} but {config} says {base.get(key)!r}; "
+                problems.append(d.problem(f"model.{key}", f"found {value!r} but {config} says {base.get(key)!r}; "
                                                           "remove the key or make it agree"))
         base.update({k: v for k, v in explicit.items() if k in ("param_dtype", "compute_dtype")})
     elif model.get("preset"):
@@ -131,58 +150,58 @@ def _resolve_model(m: Manifest, raw_model: dict) -> tuple[QwenConfig | None, lis
     else:
         missing = [k for k in _presets.DIMENSION_KEYS[:6] if k not in explicit]
         if missing:
-            return None, [m.problem("model", "set `preset`, `hf_dir`, or every dimension (missing: "
+            return None, [d.problem("model", "set `preset`, `hf_dir`, or every dimension (missing: "
                                              + ", ".join(missing) + ")")]
         base = dict(_presets.MODELS["tiny"], **explicit)
     base.setdefault("n_kv_heads", base.get("num_heads"))
     try:
         cfg = QwenConfig(**{f.name: base[f.name] for f in dataclasses.fields(QwenConfig) if f.name in base})
     except UserError as exc:
-        return None, problems + [m.problem("model", str(exc))]
+        return None, problems + [d.problem("model", str(exc))]
     return cfg, problems
 
 
-def _check_paths(m: Manifest) -> list[Problem]:
+def _check_paths(d: _Draft) -> list[Problem]:
     problems = []
-    tok = m.data.get("tokenizer", {})
-    if tok.get("kind") == "hf":
+    tok = d.data["tokenizer"]
+    if tok["kind"] == "hf":
         key = "tokenizer.dir" if tok.get("dir") else "model.hf_dir"
-        folder = m.path_of(key) if m.has(key) and m.get(key) else None
+        section, _, name = key.partition(".")
+        folder = d.path_of(section, name)
         if folder is None:
-            problems.append(m.problem("tokenizer.dir", "kind = \"hf\" needs `dir` (or model.hf_dir)"))
+            problems.append(d.problem("tokenizer.dir", "kind = \"hf\" needs `dir` (or model.hf_dir)"))
         else:
-            for name in ("vocab.json", "merges.txt"):
-                if not (folder / name).is_file():
-                    problems.append(m.problem(key, f"{folder / name} does not exist"))
-    ds = m.data["dataset"]
-    if ds["source"] == "alpaca":
-        if not ds.get("path"):
-            problems.append(m.problem("dataset.path", "source = \"alpaca\" needs `path` to an alpaca JSON/JSONL file"))
-        elif not m.path_of("dataset.path").is_file():
-            m.warnings.append(m.problem("dataset.path", f"{m.path_of('dataset.path')} does not exist yet; the "
-                                                        "alpaca task needs it"))
-    if m.data["parallel"].get("strategy_dir") and not m.path_of("parallel.strategy_dir").is_dir():
-        problems.append(m.problem("parallel.strategy_dir", f"{m.path_of('parallel.strategy_dir')} is not a directory"))
+            for file in ("vocab.json", "merges.txt"):
+                if not (folder / file).is_file():
+                    problems.append(d.problem(key, f"{folder / file} does not exist"))
+    if d.data["dataset"]["source"] == "alpaca":
+        data_path = d.path_of("dataset", "path")
+        if data_path is None:
+            problems.append(d.problem("dataset.path", "source = \"alpaca\" needs `path` to an alpaca JSON/JSONL file"))
+        elif not data_path.is_file():
+            d.warnings.append(d.problem("dataset.path", f"{data_path} does not exist yet; the alpaca task needs it"))
+    strategy_dir = d.path_of("parallel", "strategy_dir")
+    if strategy_dir is not None and not strategy_dir.is_dir():
+        problems.append(d.problem("parallel.strategy_dir", f"{strategy_dir} is not a directory"))
     return problems
 
 
-def load_manifest(path: str | Path = "qwen.toml", *, check_plan: bool = True) -> Manifest:
+def load_manifest(path: str | Path = "qwen.toml") -> Manifest:
     """Load and validate a manifest; raises ManifestError listing every problem with file:line and key path."""
     path = Path(path).resolve()
     raw, lines, _ = read_toml(path)
-    found = [Problem(str(path), line_of(lines, key), key, msg) for key, msg in _schema.problems(raw)]
+    found = [Problem(str(path), line_of(lines, key), key, msg) for key, msg in schema.problems(raw)]
     if found:
         raise ManifestError(found)
-    m = Manifest(path=path, data=_schema.with_defaults(raw), lines=lines, model=None)
-    cfg, found = _resolve_model(m, raw.get("model", {}))
-    found += _check_paths(m)
-    if cfg is not None:
-        m.model = cfg
-        m.data["model"].update({k: v for k, v in dataclasses.asdict(cfg).items()})
-        if check_plan:
-            from qwenbuild.plan import plan_problems
-
-            found += [m.problem(key, msg) for key, msg in plan_problems(m)]
+    draft = _Draft(path, lines, schema.with_defaults(raw), [])
+    cfg, found = _resolve_model(draft, raw.get("model", {}))
+    found += _check_paths(draft)
+    if cfg is None:
+        raise ManifestError(sorted(found, key=lambda p: p.line))
+    draft.data["model"].update(dataclasses.asdict(cfg))
+    m = Manifest(path=path, lines=lines, warnings=draft.warnings,
+                 **{name: sections.build_section(cls, draft.data[name]) for name, cls in sections.SECTIONS.items()})
+    found += manifest_problems(m)
     if found:
         raise ManifestError(sorted(found, key=lambda p: p.line))
     return m

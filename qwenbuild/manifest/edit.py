@@ -9,7 +9,7 @@ import tomlkit
 from tomlkit.exceptions import ParseError
 
 from qwenbuild.errors import UserError
-from qwenbuild.manifest._load import ManifestError, load_manifest
+from qwenbuild.manifest._load import ManifestError, load_manifest, read_toml
 from qwenbuild.manifest._presets import DIMENSION_KEYS
 from qwenbuild.model.config import QwenConfig
 from qwenbuild.store import atomic_path
@@ -52,8 +52,6 @@ def _switch_to_checkpoint(doc, manifest_dir: Path, hf_dir: str) -> list[str]:
 
 
 def set_keys(path: Path, changes: list[tuple[str, str]]) -> list[str]:
-    from qwenbuild.manifest._load import read_toml
-
     read_toml(path)  # clear errors for a missing or broken file
     doc = tomlkit.parse(path.read_text(encoding="utf-8"))
     report = []

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from qwenbuild.manifest._schema import _allowed, schema
+from qwenbuild.schema import allowed, schema
 
 BEGIN = "<!-- qwen.toml reference: generated from schemas/qwen.schema.json by `python -m qwenbuild.manifest.reference` -->"
 END = "<!-- end of qwen.toml reference -->"
@@ -29,7 +29,7 @@ def _rows(prefix: str, node: dict, required: set[str]) -> list[str]:
         elif sub.get("type") == "array":
             kind = f"array of {sub['items'].get('type', 'values')}"
         else:
-            kind = _allowed(sub)
+            kind = allowed(sub)
         need = " (required)" if key in required else ""
         rows.append(f"| `{path}`{need} | {kind} | {_default(sub)} | {sub.get('description', '')} |")
     return rows

@@ -145,9 +145,13 @@ def node_file_name(table: dict) -> str:
     return f"hccl_{len(server['device'])}p_{ids}_{server['server_id']}.json"
 
 
+def merged_name(server_count: int, rank_count: int) -> str:
+    """merge_hccl's name for the merged table: hccl_<servers>s_<ranks>p.json."""
+    return f"hccl_{server_count}s_{rank_count}p.json"
+
+
 def merged_file_name(table: dict) -> str:
-    ranks = sum(len(s["device"]) for s in table["server_list"])
-    return f"hccl_{table['server_count']}s_{ranks}p.json"
+    return merged_name(int(table["server_count"]), sum(len(s["device"]) for s in table["server_list"]))
 
 
 def dumps(table: dict) -> str:

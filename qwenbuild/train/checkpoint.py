@@ -48,6 +48,15 @@ def read_meta(output_dir: str | Path, rank: int) -> dict:
         return {}
 
 
+def finished_checkpoint(output_dir: str | Path, rank: int) -> Path:
+    """The last checkpoint a run left for `rank` (meta.json names it, as MindFormers' monitor does)."""
+    name = read_meta(output_dir, rank).get("last_ckpt_file")
+    if not name or not (rank_dir(output_dir, rank) / name).is_file():
+        raise UserError(f"no finished checkpoint in {rank_dir(output_dir, rank)}",
+                        hint="run `doit finetune` first, or set export.checkpoint = \"converted\"")
+    return rank_dir(output_dir, rank) / name
+
+
 def resume_step(output_dir: str | Path, world_size: int, prefix: str, steps_per_epoch: int, digest: str) -> int:
     """Latest step that every rank saved for these same settings, or 0 to start afresh."""
     common = None

@@ -1,8 +1,9 @@
 """The MindFormers run YAML of a fine-tuning run (the run_qwen1_5_72b.yaml equivalent), for Ascend or CPU.
 
-`target="ascend"` keeps the original's performance settings (bfloat16 compute, flash attention, recompute,
-sequence parallel, semi-auto parallel); `target="cpu"` gives the flags MindFormers' LlamaForCausalLM needs to run
-on CPU (rope slicing, no flash attention, no fused RMSNorm, float32, data parallel only).
+Every value comes from the run's settings (run.json) and the manifest's parallel plan. `target="ascend"` adds the
+original's performance settings (flash attention, fused RMSNorm, semi-auto parallel, the model's compute dtype);
+`target="cpu"` gives the flags MindFormers' LlamaForCausalLM needs to run on CPU (rope slicing, no flash attention,
+no fused RMSNorm, float32, data parallel only).
 """
 
 from __future__ import annotations
@@ -21,10 +22,15 @@ TARGETS = ("ascend", "cpu")
 @dataclasses.dataclass(frozen=True)
 class RunYaml:
     """A run's settings (the same run.json the CPU trainer reads, so both agree on every value) plus what only the
-    YAML needs: micro batches for pipeline stages and the tokenizer files."""
+    YAML needs: the rest of the parallel plan (qwen.toml [parallel]) and the tokenizer files."""
 
     settings: TrainSettings
-    micro_batch_num: int = 1
+    micro_batch_num: int
+    vocab_emb_dp: bool
+    use_seq_parallel: bool
+    recompute: bool
+    gradient_aggregation_group: int
+    offset: int | list[int] = 0  # extra layers per pipeline stage, as MindFormers' model_config.offset
     vocab_file: str = ""
     merges_file: str = ""
     pad_token_id: int = QWEN_SPECIAL_IDS[ENDOFTEXT]
@@ -32,7 +38,9 @@ class RunYaml:
 
 
 def _model_config(run: RunYaml, ascend: bool) -> dict:
-    cfg, compute = run.settings.model, "bfloat16" if ascend else "float32"
+    # the CPU kernels compute in float32 only
+    cfg = run.settings.model
+    compute = cfg.compute_dtype if ascend else "float32"
     return {
         "type": "LlamaConfig",
         "batch_size": 1,
@@ -64,7 +72,7 @@ def _model_config(run: RunYaml, ascend: bool) -> dict:
         "fused_rms_norm": ascend,
         "fine_grain_interleave": 1,
         "qkv_concat": False,
-        "offset": 0,
+        "offset": run.offset,
         "checkpoint_name_or_path": "",
         "repetition_penalty": 1,
         "max_decode_length": 512,
@@ -132,7 +140,6 @@ def mindformers_config(run: RunYaml, target: str | None = None) -> dict:
     target = target or default_target(s)
     check_target(run, target)
     ascend = target == "ascend"
-    sharded = s.model_parallel > 1
     runner = {"epochs": s.epochs, "batch_size": s.batch_size, "sink_mode": True, "sink_size": 1}
     if s.steps:
         runner["stop_step"] = s.steps  # a fixed step count, as the CPU trainer runs it
@@ -170,15 +177,15 @@ def mindformers_config(run: RunYaml, target: str | None = None) -> dict:
             "data_parallel": s.workers,
             "model_parallel": s.model_parallel,
             "pipeline_stage": s.pipeline_stage,
-            "use_seq_parallel": ascend and sharded,
+            "use_seq_parallel": run.use_seq_parallel,
             "micro_batch_num": run.micro_batch_num,
-            "vocab_emb_dp": not sharded,
-            "gradient_aggregation_group": 4,
+            "vocab_emb_dp": run.vocab_emb_dp,
+            "gradient_aggregation_group": run.gradient_aggregation_group,
         },
         "micro_batch_interleave_num": 1,
-        "recompute_config": {"recompute": ascend, "select_recompute": False,
-                             "parallel_optimizer_comm_recompute": False, "mp_comm_recompute": ascend,
-                             "recompute_slice_activation": ascend},
+        "recompute_config": {"recompute": run.recompute, "select_recompute": False,
+                             "parallel_optimizer_comm_recompute": False, "mp_comm_recompute": run.recompute,
+                             "recompute_slice_activation": run.recompute},
         "callbacks": [
             {"type": "MFLossMonitor"},
             {"type": "CheckpointMonitor", "prefix": s.checkpoint_prefix, "save_checkpoint_steps": s.save_steps,

@@ -6,6 +6,7 @@ import dataclasses
 import json
 from pathlib import Path
 
+from qwenbuild import schema
 from qwenbuild.errors import UserError
 from qwenbuild.jsonfile import read_json
 from qwenbuild.model.config import QwenConfig
@@ -74,31 +75,34 @@ def _content(path: str | None) -> str | None:
     return file_digest(p) if p.is_file() else str(p)
 
 
-_POSITIVE_INTS = ("seq_length", "batch_size", "workers", "epochs", "save_steps", "model_parallel", "pipeline_stage")
-_NON_NEGATIVE = ("warmup_ratio", "lr_end", "weight_decay", "grad_clip", "eps", "threads", "keep_checkpoint_max")
+# run.json settings that are qwen.toml keys: the build takes them from there, and the schema's bounds check them
+SCHEMA_KEYS = {
+    **{name: f"train.{name}" for name in ("learning_rate", "warmup_ratio", "weight_decay", "beta1", "beta2", "eps",
+                                          "grad_clip", "epochs", "steps", "batch_size", "seed", "save_steps")},
+    "seq_length": "dataset.seq_length",
+    "workers": "parallel.data_parallel",
+    "model_parallel": "parallel.model_parallel",
+    "pipeline_stage": "parallel.pipeline_stage",
+}
+_NON_NEGATIVE = ("lr_end", "threads", "keep_checkpoint_max")
+DEVICE_TARGETS = ("CPU", "Ascend", "GPU")
 
 
 def _check(values: dict, source: str) -> None:
     def bad(key, what):
         raise UserError(f"{source}: key {key!r} is {values[key]!r}; {what}")
 
-    for key in _POSITIVE_INTS:
-        if key in values and (not isinstance(values[key], int) or isinstance(values[key], bool) or values[key] < 1):
-            bad(key, "it must be a whole number >= 1")
-    if values.get("steps") is not None and (not isinstance(values["steps"], int) or values["steps"] < 1):
-        bad("steps", "it must be a whole number >= 1, or null to train for `epochs`")
+    for key, schema_key in SCHEMA_KEYS.items():
+        if key in values and not (key == "steps" and values[key] is None):  # null steps: train for `epochs`
+            problem = schema.value_problem(schema_key, values[key])
+            if problem:
+                bad(key, f"{problem} (as {schema_key} in qwen.toml)")
     for key in _NON_NEGATIVE:
-        if key in values and (not isinstance(values[key], (int, float)) or values[key] < 0):
+        if key in values and (not isinstance(values[key], (int, float)) or isinstance(values[key], bool)
+                              or values[key] < 0):
             bad(key, "it must be a number >= 0")
-    if not isinstance(values.get("learning_rate"), (int, float)) or values["learning_rate"] <= 0:
-        bad("learning_rate", "it must be a number > 0")
-    if values.get("warmup_ratio", 0) > 1:
-        bad("warmup_ratio", "it is a fraction of the total steps, between 0 and 1")
-    for key in ("beta1", "beta2"):
-        if key in values and not (isinstance(values[key], (int, float)) and 0 <= values[key] < 1):
-            bad(key, "it must lie in [0, 1)")
-    if values.get("device_target", "CPU") not in ("CPU", "Ascend", "GPU"):
-        bad("device_target", "use CPU, Ascend or GPU")
+    if values.get("device_target", "CPU") not in DEVICE_TARGETS:
+        bad("device_target", f"use {', '.join(DEVICE_TARGETS)}")
 
 
 def check_parallel(settings: TrainSettings, source: str = "run.json") -> None:

@@ -1,23 +1,45 @@
-"""JSON Schema validation of a manifest, each error turned into file:line, key path, what was found, what is allowed."""
+"""schemas/qwen.schema.json: the keys of qwen.toml, their defaults and bounds; each violation in words (key path,
+what was found, what is allowed)."""
 
 from __future__ import annotations
 
 import copy
 import difflib
 import json
+import math
 from functools import lru_cache
 from pathlib import Path
 
 import jsonschema
 
-SCHEMA_PATH = Path(__file__).resolve().parents[2] / "schemas" / "qwen.schema.json"
+SCHEMA_PATH = Path(__file__).resolve().parents[1] / "schemas" / "qwen.schema.json"
+
+
+def _is_integer(_checker, value) -> bool:
+    # JSON Schema counts 2.0 as an integer; a count or a seed written as a float is a mistake in qwen.toml
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(_checker, value) -> bool:
+    # nan and inf compare false with every bound: refuse them here, once
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+_Validator = jsonschema.validators.extend(
+    jsonschema.Draft202012Validator,
+    type_checker=jsonschema.Draft202012Validator.TYPE_CHECKER.redefine_many({"integer": _is_integer,
+                                                                             "number": _is_number}))
+
+
+def _validator(node: dict):
+    return _Validator(node, format_checker=jsonschema.FormatChecker())
 
 
 @lru_cache(maxsize=1)
 def schema() -> dict:
     path = SCHEMA_PATH
     if not path.exists():  # installed as a wheel: the schema travels inside the package
-        path = Path(__file__).resolve().parents[1] / "resources" / "qwen.schema.json"
+        path = Path(__file__).resolve().parent / "resources" / "qwen.schema.json"
     return json.loads(path.read_text(encoding="utf-8"))
 
 
@@ -40,7 +62,7 @@ def _show(value) -> str:
     return f"{type(value).__name__} {value!r}"
 
 
-def _allowed(s: dict) -> str:
+def allowed(s: dict) -> str:
     if "enum" in s:
         return "one of " + ", ".join(json.dumps(v, ensure_ascii=False) for v in s["enum"])
     kind = s.get("type", "value")
@@ -63,7 +85,7 @@ def _allowed(s: dict) -> str:
 
 def problems(data: dict) -> list[tuple[str, str]]:
     """Every schema violation as (key path, message), in document order of the schema."""
-    validator = jsonschema.Draft202012Validator(schema(), format_checker=jsonschema.FormatChecker())
+    validator = _validator(schema())
     out = []
     for err in sorted(validator.iter_errors(data), key=lambda e: [str(p) for p in e.absolute_path]):
         where = list(err.absolute_path)
@@ -78,7 +100,7 @@ def problems(data: dict) -> list[tuple[str, str]]:
             out.append((_path(where + [key]), "missing; this key is required"))
         elif err.validator in ("type", "enum", "minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum",
                                "minLength", "format"):
-            out.append((_path(where), f"found {_show(err.instance)}, allowed: {_allowed(err.schema)}"))
+            out.append((_path(where), f"found {_show(err.instance)}, allowed: {allowed(err.schema)}"))
         elif err.validator == "minItems":
             out.append((_path(where), f"found {len(err.instance)} entries, allowed: at least {err.validator_value}"))
         else:
@@ -112,3 +134,21 @@ def describe(key_path: str) -> dict:
         if node.get("type") == "array":
             node = node.get("items", {})
     return node
+
+
+def is_key(key_path: str) -> bool:
+    """True for a section (`lite`) or a section's key (`train.learning_rate`) that the schema defines."""
+    section, _, name = key_path.partition(".")
+    node = schema()["properties"].get(section)
+    if node is None or "." in name:
+        return False
+    return not name or name in node.get("properties", {})
+
+
+def value_problem(key_path: str, value) -> str | None:
+    """Why `value` is not allowed for a qwen.toml key (`found ..., allowed: ...`), or None when it is."""
+    node = describe(key_path)
+    validator = _validator(node)
+    if next(validator.iter_errors(value), None) is None:
+        return None
+    return f"found {_show(value)}, allowed: {allowed(node)}"

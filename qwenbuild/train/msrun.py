@@ -1,4 +1,5 @@
-"""Run the training workers through msrun on this machine, echo rank 0's progress, report a failed rank's log."""
+"""Run this machine's training workers under msrun (a node's launch script, or msrun itself), echo rank 0's
+progress, and report the log of a rank that failed."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import time
 from pathlib import Path
 
 from qwenbuild.errors import UserError
+from qwenbuild.parallel.launch_scripts import PORT_VARIABLE, msrun_command
 from qwenbuild.processes import die_with_parent, kill_tree
 from qwenbuild.train import worker
 from qwenbuild.train.progress import STEP_LINE, bar
@@ -24,15 +26,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def msrun_command(worker_count: int, run_json: str | Path, log_dir: str | Path, master_port: int,
-                  msrun: str = "msrun") -> list[str]:
-    return [msrun, f"--worker_num={worker_count}", f"--local_worker_num={worker_count}", "--master_addr=127.0.0.1",
-            f"--master_port={master_port}", f"--log_dir={log_dir}", "--join=True",
-            # msrun's own `tail -f` of each log outlives a killed build; rank 0's log is echoed here instead
-            f"--tail_worker_log={worker_count + 1}", worker.__file__,
-            "--config", str(Path(run_json).resolve())]
 
 
 def worker_env(python_bin_dir: str | Path | None) -> dict:
@@ -97,25 +90,22 @@ class _Echo:
             sys.stderr.write("\r\033[K")
 
 
-def run_msrun(worker_count: int, run_json: str | Path, log_dir: str | Path, master_port: int | None = None,
-              python_bin_dir: str | Path | None = None, poll_s: float = 0.5) -> None:
-    """Train with `worker_count` data-parallel CPU workers under msrun; raises UserError with the failed rank's log.
+def no_tail(worker_count: int) -> int:
+    """msrun's --tail_worker_log value that tails no log: its `tail -f` would outlive a killed build, and rank 0's
+    log is echoed here instead."""
+    return worker_count + 1
 
-    Logs land in log_dir (scheduler.log, worker_N.log, msrun.log); previous logs there are replaced.
-    """
+
+def run_workers(argv: list[str], log_dir: str | Path, worker_count: int, env: dict, poll_s: float = 0.5) -> None:
+    """Run msrun, or a launch script that execs it, for `worker_count` workers on this machine; raises UserError
+    with the failed rank's log. Logs land in log_dir (scheduler.log, worker_N.log, msrun.log), replacing old ones."""
     log_dir = Path(log_dir)
     log_dir.mkdir(parents=True, exist_ok=True)
     for old in [*log_dir.glob("worker_*.log"), log_dir / "scheduler.log", log_dir / "msrun.log"]:
         old.unlink(missing_ok=True)
-    env = worker_env(python_bin_dir)
-    msrun = shutil.which("msrun", path=env["PATH"])
-    if msrun is None:
-        raise UserError("msrun was not found on PATH", hint="install mindspore into the environment given by "
-                                                            "python_bin_dir (msrun ships with it)")
-    command = msrun_command(worker_count, run_json, log_dir, master_port or free_port(), msrun)
     echo = _Echo(log_dir / "worker_0.log", sys.stderr.isatty())
     with open(log_dir / "msrun.log", "w", encoding="utf-8") as out:
-        proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True,
                                 preexec_fn=die_with_parent)
         try:
             while proc.poll() is None:
@@ -132,3 +122,25 @@ def run_msrun(worker_count: int, run_json: str | Path, log_dir: str | Path, mast
         raise UserError(f"training worker rank {rank} failed (msrun exit code {proc.returncode}); "
                         f"last lines of {path}:\n{log_tail(path)}",
                         hint=f"all logs are in {log_dir}; rerunning resumes from the last checkpoint")
+
+
+def run_node_script(script: str | Path, log_dir: str | Path, worker_count: int,
+                    python_bin_dir: str | Path | None = None) -> None:
+    """Run a generated node_K.sh; a one-node CPU script gets a free port, so builds side by side do not collide."""
+    env = worker_env(python_bin_dir)
+    env[PORT_VARIABLE] = str(free_port())
+    run_workers(["bash", str(script)], log_dir, worker_count, env)
+
+
+def run_msrun(worker_count: int, run_json: str | Path, log_dir: str | Path, master_port: int | None = None,
+              python_bin_dir: str | Path | None = None) -> None:
+    """Train with `worker_count` data-parallel workers on this machine from a run.json (`qwenbuild finetune`)."""
+    env = worker_env(python_bin_dir)
+    msrun = shutil.which("msrun", path=env["PATH"])
+    if msrun is None:
+        raise UserError("msrun was not found on PATH", hint="install mindspore into the environment given by "
+                                                            "python_bin_dir (msrun ships with it)")
+    argv = msrun_command(worker_count, worker_count, "127.0.0.1", master_port or free_port(), 0, log_dir,
+                         [worker.__file__, "--config", str(Path(run_json).resolve())],
+                         tail_worker_log=no_tail(worker_count))
+    run_workers([msrun, *argv[1:]], log_dir, worker_count, env)

@@ -1,15 +1,13 @@
-"""Where every artifact lives inside the build dir, in the layout MindFormers users know (output/strategy, ...)."""
+"""Where every artifact lives inside the build dir, in the places MindFormers users know (output/strategy, ...)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from qwenbuild.store import SEAL
 
-
-class Layout:
-    def __init__(self, build_dir: Path):
-        self.root = Path(build_dir)
+class BuildDir:
+    def __init__(self, root: Path):
+        self.root = Path(root)
 
     # bookkeeping
     @property
@@ -21,8 +19,9 @@ class Layout:
         return self.root / ".doit.db"
 
     @property
-    def build_lock(self) -> Path:
-        return self.root / ".build.lock"
+    def owner(self) -> Path:
+        """Names the process building here; held with flock so a second build waits."""
+        return self.root / ".build-owner"
 
     # data and tokenizer
     @property
@@ -75,6 +74,10 @@ class Layout:
         return self.output / "checkpoint"
 
     @property
+    def msrun_log(self) -> Path:
+        return self.output / "msrun_log"
+
+    @property
     def metrics(self) -> Path:
         return self.output / "metrics.json"
 
@@ -110,8 +113,3 @@ class Layout:
     @property
     def infer(self) -> Path:
         return self.root / "infer" / "answer.json"
-
-    @staticmethod
-    def sealed(directory: Path) -> Path:
-        """The member-digest manifest that marks a directory artifact as complete."""
-        return directory / SEAL

@@ -2,6 +2,7 @@
 
 msrun gives every worker DEVICE_ID = its index on the node and RANK_ID = node_rank * local workers + index, the
 numbering run_multinode.sh used; the scripts export RANK_SIZE, RANK_TABLE_FILE (Ascend) and the mode's variables.
+The msrun command line is written here only: the scripts, `doit finetune` and `qwenbuild finetune` all use it.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ MODE_ENV = {
     "export": {},
 }
 DEVICES = ("ascend", "cpu")
+# a single CPU node takes its port from the caller when given: one machine may run several builds
+PORT_VARIABLE = "MASTER_PORT"
 
 
 def mode_env(mode: str, device: str) -> dict[str, str]:
@@ -30,14 +33,33 @@ def mode_env(mode: str, device: str) -> dict[str, str]:
     return dict(MODE_ENV[mode]) if device == "ascend" else {}
 
 
-def _script_args(command: list[str] | str) -> list[str]:
-    # msrun starts `python` itself: keep only the script and its arguments
+def script_args(command: list[str] | str) -> list[str]:
+    """The python script and its arguments; msrun starts `python` itself, so a leading python is dropped."""
     args = shlex.split(command) if isinstance(command, str) else [str(a) for a in command]
     if args and os.path.basename(args[0]).startswith("python"):
         args = args[1:]
     if not args:
         raise UserError("the command to launch is empty", hint="give the python script and its arguments")
     return args
+
+
+def msrun_command(world: int, local_workers: int, master_addr: str, master_port: int | str, node_rank: int | str,
+                  log_dir: str | Path, args: list[str], *, rank_table_file: str | Path | None = None,
+                  cluster_time_out: int = 600, tail_worker_log: int | None = None) -> list[str]:
+    """msrun's argv for one node; tail_worker_log = local_workers + 1 keeps msrun from tailing worker logs."""
+    argv = ["msrun", f"--worker_num={world}", f"--local_worker_num={local_workers}", f"--master_addr={master_addr}",
+            f"--master_port={master_port}", f"--node_rank={node_rank}", f"--log_dir={log_dir}", "--join=True",
+            f"--cluster_time_out={cluster_time_out}"]
+    if tail_worker_log is not None:
+        argv.append(f"--tail_worker_log={tail_worker_log}")
+    if rank_table_file:
+        argv.append(f"--rank_table_file={rank_table_file}")
+    return argv + list(args)
+
+
+def _shell(argv: list[str], raw: dict[str, str]) -> str:
+    """argv quoted for bash, except the values in `raw` (shell expressions such as "$SLURM_NODEID")."""
+    return " ".join(raw.get(a, shlex.quote(a)) for a in argv)
 
 
 def _check(nodes: list[dict], workers_per_node: int, device: str, rank_table_file) -> None:
@@ -58,16 +80,6 @@ def _exports(env: dict[str, str]) -> list[str]:
     return [f"export {k}={shlex.quote(str(v))}" for k, v in env.items()]
 
 
-def _msrun_line(world: int, workers: int, master_addr: str, master_port: int, node_rank: str, log_dir: str,
-                args: list[str], rank_table_file: str | None, cluster_time_out: int) -> str:
-    parts = ["msrun", f"--worker_num={world}", f"--local_worker_num={workers}", f"--master_addr={master_addr}",
-             f"--master_port={master_port}", f"--node_rank={node_rank}", f"--log_dir={shlex.quote(log_dir)}",
-             "--join=True", f"--cluster_time_out={cluster_time_out}"]
-    if rank_table_file:
-        parts.append(f"--rank_table_file={shlex.quote(str(rank_table_file))}")
-    return " ".join(parts + [shlex.quote(a) for a in args])
-
-
 def _preamble(title: str, python_bin_dir, workdir, env: dict[str, str]) -> list[str]:
     lines = ["#!/usr/bin/env bash", f"# {title}", "set -euo pipefail"]
     if workdir:
@@ -83,13 +95,14 @@ def launch_scripts(nodes: list[dict], workers_per_node: int, command: list[str] 
                    master_port: int = 8118, log_dir: str = "output/msrun_log", env: dict[str, str] | None = None,
                    python_bin_dir: str | Path | None = None, rank_table_file: str | Path | None = None,
                    workdir: str | Path | None = None, cluster_time_out: int = 600,
-                   job_name: str = "qwenbuild") -> dict[str, str]:
+                   tail_worker_log: int | None = None, job_name: str = "qwenbuild") -> dict[str, str]:
     """{file name: text}: node_<k>.sh for every node and slurm.sbatch running the same on len(nodes) nodes.
 
-    nodes: [{"ip": ..., "host": ...}, ...] in rank order; node 0 is the msrun master.
+    nodes: [{"ip": ..., "host": ...}, ...] in rank order; node 0 is the msrun master. A one-node CPU topology
+    reads its port from $MASTER_PORT when set (default master_port).
     """
     _check(nodes, workers_per_node, device, rank_table_file)
-    args = _script_args(command)
+    args = script_args(command)
     world = workers_per_node * len(nodes)
     full_env = {"RANK_SIZE": str(world)}
     if device == "ascend":
@@ -97,16 +110,22 @@ def launch_scripts(nodes: list[dict], workers_per_node: int, command: list[str] 
     full_env.update(env or {})
     master = nodes[0]["ip"]
     table = str(rank_table_file) if device == "ascend" else None
+    port_text = f"${{{PORT_VARIABLE}:-{master_port}}}"
+    port = port_text if device == "cpu" and len(nodes) == 1 else master_port
+    raw = {f"--master_port={port_text}": f'"--master_port={port_text}"'}
+
+    def line(node_rank) -> list[str]:
+        return msrun_command(world, workers_per_node, master, port, node_rank, log_dir, args, rank_table_file=table,
+                             cluster_time_out=cluster_time_out, tail_worker_log=tail_worker_log)
+
     scripts = {}
     for k, node in enumerate(nodes):
         title = (f"node {k} of {len(nodes)} ({node.get('host') or node['ip']}): {workers_per_node} {device} workers, "
                  f"ranks {k * workers_per_node}..{(k + 1) * workers_per_node - 1} of {world}")
         lines = _preamble(title, python_bin_dir, workdir, full_env)
-        lines.append("exec " + _msrun_line(world, workers_per_node, master, master_port, str(k), log_dir, args,
-                                           table, cluster_time_out))
+        lines.append("exec " + _shell(line(k), raw))
         scripts[f"node_{k}.sh"] = "\n".join(lines) + "\n"
-    inner = _msrun_line(world, workers_per_node, master, master_port, '"$SLURM_NODEID"', log_dir, args, table,
-                        cluster_time_out)
+    inner = _shell(line("$SLURM_NODEID"), {**raw, "--node_rank=$SLURM_NODEID": '--node_rank="$SLURM_NODEID"'})
     sbatch = ["#!/usr/bin/env bash", f"#SBATCH --job-name={job_name}", f"#SBATCH --nodes={len(nodes)}",
               "#SBATCH --ntasks-per-node=1", "#SBATCH --exclusive"]
     sbatch += _preamble(f"{len(nodes)} nodes x {workers_per_node} {device} workers; node rank = SLURM_NODEID, "

@@ -1,0 +1,58 @@
+"""Rules of a manifest that the schema cannot express: the parallel plan against the hardware and the model."""
+
+from __future__ import annotations
+
+from qwenbuild.parallel.plan_rules import plan_problems
+from qwenbuild.tokenizer.files import QWEN_VOCAB_SIZE
+
+
+def manifest_problems(m) -> list:
+    """Every broken rule as a Problem naming the key to change."""
+    return _plan(m) + _lengths(m) + _nodes(m) + _tokenizer(m)
+
+
+def _plan(m) -> list:
+    par, hw = m.parallel, m.hardware
+    out = []
+    if par.world_size != hw.device_count:
+        out.append(m.problem("parallel.data_parallel",
+                             f"data_parallel {par.data_parallel} x model_parallel {par.model_parallel} x "
+                             f"pipeline_stage {par.pipeline_stage} = {par.world_size}, but the hardware has "
+                             f"{hw.device_count} devices ({len(hw.nodes)} node(s) x {hw.devices_per_node} "
+                             "devices_per_node); make the product equal the device count"))
+    for p in plan_problems(m.model.config, par.data_parallel, par.model_parallel, par.pipeline_stage,
+                           par.vocab_emb_dp, par.stage_offset, par.micro_batch_num):
+        out.append(m.problem(f"parallel.{p.key}", p.message if p.hint is None else f"{p.message}; {p.hint}"))
+    return out
+
+
+def _lengths(m) -> list:
+    limit = m.model.max_position_embeddings
+    return [m.problem(key, f"{value} exceeds model.max_position_embeddings {limit}")
+            for key, value in (("export.seq_length", m.export.seq_length), ("dataset.seq_length", m.dataset.seq_length))
+            if value > limit]
+
+
+def _nodes(m) -> list:
+    hw, out = m.hardware, []
+    for i, node in enumerate(hw.nodes):
+        for key in ("device_ids", "device_ips"):
+            listed = getattr(node, key)
+            if listed is not None and len(listed) != hw.devices_per_node:
+                out.append(m.problem(f"hardware.nodes[{i}].{key}", f"lists {len(listed)} entries, but "
+                                                                   f"devices_per_node is {hw.devices_per_node}"))
+    ips = [n.ip for n in hw.nodes]
+    if len(set(ips)) != len(ips) and hw.device == "ascend":
+        out.append(m.problem("hardware.nodes", "two nodes share an ip; every Ascend node needs its own address"))
+    return out
+
+
+def _tokenizer(m) -> list:
+    tok, vocab = m.tokenizer, m.model.vocab_size
+    if tok.kind == "trained" and tok.vocab_size > vocab:
+        return [m.problem("tokenizer.vocab_size", f"{tok.vocab_size} exceeds model.vocab_size {vocab}: the embedding "
+                                                  "needs a row for every token")]
+    if tok.kind == "qwen" and vocab < QWEN_VOCAB_SIZE:
+        return [m.problem("tokenizer.kind", f"the Qwen tokenizer has {QWEN_VOCAB_SIZE} tokens but model.vocab_size "
+                                            f"is {vocab}; use kind = \"trained\" or a larger vocabulary")]
+    return []

@@ -1,0 +1,82 @@
+"""TaskSpecs as doit tasks: ordered by what they read, up to date by staleness.stale_reasons, run and recorded."""
+
+from __future__ import annotations
+
+import sys
+import time
+
+from doit.exceptions import TaskFailed
+
+from qwenbuild.build_dir import BuildDir
+from qwenbuild.errors import UserError
+from qwenbuild.lock import Lock
+from qwenbuild.store import seal_path
+from qwenbuild.tasks import task_specs
+from qwenbuild.tasks.context import Context, DeclaredManifest
+from qwenbuild.tasks.spec import TaskSpec, manifest_slice, toolchain
+from qwenbuild.tasks.staleness import input_digests, producers, stale_reasons, upstream
+
+
+def run_task(spec: TaskSpec, manifest, build: BuildDir):
+    """doit's action: run the task, then record it in qwen.lock; a UserError or OSError fails it with its message."""
+    try:
+        return _run(spec, manifest, build)
+    except UserError as exc:
+        print(f"qwenbuild {spec.name}: error: {exc}", file=sys.stderr)
+    except OSError as exc:  # e.g. a full disk while writing qwen.lock itself
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"qwenbuild {spec.name}: error: {where}{exc.strerror or exc}", file=sys.stderr)
+    return TaskFailed(f"{spec.name} stopped: see the message above")
+
+
+def _run(spec: TaskSpec, manifest, build: BuildDir):
+    lock = Lock(build.lock)
+    reasons = stale_reasons(spec, manifest, build.root, lock)
+    print(f"qwenbuild {spec.name}: runs because {'; '.join(reasons)}", file=sys.stderr)
+    lock.forget(spec.name)  # from here until the new entry is written the old artifacts are not trusted
+    inputs, input_stats = input_digests(spec, build.root, lock)
+    missing = [label for label, digest in inputs.items() if digest is None]
+    if missing:
+        raise UserError(f"input {', '.join(missing)} does not exist", hint="build the tasks it comes from first")
+    started = time.monotonic()
+    spec.action(Context(spec.name, DeclaredManifest(manifest, spec.name, spec.keys), build))
+    absent = [p for p in spec.artifacts if not p.exists()]
+    if absent:
+        return TaskFailed(f"{spec.name} did not produce {', '.join(map(str, absent))}")
+    lock.record(spec.name, spec.artifacts, inputs, manifest_slice(manifest, spec.keys), toolchain(spec.packages),
+                build.root, input_stats)
+    print(f"qwenbuild {spec.name}: done in {time.monotonic() - started:.1f} s", file=sys.stderr)
+    return None
+
+
+def to_doit(spec: TaskSpec, manifest, build: BuildDir, after: list[str]) -> dict:
+    lock = Lock(build.lock)
+
+    def up_to_date():
+        return not stale_reasons(spec, manifest, build.root, lock)
+
+    return {
+        "basename": spec.name,
+        "doc": spec.doc,
+        "actions": [(run_task, [spec, manifest, build])],
+        "task_dep": after,
+        "targets": [str(p) for p in spec.outputs] + [str(seal_path(d)) for d in spec.dir_outputs],
+        "uptodate": [up_to_date],
+        "verbosity": 2,
+    }
+
+
+def doit_tasks(manifest) -> dict:
+    """`task_<name>` creators for doit, each with the task's one-line doc as its docstring."""
+    build = BuildDir(manifest.build_dir)
+    specs = task_specs(manifest)
+    made_by = producers(specs)
+    creators = {}
+    for spec in specs:
+        def creator(spec=spec):
+            return to_doit(spec, manifest, build, upstream(spec, made_by))
+
+        creator.__doc__ = spec.doc
+        creator.__name__ = f"task_{spec.name}"
+        creators[creator.__name__] = creator
+    return creators

@@ -1,0 +1,42 @@
+"""A build task as data: what it reads (inputs, manifest keys, library versions), what it writes, how it runs."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.metadata
+import platform
+from pathlib import Path
+from typing import Callable
+
+
+@dataclasses.dataclass
+class TaskSpec:
+    name: str
+    doc: str
+    action: Callable  # action(ctx: Context) -> None
+    keys: tuple[str, ...] = ()  # the qwen.toml keys (or whole sections) the action reads
+    inputs: list[Path] = dataclasses.field(default_factory=list)  # files, or artifacts of other tasks
+    outputs: list[Path] = dataclasses.field(default_factory=list)
+    dir_outputs: list[Path] = dataclasses.field(default_factory=list)
+    reports: list[Path] = dataclasses.field(default_factory=list)  # written, but timings make them unrepeatable
+    packages: tuple[str, ...] = ()  # libraries whose version the outputs depend on
+
+    @property
+    def artifacts(self) -> list[Path]:
+        return self.outputs + self.dir_outputs
+
+
+def manifest_slice(manifest, keys: tuple[str, ...]) -> dict:
+    """The values of a task's declared keys; a key the schema does not define is an error, never a silent None."""
+    return {key: manifest.value(key) for key in keys}
+
+
+def toolchain(packages: tuple[str, ...]) -> dict[str, str]:
+    """Versions of the libraries a task's output depends on: a change makes the task out of date."""
+    out = {"python": platform.python_version()} if packages else {}
+    for name in packages:
+        try:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            out[name] = "not installed"
+    return out
