@@ -39,7 +39,7 @@ def synthetic_mindrecord(path: Path, rows: int, seq: int, vocab: int) -> str:
     return str(path)
 
 
-def run_torch(hf_dir: Path, settings, plan, lrs, threads: int) -> tuple[list[float], list[float]]:
+def run_torch(hf_dir: Path, settings, rows_by_epoch, lrs, threads: int) -> tuple[list[float], list[float]]:
     import torch
     from transformers import Qwen2ForCausalLM
 
@@ -52,7 +52,7 @@ def run_torch(hf_dir: Path, settings, plan, lrs, threads: int) -> tuple[list[flo
     opt = torch.optim.AdamW(model.parameters(), lr=lrs[0], betas=(settings.beta1, settings.beta2), eps=settings.eps,
                             weight_decay=settings.weight_decay)
     losses, times = [], []
-    for step, (input_ids, target_ids) in enumerate(data.batches(settings.train_data, plan, settings.batch_size)):
+    for step, (input_ids, target_ids) in enumerate(data.batches(settings.train_data, rows_by_epoch, settings.batch_size)):
         t0 = time.perf_counter()
         tokens = torch.from_numpy(input_ids[:, :-1].astype(np.int64))
         labels = torch.from_numpy(target_ids[:, 1:].astype(np.int64))
@@ -99,14 +99,14 @@ def main() -> int:
                              batch_size=args.batch, learning_rate=args.lr, warmup_ratio=0.05, steps=args.steps,
                              save_steps=args.steps, init_checkpoint=str(work / "init.ckpt"), threads=args.threads)
     rows = data.check_mindrecord(records, args.seq)
-    plan = data.rank_row_plan(rows, args.batch, settings.seed, 0, args.steps, 0, args.batch)
+    rows_by_epoch = data.rank_rows_by_epoch(rows, args.batch, settings.seed, 0, args.steps, 0, args.batch)
     lrs = schedule(args.steps, args.lr, settings.warmup_ratio)
     tokens_per_step = args.batch * args.seq
 
     print(f"model {num_parameters(cfg) / 1e6:.2f}M params, batch {args.batch} x {args.seq} tokens, "
           f"{args.steps} steps, {args.threads} threads", file=sys.stderr)
     ours = finetune(settings, progress=None)
-    theirs_loss, theirs_times = run_torch(work / "hf", settings, plan, lrs, args.threads)
+    theirs_loss, theirs_times = run_torch(work / "hf", settings, rows_by_epoch, lrs, args.threads)
     theirs_tps = tokens_per_step * (len(theirs_times) - 1) / sum(theirs_times[1:])
     gap = float(np.max(np.abs(np.array(ours["loss"]) - np.array(theirs_loss))))
     print(f"qwenbuild (MindSpore GRAPH): {ours['tokens_per_s']:8.0f} tokens/s  (compile {ours['compile_s']:.1f} s, "

@@ -7,13 +7,14 @@ import importlib
 import os
 import sys
 
+from qwenbuild import __version__
 from qwenbuild.errors import UserError
 
 # name -> (module, one-line help); modules define add_arguments(parser) and main(args) -> int | None
 COMMANDS: dict[str, tuple[str, str]] = {
     "init": ("qwenbuild.commands.init", "write a commented qwen.toml from a preset"),
     "validate": ("qwenbuild.commands.validate", "check qwen.toml against the schema and the parallel plan"),
-    "plan": ("qwenbuild.commands.plan", "show the rank layout, memory per device and which tasks are out of date"),
+    "plan": ("qwenbuild.commands.plan", "show where each rank runs, memory per device and which tasks are out of date"),
     "set": ("qwenbuild.commands.set_", "edit keys of qwen.toml in place, keeping comments"),
     "hccl_tools": ("qwenbuild.commands.hccl_tools", "write this node's RANK_TABLE_FILE (hccl_tools format)"),
     "merge_hccl": ("qwenbuild.commands.merge_hccl", "merge per-node rank tables into one RANK_TABLE_FILE"),
@@ -42,8 +43,6 @@ with the flags of the original MindFormers scripts."""
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qwenbuild", description=DESCRIPTION,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    from qwenbuild import __version__
-
     parser.add_argument("--version", action="version", version=f"qwenbuild {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module, help_) in COMMANDS.items():

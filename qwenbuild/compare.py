@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from qwenbuild.weights.mindspore_ckpt import read_tensors
+
 
 def _first_json_difference(a, b, path: str = "") -> str | None:
     if type(a) is not type(b):
@@ -29,8 +31,6 @@ def _first_json_difference(a, b, path: str = "") -> str | None:
 
 
 def _ckpt(a: Path, b: Path) -> str | None:
-    from qwenbuild.weights.mindspore_ckpt import read_tensors
-
     ta, tb = {t.name: t for t in read_tensors(a)}, {t.name: t for t in read_tensors(b)}
     for name in list(ta) + [n for n in tb if n not in ta]:
         if name not in ta or name not in tb:
@@ -44,6 +44,7 @@ def _ckpt(a: Path, b: Path) -> str | None:
 
 
 def _mindrecord(a: Path, b: Path) -> str | None:
+    # mindspore takes seconds to load: imported only when this runs
     import mindspore.dataset as ds
 
     rows_a = ds.MindDataset(str(a), shuffle=False).create_dict_iterator(output_numpy=True, num_epochs=1)

@@ -5,14 +5,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from qwenbuild.errors import UserError
+
 
 def read_json(path: str | Path, what: str, missing_hint: str | None = None, hint: str | None = None):
     """The parsed content of `path`; `what` names the file in messages ("vocab file", "rank table", ...).
 
     `missing_hint` says how to make the file when it does not exist, `hint` what a valid one holds.
     """
-    from qwenbuild.errors import UserError
-
     path = Path(path)
     try:
         data = path.read_bytes()

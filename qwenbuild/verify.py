@@ -10,9 +10,9 @@ import sys
 import tempfile
 from pathlib import Path
 
+from qwenbuild.build_dir import BuildDir
 from qwenbuild.compare import first_difference
 from qwenbuild.errors import UserError
-from qwenbuild.build_dir import BuildDir
 from qwenbuild.lock import Lock
 from qwenbuild.tasks.staleness import task_status
 

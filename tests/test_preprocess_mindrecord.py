@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from qwenbuild.data.mindrecord import COLUMNS, layout, shard_files, write_mindrecord
+from qwenbuild.data.mindrecord import COLUMNS, page_sizes, shard_files, write_mindrecord
 from qwenbuild.data.mindrecord_format import _ShardFile, encode_rows
 from qwenbuild.errors import UserError
 
@@ -94,10 +94,10 @@ def test_shards_are_the_same_bytes_every_run(tmp_path):
 
 
 def test_small_files_stay_small_and_large_ones_get_room():
-    assert layout(129, 10) == (1 << 17, 1 << 17)
-    page, header = layout(2049, 52_000)
+    assert page_sizes(129, 10) == (1 << 17, 1 << 17)
+    page, header = page_sizes(2049, 52_000)
     assert page == 1 << 21 and header == 1 << 20
-    page, header = layout(2049, 10_000_000)
+    page, header = page_sizes(2049, 10_000_000)
     assert header <= 1 << 27
 
 

@@ -83,8 +83,8 @@ def test_rank_slices_make_up_the_global_batch_and_replay_from_any_step():
     assert all((a == b).all() for a, b in zip(one, two))
     assert sorted(np.concatenate(one[:6])) == sorted(data.epoch_order(50, 3, 0)[:48])
     assert not (one[0] == one[6]).all()  # the next epoch is another order
-    full = sum(data.rank_row_plan(50, 8, 3, 0, 12, 1, 4), [])
-    assert sum(data.rank_row_plan(50, 8, 3, 5, 12, 1, 4), []) == full[5 * 4:]
+    full = sum(data.rank_rows_by_epoch(50, 8, 3, 0, 12, 1, 4), [])
+    assert sum(data.rank_rows_by_epoch(50, 8, 3, 5, 12, 1, 4), []) == full[5 * 4:]
 
 
 def test_checkpoint_names_follow_mindformers_and_resume_needs_every_rank(tmp_path):

@@ -8,6 +8,8 @@ instruction, invalid UTF-8). Bad rows stop the run unless --skip_bad_rows; the o
 
 from __future__ import annotations
 
+from qwenbuild.data.alpaca import convert_alpaca
+
 
 def add_arguments(parser) -> None:
     parser.add_argument("--data_path", default="alpaca-data.json", help="alpaca JSON array or JSON Lines file")
@@ -17,7 +19,5 @@ def add_arguments(parser) -> None:
 
 
 def main(args) -> int:
-    from qwenbuild.data.alpaca import convert_alpaca
-
     convert_alpaca(args.data_path, args.output_path, skip_bad_rows=args.skip_bad_rows)
     return 0

@@ -5,6 +5,8 @@ transformers' Qwen2ForCausalLM.from_pretrained loads. Optimizer state (adam_m/ad
 Without --config the dimensions are read from the tensor shapes (published Qwen1.5 sizes only).
 """
 
+from qwenbuild.weights.reverse import convert_reversed
+
 
 def add_arguments(parser):
     parser.add_argument("--mindspore_ckpt_path", required=True, help="MindSpore .ckpt to convert")
@@ -14,7 +16,5 @@ def add_arguments(parser):
 
 
 def main(args):
-    from qwenbuild.weights.reverse import convert_reversed
-
     convert_reversed(args.mindspore_ckpt_path, args.torch_ckpt_path, args.config)
     return 0

@@ -5,6 +5,8 @@ executing pickled code), checks every tensor against config.json, and streams te
 small whatever the model size. Tensors keep their dtype unless --dtype is given. Nothing is written on any error.
 """
 
+from qwenbuild.weights.convert import convert_weight
+
 
 def add_arguments(parser):
     parser.add_argument("--torch_ckpt_dir", required=True, help="Hugging Face model directory (with config.json)")
@@ -14,7 +16,5 @@ def add_arguments(parser):
 
 
 def main(args):
-    from qwenbuild.weights.convert import convert_weight
-
     convert_weight(args.torch_ckpt_dir, args.mindspore_ckpt_path, args.dtype)
     return 0

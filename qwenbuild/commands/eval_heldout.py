@@ -3,6 +3,13 @@
 Writes heldout_accuracy (and per-task figures) into --metrics when given.
 """
 
+from pathlib import Path
+
+from qwenbuild.jsonfile import read_json
+from qwenbuild.model.config import QwenConfig
+from qwenbuild.train.evaluate import evaluate_heldout
+from qwenbuild.train.settings import read_run_json
+
 
 def add_arguments(parser):
     parser.add_argument("--checkpoint", required=True, help="MindSpore .ckpt (a training checkpoint is fine)")
@@ -14,13 +21,6 @@ def add_arguments(parser):
 
 
 def main(args):
-    from pathlib import Path
-
-    from qwenbuild.jsonfile import read_json
-    from qwenbuild.model.config import QwenConfig
-    from qwenbuild.train.evaluate import evaluate_heldout
-    from qwenbuild.train.settings import read_run_json
-
     path = Path(args.config)
     doc = read_json(path, "--config", hint="run.json of a build, or a Hugging Face config.json")
     is_hf = isinstance(doc, dict) and "model_type" in doc

@@ -10,6 +10,9 @@ from __future__ import annotations
 import json
 import os
 
+from qwenbuild.export import export_mindir
+from qwenbuild.model.config import QwenConfig
+
 
 def add_arguments(parser):
     parser.add_argument("--load_checkpoint", "--mindspore_ckpt_path", dest="load_checkpoint", required=True,
@@ -28,9 +31,6 @@ def add_arguments(parser):
 
 
 def main(args):
-    from qwenbuild.export import export_mindir
-    from qwenbuild.model.config import QwenConfig
-
     cfg = QwenConfig.from_hf_dir(args.torch_ckpt_dir)
     summary = export_mindir(cfg, args.load_checkpoint, args.output_dir, rank=args.rank,
                             batch_size=args.batch_size, seq_length=args.seq_length,

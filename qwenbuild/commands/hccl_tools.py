@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import sys
 
+from qwenbuild.parallel import rank_table as rt
+
 
 def add_arguments(parser):
     parser.add_argument("--device_num", default="[0,8)", help='logical device range, "[0,8)" or "[0,8]" (quote it)')
@@ -20,8 +22,6 @@ def add_arguments(parser):
 
 
 def main(args):
-    from qwenbuild.parallel import rank_table as rt
-
     devices = rt.physical_devices(rt.parse_device_range(args.device_num, args.device_num_per_node),
                                   rt.parse_visible_devices(args.visible_devices))
     server = rt.check_ip(args.server_ip, "--server_ip") if args.server_ip else rt.detect_server_ip()

@@ -9,6 +9,8 @@ from pathlib import Path
 
 from qwenbuild.errors import UserError
 from qwenbuild.manifest._presets import MODELS
+from qwenbuild.manifest._template import render
+from qwenbuild.store import atomic_path
 
 
 def add_arguments(parser):
@@ -18,9 +20,6 @@ def add_arguments(parser):
 
 
 def main(args):
-    from qwenbuild.manifest._template import render
-    from qwenbuild.store import atomic_path
-
     out = Path(args.output)
     if out.exists() and not args.force:
         raise UserError(f"{out} already exists", hint="pass --force to overwrite it, or -o another path")

@@ -7,6 +7,9 @@ occur in the training file.
 
 from __future__ import annotations
 
+from qwenbuild.data.instructions import write_instruction_dataset
+from qwenbuild.errors import UserError
+
 MAX_ROWS = 10_000_000  # the rows are built in memory; a larger set belongs in an alpaca file
 
 
@@ -18,9 +21,6 @@ def add_arguments(parser) -> None:
 
 
 def main(args) -> int:
-    from qwenbuild.data.instructions import write_instruction_dataset
-    from qwenbuild.errors import UserError
-
     for flag, value, least in (("--num_train", args.num_train, 1), ("--num_heldout", args.num_heldout, 0),
                                ("--seed", args.seed, 0)):
         if value < least or flag != "--seed" and value > MAX_ROWS:

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import sys
 
+from qwenbuild.parallel import rank_table as rt
+
 
 def add_arguments(parser):
     parser.add_argument("files", nargs="+", metavar="FILE", help="per-node hccl_*.json files, in node order")
@@ -13,8 +15,6 @@ def add_arguments(parser):
 
 
 def main(args):
-    from qwenbuild.parallel import rank_table as rt
-
     merged = rt.merge_rank_tables([rt.read_rank_table(f) for f in args.files])
     path = rt.write_rank_table(merged, args.output or rt.merged_file_name(merged))
     ranks = sum(len(s["device"]) for s in merged["server_list"])

@@ -1,4 +1,4 @@
-"""Show the plan of qwen.toml without running anything: the rank layout over nodes and devices, the memory
+"""Show the plan of qwen.toml without running anything: where each rank runs (node, device, stage), the memory
 estimate per device, and which build tasks are out of date and why."""
 
 from __future__ import annotations
@@ -8,6 +8,7 @@ from qwenbuild.manifest import load_manifest
 from qwenbuild.model.params import num_parameters
 from qwenbuild.parallel.shard_sizes import shard_table
 from qwenbuild.plan import memory_estimate, memory_warnings, ranks
+from qwenbuild.tasks.staleness import task_status
 
 
 def add_arguments(parser):
@@ -43,9 +44,6 @@ def main(args):
         print(f"warning: {w}")
     if args.no_status:
         return
-    # the task graph loads doit: only when the status is asked for
-    from qwenbuild.tasks.staleness import task_status
-
     print("\ntask             status      why")
     for name, state, reasons in task_status(m):
         print(f"{name:16s} {state:11s} {'; '.join(reasons)}")

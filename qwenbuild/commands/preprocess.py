@@ -11,6 +11,8 @@ split over the shards in order.
 
 from __future__ import annotations
 
+from qwenbuild.data.preprocess import preprocess
+
 
 def add_arguments(parser) -> None:
     parser.add_argument("--input_glob", required=True, help="ChatML JSON Lines file (or a glob of several)")
@@ -26,8 +28,6 @@ def add_arguments(parser) -> None:
 
 
 def main(args) -> int:
-    from qwenbuild.data.preprocess import preprocess
-
     preprocess(args.input_glob, args.vocab_file, args.merges_file, args.seq_length, args.output_file,
                file_partition=args.file_partition, mask_prompt=args.mask_prompt, workers=args.workers)
     return 0

@@ -8,8 +8,11 @@ checkpoint directory switches the manifest to that checkpoint's dimensions."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from qwenbuild.commands import add_manifest_argument
 from qwenbuild.errors import UserError
+from qwenbuild.manifest.edit import set_keys
 
 
 def add_arguments(parser):
@@ -18,10 +21,6 @@ def add_arguments(parser):
 
 
 def main(args):
-    from pathlib import Path
-
-    from qwenbuild.manifest.edit import set_keys
-
     changes = []
     for item in args.assignments:
         key, sep, value = item.partition("=")

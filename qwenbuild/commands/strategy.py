@@ -9,6 +9,10 @@ from __future__ import annotations
 
 import json
 
+from qwenbuild.errors import UserError
+from qwenbuild.model.config import QwenConfig
+from qwenbuild.parallel import strategy as st
+
 
 def add_arguments(parser):
     parser.add_argument("--model_dir", help="Hugging Face model directory whose config.json gives the dimensions")
@@ -23,16 +27,12 @@ def add_arguments(parser):
 
 
 def main(args):
-    from qwenbuild.errors import UserError
-    from qwenbuild.parallel import strategy as st
-
     if args.check:
         files = st.collect_strategy_files(args.check, args.world_size)
         print(f"{args.check}: {len(files)} strategy files readable by MindSpore")
         return 0
     if not args.model_dir:
         raise UserError("--model_dir is required to synthesise strategy files")
-    from qwenbuild.model.config import QwenConfig
 
     try:
         offset = json.loads(args.offset)

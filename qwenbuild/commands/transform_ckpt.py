@@ -7,6 +7,8 @@ same command with --dst_ckpt_strategy ''."""
 
 from __future__ import annotations
 
+from qwenbuild.parallel.reshard import transform_ckpt
+
 
 def add_arguments(parser):
     parser.add_argument("--src_ckpt_strategy", default="", help="strategy of the source ('' = complete weights)")
@@ -17,8 +19,6 @@ def add_arguments(parser):
 
 
 def main(args):
-    from qwenbuild.parallel.reshard import transform_ckpt
-
     result = transform_ckpt(args.src_ckpt_strategy, args.dst_ckpt_strategy, args.src_ckpt_dir, args.dst_ckpt_dir,
                             prefix=args.prefix)
     print(args.dst_ckpt_dir if result["ranks"] else "")

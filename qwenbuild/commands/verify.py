@@ -6,6 +6,8 @@ Exits 0 when everything matches, 1 otherwise."""
 from __future__ import annotations
 
 from qwenbuild.commands import add_manifest_argument
+from qwenbuild.manifest import load_manifest
+from qwenbuild.verify import verify
 
 
 def add_arguments(parser):
@@ -14,9 +16,6 @@ def add_arguments(parser):
 
 
 def main(args):
-    from qwenbuild.manifest import load_manifest
-    from qwenbuild.verify import verify
-
     m = load_manifest(args.config)
     diffs, count = verify(m, keep=args.keep)
     for d in diffs:

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 from typing import Iterator
 
-from qwenbuild.data.chatml import _kind, conversation
+from qwenbuild.data.chatml import _kind, conversation, message_problem, render
 from qwenbuild.errors import UserError
 from qwenbuild.store import atomic_path
 
@@ -139,8 +139,6 @@ def alpaca_corpus(data_path: str | os.PathLike) -> list[str]:
 
     Rows may be alpaca rows or already converted ChatML records (a "messages" list), in a JSON array or JSON Lines.
     """
-    from qwenbuild.data.chatml import message_problem, render
-
     texts, problems = [], []
     for where, row in read_rows(data_path):
         if isinstance(row, dict) and "messages" in row:

@@ -8,7 +8,7 @@ SYSTEM_PROMPT = "You are a helpful assistant."
 
 
 def conversation(user: str, assistant: str) -> dict:
-    """One converted alpaca row: the record layout the original alpaca_converter writes."""
+    """One converted alpaca row: the record the original alpaca_converter writes."""
     return {"type": "chatml", "messages": [
         {"role": "system", "content": SYSTEM_PROMPT},
         {"role": "user", "content": user},

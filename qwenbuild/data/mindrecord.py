@@ -28,7 +28,7 @@ def _pow2_at_least(n: int) -> int:
     return 1 << max(n - 1, 1).bit_length()
 
 
-def layout(row_length: int, max_rows: int, shards: int = 1) -> tuple[int, int]:
+def page_sizes(row_length: int, max_rows: int, shards: int = 1) -> tuple[int, int]:
     """(page size, header size) for at most max_rows rows: small files stay small instead of 48 MiB of padding."""
     row_bytes = len(COLUMNS) * 4 * row_length
     page = min(max(_MIN_PAGE, _pow2_at_least(_ROWS_PER_PAGE * row_bytes)), _MAX_PAGE)
@@ -100,7 +100,7 @@ def write_mindrecord(output_file: str | os.PathLike, batches: Iterable[dict[str,
     if output_file.is_dir():
         raise UserError(f"output file {output_file} is a directory", hint="give a file name such as data.mindrecord")
     finals = shard_files(output_file, file_partition)
-    page, header = layout(row_length, max_rows, file_partition)
+    page, header = page_sizes(row_length, max_rows, file_partition)
     with _staging_dir(output_file) as staging, _writer_errors(output_file):
         staged = [staging / final.name for final in finals]
         writer = (MindRecordWriter(staged, list(COLUMNS), DESCRIPTION, page, header) if fast
@@ -128,6 +128,7 @@ class _FileWriter:
     """MindSpore's own writer behind the same three calls as MindRecordWriter."""
 
     def __init__(self, path: Path, shards: int, page: int, header: int):
+        # mindspore takes seconds to load: imported only when this runs
         from mindspore.mindrecord import FileWriter
 
         self.writer = FileWriter(file_name=str(path), shard_num=shards, overwrite=True)

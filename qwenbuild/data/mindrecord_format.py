@@ -278,6 +278,7 @@ class MindRecordWriter:
         for shard in self.shards:
             shard.finish({**header, "shard_id": shard.shard_id})
         self.shards = []
+        # mindspore takes seconds to load: imported only when this runs
         from mindspore.mindrecord.core.shardindexgenerator import ShardIndexGenerator
 
         index = ShardIndexGenerator(os.path.realpath(self.paths[0]), False)

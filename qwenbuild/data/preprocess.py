@@ -25,7 +25,8 @@ from qwenbuild.data.chatml import message_problem, render
 from qwenbuild.data.mindrecord import write_mindrecord
 from qwenbuild.data.mindrecord_format import EncodedRows, encode_rows
 from qwenbuild.errors import UserError
-from qwenbuild.tokenizer.files import ENDOFTEXT
+from qwenbuild.tokenizer.files import ENDOFTEXT, read_vocab, special_ids
+from qwenbuild.tokenizer.load import bpe_pipeline
 
 IGNORE_TOKEN_ID = -100
 TRAINED_ROLE = "assistant"
@@ -149,7 +150,6 @@ def init_worker(vocab_file: str, merges_file: str, row_length: int, mask_prompt:
                 threads: bool) -> None:
     if not threads:
         os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    from qwenbuild.tokenizer.load import bpe_pipeline
 
     tokenizer, _ = bpe_pipeline(vocab_file, merges_file)
     _worker.update(tokenizer=tokenizer, row_length=row_length, mask_prompt=mask_prompt, pad_id=pad_id)
@@ -252,8 +252,6 @@ def preprocess(input_glob: str, vocab_file: str | os.PathLike, merges_file: str 
                output_file: str | os.PathLike, file_partition: int = 1, mask_prompt: bool = False,
                workers: int | None = None) -> PreprocessStats:
     """Tokenize ChatML conversations into a MindRecord of input_ids/target_ids/attention_mask rows."""
-    from qwenbuild.tokenizer.files import read_vocab, special_ids
-
     if not 1 <= seq_length <= MAX_SEQ_LENGTH:
         raise UserError(f"--seq_length must be between 1 and {MAX_SEQ_LENGTH:,}, found {seq_length:,}",
                         hint="the longest Qwen1.5 context is 32,768 tokens")

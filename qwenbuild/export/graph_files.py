@@ -1,4 +1,4 @@
-"""Where the exported graphs of a rank live: the MindFormers layout mindir_{full,inc}_checkpoint/rank_N_graph.mindir."""
+"""Where the exported graphs of a rank live: MindFormers' names mindir_{full,inc}_checkpoint/rank_N_graph.mindir."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Export the prefill (full) and decode (inc) MINDIR graphs of one rank, in the original MindFormers layout."""
+"""Export the prefill (full) and decode (inc) MINDIR graphs of one rank, under the original MindFormers file names."""
 
 from __future__ import annotations
 
@@ -12,14 +12,14 @@ import time
 import uuid
 from pathlib import Path
 
+from qwenbuild.digests import mindir_digest
 from qwenbuild.errors import UserError
 from qwenbuild.export.graph_files import FULL, KINDS, GraphDirs
-from qwenbuild.digests import mindir_digest
 from qwenbuild.export.sidecar import dump, sidecar
 from qwenbuild.model.config import QwenConfig
-from qwenbuild.tokenizer.files import ENDOFTEXT, IM_END, QWEN_SPECIAL_IDS
 from qwenbuild.store import atomic_path, promote, remove
-
+from qwenbuild.tokenizer import load_tokenizer, pad_id, stop_ids
+from qwenbuild.tokenizer.files import ENDOFTEXT, IM_END, QWEN_SPECIAL_IDS
 
 MAX_BATCH_SIZE = 4096  # the graphs' inputs and KV cache are allocated for the whole batch at export time
 
@@ -85,8 +85,8 @@ def export_mindir(cfg: QwenConfig, ckpt_path, out_root: str | Path | GraphDirs, 
     Ascend/GPU, so on CPU such a shard is refused and the complete checkpoint exports the whole model per rank.
     tokenizer_dir: where the sidecar's eos/pad ids come from; without it the Qwen1.5 ids are recorded when the
     vocabulary holds them.
-    external_weights: write weights to rank_N_variables/ even below MindSpore's 1 GiB threshold (the layout
-    of the original's large models). Returns {"full"|"inc": {"mindir", "sidecar", "variables", "digest"}}.
+    external_weights: write weights to rank_N_variables/ even below MindSpore's 1 GiB threshold (as the
+    original's large models are written). Returns {"full"|"inc": {"mindir", "sidecar", "variables", "digest"}}.
     """
     ckpt_path = Path(ckpt_path)
     dirs = out_root if isinstance(out_root, GraphDirs) else GraphDirs.under(out_root)
@@ -140,8 +140,6 @@ def _summary(scratch: Path, dirs: GraphDirs, kind: str, rank: int, doc: dict) ->
 
 def _special_ids(cfg: QwenConfig, tokenizer_dir) -> tuple[list[int], int | None]:
     if tokenizer_dir is not None:
-        from qwenbuild.tokenizer import load_tokenizer, pad_id, stop_ids
-
         tokenizer = load_tokenizer(tokenizer_dir)
         if len(tokenizer) > cfg.vocab_size:
             raise UserError(f"the tokenizer in {tokenizer_dir} has {len(tokenizer)} tokens, more than the model's "

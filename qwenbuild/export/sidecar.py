@@ -8,8 +8,8 @@ from pathlib import Path
 
 from qwenbuild.data.chatml import SYSTEM_PROMPT
 from qwenbuild.errors import UserError
-from qwenbuild.jsonfile import read_json
 from qwenbuild.export.graph_files import FULL, GRAPH_DIRS, INC
+from qwenbuild.jsonfile import read_json
 from qwenbuild.model.config import QwenConfig
 
 FORMAT = "qwenbuild-mindir-graph/1"

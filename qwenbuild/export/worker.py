@@ -13,8 +13,11 @@ import sys
 import time
 from pathlib import Path
 
-from qwenbuild.errors import UserError
+import numpy as np
 
+from qwenbuild.errors import UserError
+from qwenbuild.model.config import QwenConfig
+from qwenbuild.model.params import num_parameters
 
 VERBOSE = True
 
@@ -25,6 +28,7 @@ def _log(message: str) -> None:
 
 
 def _load(cfg, ckpt_path: str):
+    # the network loads mindspore (seconds): imported only when this runs
     from qwenbuild.model.network import QwenForCausalLM, load_weights
 
     net = QwenForCausalLM(cfg)
@@ -42,12 +46,13 @@ def _load(cfg, ckpt_path: str):
 
 def _export(cell, inputs, target: Path, external_weights: bool) -> Path:
     """ms.export into target.parent as rank_N_graph.mindir (+ rank_N_variables/), whatever size MindSpore picks."""
+    # mindspore takes seconds to load: imported only when this runs
     import mindspore as ms
     from mindspore.train import serialization
 
     prefix = target.name[: -len("_graph.mindir")]
     if external_weights:
-        # MindSpore splits weights out above TOTAL_SAVE KiB; 0 forces the original's rank_N_variables/ layout
+        # MindSpore splits weights out above TOTAL_SAVE KiB; 0 forces the original's rank_N_variables/ directory
         serialization.TOTAL_SAVE = 0
     ms.export(cell, *inputs, file_name=str(target.parent / prefix), file_format="MINDIR")
     together = target.parent / f"{prefix}.mindir"
@@ -59,12 +64,10 @@ def _export(cell, inputs, target: Path, external_weights: bool) -> Path:
 
 
 def run(spec: dict) -> dict:
-    import numpy as np
+    # mindspore takes seconds to load: imported only when this runs
     import mindspore as ms
     from mindspore import Tensor
 
-    from qwenbuild.model.config import QwenConfig
-    from qwenbuild.model.params import num_parameters
     from qwenbuild.model.network import DecodeCell, PrefillCell, cache_shape
 
     ms.set_device("CPU")

@@ -21,6 +21,7 @@ class GraphCellBackend:
     name = "graphcell"
 
     def __init__(self, full_path: Path, inc_path: Path):
+        # mindspore takes seconds to load: imported only when this runs
         import mindspore as ms
         from mindspore import nn
 

@@ -12,7 +12,10 @@ import numpy as np
 from qwenbuild.errors import UserError
 from qwenbuild.export.graph_files import FULL, INC, KINDS, GraphDirs
 from qwenbuild.export.sidecar import read_sidecar
+from qwenbuild.infer.backends import open_backend
+from qwenbuild.infer.prompt import encode
 from qwenbuild.infer.sampling import Sampling, TokenChooser
+from qwenbuild.tokenizer import load_tokenizer, pad_id, stop_ids
 
 
 @dataclasses.dataclass
@@ -176,8 +179,6 @@ def warm_up(backend, info: ExportInfo) -> float:
 
 
 def _load_tokenizer(tokenizer_dir):
-    from qwenbuild.tokenizer import load_tokenizer
-
     return load_tokenizer(tokenizer_dir)
 
 
@@ -187,10 +188,6 @@ def generate(mindir_root_dir, tokenizer_dir, prompts, *, max_new_tokens: int = 5
              batch_size: int | None = None, seq_length: int | None = None, rank: int = 0, device_id: int = 0,
              progress=None) -> GenerationResult:
     """Tokenize (ChatML unless raw), run the exported graphs of `rank`, decode the replies."""
-    from qwenbuild.infer.backends import open_backend
-    from qwenbuild.infer.prompt import encode
-    from qwenbuild.tokenizer import pad_id, stop_ids
-
     sampling = Sampling(do_sample, top_k, top_p, temperature, repetition_penalty, seed)
     if max_new_tokens < 1:
         raise UserError(f"--max_new_tokens must be at least 1, not {max_new_tokens}")

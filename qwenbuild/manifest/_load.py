@@ -9,8 +9,8 @@ from pathlib import Path
 import tomlkit
 from tomlkit.exceptions import ParseError
 
-from qwenbuild.errors import UserError
 from qwenbuild import schema
+from qwenbuild.errors import UserError
 from qwenbuild.manifest import _presets, sections
 from qwenbuild.manifest._lines import key_lines, line_of
 from qwenbuild.manifest._rules import manifest_problems

@@ -1,4 +1,4 @@
-"""In-place edits of qwen.toml with tomlkit (comments and layout kept), validated before the file is replaced."""
+"""In-place edits of qwen.toml with tomlkit (comments and formatting kept), validated before the file is replaced."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Qwen1.5 dimensions in one dataclass, read from and written to a Hugging Face config.json (Qwen1.5 layout)."""
+"""Qwen1.5 dimensions in one dataclass, read from and written to a Hugging Face config.json (Qwen1.5 form)."""
 
 from __future__ import annotations
 
@@ -104,7 +104,7 @@ class QwenConfig:
             raise UserError(f"{path}: {exc}") from None
 
     def to_hf_dict(self) -> dict:
-        """config.json in the Qwen1.5 layout (top-level rope_theta), loadable by transformers 4.37+ and 5.x."""
+        """config.json as Qwen1.5 checkpoints write it (top-level rope_theta), loadable by transformers 4.37+ and 5.x."""
         return {
             "architectures": ["Qwen2ForCausalLM"],
             "attention_dropout": 0.0,

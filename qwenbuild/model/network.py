@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import mindspore as ms
+import numpy as np
 from mindspore import Parameter, Tensor, nn, ops
 from mindspore.common.initializer import Normal, initializer
 

@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import Callable
 
 from qwenbuild.errors import UserError
-from qwenbuild.weights.mindspore_ckpt import NUMPY_TYPES, CkptTensor, read_array, read_tensors
 from qwenbuild.store import atomic_path, write_seal
+from qwenbuild.weights.mindspore_ckpt import NUMPY_TYPES, CkptTensor, read_array, read_tensors
 
 _EMPTY = ("", "none", "null")
 
@@ -43,6 +43,7 @@ def resolve_strategy(arg: str | Path | None, workdir: Path, label: str) -> str |
         raise UserError(f"{label} strategy directory {path} holds no .json or .ckpt strategy file")
     if len({p.suffix for p in files}) > 1:
         raise UserError(f"{label} strategy directory {path} mixes .json and .ckpt files", hint="keep one format")
+    # mindspore takes seconds to load: imported only when this runs
     import mindspore as ms
 
     stage_dir = workdir / f"{label}_strategies"
@@ -61,6 +62,7 @@ def strategy_world_size(strategy: str | None) -> tuple[int, int]:
     """(devices per pipeline stage, number of stages) of a strategy file; (1, 1) for complete weights."""
     if strategy is None:
         return 1, 1
+    # mindspore takes seconds to load: imported only when this runs
     import mindspore as ms
 
     try:
@@ -117,6 +119,7 @@ class _RankWriter:
     """The per-tensor form of mindspore.transform_checkpoint_by_rank for one destination rank."""
 
     def __init__(self, src_strategy, dst_strategy, indexes: dict[int, dict[str, CkptTensor]]):
+        # mindspore takes seconds to load: imported only when this runs
         import mindspore as ms
         from mindspore.parallel import _parallel_serialization as ps
 

@@ -59,13 +59,13 @@ def shard_table(cfg: QwenConfig, parallel: dict, device_count: int | None = None
     """Text for `qwenbuild plan`: per pipeline stage (its ranks hold the same shapes), each group's shard and bytes."""
     dp, mp, pp = parallel["data_parallel"], parallel["model_parallel"], parallel["pipeline_stage"]
     offset = parallel.get("offset") or default_offset(cfg.num_layers, pp)
-    plan = rank_shards(cfg, dp, mp, pp, bool(parallel.get("vocab_emb_dp", False)), offset, dtype=dtype)
-    if device_count is not None and device_count != len(plan):
-        raise UserError(f"the plan has {len(plan)} ranks but the hardware {device_count} devices")
+    shards = rank_shards(cfg, dp, mp, pp, bool(parallel.get("vocab_emb_dp", False)), offset, dtype=dtype)
+    if device_count is not None and device_count != len(shards):
+        raise UserError(f"the plan has {len(shards)} ranks but the hardware {device_count} devices")
     lines = ["shards per rank     group                                 count  shard shape        MiB/rank"]
     per_stage = dp * mp
     for s in range(pp):
-        first = plan[s * per_stage]
+        first = shards[s * per_stage]
         ranks = f"ranks {s * per_stage}-{(s + 1) * per_stage - 1}" if per_stage > 1 else f"rank {s}"
         head = f"stage {s} {ranks}"
         for name, g in first["groups"].items():

@@ -145,6 +145,7 @@ def collect_strategy_files(directory: str | Path, world_size: int | None = None)
     if missing or len(by_rank) != expected:
         raise UserError(f"{directory} has strategy files for ranks {sorted(by_rank)}, the plan has {expected} ranks "
                         f"(missing {missing[:8]})", hint="collect every rank's file from every node")
+    # mindspore takes seconds to load: imported only when this runs
     import mindspore as ms
 
     for rank, path in by_rank.items():

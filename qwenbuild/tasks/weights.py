@@ -41,7 +41,7 @@ def specs(m, build) -> list[TaskSpec]:
     out = []
     src = source_dir(m, build)
     if src == build.init_weights:
-        out.append(TaskSpec("init_weights", "generate the tiny starting checkpoint (HF layout) from model.init_seed",
+        out.append(TaskSpec("init_weights", "generate the tiny starting checkpoint (Hugging Face format) from model.init_seed",
                             _init_weights, keys=MODEL_KEYS + ("model.init_seed",), dir_outputs=[build.init_weights],
                             packages=("numpy", "safetensors")))
         inputs = [build.init_weights]

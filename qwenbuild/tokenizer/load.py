@@ -7,12 +7,22 @@ import os
 from pathlib import Path
 
 from qwenbuild.errors import UserError
-from qwenbuild.tokenizer.files import (CONFIG_FILE, ENDOFTEXT, IM_END, MERGES_FILE, PRETOKENIZE_PATTERN, VOCAB_FILE,
-                                       read_merges, read_vocab, special_ids)
+from qwenbuild.tokenizer.files import (
+    CONFIG_FILE,
+    ENDOFTEXT,
+    IM_END,
+    MERGES_FILE,
+    PRETOKENIZE_PATTERN,
+    VOCAB_FILE,
+    read_merges,
+    read_vocab,
+    special_ids,
+)
 
 
 def load_tokenizer(tokenizer_dir: str | os.PathLike):
     """transformers.Qwen2TokenizerFast for a directory holding vocab.json, merges.txt and tokenizer_config.json."""
+    # transformers takes seconds to load: imported only when a tokenizer is loaded
     from transformers import Qwen2TokenizerFast
 
     tokenizer_dir = Path(tokenizer_dir)
@@ -25,6 +35,7 @@ def load_tokenizer(tokenizer_dir: str | os.PathLike):
 
 def with_qwen_text_rules(tokenizer):
     """NFC, then Qwen's split regex, then the byte-level alphabet: what every Qwen tokenizer does before BPE."""
+    # tokenizers loads slowly: imported only when a tokenizer is built
     from tokenizers import Regex, normalizers, pre_tokenizers
 
     tokenizer.normalizer = normalizers.NFC()
@@ -37,6 +48,7 @@ def with_qwen_text_rules(tokenizer):
 
 def bpe_pipeline(vocab_file: str | os.PathLike, merges_file: str | os.PathLike):
     """A `tokenizers.Tokenizer` equal to Qwen2Tokenizer on these files: NFC, Qwen regex, byte-level BPE, specials."""
+    # tokenizers loads slowly: imported only when a tokenizer is built
     from tokenizers import AddedToken, Tokenizer, decoders, models
 
     vocab = read_vocab(vocab_file)

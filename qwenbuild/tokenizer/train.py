@@ -21,6 +21,7 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, output_dir: str | os.
 
     texts: the training text, e.g. the ChatML of every conversation (`qwenbuild.data.corpus.corpus_texts`).
     """
+    # tokenizers loads slowly: imported only when a tokenizer is built
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
     regular = vocab_size - len(SPECIAL_TOKENS)

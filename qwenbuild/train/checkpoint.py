@@ -1,4 +1,4 @@
-"""Training checkpoints in the MindFormers layout: <output>/checkpoint/rank_N/<prefix>_rank_N-<epoch>_<step>.ckpt.
+"""Training checkpoints under MindFormers' names: <output>/checkpoint/rank_N/<prefix>_rank_N-<epoch>_<step>.ckpt.
 
 Each file holds the network parameters (MindFormers names), the AdamW moments adam_m.* / adam_v.*, the
 optimizer's global_step, and epoch_num / step_num / loss_scale as MindFormers' CheckpointMonitor appends them.
@@ -78,6 +78,7 @@ def clear_stale(output_dir: str | Path, rank: int) -> None:
 
 def save(cell, output_dir: str | Path, rank: int, step: int, steps_per_epoch: int, prefix: str, digest: str,
          keep_max: int, meta_extra: dict | None = None) -> Path:
+    # mindspore takes seconds to load: imported only when this runs
     import mindspore as ms
 
     directory = rank_dir(output_dir, rank)
@@ -116,6 +117,7 @@ def init_checkpoint_file(path: str | Path, rank: int) -> Path:
 
 def load_into(cell, path: str | Path, required: list[str]) -> dict:
     """Load a checkpoint into `cell`; every name in `required` must be present with its shape. Returns the dict."""
+    # mindspore takes seconds to load: imported only when this runs
     import mindspore as ms
 
     try:

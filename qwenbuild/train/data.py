@@ -31,19 +31,20 @@ def rank_rows(num_rows: int, global_batch: int, seed: int, step: int, rank: int,
     return epoch_order(num_rows, seed, epoch)[start:start + batch_size]
 
 
-def rank_row_plan(num_rows: int, global_batch: int, seed: int, first_step: int, total_steps: int, rank: int,
+def rank_rows_by_epoch(num_rows: int, global_batch: int, seed: int, first_step: int, total_steps: int, rank: int,
                   batch_size: int) -> list[list[int]]:
     """Rows `rank` reads for steps first_step .. total_steps - 1, one list per epoch (rows never repeat in one)."""
     per_epoch = steps_per_epoch(num_rows, global_batch)
-    plan: dict[int, list[int]] = {}
+    by_epoch: dict[int, list[int]] = {}
     for step in range(first_step, total_steps):
         rows = rank_rows(num_rows, global_batch, seed, step, rank, batch_size)
-        plan.setdefault(step // per_epoch, []).extend(int(r) for r in rows)
-    return list(plan.values())
+        by_epoch.setdefault(step // per_epoch, []).extend(int(r) for r in rows)
+    return list(by_epoch.values())
 
 
 def check_mindrecord(mindrecord: str | Path, seq_length: int) -> int:
     """Number of rows; refuses a file whose rows are not seq_length + 1 long or that lacks the training columns."""
+    # mindspore takes seconds to load: imported only when this runs
     import mindspore.dataset as ds
 
     path = Path(mindrecord)
@@ -63,11 +64,12 @@ def check_mindrecord(mindrecord: str | Path, seq_length: int) -> int:
     return dataset.get_dataset_size()
 
 
-def batches(mindrecord: str | Path, plan: list[list[int]], batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """(input_ids, target_ids) int32 batches of the planned rows, in order, read with MindDataset."""
+def batches(mindrecord: str | Path, rows_by_epoch: list[list[int]], batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """(input_ids, target_ids) int32 batches of the chosen rows, in order, read with MindDataset."""
+    # mindspore takes seconds to load: imported only when this runs
     import mindspore.dataset as ds
 
-    for rows in plan:
+    for rows in rows_by_epoch:
         # a subset sampler over a MindRecord takes at most one epoch of indices: one dataset per epoch
         dataset = ds.MindDataset(str(mindrecord), columns_list=COLUMNS, sampler=ds.SubsetSampler(rows))
         for a, b in dataset.batch(batch_size, drop_remainder=True).create_tuple_iterator(output_numpy=True,

@@ -9,9 +9,13 @@ from pathlib import Path
 
 import numpy as np
 
+from qwenbuild.data.instructions import eval_examples
 from qwenbuild.errors import UserError
 from qwenbuild.jsonfile import read_json
 from qwenbuild.model.config import QwenConfig
+from qwenbuild.store import atomic_path
+from qwenbuild.tokenizer.files import ENDOFTEXT, IM_END
+from qwenbuild.tokenizer.load import load_tokenizer
 from qwenbuild.train.progress import write_metrics
 
 EVAL_BATCH = 64
@@ -33,6 +37,7 @@ class GreedyDecoder:
     """Batched greedy decoding with the network's KV-cache graphs, compiled once for [batch, length]."""
 
     def __init__(self, net, cfg: QwenConfig, batch: int, length: int):
+        # mindspore takes seconds to load: imported only when this runs
         import mindspore as ms
 
         from qwenbuild.model.network import DecodeCell, PrefillCell
@@ -80,13 +85,10 @@ def evaluate_heldout(ckpt: str | Path, cfg: QwenConfig, tokenizer_dir: str | Pat
     Returns {"heldout_accuracy", "heldout_correct", "heldout_total", "heldout_by_task", "eval_s"} and merges it
     into metrics_path when given; samples_path receives every prompt/answer/reference as JSON Lines.
     """
+    # mindspore takes seconds to load: imported only when this runs
     import mindspore as ms
 
-    from qwenbuild.data.instructions import eval_examples
     from qwenbuild.model.network import QwenForCausalLM, load_weights
-    from qwenbuild.tokenizer.files import ENDOFTEXT, IM_END
-    from qwenbuild.tokenizer.load import load_tokenizer
-    from qwenbuild.store import atomic_path
 
     started = time.monotonic()
     rows = read_heldout(heldout_file)[:limit]

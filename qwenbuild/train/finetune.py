@@ -20,6 +20,7 @@ LOSS_PLOT = "loss.png"
 
 
 def set_context(settings: TrainSettings, world_size: int) -> None:
+    # mindspore takes seconds to load: imported only when this runs
     import mindspore as ms
 
     ms.set_context(mode=ms.GRAPH_MODE, device_target=settings.device_target)
@@ -41,6 +42,7 @@ def total_steps(settings: TrainSettings, num_rows: int) -> int:
 
 def build(settings: TrainSettings):
     """(network, train step cell) for these settings."""
+    # the network loads mindspore (seconds): imported only when this runs
     from qwenbuild.model.network import QwenForCausalLM
     from qwenbuild.train.optimizer import AdamW
     from qwenbuild.train.step import TrainStep
@@ -73,6 +75,7 @@ def finetune(settings: TrainSettings, rank: int = 0, world_size: int = 1, progre
     Rank 0 writes <output_dir>/metrics.json and loss.png; every rank writes its checkpoints under
     <output_dir>/checkpoint/rank_N/. Under msrun, call communication init() before this.
     """
+    # mindspore takes seconds to load: imported only when this runs
     import mindspore as ms
 
     check_parallel(settings)
@@ -91,7 +94,7 @@ def finetune(settings: TrainSettings, rank: int = 0, world_size: int = 1, progre
     first, history = start_state(settings, train_step, rank, per_epoch, digest)
     # step times are this process's only: they never enter a checkpoint, whose bytes must not depend on timing
     losses, norms, times = history.get("loss", []), history.get("grad_norm", []), []
-    rows = data.rank_row_plan(num_rows, settings.global_batch_size, settings.seed, first, total, rank,
+    rows = data.rank_rows_by_epoch(num_rows, settings.global_batch_size, settings.seed, first, total, rank,
                               settings.batch_size)
     if rank == 0 and progress is None:
         progress = Progress(total, first)

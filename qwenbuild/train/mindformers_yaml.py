@@ -11,6 +11,8 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+import yaml
+
 from qwenbuild.errors import UserError
 from qwenbuild.store import atomic_path
 from qwenbuild.tokenizer.files import ENDOFTEXT, QWEN_SPECIAL_IDS
@@ -207,8 +209,6 @@ def mindformers_config(run: RunYaml, target: str | None = None) -> dict:
 
 
 def write_yaml(path: str | Path, run: RunYaml, target: str | None = None) -> Path:
-    import yaml
-
     content = mindformers_config(run, target)
     path = Path(path)
     with atomic_path(path) as tmp:
@@ -220,6 +220,7 @@ def write_yaml(path: str | Path, run: RunYaml, target: str | None = None) -> Pat
 
 def llama_from_yaml(path: str | Path):
     """Build mindformers' LlamaForCausalLM from the model section of a YAML (run on CPU with the cpu target)."""
+    # mindformers takes seconds to load (and writes ./output/log): imported only here
     from mindformers.models.llama import LlamaConfig, LlamaForCausalLM
     from mindformers.tools.register import MindFormerConfig
 

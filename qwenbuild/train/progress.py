@@ -74,9 +74,11 @@ def write_metrics(path: str | Path, metrics: dict, merge: bool = True) -> Path:
 
 
 def plot_loss(path: str | Path, losses: list[float], lrs: list[float]) -> Path:
+    # matplotlib loads slowly: imported only to draw the plot
     import matplotlib
 
     matplotlib.use("Agg")
+    # pyplot only after choosing the backend that draws to files, with no display
     import matplotlib.pyplot as plt
 
     steps = list(range(1, len(losses) + 1))

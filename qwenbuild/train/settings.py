@@ -7,10 +7,10 @@ import json
 from pathlib import Path
 
 from qwenbuild import schema
+from qwenbuild.digests import file_digest, json_digest
 from qwenbuild.errors import UserError
 from qwenbuild.jsonfile import read_json
 from qwenbuild.model.config import QwenConfig
-from qwenbuild.digests import file_digest, json_digest
 from qwenbuild.store import SEAL, atomic_path
 
 

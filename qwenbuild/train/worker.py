@@ -16,6 +16,8 @@ if __name__ == "__main__" and sys.path and Path(sys.path[0]).resolve() == Path(_
 
 from qwenbuild.errors import UserError
 from qwenbuild.processes import die_with_parent
+from qwenbuild.train.finetune import finetune
+from qwenbuild.train.settings import read_run_json
 
 ERROR_MARK = "qwenbuild worker error:"
 
@@ -25,6 +27,7 @@ def init_data_parallel(device_target: str) -> tuple[int, int]:
     if not os.environ.get("MS_ROLE"):
         return 0, 1
     die_with_parent()  # msrun gone (killed with the build) means this worker goes too
+    # mindspore takes seconds to load: imported only when this runs
     import mindspore as ms
     from mindspore.communication import get_group_size, get_rank, init
 
@@ -40,9 +43,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", required=True, help="run.json with the plain training settings")
     args = parser.parse_args(argv)
     try:
-        from qwenbuild.train.finetune import finetune
-        from qwenbuild.train.settings import read_run_json
-
         settings = read_run_json(args.config)
         rank, world = init_data_parallel(settings.device_target)
         finetune(settings, rank, world)

@@ -8,19 +8,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from qwenbuild import dtypes
+from qwenbuild.dtypes import ITEMSIZE
 from qwenbuild.model.config import QwenConfig
 from qwenbuild.model.params import check_names, hf_to_ms, ms_to_hf, parameter_shapes
 from qwenbuild.store import atomic_path
-from qwenbuild import dtypes
 from qwenbuild.weights import hf_source, mindspore_ckpt
-from qwenbuild.dtypes import ITEMSIZE
 
 # buffers some HF checkpoints carry that are recomputed, not learned
 _RECOMPUTED = (".rotary_emb.inv_freq",)
 
 
 @dataclass(frozen=True)
-class PlannedTensor:
+class OutputTensor:
     name: str  # MindFormers name
     shape: tuple[int, ...]
     dtype: str  # output dtype
@@ -42,7 +42,7 @@ def stderr_progress(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def plan_conversion(torch_ckpt_dir, dtype: str | None = None) -> tuple[QwenConfig, list, list[str]]:
+def conversion_tensors(torch_ckpt_dir, dtype: str | None = None) -> tuple[QwenConfig, list, list[str]]:
     """Check every tensor of the HF directory against its config.json; the MindSpore tensors to write, in network
     order, and notes about dropped entries. Raises UserError listing every mismatch."""
     cfg = QwenConfig.from_hf_dir(torch_ckpt_dir)
@@ -58,8 +58,8 @@ def plan_conversion(torch_ckpt_dir, dtype: str | None = None) -> tuple[QwenConfi
     expected = {ms_to_hf(n): shape for n, shape in parameter_shapes(cfg).items()}
     where = f"{Path(torch_ckpt_dir)} ({', '.join(f.name for f in files)})"
     check_names(expected, {n: s.shape for n, s in kept.items()}, where)
-    plan = [PlannedTensor(hf_to_ms(n), shape, dtype or kept[n].dtype, kept[n]) for n, shape in expected.items()]
-    return cfg, plan, notes
+    tensors = [OutputTensor(hf_to_ms(n), shape, dtype or kept[n].dtype, kept[n]) for n, shape in expected.items()]
+    return cfg, tensors, notes
 
 
 def convert_weight(torch_ckpt_dir, mindspore_ckpt_path, dtype: str | None = None,
@@ -71,23 +71,23 @@ def convert_weight(torch_ckpt_dir, mindspore_ckpt_path, dtype: str | None = None
     """
     started = time.monotonic()
     out_dtype = dtypes.from_user(dtype)
-    cfg, plan, notes = plan_conversion(torch_ckpt_dir, out_dtype)
+    cfg, tensors, notes = conversion_tensors(torch_ckpt_dir, out_dtype)
     say = progress or (lambda _m: None)
     for note in notes:
         say(note)
-    total = len(plan)
+    total = len(tensors)
     done = [0]
 
-    def step(t: PlannedTensor):
+    def step(t: OutputTensor):
         done[0] += 1
         say(f"[{done[0]}/{total}] {t.source.name} -> {t.name} {list(t.shape)} {t.source.dtype} -> {t.dtype}")
 
     out = Path(mindspore_ckpt_path)
     with atomic_path(out) as tmp:
-        size = mindspore_ckpt.write_checkpoint(tmp, plan, step)
-    numel = sum(t.nbytes // ITEMSIZE[t.dtype] for t in plan)
+        size = mindspore_ckpt.write_checkpoint(tmp, tensors, step)
+    numel = sum(t.nbytes // ITEMSIZE[t.dtype] for t in tensors)
     seconds = time.monotonic() - started
-    out_dtypes = sorted({t.dtype for t in plan})
+    out_dtypes = sorted({t.dtype for t in tensors})
     say(f"converted {total} tensors ({numel / 1e6:.1f}M parameters, {'/'.join(out_dtypes)}) from {torch_ckpt_dir} "
         f"to {out} ({size / 1e6:.1f} MB) in {seconds:.1f} s")
     return {"tensors": total, "parameters": numel, "bytes": size, "seconds": seconds, "dtypes": out_dtypes,

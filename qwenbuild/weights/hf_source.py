@@ -6,6 +6,7 @@ torch.load(weights_only=True), which refuses to run code, and memory-mapped.
 
 from __future__ import annotations
 
+import pickle
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
@@ -65,8 +66,7 @@ def _safetensors_tensors(path: Path) -> list[SourceTensor]:
 
 
 def load_bin(path: Path) -> dict:
-    import pickle
-
+    # torch takes seconds to load: imported only for pickled .bin checkpoints
     import torch
 
     try:
@@ -86,6 +86,7 @@ def load_bin(path: Path) -> dict:
 
 def _tensor_chunks(path: Path, name: str, chunk_bytes: int = safetensors_file.CHUNK_BYTES):
     def chunks():
+        # torch takes seconds to load: imported only for pickled .bin checkpoints
         import torch
 
         tensor = load_bin(path)[name]

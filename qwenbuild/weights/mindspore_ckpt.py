@@ -14,8 +14,8 @@ from typing import BinaryIO, Callable, Iterable, Iterator
 
 import numpy as np
 
-from qwenbuild.errors import UserError
 from qwenbuild import dtypes
+from qwenbuild.errors import UserError
 
 SLICE_BYTES = 512 << 20
 NUMPY_TYPES = {"Int8": np.int8, "UInt8": np.uint8, "Int16": np.int16, "UInt16": np.uint16, "Int32": np.int32,

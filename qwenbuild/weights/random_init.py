@@ -6,10 +6,10 @@ from pathlib import Path
 
 import numpy as np
 
+from qwenbuild import dtypes
 from qwenbuild.model.config import QwenConfig
 from qwenbuild.model.params import ms_to_hf, parameter_shapes
 from qwenbuild.store import atomic_path
-from qwenbuild import dtypes
 from qwenbuild.weights import hf_output
 from qwenbuild.weights.safetensors_file import TensorToWrite
 
@@ -45,7 +45,7 @@ def random_tensors(cfg: QwenConfig, seed: int) -> list[TensorToWrite]:
 
 
 def write_random_hf_model(cfg: QwenConfig, seed: int, out_dir) -> Path:
-    """Write model.safetensors + config.json (Qwen1.5 layout) of a seeded random model; returns out_dir."""
+    """Write model.safetensors + config.json (Qwen1.5 format) of a seeded random model; returns out_dir."""
     out = Path(out_dir)
     with atomic_path(out, directory=True) as tmp:
         hf_output.write_model_dir(tmp, cfg, random_tensors(cfg, seed), max_shard_bytes=1 << 62)

@@ -7,12 +7,12 @@ import time
 from pathlib import Path
 from typing import Callable
 
+from qwenbuild import dtypes
 from qwenbuild.errors import UserError
 from qwenbuild.jsonfile import read_json
 from qwenbuild.model.config import QwenConfig
 from qwenbuild.model.params import check_names, is_training_state, ms_to_hf, parameter_shapes, split_layer_name
 from qwenbuild.store import atomic_path
-from qwenbuild import dtypes
 from qwenbuild.weights import hf_output, mindspore_ckpt
 from qwenbuild.weights.convert import stderr_progress
 from qwenbuild.weights.safetensors_file import TensorToWrite

@@ -9,8 +9,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
-from qwenbuild.errors import UserError
 from qwenbuild import dtypes
+from qwenbuild.errors import UserError
 
 CHUNK_BYTES = 16 << 20
 _HEADER_LIMIT = 100 << 20
