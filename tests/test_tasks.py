@@ -111,24 +111,27 @@ def test_task_actions_never_reach_past_the_view():
         assert not re.search(r"_manifest\b|load_manifest|\.data\[", text), area
 
 
-def _spec(tmp_path, **kwargs) -> TaskSpec:
+def _probe(tmp_path, source_text: str):
+    """(manifest, build root, input file, a task writing train.seed to build/out.txt from that input)."""
+    m = load_manifest(manifests(tmp_path)["default"])
+    root = tmp_path / "build"
+    root.mkdir()
+    source = tmp_path / "source.txt"
+    source.write_text(source_text)
+
     def action(ctx):
-        (tmp_path / "build" / "out.txt").write_text(ctx.manifest.train.seed.__str__())
-    return TaskSpec("probe", "", action, keys=("train.seed",), outputs=[tmp_path / "build" / "out.txt"], **kwargs)
+        (root / "out.txt").write_text(str(ctx.manifest.train.seed))
+    return m, root, source, TaskSpec("probe", "", action, keys=("train.seed",), outputs=[root / "out.txt"],
+                                     inputs=[source])
 
 
 def test_stale_reasons_name_each_change(tmp_path):
     from qwenbuild.tasks.doit_tasks import run_task
 
-    m = load_manifest(manifests(tmp_path)["default"])
-    root = tmp_path / "build"
-    root.mkdir()
-    source = tmp_path / "source.txt"
-    source.write_text("one")
-    spec = _spec(tmp_path, inputs=[source])
-    build, lock = BuildDir(root), Lock(root / "qwen.lock")
+    m, root, source, spec = _probe(tmp_path, "one")
+    lock = Lock(root / "qwen.lock")
     assert stale_reasons(spec, m, root, lock) == ["not built yet"]
-    assert run_task(spec, m, build) is None
+    assert run_task(spec, m, BuildDir(root)) is None
     assert stale_reasons(spec, m, root, lock) == []
     entry = lock.entry("probe")
     assert entry["manifest"] == {"train.seed": 42} and entry["inputs"] == {str(source): entry["inputs"][str(source)]}
@@ -150,12 +153,7 @@ def test_an_unchanged_input_file_is_not_read_again(tmp_path, monkeypatch):
     from qwenbuild.tasks import staleness
     from qwenbuild.tasks.doit_tasks import run_task
 
-    m = load_manifest(manifests(tmp_path)["default"])
-    root = tmp_path / "build"
-    root.mkdir()
-    source = tmp_path / "source.txt"
-    source.write_text("bytes")
-    spec = _spec(tmp_path, inputs=[source])
+    m, root, source, spec = _probe(tmp_path, "bytes")
     run_task(spec, m, BuildDir(root))
     read = []
     monkeypatch.setattr(staleness, "file_digest", lambda p: read.append(p) or "sha256:x")
