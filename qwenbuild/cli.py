@@ -30,6 +30,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "convert_reversed": ("qwenbuild.commands.convert_reversed", "convert a MindSpore Qwen1.5 checkpoint to Hugging Face"),
     "export": ("qwenbuild.commands.export", "write the prefill and decode MINDIR graphs of one rank"),
     "infer": ("qwenbuild.commands.infer", "generate text with the exported MINDIR graphs"),
+    "run_qwen1_5_mslite_infer": ("qwenbuild.commands.infer", "same as infer (the original script's name)"),
     "finetune": ("qwenbuild.commands.finetune", "train on a MindRecord from run.json, data-parallel through msrun"),
     "eval_heldout": ("qwenbuild.commands.eval_heldout", "exact-match accuracy of greedy answers on held-out rows"),
 }

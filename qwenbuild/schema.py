@@ -12,7 +12,8 @@ from pathlib import Path
 
 import jsonschema
 
-SCHEMA_PATH = Path(__file__).resolve().parents[1] / "schemas" / "qwen.schema.json"
+# inside the package, so an installed qwenbuild has it; the repository's schemas/qwen.schema.json links here
+SCHEMA_PATH = Path(__file__).resolve().parent / "resources" / "qwen.schema.json"
 
 
 def _is_integer(_checker, value) -> bool:
@@ -37,10 +38,7 @@ def _validator(node: dict):
 
 @lru_cache(maxsize=1)
 def schema() -> dict:
-    path = SCHEMA_PATH
-    if not path.exists():  # installed as a wheel: the schema travels inside the package
-        path = Path(__file__).resolve().parent / "resources" / "qwen.schema.json"
-    return json.loads(path.read_text(encoding="utf-8"))
+    return json.loads(SCHEMA_PATH.read_text(encoding="utf-8"))
 
 
 def _path(parts) -> str:

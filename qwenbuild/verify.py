@@ -16,9 +16,6 @@ from qwenbuild.errors import UserError
 from qwenbuild.lock import Lock
 from qwenbuild.tasks.staleness import task_status
 
-DODO = Path(__file__).resolve().parents[1] / "dodo.py"
-
-
 @dataclasses.dataclass
 class Difference:
     task: str
@@ -33,7 +30,7 @@ class Difference:
 
 
 def rebuild(manifest_path: Path, build_dir: Path, tasks: list[str]) -> None:
-    cmd = [sys.executable, "-m", "doit", "-f", str(DODO), f"manifest={manifest_path}", f"build_dir={build_dir}",
+    cmd = [sys.executable, "-m", "qwenbuild.tasks.run_doit", f"manifest={manifest_path}", f"build_dir={build_dir}",
            *tasks]
     proc = subprocess.run(cmd, cwd=manifest_path.parent)
     if proc.returncode:

@@ -7,12 +7,12 @@ from transformers import Qwen2Config, Qwen2ForCausalLM
 
 
 def tiny_hf_model(out_dir, *, n_kv_heads=2, tied=False, seed=0, dtype=torch.float32, vocab=96, hidden=32,
-                  layers=2, heads=4, intermediate=64, rope_theta=10000.0, max_shard_size=None):
+                  layers=2, heads=4, intermediate=64, rope_theta=10000.0, max_shard_size=None, max_positions=256):
     """Save a random Qwen2ForCausalLM with random biases and RMSNorm weights; returns the float32 torch model."""
     torch.manual_seed(seed)
     config = Qwen2Config(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
                          num_key_value_heads=n_kv_heads, intermediate_size=intermediate, rope_theta=rope_theta,
-                         rms_norm_eps=1e-6, tie_word_embeddings=tied, max_position_embeddings=256)
+                         rms_norm_eps=1e-6, tie_word_embeddings=tied, max_position_embeddings=max_positions)
     model = Qwen2ForCausalLM(config).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():

@@ -409,6 +409,10 @@ CASES = [
      "file.txt", None),
     # infer
     ("infer --tokenizer_dir {c}/tok", 2, "--predict_data", None),
+    ("run_qwen1_5_mslite_infer --mindir_root_dir {c}/mindir_empty --vocab_file {c}/tok/vocab.json --predict_data hi",
+     2, "--merge_file", None),
+    ("infer --mindir_root_dir {c}/mindir_empty --vocab_file missing.json --merge_file {c}/tok/merges.txt "
+     "--predict_data hi", 2, "missing.json", None),
     ("infer --mindir_root_dir missing --tokenizer_dir {c}/tok --predict_data hi", 2, "missing", None),
     ("infer --mindir_root_dir {c}/mindir_empty --tokenizer_dir {c}/tok --predict_data hi", 2, "mindir_empty", None),
     ("infer --mindir_root_dir {c}/mindir_badjson --tokenizer_dir {c}/tok --predict_data hi", 2, "rank_0_graph.json",

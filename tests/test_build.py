@@ -197,3 +197,17 @@ def test_sharded_mindrecord_is_what_run_json_and_the_yaml_train_on(tmp_path):
     assert run["train_data"].endswith("alpaca-messages.mindrecord0")
     # MindDataset reads every shard from the first one: all 300 training conversations
     assert ds.MindDataset(run["train_data"], shuffle=False).get_dataset_size() == 300
+
+
+def test_a_checkpoint_not_downloaded_yet_stops_only_the_weight_tasks(tmp_path):
+    manifest = small_manifest(tmp_path)
+    manifest.write_text(manifest.read_text().replace('init = "random"', 'hf_dir = "models/Qwen1.5-tiny"'))
+    from qwenbuild.cli import main
+
+    assert main(["validate", "-c", str(manifest)]) == 2
+    planned = doit(manifest, "strategy", "launch", "run_config")
+    assert {"strategy", "launch", "run_config"} <= set(ran(planned))
+    refused = doit(manifest, "convert", check=False)
+    assert refused.returncode != 0 and "models/Qwen1.5-tiny" in refused.stderr and "config.json" in refused.stderr
+    assert "Traceback" not in refused.stderr
+    assert not (tmp_path / "build" / "weights").exists()

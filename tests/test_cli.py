@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 QWENBUILD = [sys.executable, "-m", "qwenbuild"]
+REPO = Path(__file__).resolve().parents[1]
 
 
 def run(*args, cwd):
@@ -25,7 +27,19 @@ def test_help_lists_commands_without_importing_mindspore(tmp_path):
 
 
 def test_init_then_validate(tmp_path):
+    import json
+
+    from qwenbuild.manifest._presets import MODELS
+    from qwenbuild.model import QwenConfig
+
     assert run("init", "--preset", "qwen1.5-72b", "-o", "q.toml", cwd=tmp_path).returncode == 0
+    assert (tmp_path / "dodo.py").read_text() == (REPO / "dodo.py").read_text()
+    missing = run("validate", "-c", "q.toml", cwd=tmp_path)
+    assert missing.returncode == 2 and "model.hf_dir" in missing.stderr and "does not exist" in missing.stderr
+    hf = tmp_path / "models" / "Qwen1.5-72B"
+    hf.mkdir(parents=True)
+    dims = {k: v for k, v in MODELS["qwen1.5-72b"].items() if k != "compute_dtype"}
+    (hf / "config.json").write_text(json.dumps(QwenConfig(**dims).to_hf_dict()))
     proc = run("validate", "-c", "q.toml", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert "72.3" in proc.stdout or "72,28" in proc.stdout or "valid" in proc.stdout
@@ -57,7 +71,7 @@ def test_set_keeps_comments_and_refuses_rejected_values(tmp_path):
     assert "# per data-parallel rank and micro batch" in after
     refused = run("set", "parallel.data_parallel=3", cwd=tmp_path)
     assert refused.returncode == 2 and "data_parallel 3 x model_parallel 1" in refused.stderr
-    assert "qwen.toml:35: parallel.data_parallel" in refused.stderr and ".tmp-" not in refused.stderr
+    assert "qwen.toml:36: parallel.data_parallel" in refused.stderr and ".tmp-" not in refused.stderr
     assert path.read_text() == after
     assert not list(tmp_path.glob(".qwen.toml.*"))
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -15,7 +16,7 @@ from safetensors.torch import load_file, save_file
 
 from hf_tiny import tiny_hf_model
 from qwenbuild.errors import UserError
-from qwenbuild.model.params import hf_to_ms, parameter_shapes
+from qwenbuild.model.params import CONFIG_ENTRY, hf_to_ms, parameter_shapes
 from qwenbuild.model.config import QwenConfig
 from qwenbuild.weights import convert_weight
 from qwenbuild.weights.mindspore_ckpt import read_tensors
@@ -24,7 +25,8 @@ QWENBUILD = Path(sys.executable).parent / "qwenbuild"
 
 
 def _reference_ckpt(model, cfg, path, ms_dtype=None):
-    """What the original algorithm writes: every parameter through mindspore.save_checkpoint, in network order."""
+    """What the original algorithm writes: every parameter through mindspore.save_checkpoint, in network order;
+    then the model's config.json as a string entry (save_checkpoint's append_dict)."""
     state = {hf_to_ms(n): t for n, t in model.state_dict().items() if n != "lm_head.weight" or not
              cfg.tie_word_embeddings}
     entries = []
@@ -33,7 +35,9 @@ def _reference_ckpt(model, cfg, path, ms_dtype=None):
         data = ms.Tensor(t.float().numpy())
         target = ms_dtype or {torch.float32: ms.float32, torch.bfloat16: ms.bfloat16}[t.dtype]
         entries.append({"name": name, "data": data.astype(target)})
-    ms.save_checkpoint(entries, str(path))
+    dtype = {ms.float32: "float32", ms.bfloat16: "bfloat16", ms.float16: "float16"}[target]
+    stored = json.dumps(dataclasses.replace(cfg, param_dtype=dtype).to_hf_dict(), sort_keys=True)
+    ms.save_checkpoint(entries, str(path), append_dict={CONFIG_ENTRY: stored})
     return path.read_bytes()
 
 
@@ -45,7 +49,8 @@ def test_float32_output_is_byte_identical_to_save_checkpoint(tmp_path, tied):
     assert (tmp_path / "out.ckpt").read_bytes() == _reference_ckpt(model, cfg, tmp_path / "ref.ckpt")
     assert summary["tensors"] == len(parameter_shapes(cfg)) and summary["dtypes"] == ["float32"]
     loaded = ms.load_checkpoint(str(tmp_path / "out.ckpt"))
-    assert list(loaded) == list(parameter_shapes(cfg))
+    assert list(loaded) == list(parameter_shapes(cfg)) + [CONFIG_ENTRY]
+    assert QwenConfig.from_hf_dict(json.loads(loaded[CONFIG_ENTRY])) == cfg
 
 
 def test_dtype_option_casts_like_mindspore(tmp_path):
@@ -62,7 +67,7 @@ def test_bfloat16_source_keeps_its_bits(tmp_path):
     tiny_hf_model(tmp_path / "hf", dtype=torch.bfloat16)
     source = load_file(tmp_path / "hf" / "model.safetensors")
     convert_weight(tmp_path / "hf", tmp_path / "out.ckpt", progress=None)
-    tensors = read_tensors(tmp_path / "out.ckpt")
+    tensors = [t for t in read_tensors(tmp_path / "out.ckpt") if t.name != CONFIG_ENTRY]
     assert {t.type_name for t in tensors} == {"BFloat16"}
     for t in tensors:
         raw = b"".join(t.chunks())
@@ -144,7 +149,7 @@ def test_command_line_progress_summary_and_errors(tmp_path):
     lines = run.stderr.strip().splitlines()
     assert lines[0].startswith("[1/27] model.embed_tokens.weight -> model.tok_embeddings.embedding_weight [96, 32]")
     assert lines[-1].startswith("converted 27 tensors (") and "bfloat16" in lines[-1]
-    assert {t.type_name for t in read_tensors(tmp_path / "cli.ckpt")} == {"BFloat16"}
+    assert {t.type_name for t in read_tensors(tmp_path / "cli.ckpt") if t.name != CONFIG_ENTRY} == {"BFloat16"}
     bad = subprocess.run([str(QWENBUILD), "convert_weight", "--torch_ckpt_dir", str(tmp_path / "nowhere"),
                           "--mindspore_ckpt_path", str(tmp_path / "x.ckpt")], capture_output=True, text=True)
     assert bad.returncode == 2 and "Traceback" not in bad.stderr and "nowhere" in bad.stderr

@@ -17,6 +17,7 @@ from transformers import Qwen2ForCausalLM
 from hf_tiny import tiny_hf_model
 from qwenbuild.errors import UserError
 from qwenbuild.model.config import QwenConfig
+from qwenbuild.model.params import CONFIG_ENTRY
 from qwenbuild.weights import convert_reversed, convert_weight
 from qwenbuild.weights.reverse import infer_config
 
@@ -57,7 +58,7 @@ def test_round_trip_is_bit_exact(tmp_path, dtype, tied, n_kv_heads):
 def test_optimizer_state_is_dropped_and_counted(tmp_path):
     tiny_hf_model(tmp_path / "hf")
     convert_weight(tmp_path / "hf", tmp_path / "model.ckpt", progress=None)
-    weights = ms.load_checkpoint(str(tmp_path / "model.ckpt"))
+    weights = {n: p for n, p in ms.load_checkpoint(str(tmp_path / "model.ckpt")).items() if n != CONFIG_ENTRY}
     entries = [{"name": n, "data": p} for n, p in weights.items()]
     for n, p in weights.items():
         entries += [{"name": f"adam_m.{n}", "data": p}, {"name": f"adam_v.{n}", "data": p}]
@@ -95,9 +96,14 @@ def test_config_is_inferred_for_published_sizes_only(tmp_path):
             cfg.qkv_has_bias) == (24, 16, 16, 2816, True, True)
     tiny_hf_model(tmp_path / "hf")
     convert_weight(tmp_path / "hf", tmp_path / "model.ckpt", progress=None)
+    # a checkpoint convert_weight wrote carries its config.json: no --config, whatever the size
+    summary = convert_reversed(tmp_path / "model.ckpt", tmp_path / "back", progress=None)
+    assert summary["config"] == QwenConfig.from_hf_dir(tmp_path / "hf")
+    bare = {n: p for n, p in ms.load_checkpoint(str(tmp_path / "model.ckpt")).items() if n != CONFIG_ENTRY}
+    ms.save_checkpoint([{"name": n, "data": p} for n, p in bare.items()], str(tmp_path / "bare.ckpt"))
     with pytest.raises(UserError, match="hidden size 32 is not a published Qwen1.5 size"):
-        convert_reversed(tmp_path / "model.ckpt", tmp_path / "back", progress=None)
-    assert not (tmp_path / "back").exists()
+        convert_reversed(tmp_path / "bare.ckpt", tmp_path / "bare_back", progress=None)
+    assert not (tmp_path / "bare_back").exists()
 
 
 def test_mismatch_keeps_the_previous_directory_and_cli_reports_it(tmp_path):

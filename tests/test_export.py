@@ -151,6 +151,8 @@ def _shard(model, path):
     params = ms.load_checkpoint(str(model["ckpt"]))
     entries = []
     for name, value in params.items():
+        if isinstance(value, str):  # the stored config.json
+            continue
         data = value.asnumpy()
         if name.endswith("attention.wq.weight"):
             data = data[: data.shape[0] // 2]  # the first half of an mp=2 column split

@@ -148,7 +148,7 @@ def test_hf_dir_dimensions_win_and_disagreement_is_an_error(tmp_path):
     hf.mkdir()
     cfg = QwenConfig(vocab_size=1024, hidden_size=64, num_layers=2, num_heads=4, n_kv_heads=4, intermediate_size=128)
     (hf / "config.json").write_text(json.dumps(cfg.to_hf_dict()))
-    text = default_text().replace('preset = "tiny"', 'hf_dir = "hf"')
+    text = default_text().replace('preset = "tiny"', 'hf_dir = "hf"').replace('init = "random"', 'init = "hf"')
     m = load_manifest(write(tmp_path, text))
     assert (m.model.hidden_size, m.model.num_layers) == (64, 2)
     [(line, key, message)] = errors(tmp_path, text.replace('hf_dir = "hf"', 'hf_dir = "hf"\nhidden_size = 128'))

@@ -161,3 +161,24 @@ def test_an_unchanged_input_file_is_not_read_again(tmp_path, monkeypatch):
     assert read == []
     stats = json.loads((root / "qwen.lock.stat").read_text())
     assert str(source.resolve()) in stats
+
+
+def test_the_default_infer_question_is_a_held_out_one(tmp_path):
+    from qwenbuild.data.alpaca import user_text
+    from qwenbuild.data.instructions import write_instruction_dataset
+    from qwenbuild.infer.prompt import SEED_PROMPT
+    from qwenbuild.tasks.deploy import _question
+
+    paths = manifests(tmp_path)
+    m = load_manifest(paths["default"])
+    build = BuildDir(m.build_dir)
+    write_instruction_dataset(build.dataset, seed=0, num_train=50, num_heldout=5)
+    [spec] = [s for s in task_specs(m) if s.name == "infer"]
+    assert build.dataset in spec.inputs
+    prompt, expected = _question(Context("infer", DeclaredManifest(m, "infer", spec.keys), build))
+    row = json.loads(build.heldout.read_text())[0]
+    assert (prompt, expected) == (user_text(row["instruction"], row.get("input", "")), row["output"])
+    alpaca = load_manifest(paths["alpaca"])
+    [spec] = [s for s in task_specs(alpaca) if s.name == "infer"]
+    view = DeclaredManifest(alpaca, "infer", spec.keys)
+    assert _question(Context("infer", view, BuildDir(alpaca.build_dir))) == (SEED_PROMPT, None)

@@ -7,7 +7,10 @@ tokenizer), after --max_new_tokens, or when the exported seq_length is full.
 
 Backends: graphcell (MindSpore nn.GraphCell on CPU) or lite (mindspore_lite on Ascend with the GE provider
 and --ge_config_path lite.ini); auto picks lite when mindspore_lite imports and a lite.ini is given.
---batch_size/--seq_length, when given, must equal the export (read from rank_N_graph.json)."""
+--batch_size/--seq_length, when given, must equal the export (read from rank_N_graph.json).
+
+The flags of the original run_qwen1_5_mslite_infer.py work as written: --mindir_root_dir --seq_length --batch_size
+--do_sample --vocab_file --merge_file --ge_config_path --predict_data --predict_length --device_id."""
 
 from __future__ import annotations
 
@@ -17,8 +20,10 @@ import os
 import sys
 
 from qwenbuild.build_dir import BuildDir
+from qwenbuild.errors import UserError
 from qwenbuild.infer.runtime import generate, print_progress
 from qwenbuild.manifest import load_manifest
+from qwenbuild.tokenizer.load import load_tokenizer_files
 
 
 def str2bool(text: str) -> bool:
@@ -38,9 +43,14 @@ def add_arguments(parser):
                         help="export root holding mindir_full_checkpoint/ and mindir_inc_checkpoint/")
     parser.add_argument("--tokenizer_dir", default=None, metavar="DIR",
                         help="vocab.json, merges.txt and tokenizer_config.json of the model")
+    parser.add_argument("--vocab_file", default=None, metavar="PATH", help="the model's vocab.json (with --merge_file, "
+                                                                           "instead of --tokenizer_dir)")
+    parser.add_argument("--merge_file", default=None, metavar="PATH", help="the model's merges.txt")
     parser.add_argument("--predict_data", required=True, metavar="TEXT", help="the prompt")
     parser.add_argument("--max_new_tokens", type=int, default=512, metavar="N",
                         help="stop after N new tokens (default 512; never past the exported seq_length)")
+    parser.add_argument("--predict_length", type=int, default=None, metavar="N",
+                        help="stop when prompt and answer reach N tokens (the original's max_length)")
     parser.add_argument("--do_sample", type=str2bool, nargs="?", const=True, default=False,
                         help="sample instead of greedy (also accepts --do_sample True/False)")
     parser.add_argument("--top_k", type=int, default=3, help="sampling: keep the k most likely tokens, 0 = all "
@@ -77,11 +87,14 @@ def _from_manifest(args) -> None:
 
 
 def main(args):
-    if args.config or args.mindir_root_dir is None or args.tokenizer_dir is None:
+    if (args.vocab_file is None) != (args.merge_file is None):
+        raise UserError("--vocab_file and --merge_file go together", hint="pass both, or --tokenizer_dir")
+    files = args.vocab_file is not None
+    if args.config or args.mindir_root_dir is None or (args.tokenizer_dir is None and not files):
         _from_manifest(args)
-
-    result = generate(args.mindir_root_dir, args.tokenizer_dir, args.predict_data,
-                      max_new_tokens=args.max_new_tokens, do_sample=args.do_sample, top_k=args.top_k,
+    tokenizer = load_tokenizer_files(args.vocab_file, args.merge_file) if files else args.tokenizer_dir
+    result = generate(args.mindir_root_dir, tokenizer, args.predict_data, max_new_tokens=args.max_new_tokens,
+                      max_length=args.predict_length, do_sample=args.do_sample, top_k=args.top_k,
                       top_p=args.top_p, temperature=args.temperature, repetition_penalty=args.repetition_penalty,
                       seed=args.seed, raw=args.raw, backend=args.backend, ge_config_path=args.ge_config_path,
                       batch_size=args.batch_size, seq_length=args.seq_length, rank=args.rank,

@@ -38,6 +38,8 @@ def main(args):
         print(f"{'':24s} {row['stage']:5d}  {row['params'] / 1e6:9.1f} {_gib(row['weights'])} {_gib(row['gradients'])}"
               f"   {_gib(row['optimizer'])}    {_gib(row['activations'])} {_gib(row['total'])}  "
               f"/ {row['device'] / (1 << 30):g}{flag}")
+    for w in m.unavailable:
+        print(f"missing: {w}")
     for w in m.warnings:
         print(f"warning: {w}")
     for w in memory_warnings(m):

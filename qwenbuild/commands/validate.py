@@ -7,7 +7,7 @@ from __future__ import annotations
 import sys
 
 from qwenbuild.commands import add_manifest_argument
-from qwenbuild.manifest import load_manifest
+from qwenbuild.manifest import ManifestError, load_manifest
 from qwenbuild.model.params import num_parameters
 from qwenbuild.plan import memory_warnings
 
@@ -18,6 +18,8 @@ def add_arguments(parser):
 
 def main(args):
     m = load_manifest(args.config)
+    if m.unavailable:
+        raise ManifestError(m.unavailable)
     for w in m.warnings:
         print(f"warning: {w}", file=sys.stderr)
     for w in memory_warnings(m):

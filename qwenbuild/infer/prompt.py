@@ -5,6 +5,9 @@ from __future__ import annotations
 from qwenbuild.data import chatml
 from qwenbuild.errors import UserError
 
+# the prompt of the original README's inference examples
+SEED_PROMPT = "帮助我制定一份去上海的旅游攻略"
+
 
 def chat_text(prompt: str, system: str = chatml.SYSTEM_PROMPT) -> str:
     """A one-turn ChatML conversation ending with the assistant's generation prompt."""

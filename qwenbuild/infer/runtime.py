@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import sys
 import time
 from pathlib import Path
@@ -178,27 +179,34 @@ def warm_up(backend, info: ExportInfo) -> float:
     return time.perf_counter() - t0
 
 
-def _load_tokenizer(tokenizer_dir):
-    return load_tokenizer(tokenizer_dir)
+def generate(mindir_root_dir, tokenizer, prompts, *, max_new_tokens: int = 512, max_length: int | None = None,
+             do_sample: bool = False, top_k: int = 3, top_p: float = 0.85, temperature: float = 1.0,
+             repetition_penalty: float = 1.0, seed: int = 0, raw: bool = False, backend: str = "auto",
+             ge_config_path=None, batch_size: int | None = None, seq_length: int | None = None, rank: int = 0,
+             device_id: int = 0, progress=None) -> GenerationResult:
+    """Tokenize (ChatML unless raw), run the exported graphs of `rank`, decode the replies.
 
-
-def generate(mindir_root_dir, tokenizer_dir, prompts, *, max_new_tokens: int = 512, do_sample: bool = False,
-             top_k: int = 3, top_p: float = 0.85, temperature: float = 1.0, repetition_penalty: float = 1.0,
-             seed: int = 0, raw: bool = False, backend: str = "auto", ge_config_path=None,
-             batch_size: int | None = None, seq_length: int | None = None, rank: int = 0, device_id: int = 0,
-             progress=None) -> GenerationResult:
-    """Tokenize (ChatML unless raw), run the exported graphs of `rank`, decode the replies."""
+    tokenizer: a directory with vocab.json, merges.txt and tokenizer_config.json, or a loaded tokenizer.
+    max_length: prompt and answer together stop there (the original script's --predict_length).
+    """
     sampling = Sampling(do_sample, top_k, top_p, temperature, repetition_penalty, seed)
     if max_new_tokens < 1:
         raise UserError(f"--max_new_tokens must be at least 1, not {max_new_tokens}")
     info = open_export(mindir_root_dir, rank, batch_size, seq_length)
-    tokenizer = _load_tokenizer(tokenizer_dir)
+    where = tokenizer if isinstance(tokenizer, (str, os.PathLike)) else "the given files"
+    tokenizer = load_tokenizer(tokenizer) if isinstance(tokenizer, (str, os.PathLike)) else tokenizer
     if len(tokenizer) > info.vocab_size:
-        raise UserError(f"the tokenizer in {tokenizer_dir} has {len(tokenizer)} tokens, the exported model only "
+        raise UserError(f"the tokenizer in {where} has {len(tokenizer)} tokens, the exported model only "
                         f"{info.vocab_size}", hint="use the tokenizer the model was trained with")
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     prompt_ids = [encode(tokenizer, p, raw) for p in prompts]
     _check_prompts(info, prompt_ids)
+    if max_length is not None:
+        longest = max(len(p) for p in prompt_ids)
+        if max_length <= longest:
+            raise UserError(f"--predict_length {max_length} leaves no room for an answer after a prompt of "
+                            f"{longest} tokens", hint="it counts the prompt and the answer together")
+        max_new_tokens = min(max_new_tokens, max_length - longest)
     runner = open_backend(backend, info.graph_path(FULL), info.graph_path(INC),
                           ge_config_path=ge_config_path, device_id=device_id, rank_id=rank)
     warm_up(runner, info)

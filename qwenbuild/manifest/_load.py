@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from pathlib import Path
 
 import tomlkit
-from tomlkit.exceptions import ParseError
+from tomlkit.exceptions import ParseError, TOMLKitError
 
 from qwenbuild import schema
 from qwenbuild.errors import UserError
@@ -52,6 +53,9 @@ class Manifest:
     lite: sections.Lite
     build: sections.Build
     warnings: list[Problem] = dataclasses.field(default_factory=list)
+    # files the manifest names that do not exist yet: `validate` fails on them and so do the tasks that read them,
+    # while the others (rank tables, strategy files, launch scripts, YAML) still build
+    unavailable: list[Problem] = dataclasses.field(default_factory=list)
 
     @property
     def root(self) -> Path:
@@ -81,7 +85,9 @@ class Manifest:
         return Problem(str(self.path), self.line(key), key, message)
 
 
-def read_toml(path: Path) -> tuple[dict, dict[str, int], str]:
+def parse_toml(path: Path):
+    """The tomlkit document of a qwen.toml (comments kept, for edits); every way it can be unreadable is a
+    UserError or a ManifestError naming the file and line."""
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
@@ -94,9 +100,28 @@ def read_toml(path: Path) -> tuple[dict, dict[str, int], str]:
         raise UserError(f"{path} is not readable")
     try:
         doc = tomlkit.parse(text)
+        doc.unwrap()  # a key defined twice through dotted keys is only found here
     except ParseError as exc:
         reason = str(exc).split(" at line ")[0]
         raise ManifestError([Problem(str(path), exc.line, "", f"TOML syntax error at column {exc.col}: {reason}")])
+    except TOMLKitError as exc:
+        raise ManifestError([Problem(str(path), _repeated_key_line(text, str(exc)), "",
+                                     f"TOML error: {exc} (each key may be written once)")])
+    return doc, text
+
+
+def _repeated_key_line(text: str, message: str) -> int:
+    """Line of the second definition of the key a tomlkit error names, else 1."""
+    name = re.search(r'Key "([^"]+)"', message)
+    if not name:
+        return 1
+    pattern = re.compile(rf"^\s*(?:[\w\"'.-]+\.)?\"?{re.escape(name.group(1))}\"?\s*[=.\]]")
+    hits = [i for i, line in enumerate(text.splitlines(), start=1) if pattern.match(line)]
+    return hits[1] if len(hits) > 1 else (hits[0] if hits else 1)
+
+
+def read_toml(path: Path) -> tuple[dict, dict[str, int], str]:
+    doc, text = parse_toml(path)
     return doc.unwrap(), key_lines(text), text
 
 
@@ -108,6 +133,7 @@ class _Draft:
     lines: dict[str, int]
     data: dict
     warnings: list[Problem]
+    unavailable: list[Problem]
 
     def problem(self, key: str, message: str) -> Problem:
         return Problem(str(self.path), line_of(self.lines, key), key, message)
@@ -122,10 +148,18 @@ def _resolve_model(d: _Draft, raw_model: dict) -> tuple[QwenConfig | None, list[
     model = d.data["model"]
     explicit = {k: raw_model[k] for k in _presets.DIMENSION_KEYS + ("param_dtype", "compute_dtype") if k in raw_model}
     hf_dir = d.path_of("model", "hf_dir")
+    if model["init"] == "random" and hf_dir is not None:
+        problems.append(d.problem("model.init", f"init = \"random\" draws the starting weights from init_seed, but "
+                                                f"hf_dir names {hf_dir}; remove hf_dir, or set init = \"hf\""))
+    if model["init"] == "hf" and hf_dir is None:
+        problems.append(d.problem("model.hf_dir", "missing: init = \"hf\" converts a Hugging Face Qwen1.5 checkpoint; "
+                                                  "set hf_dir to its directory, or init = \"random\" for seeded "
+                                                  "random starting weights"))
     if hf_dir is not None and not (hf_dir / "config.json").exists() and model.get("preset"):
-        # weights not downloaded yet: the preset stands in until they are
-        d.warnings.append(d.problem("model.hf_dir", f"{hf_dir / 'config.json'} does not exist yet; using the "
-                                                    f"{model['preset']} preset's dimensions until it does"))
+        # weights not downloaded yet: the preset's dimensions plan the cluster, nothing is trained without them
+        d.unavailable.append(d.problem("model.hf_dir", f"{hf_dir / 'config.json'} does not exist: download the "
+                                                       f"checkpoint there (the {model['preset']} preset's dimensions "
+                                                       "stand in for planning; no weights are made up)"))
         hf_dir = None
     if hf_dir is not None:
         config = hf_dir / "config.json"
@@ -193,13 +227,13 @@ def load_manifest(path: str | Path = "qwen.toml") -> Manifest:
     found = [Problem(str(path), line_of(lines, key), key, msg) for key, msg in schema.problems(raw)]
     if found:
         raise ManifestError(found)
-    draft = _Draft(path, lines, schema.with_defaults(raw), [])
+    draft = _Draft(path, lines, schema.with_defaults(raw), [], [])
     cfg, found = _resolve_model(draft, raw.get("model", {}))
     found += _check_paths(draft)
     if cfg is None:
         raise ManifestError(sorted(found, key=lambda p: p.line))
     draft.data["model"].update(dataclasses.asdict(cfg))
-    m = Manifest(path=path, lines=lines, warnings=draft.warnings,
+    m = Manifest(path=path, lines=lines, warnings=draft.warnings, unavailable=draft.unavailable,
                  **{name: sections.build_section(cls, draft.data[name]) for name, cls in sections.SECTIONS.items()})
     found += manifest_problems(m)
     if found:

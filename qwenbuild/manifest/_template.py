@@ -37,8 +37,9 @@ def render(preset: str) -> str:
         f"preset = {_toml(preset)}  # real dimensions of a Qwen1.5 size; `qwenbuild init --help` lists them",
     ]
     if tiny:
-        lines += ["# hf_dir = \"path/to/Qwen1.5-7B\"  # convert these weights instead (dimensions from its config.json)",
-                  "init_seed = 0  # no hf_dir: starting weights are generated from this seed"]
+        lines += ["init = \"random\"  # starting weights drawn from init_seed; \"hf\" converts hf_dir instead",
+                  "init_seed = 0",
+                  "# hf_dir = \"path/to/Qwen1.5-7B\"  # with init = \"hf\": the checkpoint to convert (and its dimensions)"]
     else:
         lines += [f"hf_dir = \"models/Qwen1.5-{preset.split('-')[1].upper()}\"  # Hugging Face checkpoint to convert"]
     lines += [f"# hidden_size = {dims['hidden_size']}, num_layers = {dims['num_layers']}, "

@@ -1,18 +1,25 @@
-"""In-place edits of qwen.toml with tomlkit (comments and formatting kept), validated before the file is replaced."""
+"""In-place edits of qwen.toml with tomlkit (comments and formatting kept), validated before the file is replaced.
+
+Key paths are dotted, with indexes into arrays of tables: `train.learning_rate`, `hardware.nodes[1].ip`;
+`hardware.nodes[+].host` appends a node and `hardware.nodes[-1]` is the last one.
+"""
 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import tomlkit
 from tomlkit.exceptions import ParseError
 
 from qwenbuild.errors import UserError
-from qwenbuild.manifest._load import ManifestError, load_manifest, read_toml
+from qwenbuild.manifest._load import ManifestError, load_manifest, parse_toml
 from qwenbuild.manifest._presets import DIMENSION_KEYS
 from qwenbuild.model.config import QwenConfig
 from qwenbuild.store import atomic_path
+
+_PART = re.compile(r"^([A-Za-z0-9_-]+)(?:\[(\+|-?\d+)\])?$")
 
 
 def parse_value(text: str):
@@ -22,24 +29,53 @@ def parse_value(text: str):
         return text  # a bare word: a string
 
 
-def _table(doc, parts: list[str], key: str):
-    node = doc
-    for part in parts:
-        if part not in node:
-            node[part] = tomlkit.table()
-        node = node[part]
-        if not isinstance(node, dict):
-            raise UserError(f"{key}: {part} is not a table")
-    return node
+def _parts(key: str) -> list[tuple[str, str | None]]:
+    parts = []
+    for part in key.split("."):
+        m = _PART.match(part)
+        if not m:
+            raise UserError(f"{key!r} is not a key path", hint="write it like train.seed or hardware.nodes[1].ip")
+        parts.append((m.group(1), m.group(2)))
+    return parts
+
+
+def _plain(value):
+    return value.unwrap() if hasattr(value, "unwrap") else value
+
+
+def _step(node, name: str, index: str | None, key: str, create: bool):
+    """The table (or array element) `name[index]` below `node`; `+` appends a table to an array of tables."""
+    if not isinstance(node, dict):
+        raise UserError(f"{key}: the part before {name!r} is not a table")
+    if name not in node:
+        if not create or (index is not None and index != "+"):
+            raise UserError(f"{key}: {name} is not in the manifest")
+        node[name] = tomlkit.aot() if index == "+" else tomlkit.table()
+    child = node[name]
+    if index is None:
+        return child
+    if not isinstance(child, list):
+        raise UserError(f"{key}: {name} is not an array of tables")
+    if index == "+":
+        child.append(tomlkit.table())
+        return child[-1]
+    try:
+        return child[int(index)]
+    except IndexError:
+        raise UserError(f"{key}: {name} has {len(child)} entries, so [{index}] does not exist",
+                        hint=f"use [+] to append one, or an index in 0..{len(child) - 1}") from None
 
 
 def _switch_to_checkpoint(doc, manifest_dir: Path, hf_dir: str) -> list[str]:
-    """Drop the preset and any dimension the checkpoint's config.json contradicts."""
+    """Drop the preset, a random start, and any dimension the checkpoint's config.json contradicts."""
     model = doc["model"]
     notes = []
     if "preset" in model:
         notes.append(f"removed model.preset = {model['preset']!r}: dimensions now come from {hf_dir}/config.json")
         del model["preset"]
+    if model.get("init") == "random":
+        notes.append(f"removed model.init = 'random': the starting weights now come from {hf_dir}")
+        del model["init"]
     try:
         dims = QwenConfig.from_hf_dir(manifest_dir / hf_dir).__dict__
     except UserError:
@@ -51,20 +87,68 @@ def _switch_to_checkpoint(doc, manifest_dir: Path, hf_dir: str) -> list[str]:
     return notes
 
 
-def set_keys(path: Path, changes: list[tuple[str, str]]) -> list[str]:
-    read_toml(path)  # clear errors for a missing or broken file
-    doc = tomlkit.parse(path.read_text(encoding="utf-8"))
+def _assign(doc, key: str, text: str, manifest_dir: Path) -> list[str]:
+    *path, (name, index) = _parts(key)
+    node = doc
+    for part, part_index in path:
+        node = _step(node, part, part_index, key, create=True)
+    if index is not None:
+        raise UserError(f"{key}: give a key inside the entry, like {key}.ip")
+    if not isinstance(node, dict):
+        raise UserError(f"{key}: the part before {name!r} is not a table")
+    value = parse_value(text)
+    old = node.get(name)
+    node[name] = value
+    report = [f"{key} = {json.dumps(_plain(value), ensure_ascii=False)}"
+              + ("" if old is None else f" (was {json.dumps(_plain(old), ensure_ascii=False)})")]
+    if key == "model.hf_dir":
+        report += _switch_to_checkpoint(doc, manifest_dir, str(value))
+    return report
+
+
+def _remove(doc, key: str) -> str:
+    *path, (name, index) = _parts(key)
+    node = doc
+    for part, part_index in path:
+        node = _step(node, part, part_index, key, create=False)
+    if not isinstance(node, dict) or name not in node:
+        raise UserError(f"{key} is not in the manifest")
+    if index is None:
+        del node[name]
+        return f"removed {key}"
+    items = node[name]
+    if index == "+" or not isinstance(items, list):
+        raise UserError(f"{key}: name an existing entry to remove, like {name}[1]")
+    try:
+        del items[int(index)]
+    except IndexError:
+        raise UserError(f"{key}: {name} has {len(items)} entries") from None
+    return f"removed {key}"
+
+
+def _appended_tables(doc, changes) -> list:
+    """The array entries that `[+]` created, once each."""
+    out = []
+    for key, _ in changes:
+        node = doc
+        for name, index in _parts(key)[:-1]:
+            node = node[name] if index is None else node[name][-1 if index == "+" else int(index)]
+            if index == "+" and not any(node is t for t in out):
+                out.append(node)
+    return out
+
+
+def set_keys(path: Path, changes: list[tuple[str, str]], removals: list[str] = ()) -> list[str]:
+    """Assign `changes` [(key path, TOML value text)] and delete `removals`, then validate the whole manifest;
+    the file is replaced only when it is valid."""
+    doc, _ = parse_toml(path)
     report = []
+    for key in removals:
+        report.append(_remove(doc, key))
     for key, text in changes:
-        parts = key.split(".")
-        value = parse_value(text)
-        table = _table(doc, parts[:-1], key)
-        old = table.get(parts[-1])
-        table[parts[-1]] = value
-        shown = json.dumps(value.unwrap() if hasattr(value, "unwrap") else value, ensure_ascii=False)
-        report.append(f"{key} = {shown}" + ("" if old is None else f" (was {json.dumps(old.unwrap() if hasattr(old, 'unwrap') else old, ensure_ascii=False)})"))
-        if key == "model.hf_dir":
-            report += _switch_to_checkpoint(doc, path.parent, str(value))
+        report += _assign(doc, key, text, path.parent)
+    for table in _appended_tables(doc, changes):
+        table.add(tomlkit.nl())  # a blank line after a new entry, like the others have
     with atomic_path(path) as tmp:
         tmp.write_text(tomlkit.dumps(doc), encoding="utf-8")
         # validate the edited text in place of the original; a failure leaves the original untouched

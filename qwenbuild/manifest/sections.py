@@ -18,6 +18,7 @@ _CONFIG_FIELDS = tuple(f.name for f in dataclasses.fields(QwenConfig))
 @dataclasses.dataclass(frozen=True)
 class Model:
     preset: str | None
+    init: str
     hf_dir: str | None
     init_seed: int
     hidden_size: int
@@ -144,7 +145,7 @@ class Export:
     seq_length: int
     batch_size: int
     use_past: bool
-    predict_data: str
+    predict_data: str | None
     max_new_tokens: int
 
 

@@ -16,7 +16,7 @@ from mindspore.common.initializer import Normal, initializer
 
 from qwenbuild.errors import UserError
 from qwenbuild.model.config import QwenConfig
-from qwenbuild.model.params import check_names, is_training_state
+from qwenbuild.model.params import check_names, is_beside_weights
 
 F32 = ms.float32
 MS_DTYPES = {"float32": ms.float32, "bfloat16": ms.bfloat16, "float16": ms.float16}
@@ -297,7 +297,7 @@ def _read_checkpoint(path: Path) -> dict:
 def load_weights(net: QwenForCausalLM, ckpt_path) -> None:
     """Load a MindSpore checkpoint strictly, casting to the network's parameter dtype; optimizer state is ignored."""
     path = Path(ckpt_path)
-    loaded = {n: p for n, p in _read_checkpoint(path).items() if not is_training_state(n)}
+    loaded = {n: p for n, p in _read_checkpoint(path).items() if not is_beside_weights(n)}
     params = {p.name: p for p in net.get_parameters()}
     check_names({n: p.shape for n, p in params.items()}, {n: p.shape for n, p in loaded.items()}, path)
     for name, param in params.items():

@@ -16,7 +16,7 @@ from typing import Callable
 
 from qwenbuild.errors import UserError
 from qwenbuild.store import atomic_path, write_seal
-from qwenbuild.weights.mindspore_ckpt import NUMPY_TYPES, CkptTensor, read_array, read_tensors
+from qwenbuild.weights.mindspore_ckpt import NUMPY_TYPES, CkptTensor, read_array, read_tensors, read_text
 
 _EMPTY = ("", "none", "null")
 
@@ -130,18 +130,23 @@ class _RankWriter:
         self.origin_src = ps._extract_layout_map(src_strategy)
         self.origin_dst = ps._extract_layout_map(dst_strategy)
 
-    def params(self, rank: int) -> list[dict]:
+    def params(self, rank: int) -> tuple[list[dict], dict[str, str]]:
+        """The rank's tensors, and its string entries (a stored config), which every rank keeps as they are."""
         ms, ps = self.ms, self.ps
         needed = ms.rank_list_for_transform(rank, self.src, self.dst)
         src_map, dst_map = ps._extract_src_dst_layout_map(rank, self.src, self.dst)
         names = list(dict.fromkeys(n for r in needed for n in self.indexes[r]))
-        out = []
+        out, texts = [], {}
         for name in names:
+            holder = next(self.indexes[r][name] for r in needed if name in self.indexes[r])
+            if holder.type_name == "str":
+                texts[name] = read_text(holder)
+                continue
             if ps._parameter_not_in_local_stage(name, self.origin_src, src_map) and \
                     ps._parameter_not_in_local_stage(name, self.origin_dst, dst_map):
                 continue
             out.append(self._param(rank, name, needed, src_map, dst_map))
-        return out
+        return out, texts
 
     def _param(self, rank, name, needed, src_map, dst_map) -> dict:
         ms, ps = self.ms, self.ps
@@ -171,7 +176,7 @@ def tensor_index(path: Path) -> dict[str, CkptTensor]:
     if not tensors:
         raise UserError(f"{path} holds no tensors", hint="pass a checkpoint written by mindspore.save_checkpoint")
     for t in tensors.values():
-        if t.type_name not in NUMPY_TYPES:
+        if t.type_name not in NUMPY_TYPES and t.type_name != "str":
             raise UserError(f"{path}: tensor {t.name!r} has type {t.type_name!r}, which resharding does not handle")
     return tensors
 
@@ -213,10 +218,10 @@ def transform_ckpt(src_ckpt_strategy, dst_ckpt_strategy, src_ckpt_dir, dst_ckpt_
         files, total = [], 0
         for rank in range(world):
             t0 = time.perf_counter()
-            params = writer.params(rank)
+            params, texts = writer.params(rank)
             final = dst / f"rank_{rank}"
             with atomic_path(final, directory=True) as tmp:
-                writer.ms.save_checkpoint(params, str(tmp / f"{prefix}{rank}.ckpt"))
+                writer.ms.save_checkpoint(params, str(tmp / f"{prefix}{rank}.ckpt"), append_dict=texts or None)
             del params
             path = final / f"{prefix}{rank}.ckpt"
             size = path.stat().st_size

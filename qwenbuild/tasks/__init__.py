@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from qwenbuild.build_dir import BuildDir
 from qwenbuild.tasks import data, deploy, distributed, train, weights
-from qwenbuild.tasks.spec import TaskSpec
+from qwenbuild.tasks.spec import Group, TaskSpec
 
 
 def task_specs(manifest) -> list[TaskSpec]:
@@ -13,3 +13,7 @@ def task_specs(manifest) -> list[TaskSpec]:
     for area in (data, weights, distributed, train, deploy):
         specs += area.specs(manifest, build)
     return specs
+
+
+def task_groups(manifest) -> list[Group]:
+    return deploy.groups(manifest)

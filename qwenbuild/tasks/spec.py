@@ -26,6 +26,15 @@ class TaskSpec:
         return self.outputs + self.dir_outputs
 
 
+@dataclasses.dataclass
+class Group:
+    """A name for several tasks (`doit export` builds the graphs and lite.ini); it reads and writes nothing itself."""
+
+    name: str
+    doc: str
+    members: list[str]
+
+
 def manifest_slice(manifest, keys: tuple[str, ...]) -> dict:
     """The values of a task's declared keys; a key the schema does not define is an error, never a silent None."""
     return {key: manifest.value(key) for key in keys}

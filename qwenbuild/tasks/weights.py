@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from qwenbuild.errors import UserError
 from qwenbuild.manifest.sections import Model
 from qwenbuild.tasks.context import Context
 from qwenbuild.tasks.spec import TaskSpec
@@ -18,9 +19,8 @@ HF_FILES = ("config.json", "*.safetensors", "model.safetensors.index.json", "pyt
 
 
 def source_dir(m, build) -> Path:
-    """The Hugging Face checkpoint the chain starts from: model.hf_dir once it exists, else the random one."""
-    hf_dir = m.path_of("model.hf_dir")
-    return hf_dir if hf_dir is not None and (hf_dir / "config.json").exists() else build.init_weights
+    """The Hugging Face checkpoint the chain starts from: model.hf_dir, or the seeded random one (init = "random")."""
+    return build.init_weights if m.model.init == "random" else m.path_of("model.hf_dir")
 
 
 def _init_weights(ctx: Context) -> None:
@@ -29,8 +29,12 @@ def _init_weights(ctx: Context) -> None:
 
 
 def _convert(ctx: Context) -> None:
-    convert_weight(source_dir(ctx.manifest, ctx.build), ctx.build.converted,
-                   dtype=_DTYPE_FLAG[ctx.manifest.model.param_dtype])
+    source = source_dir(ctx.manifest, ctx.build)
+    if not (source / "config.json").is_file():
+        raise UserError(f"model.hf_dir {source} holds no config.json: the checkpoint to convert is not there",
+                        hint="download the Hugging Face checkpoint into that directory (or fix model.hf_dir); "
+                             "tasks that need no weights (rank_table, strategy, launch, run_config) build without it")
+    convert_weight(source, ctx.build.converted, dtype=_DTYPE_FLAG[ctx.manifest.model.param_dtype])
 
 
 def hf_files(directory: Path) -> list[Path]:
@@ -40,14 +44,14 @@ def hf_files(directory: Path) -> list[Path]:
 def specs(m, build) -> list[TaskSpec]:
     out = []
     src = source_dir(m, build)
-    if src == build.init_weights:
+    if m.model.init == "random":
         out.append(TaskSpec("init_weights", "generate the tiny starting checkpoint (Hugging Face format) from model.init_seed",
                             _init_weights, keys=MODEL_KEYS + ("model.init_seed",), dir_outputs=[build.init_weights],
                             packages=("numpy", "safetensors")))
         inputs = [build.init_weights]
     else:
-        inputs = hf_files(src)
+        inputs = hf_files(src) if src.is_dir() else []
     out.append(TaskSpec("convert", "convert the HF checkpoint to one MindSpore .ckpt (convert_weight)", _convert,
-                        keys=MODEL_KEYS + ("model.hf_dir",), inputs=inputs, outputs=[build.converted],
+                        keys=MODEL_KEYS + ("model.init", "model.hf_dir"), inputs=inputs, outputs=[build.converted],
                         packages=("mindspore", "numpy", "safetensors", "torch")))
     return out

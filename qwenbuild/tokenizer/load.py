@@ -3,21 +3,15 @@ and the special ids a loaded tokenizer stops and pads with."""
 
 from __future__ import annotations
 
+import json
 import os
+import tempfile
 from pathlib import Path
 
 from qwenbuild.errors import UserError
-from qwenbuild.tokenizer.files import (
-    CONFIG_FILE,
-    ENDOFTEXT,
-    IM_END,
-    MERGES_FILE,
-    PRETOKENIZE_PATTERN,
-    VOCAB_FILE,
-    read_merges,
-    read_vocab,
-    special_ids,
-)
+from qwenbuild.tokenizer.files import (CONFIG_FILE, ENDOFTEXT, IM_END, MERGES_FILE, PRETOKENIZE_PATTERN,
+                                       SPECIAL_TOKENS, VOCAB_FILE, read_merges, read_vocab, special_ids,
+                                       tokenizer_config)
 
 
 def load_tokenizer(tokenizer_dir: str | os.PathLike):
@@ -31,6 +25,20 @@ def load_tokenizer(tokenizer_dir: str | os.PathLike):
         raise UserError(f"tokenizer directory {tokenizer_dir} lacks {', '.join(missing)}",
                         hint="build it with `qwenbuild tokenizer --output_dir DIR`")
     return Qwen2TokenizerFast.from_pretrained(str(tokenizer_dir))
+
+
+def load_tokenizer_files(vocab_file: str | os.PathLike, merges_file: str | os.PathLike):
+    """Qwen2TokenizerFast from a vocab.json and a merges.txt alone (the original scripts' --vocab_file and
+    --merge_file); the special tokens follow the vocabulary as in every Qwen tokenizer."""
+    for flag, path in (("--vocab_file", vocab_file), ("--merge_file", merges_file)):
+        if not Path(path).is_file():
+            raise UserError(f"{flag} {path} does not exist", hint="pass the vocab.json and merges.txt of the model")
+    num_regular = len({tok for tok in read_vocab(vocab_file) if tok not in SPECIAL_TOKENS})
+    with tempfile.TemporaryDirectory(prefix="qwenbuild-tokenizer-") as work:
+        (Path(work) / VOCAB_FILE).symlink_to(Path(vocab_file).resolve())
+        (Path(work) / MERGES_FILE).symlink_to(Path(merges_file).resolve())
+        (Path(work) / CONFIG_FILE).write_text(json.dumps(tokenizer_config(num_regular)), encoding="utf-8")
+        return load_tokenizer(work)
 
 
 def with_qwen_text_rules(tokenizer):

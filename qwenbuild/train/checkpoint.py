@@ -13,6 +13,7 @@ import re
 from pathlib import Path
 
 from qwenbuild.errors import UserError
+from qwenbuild.model.params import CONFIG_ENTRY
 from qwenbuild.store import atomic_path
 
 META = "meta.json"
@@ -77,13 +78,16 @@ def clear_stale(output_dir: str | Path, rank: int) -> None:
 
 
 def save(cell, output_dir: str | Path, rank: int, step: int, steps_per_epoch: int, prefix: str, digest: str,
-         keep_max: int, meta_extra: dict | None = None) -> Path:
+         keep_max: int, meta_extra: dict | None = None, hf_config: dict | None = None) -> Path:
+    """Save `cell` with MindFormers' step entries (and the model's config.json, so the file converts back alone)."""
     # mindspore takes seconds to load: imported only when this runs
     import mindspore as ms
 
     directory = rank_dir(output_dir, rank)
     final = directory / file_name(prefix, rank, step, steps_per_epoch)
     append = {"epoch_num": (step - 1) // steps_per_epoch + 1, "step_num": step, "loss_scale": 1.0}
+    if hf_config is not None:
+        append[CONFIG_ENTRY] = json.dumps(hf_config, sort_keys=True)
     with atomic_path(final) as tmp:
         # save_checkpoint appends .ckpt to any other name
         ms.save_checkpoint(cell, str(tmp) + ".ckpt", append_dict=append)

@@ -115,7 +115,7 @@ def finetune(settings: TrainSettings, rank: int = 0, world_size: int = 1, progre
         if step % settings.save_steps == 0 or step == total:
             checkpoint.save(train_step, settings.output_dir, rank, step, per_epoch, settings.checkpoint_prefix,
                             digest, settings.keep_checkpoint_max,
-                            {"history": {"loss": losses, "grad_norm": norms}})
+                            {"history": {"loss": losses, "grad_norm": norms}}, settings.model.to_hf_dict())
     if progress:
         progress.close()
     metrics = _metrics(settings, losses, lrs, norms, times, first, total, time.monotonic() - began, per_epoch)

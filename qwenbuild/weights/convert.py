@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import sys
 import time
 from dataclasses import dataclass
@@ -11,7 +13,7 @@ from typing import Callable
 from qwenbuild import dtypes
 from qwenbuild.dtypes import ITEMSIZE
 from qwenbuild.model.config import QwenConfig
-from qwenbuild.model.params import check_names, hf_to_ms, ms_to_hf, parameter_shapes
+from qwenbuild.model.params import CONFIG_ENTRY, check_names, hf_to_ms, ms_to_hf, parameter_shapes
 from qwenbuild.store import atomic_path
 from qwenbuild.weights import hf_source, mindspore_ckpt
 
@@ -83,11 +85,13 @@ def convert_weight(torch_ckpt_dir, mindspore_ckpt_path, dtype: str | None = None
         say(f"[{done[0]}/{total}] {t.source.name} -> {t.name} {list(t.shape)} {t.source.dtype} -> {t.dtype}")
 
     out = Path(mindspore_ckpt_path)
+    out_dtypes = sorted({t.dtype for t in tensors})
+    stored = dataclasses.replace(cfg, param_dtype=out_dtypes[0] if len(out_dtypes) == 1 else cfg.param_dtype)
+    config_text = json.dumps(stored.to_hf_dict(), sort_keys=True)
     with atomic_path(out) as tmp:
-        size = mindspore_ckpt.write_checkpoint(tmp, tensors, step)
+        size = mindspore_ckpt.write_checkpoint(tmp, tensors, step, texts={CONFIG_ENTRY: config_text})
     numel = sum(t.nbytes // ITEMSIZE[t.dtype] for t in tensors)
     seconds = time.monotonic() - started
-    out_dtypes = sorted({t.dtype for t in tensors})
     say(f"converted {total} tensors ({numel / 1e6:.1f}M parameters, {'/'.join(out_dtypes)}) from {torch_ckpt_dir} "
         f"to {out} ({size / 1e6:.1f} MB) in {seconds:.1f} s")
     return {"tensors": total, "parameters": numel, "bytes": size, "seconds": seconds, "dtypes": out_dtypes,

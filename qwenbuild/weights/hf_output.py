@@ -51,3 +51,20 @@ def write_model_dir(directory: Path, cfg: QwenConfig, tensors: list[TensorToWrit
         names.append("model.safetensors.index.json")
     write_config(directory, cfg)
     return names + ["config.json"]
+
+
+def write_torch_bin(path: Path, tensors: list[TensorToWrite], progress: Callable | None = None) -> None:
+    """One torch state dict (HF names) as pytorch_model.bin, the original convert_reversed.py's output; unlike the
+    safetensors directory it holds the whole model in memory while saving."""
+    # torch takes seconds to load: imported only for this output
+    import torch
+
+    kinds = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    state = {}
+    for t in tensors:
+        data = bytearray(b"".join(t.chunks()))
+        state[t.name] = torch.frombuffer(data, dtype=kinds[t.dtype]).reshape(t.shape) if data else \
+            torch.empty(t.shape, dtype=kinds[t.dtype])
+        if progress:
+            progress(t)
+    torch.save(state, path)

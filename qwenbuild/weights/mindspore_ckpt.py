@@ -38,10 +38,12 @@ def _field(number: int, payload: bytes) -> bytes:
     return _varint(number << 3 | 2) + _varint(len(payload)) + payload
 
 
-def entry_header(name: str, shape, dtype: str, content_bytes: int) -> bytes:
-    """Bytes of one `Checkpoint` entry up to (not including) its tensor_content."""
+def entry_header(name: str, shape, dtype: str, content_bytes: int, type_name: str | None = None) -> bytes:
+    """Bytes of one `Checkpoint` entry up to (not including) its tensor_content; type_name overrides MindSpore's
+    name for `dtype` (e.g. "str")."""
     dims = b"".join(_varint(1 << 3) + _varint(d) for d in shape)
-    tensor_head = dims + _field(2, dtypes.MINDSPORE[dtype].encode()) + _varint(3 << 3 | 2) + _varint(content_bytes)
+    kind = type_name or dtypes.MINDSPORE[dtype]
+    tensor_head = dims + _field(2, kind.encode()) + _varint(3 << 3 | 2) + _varint(content_bytes)
     tensor_len = len(tensor_head) + content_bytes
     value_head = _field(1, name.encode()) + _varint(2 << 3 | 2) + _varint(tensor_len)
     value_len = len(value_head) + tensor_len
@@ -215,11 +217,27 @@ def read_array(tensor: CkptTensor) -> np.ndarray:
     return data
 
 
-def write_checkpoint(path: str | os.PathLike, tensors: Iterable, progress: Callable | None = None) -> int:
-    """Write tensors (objects with name, shape, dtype, nbytes, chunks()) to a .ckpt; returns bytes written."""
+def text_entry(name: str, text: str) -> bytes:
+    """A string entry as save_checkpoint's append_dict writes one: dims [0], type "str", UTF-32 content."""
+    content = text.encode("utf-32-le")
+    return entry_header(name, (0,), "", len(content), type_name="str") + content
+
+
+def read_text(tensor: CkptTensor) -> str:
+    if tensor.type_name != "str":
+        raise UserError(f"{tensor.path}: entry {tensor.name!r} is a {tensor.type_name} tensor, not a string")
+    return b"".join(tensor.chunks()).decode("utf-32-le")
+
+
+def write_checkpoint(path: str | os.PathLike, tensors: Iterable, progress: Callable | None = None,
+                     texts: dict[str, str] | None = None) -> int:
+    """Write tensors (objects with name, shape, dtype, nbytes, chunks()) and then `texts` (string entries, as
+    save_checkpoint's append_dict) to a .ckpt; returns bytes written."""
     with open(path, "wb") as f:
         for t in tensors:
             write_tensor(f, t.name, t.shape, t.dtype, t.chunks(), t.nbytes)
             if progress:
                 progress(t)
+        for name, text in (texts or {}).items():
+            f.write(text_entry(name, text))
         return f.tell()

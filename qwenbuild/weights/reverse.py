@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
 from pathlib import Path
 from typing import Callable
@@ -11,7 +12,7 @@ from qwenbuild import dtypes
 from qwenbuild.errors import UserError
 from qwenbuild.jsonfile import read_json
 from qwenbuild.model.config import QwenConfig
-from qwenbuild.model.params import check_names, is_training_state, ms_to_hf, parameter_shapes, split_layer_name
+from qwenbuild.model.params import CONFIG_ENTRY, check_names, is_beside_weights, ms_to_hf, parameter_shapes, split_layer_name
 from qwenbuild.store import atomic_path
 from qwenbuild.weights import hf_output, mindspore_ckpt
 from qwenbuild.weights.convert import stderr_progress
@@ -70,9 +71,14 @@ def convert_reversed(mindspore_ckpt_path, torch_ckpt_path, config: QwenConfig | 
     if not src.is_file():
         raise UserError(f"checkpoint {src} does not exist")
     all_tensors = mindspore_ckpt.read_tensors(src)
-    weights = {t.name: t for t in all_tensors if not is_training_state(t.name)}
-    dropped = len(all_tensors) - len(weights)
+    weights = {t.name: t for t in all_tensors if not is_beside_weights(t.name)}
+    stored = next((t for t in all_tensors if t.name == CONFIG_ENTRY), None)
+    dropped = len(all_tensors) - len(weights) - (stored is not None)
     cfg = _as_config(config)
+    if cfg is None and stored is not None:
+        cfg = QwenConfig.from_hf_dict(json.loads(mindspore_ckpt.read_text(stored)))
+        say(f"config from the checkpoint's own {CONFIG_ENTRY} entry: {cfg.num_layers} layers, hidden "
+            f"{cfg.hidden_size}, {cfg.num_heads} heads ({cfg.n_kv_heads} kv)")
     if cfg is None:
         cfg = infer_config({n: t.shape for n, t in weights.items()}, src)
         say(f"config inferred from tensor shapes: {cfg.num_layers} layers, hidden {cfg.hidden_size}, "
@@ -90,10 +96,17 @@ def convert_reversed(mindspore_ckpt_path, torch_ckpt_path, config: QwenConfig | 
         say(f"[{done[0]}/{total}] {t.name} {list(t.shape)} {t.dtype}")
 
     out = Path(torch_ckpt_path)
-    with atomic_path(out, directory=True) as tmp:
-        files = hf_output.write_model_dir(tmp, cfg, out_tensors, max_shard_bytes, step)
+    if out.suffix == ".bin":
+        # the original convert_reversed.py writes one torch state dict with HF names
+        with atomic_path(out) as tmp:
+            hf_output.write_torch_bin(tmp, out_tensors, step)
+        files = [out.name]
+    else:
+        with atomic_path(out, directory=True) as tmp:
+            files = hf_output.write_model_dir(tmp, cfg, out_tensors, max_shard_bytes, step)
     size = sum(t.nbytes for t in out_tensors)
     seconds = time.monotonic() - started
-    say(f"wrote {total} tensors ({size / 1e6:.1f} MB, {'/'.join(kinds)}) to {out} in {len(files) - 1} files, "
+    say(f"wrote {total} tensors ({size / 1e6:.1f} MB, {'/'.join(kinds)}) to {out} in "
+        f"{sum(f.endswith(('.safetensors', '.bin')) for f in files)} weight file(s), "
         f"dropped {dropped} optimizer/step entries, in {seconds:.1f} s")
     return {"tensors": total, "dropped": dropped, "files": files, "bytes": size, "seconds": seconds, "config": cfg}
