@@ -18,9 +18,11 @@ from pathlib import Path
 
 from qwenbuild.build_dir import BuildDir
 from qwenbuild.lock import Lock
+from qwenbuild.manifest import load_manifest
 from qwenbuild.processes import descendants
 from qwenbuild.digests import content_digest
 from qwenbuild.store import SEAL, member_digests
+from qwenbuild.tasks import task_groups
 from qwenbuild.verify import compare_locks, same_but_for_root
 
 REPO = Path(__file__).resolve().parents[1]
@@ -94,6 +96,7 @@ class Build:
                                       *targets], cwd=manifest.parent,
                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
                                      start_new_session=True)
+        self.manifest = manifest
         self.started = time.monotonic()
         self.finished_before_kill = False
         self.lines: list[Line] = []
@@ -146,7 +149,9 @@ class Build:
         return self.tasks(".")
 
     def skipped(self) -> list[str]:
-        return self.tasks("--")
+        """Tasks found up to date (a group of tasks, like export, reads and writes nothing itself)."""
+        groups = {g.name for g in task_groups(load_manifest(self.manifest))}
+        return [t for t in self.tasks("--") if t not in groups]
 
 
 def alive(pid: int) -> bool:
@@ -258,10 +263,10 @@ def run_and_kill(manifest: Path, points: dict[str, KillPoint], code: Path | None
                 if point.occurrence == 0 and point.key == line.text:
                     deadline, anchored = line.t + point.delay, True
             continue
+        if found:  # the task ended before its chosen line or delay: kill at once, in whatever comes next
+            return Kill(point, build, build.kill(), anchored)
         if deadline is not None:
             continue
-        if found:  # the task ended before its chosen line: kill at once, in whatever comes next
-            return Kill(point, build, build.kill(), anchored)
         if line_key(line.text) == point.key:
             if seen == point.occurrence:
                 deadline, anchored = line.t + point.delay, True
