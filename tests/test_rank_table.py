@@ -140,3 +140,24 @@ def test_merge_hccl_names_the_bad_file(tmp_path, capsys):
     assert cli(["merge_hccl", "bad.json"]) == 2
     err = capsys.readouterr().err
     assert "bad.json" in err and "device_id" in err
+
+
+def test_each_nodes_ips_come_from_that_node(tmp_path):
+    """Listed IPs, or the table hccl_tools wrote on the node; the build host's own config describes it alone."""
+    written = tmp_path / "node1.json"
+    rt.write_rank_table(node_table(1), written)
+    conf = tmp_path / "hccn.conf"
+    conf.write_text("".join(f"address_{d}={npu_ip(2, d)}\n" for d in range(8)))
+    nodes = [{"ip": SERVERS[0], "host": "a", "device_ids": list(range(8)), "device_ips": [npu_ip(0, d) for d in range(8)]},
+             {"ip": SERVERS[1], "host": "b", "device_ids": list(range(8)), "rank_table": str(written)},
+             {"ip": SERVERS[2], "host": "c", "device_ids": list(range(8))}]
+    tables, merged = rt.rank_table_for_nodes(nodes, "hccn_conf", conf, this_host={SERVERS[2]})
+    assert tables == [node_table(0), node_table(1), node_table(2)]
+    assert merged == rt.merge_rank_tables(tables)
+    with pytest.raises(UserError) as err:
+        rt.rank_table_for_nodes(nodes, "hccn_conf", conf, this_host={"10.9.9.9"})
+    assert "hardware.nodes[2] (c, " in str(err.value) and "device IPs are unknown" in str(err.value)
+    nodes[1]["rank_table"] = str(tmp_path / "other.json")
+    rt.write_rank_table(node_table(3), nodes[1]["rank_table"])
+    with pytest.raises(UserError, match="is not the table of hardware.nodes\\[1\\]"):
+        rt.rank_table_for_nodes(nodes, "hccn_conf", conf, this_host={SERVERS[2]})

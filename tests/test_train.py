@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from qwenbuild.errors import UserError
+from qwenbuild.model.config import QwenConfig
 from qwenbuild.train import checkpoint, data
 from qwenbuild.train.progress import STEP_LINE, step_line
 from qwenbuild.train.schedule import cosine_with_warmup, schedule
@@ -154,6 +155,10 @@ def test_loss_decreases_and_results_are_written(tmp_path):
     saved = ms.load_checkpoint(str(rank0 / "qwen2_rank_0-3_8.ckpt"))
     assert int(saved["global_step"].asnumpy()) == 40 and int(saved["step_num"].asnumpy()) == 40
     assert {"adam_m.lm_head.weight", "adam_v.model.norm_out.weight"} <= set(saved)
+    # the model's config.json rides along, so the file converts back to Hugging Face alone
+    from qwenbuild.model.params import CONFIG_ENTRY
+
+    assert QwenConfig.from_hf_dict(json.loads(saved[CONFIG_ENTRY])) == TINY
     from qwenbuild.model.network import QwenForCausalLM, load_weights
 
     net = QwenForCausalLM(TINY)

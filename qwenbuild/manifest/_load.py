@@ -76,7 +76,11 @@ class Manifest:
     def path_of(self, key: str) -> Path | None:
         """A path-valued key resolved against the manifest's directory."""
         value = self.value(key)
-        return None if value is None else (self.root / value).resolve()
+        return None if value is None else self.resolve(value)
+
+    def resolve(self, path: str) -> Path:
+        """A path written in qwen.toml (relative to its directory)."""
+        return (self.root / path).resolve()
 
     def line(self, key: str) -> int:
         return line_of(self.lines, key)
@@ -236,6 +240,9 @@ def load_manifest(path: str | Path = "qwen.toml") -> Manifest:
     m = Manifest(path=path, lines=lines, warnings=draft.warnings, unavailable=draft.unavailable,
                  **{name: sections.build_section(cls, draft.data[name]) for name, cls in sections.SECTIONS.items()})
     found += manifest_problems(m)
+    m.unavailable += [m.problem(f"hardware.nodes[{i}].rank_table", f"{m.resolve(n.rank_table)} does not exist: write "
+                                f"it with `qwenbuild hccl_tools --server_ip {n.ip}` on {n.host}")
+                      for i, n in enumerate(m.hardware.nodes) if n.rank_table and not m.resolve(n.rank_table).is_file()]
     if found:
         raise ManifestError(sorted(found, key=lambda p: p.line))
     return m

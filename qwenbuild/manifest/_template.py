@@ -77,8 +77,8 @@ def render(preset: str) -> str:
             lines += ["host = \"localhost\"", "ip = \"127.0.0.1\""]
         else:
             lines += [f"host = \"node{n}\"", f"ip = \"192.168.1.{n + 1}\"",
-                      "# device_ips = [...]  # NPU IPs; when absent they come from `hccn_tool -i N -ip -g` "
-                      "or /etc/hccn.conf"]
+                      "# device_ips = [...]  # this node's NPU IPs, or: rank_table = \"hccl_....json\" that "
+                      "`qwenbuild hccl_tools` wrote on it"]
     lines += ["",
               "[parallel]",
               f"data_parallel = {dp}",

@@ -69,6 +69,7 @@ class Node:
     ip: str
     device_ids: tuple[int, ...] | None
     device_ips: tuple[str, ...] | None
+    rank_table: str | None
 
 
 @dataclasses.dataclass(frozen=True)

@@ -182,15 +182,58 @@ def read_rank_table(path: str | Path) -> dict:
     return table
 
 
-def rank_table_for_nodes(nodes: list[dict], device_ip_source: str = "hccn_tool",
-                         hccn_conf: str | Path = _HCCN_CONF) -> tuple[list[dict], dict]:
-    """Per-node tables and the merged one from [{"ip", "device_ids", "device_ips"?}, ...] in rank order."""
-    tables = []
-    for n, node in enumerate(nodes):
-        ids = [int(d) for d in node["device_ids"]]
-        ips = node.get("device_ips") or [discover_device_ip(d, hccn_conf, device_ip_source == "hccn_tool")
-                                         for d in ids]
+def this_host_addresses() -> set[str]:
+    """The IPv4 addresses of this machine's interfaces (what `hostname -I` lists), plus its name's address."""
+    found = set()
+    try:
+        found.update(socket.gethostbyname_ex(socket.gethostname())[2])
+    except OSError:
+        pass
+    try:
+        out = subprocess.run(["hostname", "-I"], capture_output=True, text=True, timeout=10).stdout
+        found.update(a for a in out.split() if "." in a)
+    except (OSError, subprocess.TimeoutExpired):
+        pass
+    return found
+
+
+def _node_devices(node: dict, n: int, device_ip_source: str, hccn_conf, here: set[str]) -> list[tuple[int, str]]:
+    """(device id, device IP) of one node: listed in qwen.toml, read from the table hccl_tools wrote on that node,
+    or, for this machine only, discovered with hccn_tool / hccn.conf."""
+    ids = [int(d) for d in node["device_ids"]]
+    name = f"hardware.nodes[{n}] ({node.get('host') or node['ip']}, {node['ip']})"
+    if node.get("device_ips"):
+        ips = list(node["device_ips"])
         if len(ips) != len(ids):
-            raise UserError(f"node {n} ({node['ip']}) lists {len(ips)} device IPs for {len(ids)} devices")
-        tables.append(node_rank_table(node["ip"], list(zip(ids, ips))))
+            raise UserError(f"{name} lists {len(ips)} device IPs for {len(ids)} devices")
+        return list(zip(ids, ips))
+    if node.get("rank_table"):
+        table = read_rank_table(node["rank_table"])
+        servers = table["server_list"]
+        if len(servers) != 1 or servers[0]["server_id"] != node["ip"]:
+            raise UserError(f"{node['rank_table']} is not the table of {name}: it describes "
+                            f"{', '.join(s['server_id'] for s in servers)}",
+                            hint=f"run `qwenbuild hccl_tools --server_ip {node['ip']}` on that node")
+        listed = {int(d["device_id"]): d["device_ip"] for d in servers[0]["device"]}
+        missing = [d for d in ids if d not in listed]
+        if missing:
+            raise UserError(f"{node['rank_table']} lists no device {missing[0]} of {name}",
+                            hint="write it with --device_num covering every device the node uses")
+        return [(d, listed[d]) for d in ids]
+    if node["ip"] in here:
+        return [(d, discover_device_ip(d, hccn_conf, device_ip_source == "hccn_tool")) for d in ids]
+    raise UserError(f"{name}: its device IPs are unknown, and this machine's hccn_tool or {hccn_conf} only describe "
+                    "this machine",
+                    hint=f"list them in qwen.toml (hardware.nodes[{n}].device_ips), or run `qwenbuild hccl_tools "
+                         f"--server_ip {node['ip']}` on that node and set hardware.nodes[{n}].rank_table to the "
+                         "file it writes")
+
+
+def rank_table_for_nodes(nodes: list[dict], device_ip_source: str = "hccn_tool", hccn_conf: str | Path = _HCCN_CONF,
+                         this_host: set[str] | None = None) -> tuple[list[dict], dict]:
+    """Per-node tables and the merged one from [{"ip", "device_ids", "device_ips"? | "rank_table"?}, ...] in rank
+    order; this_host: the addresses of the machine running this (default: its interfaces)."""
+    here = this_host_addresses() if this_host is None else this_host
+    tables = [node_rank_table(node["ip"], _node_devices(node, n, device_ip_source, hccn_conf, here))
+              for n, node in enumerate(nodes)]
     return tables, merge_rank_tables(tables)

@@ -38,6 +38,10 @@ class DeclaredManifest:
         self.check(key)
         return self._manifest.path_of(key)
 
+    def resolve(self, path: str) -> Path:
+        """A path written in qwen.toml (found under a declared key), relative to its directory."""
+        return self._manifest.resolve(path)
+
 
 class _DeclaredSection:
     def __init__(self, section, name: str, owner: DeclaredManifest):

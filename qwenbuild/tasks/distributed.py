@@ -31,7 +31,8 @@ WORKER_MODULE = {"cpu": "qwenbuild.train.worker", "ascend": "qwenbuild.train.min
 def node_devices(m) -> list[dict]:
     hw = m.hardware
     return [{"host": n.host, "ip": n.ip, "device_ids": hw.device_ids(n),
-             **({"device_ips": list(n.device_ips)} if n.device_ips else {})} for n in hw.nodes]
+             **({"device_ips": list(n.device_ips)} if n.device_ips else {}),
+             **({"rank_table": str(m.resolve(n.rank_table))} if n.rank_table else {})} for n in hw.nodes]
 
 
 def rank_table_file(m, build) -> Path | None:
@@ -112,8 +113,9 @@ def specs(m, build) -> list[TaskSpec]:
     ascend = m.hardware.device == "ascend"
     out = []
     if ascend:
+        node_tables = [m.resolve(n.rank_table) for n in m.hardware.nodes if n.rank_table and not n.device_ips]
         out.append(TaskSpec("rank_table", "RANK_TABLE_FILE per node and merged (hccl_tools + merge_hccl)",
-                            _rank_table, keys=HARDWARE_KEYS, dir_outputs=[build.rank_table]))
+                            _rank_table, keys=HARDWARE_KEYS, inputs=node_tables, dir_outputs=[build.rank_table]))
     else:
         out.append(TaskSpec("rank_table", "RANK_TABLE_FILE for Ascend topologies (a CPU topology needs none)",
                             lambda ctx: print("rank_table: a CPU topology needs no rank table; msrun uses "

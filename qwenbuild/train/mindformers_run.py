@@ -1,0 +1,141 @@
+"""MindFormers' own Trainer on a generated YAML, with the flags of the original run_qwen1_5.py.
+
+  python mindformers_run.py --config run_qwen1_5.yaml --run_mode finetune --load_checkpoint DIR
+                            --auto_trans_ckpt False --train_data FILE.mindrecord --use_parallel True
+
+msrun starts it on every worker of a node (the launch scripts do). The YAML decides everything else. On a CPU
+device the entry first applies the substitutions MindFormers 1.9 needs there, and logs each one it makes: float32
+compute, no flash attention, the sliced rotary embedding, no fused RMSNorm, data parallel without data sink, and a
+finite-gradient check in place of the Ascend overflow-status kernel.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+if __name__ == "__main__" and sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
+    # run as a script by msrun: this folder (data.py, ...) must not shadow top-level modules
+    sys.path.pop(0)
+
+from qwenbuild.errors import UserError
+from qwenbuild.processes import die_with_parent
+
+RUN_MODES = ("train", "finetune")
+LOG_PREFIX = "mindformers_run:"
+# model_config values MindFormers' LlamaForCausalLM needs on the CPU kernels
+CPU_MODEL_CONFIG = {"use_flash_attention": False, "use_rope_slice": True, "fused_rms_norm": False,
+                    "compute_dtype": "float32", "layernorm_compute_type": "float32",
+                    "softmax_compute_type": "float32", "rotary_dtype": "float32", "param_init_type": "float32"}
+
+
+def str2bool(text: str) -> bool:
+    lowered = str(text).strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected True or False, not {text!r}")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="mindformers_run.py", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True, help="the MindFormers run YAML (run_qwen1_5.yaml)")
+    parser.add_argument("--run_mode", default="finetune", choices=RUN_MODES)
+    parser.add_argument("--task", default="text_generation")
+    parser.add_argument("--load_checkpoint", default=None, help="checkpoint file or directory of rank_N/ shards")
+    parser.add_argument("--auto_trans_ckpt", type=str2bool, default=None, help="let MindFormers reshard first")
+    parser.add_argument("--train_data", "--train_dataset", dest="train_data", default=None,
+                        help="MindRecord to train on (default: the YAML's dataset_dir)")
+    parser.add_argument("--use_parallel", type=str2bool, default=None)
+    parser.add_argument("--device_id", type=int, default=-1)
+    return parser.parse_args(argv)
+
+
+def log(message: str) -> None:
+    print(f"{LOG_PREFIX} {message}", flush=True)
+
+
+def _set(section, key: str, value, where: str) -> None:
+    if section.get(key) != value:
+        log(f"CPU: {where}.{key} = {value!r} (was {section.get(key)!r})")
+        section[key] = value
+
+
+def cpu_substitutions(config) -> None:
+    """Make a YAML (written for Ascend or for CPU) runnable on the CPU kernels, logging what changes."""
+    model = config.model.model_config
+    for key, value in CPU_MODEL_CONFIG.items():
+        _set(model, key, value, "model.model_config")
+    _set(config.runner_config, "sink_mode", False, "runner_config")
+    _set(config.parallel, "parallel_mode", 0, "parallel")
+    _set(config.parallel, "enable_parallel_optimizer", False, "parallel")
+    _set(config.parallel, "full_batch", False, "parallel")
+    _set(config.parallel, "gradients_mean", True, "parallel")
+    _set(config.runner_wrapper, "scale_sense", 1.0, "runner_wrapper")
+    if "ascend_config" in config.context:
+        log("CPU: context.ascend_config dropped")
+        del config.context["ascend_config"]
+    _finite_overflow_check()
+
+
+def _finite_overflow_check() -> None:
+    """MindSpore's loss-scale cell asks an Ascend kernel whether gradients overflowed; on CPU, look at them."""
+    # mindspore loads in seconds: imported only when training runs
+    from mindspore import nn, ops
+
+    def get_overflow_status(self, status, compute_output):
+        finite = ops.stack([ops.isfinite(g).all() for g in compute_output])
+        return ops.logical_not(finite.all())
+
+    nn.TrainOneStepWithLossScaleCell.get_overflow_status = get_overflow_status
+    log("CPU: loss-scale overflow check = isfinite over the gradients (NPUGetFloatStatusV2 is Ascend only)")
+
+
+def run(args: argparse.Namespace) -> None:
+    # mindformers loads in seconds (and writes ./output/log): imported only when a run starts
+    from mindformers import MindFormerConfig, Trainer
+    from mindformers.core.context import build_context
+
+    if not Path(args.config).is_file():
+        raise UserError(f"--config {args.config} does not exist", hint="build it with `doit run_config`")
+    config = MindFormerConfig(str(Path(args.config).resolve()))
+    config.run_mode = args.run_mode
+    if args.use_parallel is not None:
+        config.use_parallel = args.use_parallel
+    if args.load_checkpoint is not None:
+        config.load_checkpoint = args.load_checkpoint
+    if args.auto_trans_ckpt is not None:
+        config.auto_trans_ckpt = args.auto_trans_ckpt
+    if args.train_data:
+        config.train_dataset.data_loader.dataset_dir = args.train_data
+        config.train_dataset_task.dataset_config = config.train_dataset
+    if args.device_id >= 0:
+        config.context.device_id = args.device_id
+    if config.context.device_target == "CPU":
+        cpu_substitutions(config)
+    build_context(config)
+    trainer = Trainer(args=config, task=args.task, train_dataset=config.train_dataset.data_loader.dataset_dir)
+    if args.run_mode == "finetune":
+        trainer.finetune(finetune_checkpoint=config.load_checkpoint or False, auto_trans_ckpt=config.auto_trans_ckpt)
+    else:
+        trainer.train(train_checkpoint=config.load_checkpoint or False, auto_trans_ckpt=config.auto_trans_ckpt)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if os.environ.get("MS_ROLE"):
+        die_with_parent()  # msrun gone (killed with the build) means this worker goes too
+    try:
+        run(args)
+    except UserError as exc:
+        print(f"qwenbuild worker error: {exc}", file=sys.stderr, flush=True)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
