@@ -125,6 +125,9 @@ class Parallel:
 
 @dataclasses.dataclass(frozen=True)
 class Train:
+    READS: ClassVar[dict[str, tuple[str, ...]]] = {"engine_on": ("engine",)}
+
+    engine: str | None
     learning_rate: float
     warmup_ratio: float
     weight_decay: float
@@ -138,6 +141,10 @@ class Train:
     seed: int
     save_steps: int
     eval_max_new_tokens: int
+
+    def engine_on(self, device: str) -> str:
+        """Who trains on this device: train.engine, else MindFormers on Ascend and qwenbuild's loop on CPU."""
+        return self.engine or ("mindformers" if device == "ascend" else "qwenbuild")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -105,7 +105,7 @@ CONFIG_ENTRY = "hf_config_json"
 # optimizer and loss-scale state that MindSpore training checkpoints carry next to the weights
 _TRAINING_PREFIXES = ("adam_m.", "adam_v.", "moment1.", "moment2.", "accu_grads.", "accum_grad.", "global_step",
                       "learning_rate", "beta1_power", "beta2_power", "scale_sense", "loss_scale", "epoch_num",
-                      "step_num", "current_iterator_step", "last_overflow_iterator_step")
+                      "step_num", "current_iterator_step", "last_overflow_iterator_step", "global_batch_size")
 
 
 def is_beside_weights(name: str) -> bool:

@@ -24,8 +24,8 @@ PLAN_KEYS = ("parallel.data_parallel", "parallel.model_parallel", "parallel.pipe
              "parallel.vocab_emb_dp", "parallel.offset", "parallel.strategy_dir")
 HARDWARE_KEYS = ("hardware.device", "hardware.devices_per_node", "hardware.nodes", "hardware.master_port",
                  "hardware.device_ip_source")
-# what msrun starts on each worker: qwenbuild's trainer on CPU, MindFormers' run script on Ascend
-WORKER_MODULE = {"cpu": "qwenbuild.train.worker", "ascend": "qwenbuild.train.mindformers_run"}
+# what msrun starts on each worker, by train.engine
+WORKER_MODULE = {"qwenbuild": "qwenbuild.train.worker", "mindformers": "qwenbuild.train.mindformers_run"}
 
 
 def node_devices(m) -> list[dict]:
@@ -95,10 +95,11 @@ def _shard(ctx: Context) -> None:
 def _launch(ctx: Context) -> None:
     m, build = ctx.manifest, ctx.build
     hw = m.hardware
-    if hw.device == "ascend":
-        command = [module_script(WORKER_MODULE["ascend"]), "--config", build.mindformers_yaml, "--run_mode", "finetune"]
+    engine = m.train.engine_on(hw.device)
+    if engine == "mindformers":
+        command = [module_script(WORKER_MODULE[engine]), "--config", build.mindformers_yaml, "--run_mode", "finetune"]
     else:
-        command = [module_script(WORKER_MODULE["cpu"]), "--config", build.run_json]
+        command = [module_script(WORKER_MODULE[engine]), "--config", build.run_json]
     scripts = launch_scripts(node_devices(m), hw.devices_per_node, command, device=hw.device,
                              master_port=hw.master_port, log_dir=str(build.msrun_log),
                              env=mode_env("finetune", hw.device), python_bin_dir=Path(sys.executable).parent,
@@ -130,6 +131,6 @@ def specs(m, build) -> list[TaskSpec]:
                         inputs=[build.converted, build.strategy], dir_outputs=[build.transformed],
                         packages=("mindspore",)))
     out.append(TaskSpec("launch", "msrun scripts per node and a Slurm sbatch script", _launch,
-                        keys=HARDWARE_KEYS, dir_outputs=[build.launch],
+                        keys=HARDWARE_KEYS + ("train.engine",), dir_outputs=[build.launch],
                         inputs=[build.rank_table] if ascend else []))
     return out

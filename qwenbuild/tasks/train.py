@@ -68,6 +68,12 @@ def this_node(m) -> int:
                     hint="run `doit finetune` on every node of the cluster, or launch build/launch/node_K.sh by hand")
 
 
+def clear_checkpoints(directory) -> None:
+    for rank_dir in directory.glob("rank_*") if directory.is_dir() else ():
+        for path in [*rank_dir.glob("*.ckpt"), rank_dir / "meta.json"]:
+            path.unlink(missing_ok=True)
+
+
 def drop_damaged_checkpoints(build) -> None:
     """Delete files of a finished run that no longer match its seal: resuming must never start from damaged bytes."""
     members = read_seal(build.checkpoint)
@@ -84,6 +90,9 @@ def drop_damaged_checkpoints(build) -> None:
 def _finetune(ctx: Context) -> None:
     m, build = ctx.manifest, ctx.build
     read_run_json(build.run_json)  # refuses model/pipeline parallel on CPU with the reason
+    if m.train.engine_on(m.hardware.device) == "mindformers":
+        # MindFormers starts from the shards each time: nothing of another run may be taken for its result
+        clear_checkpoints(build.checkpoint)
     drop_damaged_checkpoints(build)
     # unsealed while training: a killed run is resumed, never taken as complete
     seal_path(build.checkpoint).unlink(missing_ok=True)
@@ -114,8 +123,9 @@ def specs(m, build) -> list[TaskSpec]:
                  outputs=[build.run_json, build.mindformers_yaml], packages=("mindformers",)),
         TaskSpec("finetune", "train on the MindRecord from the per-rank shards (the launch scripts, through msrun)",
                  _finetune, inputs=[build.run_json, build.mindrecord, build.transformed, build.launch]
+                 + ([build.mindformers_yaml] if m.train.engine_on(m.hardware.device) == "mindformers" else [])
                  + ([build.dataset, build.tokenizer] if builtin else []),
-                 keys=("train.eval_max_new_tokens", "hardware.device", "hardware.nodes", "hardware.devices_per_node",
+                 keys=("train.eval_max_new_tokens", "train.engine", "hardware.device", "hardware.nodes", "hardware.devices_per_node",
                        "dataset.source", "dataset.num_heldout") + MODEL_KEYS,
                  dir_outputs=[build.checkpoint], reports=[build.metrics], packages=("mindspore", "numpy")),
     ]

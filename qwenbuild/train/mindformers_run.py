@@ -59,10 +59,17 @@ def log(message: str) -> None:
     print(f"{LOG_PREFIX} {message}", flush=True)
 
 
-def _set(section, key: str, value, where: str) -> None:
+def _set(section, key: str, value, where: str, why: str = "CPU") -> None:
     if section.get(key) != value:
-        log(f"CPU: {where}.{key} = {value!r} (was {section.get(key)!r})")
+        log(f"{why}: {where}.{key} = {value!r} (was {section.get(key)!r})")
         section[key] = value
+
+
+def host_limits(config) -> None:
+    """MindSpore's dataset refuses more parallel workers than this host has cores."""
+    cores = os.cpu_count() or 1
+    if config.train_dataset.get("num_parallel_workers", 1) > cores:
+        _set(config.train_dataset, "num_parallel_workers", cores, "train_dataset", "host")
 
 
 def cpu_substitutions(config) -> None:
@@ -80,6 +87,28 @@ def cpu_substitutions(config) -> None:
         log("CPU: context.ascend_config dropped")
         del config.context["ascend_config"]
     _finite_overflow_check()
+    if config.use_parallel:
+        _cpu_barrier()
+
+
+def _cpu_barrier() -> None:
+    """MindFormers waits for all ranks with the Barrier op, which has no CPU kernel: wait on an all-reduce instead."""
+    # mindspore loads in seconds: imported only when training runs
+    import numpy as np
+    from mindspore import Tensor, ops
+    from mindspore.communication import comm_func
+
+    def barrier(group=None):
+        reduce = ops.AllReduce() if group is None else ops.AllReduce(group=group)
+        reduce(Tensor(np.ones(1, np.float32)))
+
+    for name, module in list(sys.modules.items()):
+        if name.startswith(("mindformers", "mindspore.communication")):
+            for attr in ("barrier",):
+                if getattr(module, attr, None) is comm_func.barrier and module is not comm_func:
+                    setattr(module, attr, barrier)
+    comm_func.barrier = barrier
+    log("CPU: barrier = an all-reduce of one value (the Barrier op has no CPU kernel)")
 
 
 def _finite_overflow_check() -> None:
@@ -115,6 +144,7 @@ def run(args: argparse.Namespace) -> None:
         config.train_dataset_task.dataset_config = config.train_dataset
     if args.device_id >= 0:
         config.context.device_id = args.device_id
+    host_limits(config)
     if config.context.device_target == "CPU":
         cpu_substitutions(config)
     build_context(config)

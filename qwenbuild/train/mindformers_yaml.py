@@ -110,7 +110,10 @@ def _context(ascend: bool) -> dict:
 def _dataset(run: RunYaml, shuffle: bool) -> dict:
     return {
         "data_loader": {"type": "MindDataset", "dataset_dir": run.settings.train_data, "shuffle": shuffle},
-        "input_columns": ["input_ids", "target_ids", "attention_mask"],
+        # MindFormers 1.9 passes columns to LlamaForCausalLM by keyword: target_ids are its labels; the
+        # attention mask is rebuilt inside the model from the padding, so the column is not read
+        "input_columns": ["input_ids", "target_ids"],
+        "construct_args_key": ["input_ids", "labels"],
         "num_parallel_workers": 8,
         "python_multiprocessing": False,
         "drop_remainder": shuffle,
@@ -144,7 +147,8 @@ def mindformers_config(run: RunYaml, target: str | None = None) -> dict:
     ascend = target == "ascend"
     runner = {"epochs": s.epochs, "batch_size": s.batch_size, "sink_mode": True, "sink_size": 1}
     if s.steps:
-        runner["stop_step"] = s.steps  # a fixed step count, as the CPU trainer runs it
+        # a fixed step count, as qwenbuild's trainer runs it: enough epochs (each has a step at least), then stop
+        runner.update(epochs=max(s.epochs, s.steps), stop_step=s.steps)
     return {
         "seed": s.seed,
         # MindFormers writes checkpoint/rank_N below its output_dir
@@ -192,6 +196,8 @@ def mindformers_config(run: RunYaml, target: str | None = None) -> dict:
             {"type": "MFLossMonitor"},
             {"type": "CheckpointMonitor", "prefix": s.checkpoint_prefix, "save_checkpoint_steps": s.save_steps,
              "keep_checkpoint_max": s.keep_checkpoint_max, "integrated_save": False, "async_save": False},
+            # MindFormers 1.9 reads runner_config.stop_step but never adds the callback that acts on it
+            *([{"type": "TrainCallBack", "stop_step": s.steps}] if s.steps else []),
         ],
         "context": _context(ascend),
         "model": {"model_config": _model_config(run, ascend), "arch": {"type": "LlamaForCausalLM"}},

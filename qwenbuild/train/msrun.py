@@ -19,7 +19,9 @@ from qwenbuild.train.progress import STEP_LINE, bar
 
 TAIL_LINES = 25
 # lines of a worker log worth echoing: our own progress and summaries, never MindSpore's log chatter
-_ECHO_PREFIXES = ("step ", "resuming ", "trained ", worker.ERROR_MARK)
+_ECHO_PREFIXES = ("step ", "resuming ", "trained ", worker.ERROR_MARK, "mindformers_run:")
+# MindFormers' loss monitor, one line per step
+_MINDFORMERS_STEP = " - INFO - { Epoch:"
 
 
 def free_port() -> int:
@@ -74,6 +76,8 @@ class _Echo:
         for line in lines:
             if line.startswith(_ECHO_PREFIXES):
                 self._show(line)
+            elif _MINDFORMERS_STEP in line:
+                self._show(line[line.index("{ Epoch:"):])
 
     def _show(self, line: str) -> None:
         if self.show_bar:
