@@ -95,11 +95,13 @@ def launch_scripts(nodes: list[dict], workers_per_node: int, command: list[str] 
                    master_port: int = 8118, log_dir: str = "output/msrun_log", env: dict[str, str] | None = None,
                    python_bin_dir: str | Path | None = None, rank_table_file: str | Path | None = None,
                    workdir: str | Path | None = None, cluster_time_out: int = 600,
-                   tail_worker_log: int | None = None, job_name: str = "qwenbuild") -> dict[str, str]:
+                   tail_worker_log: int | None = None, check: list[str] | None = None,
+                   job_name: str = "qwenbuild") -> dict[str, str]:
     """{file name: text}: node_<k>.sh for every node and slurm.sbatch running the same on len(nodes) nodes.
 
     nodes: [{"ip": ..., "host": ...}, ...] in rank order; node 0 is the msrun master. A one-node CPU topology
-    reads its port from $MASTER_PORT when set (default master_port).
+    reads its port from $MASTER_PORT when set (default master_port). check: a command each node runs before
+    msrun (`{node}` in it becomes the node's index); the node stops if it fails.
     """
     _check(nodes, workers_per_node, device, rank_table_file)
     args = script_args(command)
@@ -123,14 +125,19 @@ def launch_scripts(nodes: list[dict], workers_per_node: int, command: list[str] 
         title = (f"node {k} of {len(nodes)} ({node.get('host') or node['ip']}): {workers_per_node} {device} workers, "
                  f"ranks {k * workers_per_node}..{(k + 1) * workers_per_node - 1} of {world}")
         lines = _preamble(title, python_bin_dir, workdir, full_env)
+        if check:
+            lines.append(_shell([a.replace("{node}", str(k)) for a in check], raw))
         lines.append("exec " + _shell(line(k), raw))
         scripts[f"node_{k}.sh"] = "\n".join(lines) + "\n"
-    inner = _shell(line("$SLURM_NODEID"), {**raw, "--node_rank=$SLURM_NODEID": '--node_rank="$SLURM_NODEID"'})
+    slurm_raw = {**raw, "--node_rank=$SLURM_NODEID": '--node_rank="$SLURM_NODEID"', "$SLURM_NODEID": '"$SLURM_NODEID"'}
+    inner = "exec " + _shell(line("$SLURM_NODEID"), slurm_raw)
+    if check:
+        inner = _shell([a.replace("{node}", "$SLURM_NODEID") for a in check], slurm_raw) + " && " + inner
     sbatch = ["#!/usr/bin/env bash", f"#SBATCH --job-name={job_name}", f"#SBATCH --nodes={len(nodes)}",
               "#SBATCH --ntasks-per-node=1", "#SBATCH --exclusive"]
     sbatch += _preamble(f"{len(nodes)} nodes x {workers_per_node} {device} workers; node rank = SLURM_NODEID, "
                         f"master {master}:{master_port}", python_bin_dir, workdir, full_env)[1:]
-    sbatch.append("srun --ntasks-per-node=1 --kill-on-bad-exit=1 bash -c " + shlex.quote("exec " + inner))
+    sbatch.append("srun --ntasks-per-node=1 --kill-on-bad-exit=1 bash -c " + shlex.quote(inner))
     scripts["slurm.sbatch"] = "\n".join(sbatch) + "\n"
     return scripts
 

@@ -100,11 +100,16 @@ def _launch(ctx: Context) -> None:
         command = [module_script(WORKER_MODULE[engine]), "--config", build.mindformers_yaml, "--run_mode", "finetune"]
     else:
         command = [module_script(WORKER_MODULE[engine]), "--config", build.run_json]
+    config = build.mindformers_yaml if engine == "mindformers" else build.run_json
+    check = ["python", "-m", "qwenbuild.train.node_check", "--build_dir", str(build.root), "--node", "{node}",
+             "--workers", str(hw.devices_per_node)] + [str(p.relative_to(build.root)) for p in
+                                                       (config, build.mindrecord, build.transformed)]
     scripts = launch_scripts(node_devices(m), hw.devices_per_node, command, device=hw.device,
                              master_port=hw.master_port, log_dir=str(build.msrun_log),
                              env=mode_env("finetune", hw.device), python_bin_dir=Path(sys.executable).parent,
                              rank_table_file=rank_table_file(m, build), workdir=str(build.root),
-                             tail_worker_log=no_tail(hw.devices_per_node) if hw.device == "cpu" else None)
+                             tail_worker_log=no_tail(hw.devices_per_node) if hw.device == "cpu" else None,
+                             check=check)
     with ctx.output_dir(build.launch) as tmp:
         write_launch_scripts(tmp, scripts)
     print(f"launch: {', '.join(sorted(scripts))} -> {build.launch}", file=sys.stderr)

@@ -96,10 +96,17 @@ def _finetune(ctx: Context) -> None:
     drop_damaged_checkpoints(build)
     # unsealed while training: a killed run is resumed, never taken as complete
     seal_path(build.checkpoint).unlink(missing_ok=True)
-    node = this_node(m)
-    script = build.launch / f"node_{node}.sh"
-    print(f"finetune: running {script} (node {node} of {len(m.hardware.nodes)})", file=sys.stderr)
-    run_node_script(script, build.msrun_log, m.hardware.devices_per_node)
+    node, nodes = this_node(m), len(m.hardware.nodes)
+    if node:
+        raise UserError(f"this machine is node {node} of {nodes}: doit builds and trains from node 0",
+                        hint=f"start {build.launch / f'node_{node}.sh'} here while node 0 runs `doit finetune`")
+    script = build.launch / "node_0.sh"
+    if nodes > 1:
+        others = ", ".join(f"node_{k}.sh on {n.host}" for k, n in enumerate(m.hardware.nodes) if k)
+        print(f"finetune: start {others} (in {build.launch}) now: msrun waits for them (or submit "
+              f"{build.launch / 'slurm.sbatch'} instead of this)", file=sys.stderr)
+    print(f"finetune: running {script} (node 0 of {nodes})", file=sys.stderr)
+    run_node_script(script, build.msrun_log, m.hardware.devices_per_node, set_port=nodes == 1)
     if m.hardware.device == "cpu" and m.dataset.source == "builtin" and m.dataset.num_heldout:
         _evaluate(ctx)
     write_seal(build.checkpoint)

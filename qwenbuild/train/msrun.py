@@ -122,6 +122,10 @@ def run_workers(argv: list[str], log_dir: str | Path, worker_count: int, env: di
         finally:
             echo.close()
     if proc.returncode != 0:
+        if not any(log_dir.glob("worker_*.log")):
+            # the node stopped before msrun started a worker (its check of the build dir, or msrun itself)
+            raise UserError(f"the node's workers never started (exit code {proc.returncode}); last lines of "
+                            f"{log_dir / 'msrun.log'}:\n{log_tail(log_dir / 'msrun.log')}")
         rank, path = failed_rank_log(log_dir, worker_count)
         raise UserError(f"training worker rank {rank} failed (msrun exit code {proc.returncode}); "
                         f"last lines of {path}:\n{log_tail(path)}",
@@ -129,10 +133,12 @@ def run_workers(argv: list[str], log_dir: str | Path, worker_count: int, env: di
 
 
 def run_node_script(script: str | Path, log_dir: str | Path, worker_count: int,
-                    python_bin_dir: str | Path | None = None) -> None:
-    """Run a generated node_K.sh; a one-node CPU script gets a free port, so builds side by side do not collide."""
+                    python_bin_dir: str | Path | None = None, set_port: bool = True) -> None:
+    """Run a generated node_K.sh; a one-node CPU script gets a free port, so builds side by side do not collide
+    (the nodes of a cluster all use the manifest's master_port)."""
     env = worker_env(python_bin_dir)
-    env[PORT_VARIABLE] = str(free_port())
+    if set_port:
+        env[PORT_VARIABLE] = str(free_port())
     run_workers(["bash", str(script)], log_dir, worker_count, env)
 
 
