@@ -24,6 +24,8 @@ MODE_ENV = {
 DEVICES = ("ascend", "cpu")
 # a single CPU node takes its port from the caller when given: one machine may run several builds
 PORT_VARIABLE = "MASTER_PORT"
+# the sbatch script's msrun master: the address of the allocation's first node
+MASTER_VARIABLE = "QWENBUILD_MASTER_ADDR"
 
 
 def mode_env(mode: str, device: str) -> dict[str, str]:
@@ -116,9 +118,9 @@ def launch_scripts(nodes: list[dict], workers_per_node: int, command: list[str] 
     port = port_text if device == "cpu" and len(nodes) == 1 else master_port
     raw = {f"--master_port={port_text}": f'"--master_port={port_text}"'}
 
-    def line(node_rank) -> list[str]:
-        return msrun_command(world, workers_per_node, master, port, node_rank, log_dir, args, rank_table_file=table,
-                             cluster_time_out=cluster_time_out, tail_worker_log=tail_worker_log)
+    def line(node_rank, master_addr=master) -> list[str]:
+        return msrun_command(world, workers_per_node, master_addr, port, node_rank, log_dir, args,
+                             rank_table_file=table, cluster_time_out=cluster_time_out, tail_worker_log=tail_worker_log)
 
     scripts = {}
     for k, node in enumerate(nodes):
@@ -129,17 +131,28 @@ def launch_scripts(nodes: list[dict], workers_per_node: int, command: list[str] 
             lines.append(_shell([a.replace("{node}", str(k)) for a in check], raw))
         lines.append("exec " + _shell(line(k), raw))
         scripts[f"node_{k}.sh"] = "\n".join(lines) + "\n"
-    slurm_raw = {**raw, "--node_rank=$SLURM_NODEID": '--node_rank="$SLURM_NODEID"', "$SLURM_NODEID": '"$SLURM_NODEID"'}
-    inner = "exec " + _shell(line("$SLURM_NODEID"), slurm_raw)
+    slurm_raw = {**raw, "--node_rank=$SLURM_NODEID": '--node_rank="$SLURM_NODEID"', "$SLURM_NODEID": '"$SLURM_NODEID"',
+                 f"--master_addr=${MASTER_VARIABLE}": f'--master_addr="${MASTER_VARIABLE}"'}
+    inner = "exec " + _shell(line("$SLURM_NODEID", f"${MASTER_VARIABLE}"), slurm_raw)
     if check:
         inner = _shell([a.replace("{node}", "$SLURM_NODEID") for a in check], slurm_raw) + " && " + inner
     sbatch = ["#!/usr/bin/env bash", f"#SBATCH --job-name={job_name}", f"#SBATCH --nodes={len(nodes)}",
               "#SBATCH --ntasks-per-node=1", "#SBATCH --exclusive"]
     sbatch += _preamble(f"{len(nodes)} nodes x {workers_per_node} {device} workers; node rank = SLURM_NODEID, "
-                        f"master {master}:{master_port}", python_bin_dir, workdir, full_env)[1:]
+                        f"master: the allocation's first node, port {master_port}", python_bin_dir, workdir,
+                        full_env)[1:]
+    sbatch += _slurm_master(master)
     sbatch.append("srun --ntasks-per-node=1 --kill-on-bad-exit=1 bash -c " + shlex.quote(inner))
     scripts["slurm.sbatch"] = "\n".join(sbatch) + "\n"
     return scripts
+
+
+def _slurm_master(fallback: str) -> list[str]:
+    """Lines that set the msrun master to the first node Slurm allocated (node rank 0), by address."""
+    return ["# node rank 0 is the first node of the allocation: it runs msrun's scheduler",
+            'first=$(scontrol show hostnames "${SLURM_JOB_NODELIST:-}" 2>/dev/null | head -n 1 || true)',
+            f"address=$(getent ahostsv4 \"${{first:-{fallback}}}\" | awk 'NR == 1 {{print $1}}' || true)",
+            f"export {MASTER_VARIABLE}=\"${{address:-{fallback}}}\""]
 
 
 def write_launch_scripts(directory: str | Path, scripts: dict[str, str]) -> list[Path]:
