@@ -152,7 +152,7 @@ LAYERS = [
     ("qwenbuild.weights",),
     ("qwenbuild.model",),
     ("qwenbuild.tokenizer",),
-    ("qwenbuild.schema", "qwenbuild.build_dir", "qwenbuild.lock", "qwenbuild.store", "qwenbuild.digests",
+    ("qwenbuild.schema", "qwenbuild.flags", "qwenbuild.build_dir", "qwenbuild.lock", "qwenbuild.store", "qwenbuild.digests",
      "qwenbuild.dtypes", "qwenbuild.processes", "qwenbuild.errors", "qwenbuild.jsonfile", "qwenbuild"),
 ]
 

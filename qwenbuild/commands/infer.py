@@ -14,25 +14,16 @@ The flags of the original run_qwen1_5_mslite_infer.py work as written: --mindir_
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
 
 from qwenbuild.build_dir import BuildDir
 from qwenbuild.errors import UserError
+from qwenbuild.flags import str2bool
 from qwenbuild.infer.runtime import generate, print_progress
 from qwenbuild.manifest import load_manifest
 from qwenbuild.tokenizer.load import load_tokenizer_files
-
-
-def str2bool(text: str) -> bool:
-    lowered = text.strip().lower()
-    if lowered in ("1", "true", "yes", "on"):
-        return True
-    if lowered in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, not {text!r}")
 
 
 def add_arguments(parser):

@@ -20,8 +20,12 @@ if __name__ == "__main__" and sys.path and Path(sys.path[0]).resolve() == Path(_
     # run as a script by msrun: this folder (data.py, ...) must not shadow top-level modules
     sys.path.pop(0)
 
+import numpy as np
+
 from qwenbuild.errors import UserError
+from qwenbuild.flags import str2bool
 from qwenbuild.processes import die_with_parent
+from qwenbuild.train.worker import ERROR_MARK
 
 RUN_MODES = ("train", "finetune")
 LOG_PREFIX = "mindformers_run:"
@@ -29,15 +33,6 @@ LOG_PREFIX = "mindformers_run:"
 CPU_MODEL_CONFIG = {"use_flash_attention": False, "use_rope_slice": True, "fused_rms_norm": False,
                     "compute_dtype": "float32", "layernorm_compute_type": "float32",
                     "softmax_compute_type": "float32", "rotary_dtype": "float32", "param_init_type": "float32"}
-
-
-def str2bool(text: str) -> bool:
-    lowered = str(text).strip().lower()
-    if lowered in ("1", "true", "yes", "on"):
-        return True
-    if lowered in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected True or False, not {text!r}")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -94,7 +89,6 @@ def cpu_substitutions(config) -> None:
 def _cpu_barrier() -> None:
     """MindFormers waits for all ranks with the Barrier op, which has no CPU kernel: wait on an all-reduce instead."""
     # mindspore loads in seconds: imported only when training runs
-    import numpy as np
     from mindspore import Tensor, ops
     from mindspore.communication import comm_func
 
@@ -162,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         run(args)
     except UserError as exc:
-        print(f"qwenbuild worker error: {exc}", file=sys.stderr, flush=True)
+        print(f"{ERROR_MARK} {exc}", file=sys.stderr, flush=True)
         return 2
     return 0
 
