@@ -211,3 +211,14 @@ def test_a_checkpoint_not_downloaded_yet_stops_only_the_weight_tasks(tmp_path):
     assert refused.returncode != 0 and "models/Qwen1.5-tiny" in refused.stderr and "config.json" in refused.stderr
     assert "Traceback" not in refused.stderr
     assert not (tmp_path / "build" / "weights").exists()
+
+
+def test_doit_export_builds_the_graphs_and_lite_ini(tmp_path):
+    manifest = small_manifest(tmp_path)
+    manifest.write_text(manifest.read_text().replace('checkpoint = "finetuned"', 'checkpoint = "converted"'))
+    proc = doit(manifest, "export")
+    assert {"mindir", "lite_ini"} <= set(ran(proc))
+    assert (tmp_path / "build" / "lite.ini").is_file()
+    assert (tmp_path / "build" / "output" / "mindir_inc_checkpoint" / "rank_0_graph.mindir").is_file()
+    again = doit(manifest, "export")
+    assert ran(again) == [] and "export" in skipped(again)

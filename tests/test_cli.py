@@ -109,3 +109,35 @@ def test_plan_shows_ranks_memory_and_status(tmp_path):
 def test_bad_invocations_give_a_message_not_a_traceback(tmp_path, args):
     proc = run(*args, cwd=tmp_path)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr and "error:" in proc.stderr
+
+
+def test_set_edits_appends_and_removes_nodes(tmp_path):
+    from qwenbuild.manifest import load_manifest
+
+    run("init", "--preset", "qwen1.5-72b", "-o", "qwen.toml", cwd=tmp_path)
+    path = tmp_path / "qwen.toml"
+    proc = run("set", "hardware.nodes[1].ip=10.0.0.22", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert load_manifest(path).hardware.nodes[1].ip == "10.0.0.22"
+    # a fifth node is refused by the plan (32 ranks on 40 devices), the file untouched
+    before = path.read_text()
+    refused = run("set", "hardware.nodes[+].host=node4", "hardware.nodes[-1].ip=10.0.0.5", cwd=tmp_path)
+    assert refused.returncode == 2 and "40 devices" in refused.stderr and path.read_text() == before
+    grown = run("set", "hardware.nodes[+].host=node4", "hardware.nodes[-1].ip=10.0.0.5",
+                "parallel.micro_batch_num=60", "parallel.pipeline_stage=5", cwd=tmp_path)
+    assert grown.returncode == 0, grown.stderr
+    m = load_manifest(path)
+    assert [n.host for n in m.hardware.nodes] == ["node0", "node1", "node2", "node3", "node4"]
+    assert "# device_ips" in path.read_text()  # comments kept
+    shrunk = run("set", "--remove", "hardware.nodes[4]", "parallel.pipeline_stage=4", cwd=tmp_path)
+    assert shrunk.returncode == 0, shrunk.stderr
+    assert [n.ip for n in load_manifest(path).hardware.nodes][-1] == "192.168.1.4"
+    missing = run("set", "hardware.nodes[7].ip=1.2.3.4", cwd=tmp_path)
+    assert missing.returncode == 2 and "nodes has 4 entries" in missing.stderr
+
+
+def test_strategy_takes_the_manifest_with_c(tmp_path):
+    run("init", "--preset", "qwen1.5-72b", "-o", "q.toml", cwd=tmp_path)
+    proc = run("strategy", "-c", "q.toml", "--output_dir", "s", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert len(list((tmp_path / "s").glob("ckpt_strategy_rank_*.json"))) == 32
