@@ -25,7 +25,7 @@ import numpy as np
 from qwenbuild.errors import UserError
 from qwenbuild.flags import str2bool
 from qwenbuild.processes import die_with_parent
-from qwenbuild.train.worker import ERROR_MARK
+from qwenbuild.train.worker import exit_code
 
 RUN_MODES = ("train", "finetune")
 LOG_PREFIX = "mindformers_run:"
@@ -153,12 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if os.environ.get("MS_ROLE"):
         die_with_parent()  # msrun gone (killed with the build) means this worker goes too
-    try:
-        run(args)
-    except UserError as exc:
-        print(f"{ERROR_MARK} {exc}", file=sys.stderr, flush=True)
-        return 2
-    return 0
+    return exit_code(lambda: run(args))
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ import argparse
 import os
 import sys
 from pathlib import Path
+from typing import Callable
 
 if __name__ == "__main__" and sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
     # msrun runs this file as a script: its folder (data.py, schedule.py, ...) must not shadow top-level modules
@@ -38,18 +39,27 @@ def init_data_parallel(device_target: str) -> tuple[int, int]:
     return get_rank(), world
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m qwenbuild.train.worker", description=__doc__)
-    parser.add_argument("--config", required=True, help="run.json with the plain training settings")
-    args = parser.parse_args(argv)
+def exit_code(run: Callable[[], None]) -> int:
+    """Run a worker; a UserError becomes one marked line in the worker's log (msrun's failure report finds it)."""
     try:
-        settings = read_run_json(args.config)
-        rank, world = init_data_parallel(settings.device_target)
-        finetune(settings, rank, world)
+        run()
     except UserError as exc:
         print(f"{ERROR_MARK} {exc}", file=sys.stderr, flush=True)
         return 2
     return 0
+
+
+def _train(config: str) -> None:
+    settings = read_run_json(config)
+    rank, world = init_data_parallel(settings.device_target)
+    finetune(settings, rank, world)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m qwenbuild.train.worker", description=__doc__)
+    parser.add_argument("--config", required=True, help="run.json with the plain training settings")
+    args = parser.parse_args(argv)
+    return exit_code(lambda: _train(args.config))
 
 
 if __name__ == "__main__":
