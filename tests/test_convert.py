@@ -1,4 +1,5 @@
-"""convert_weight: HF directory -> MindSpore .ckpt, streamed; bytes equal to mindspore.save_checkpoint's."""
+"""convert_weight: HF directory -> MindSpore .ckpt, streamed; bytes equal to mindspore.save_checkpoint's (with its
+CRC trailer)."""
 
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ QWENBUILD = Path(sys.executable).parent / "qwenbuild"
 
 def _reference_ckpt(model, cfg, path, ms_dtype=None):
     """What the original algorithm writes: every parameter through mindspore.save_checkpoint, in network order;
-    then the model's config.json as a string entry (save_checkpoint's append_dict)."""
+    then the model's config.json as a string entry (save_checkpoint's append_dict), and the CRC trailer."""
     state = {hf_to_ms(n): t for n, t in model.state_dict().items() if n != "lm_head.weight" or not
              cfg.tie_word_embeddings}
     entries = []
@@ -37,7 +38,7 @@ def _reference_ckpt(model, cfg, path, ms_dtype=None):
         entries.append({"name": name, "data": data.astype(target)})
     dtype = {ms.float32: "float32", ms.bfloat16: "bfloat16", ms.float16: "float16"}[target]
     stored = json.dumps(dataclasses.replace(cfg, param_dtype=dtype).to_hf_dict(), sort_keys=True)
-    ms.save_checkpoint(entries, str(path), append_dict={CONFIG_ENTRY: stored})
+    ms.save_checkpoint(entries, str(path), append_dict={CONFIG_ENTRY: stored}, crc_check=True)
     return path.read_bytes()
 
 
@@ -48,7 +49,7 @@ def test_float32_output_is_byte_identical_to_save_checkpoint(tmp_path, tied):
     summary = convert_weight(tmp_path / "hf", tmp_path / "out.ckpt", progress=None)
     assert (tmp_path / "out.ckpt").read_bytes() == _reference_ckpt(model, cfg, tmp_path / "ref.ckpt")
     assert summary["tensors"] == len(parameter_shapes(cfg)) and summary["dtypes"] == ["float32"]
-    loaded = ms.load_checkpoint(str(tmp_path / "out.ckpt"))
+    loaded = ms.load_checkpoint(str(tmp_path / "out.ckpt"), crc_check=True)
     assert list(loaded) == list(parameter_shapes(cfg)) + [CONFIG_ENTRY]
     assert QwenConfig.from_hf_dict(json.loads(loaded[CONFIG_ENTRY])) == cfg
 

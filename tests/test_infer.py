@@ -58,7 +58,8 @@ def tiny(tmp_path_factory):
 @pytest.fixture(scope="module")
 def eager(tiny):
     import mindspore as ms
-    from qwenbuild.model.network import QwenForCausalLM, load_weights
+    from qwenbuild.model.network import QwenForCausalLM
+    from qwenbuild.weights.mindspore_ckpt import load_weights
 
     ms.set_context(mode=ms.GRAPH_MODE)
     net = QwenForCausalLM(tiny["cfg"])

@@ -11,10 +11,10 @@ from mindspore import Tensor, nn
 from hf_tiny import tiny_hf_model
 from qwenbuild.errors import UserError
 from qwenbuild.model.config import QwenConfig
-from qwenbuild.model.network import DecodeCell, PrefillCell, QwenForCausalLM, cache_shape, greedy_generate, \
-    load_weights
+from qwenbuild.model.network import DecodeCell, PrefillCell, QwenForCausalLM, cache_shape, greedy_generate
 from qwenbuild.model.params import CONFIG_ENTRY, parameter_shapes
 from qwenbuild.weights import convert_weight
+from qwenbuild.weights.mindspore_ckpt import load_weights
 
 VOCAB = 96
 

@@ -152,14 +152,15 @@ def test_loss_decreases_and_results_are_written(tmp_path):
 
     import mindspore as ms
 
-    saved = ms.load_checkpoint(str(rank0 / "qwen2_rank_0-3_8.ckpt"))
+    saved = ms.load_checkpoint(str(rank0 / "qwen2_rank_0-3_8.ckpt"), crc_check=True)
     assert int(saved["global_step"].asnumpy()) == 40 and int(saved["step_num"].asnumpy()) == 40
     assert {"adam_m.lm_head.weight", "adam_v.model.norm_out.weight"} <= set(saved)
     # the model's config.json rides along, so the file converts back to Hugging Face alone
     from qwenbuild.model.params import CONFIG_ENTRY
 
     assert QwenConfig.from_hf_dict(json.loads(saved[CONFIG_ENTRY])) == TINY
-    from qwenbuild.model.network import QwenForCausalLM, load_weights
+    from qwenbuild.model.network import QwenForCausalLM
+    from qwenbuild.weights.mindspore_ckpt import load_weights
 
     net = QwenForCausalLM(TINY)
     load_weights(net, rank0 / "qwen2_rank_0-3_8.ckpt")

@@ -18,6 +18,7 @@ import numpy as np
 from qwenbuild.errors import UserError
 from qwenbuild.model.config import QwenConfig
 from qwenbuild.model.params import num_parameters
+from qwenbuild.weights.mindspore_ckpt import load_weights
 
 VERBOSE = True
 
@@ -29,7 +30,7 @@ def _log(message: str) -> None:
 
 def _load(cfg, ckpt_path: str):
     # the network loads mindspore (seconds): imported only when this runs
-    from qwenbuild.model.network import QwenForCausalLM, load_weights
+    from qwenbuild.model.network import QwenForCausalLM
 
     net = QwenForCausalLM(cfg)
     try:

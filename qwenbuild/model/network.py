@@ -7,8 +7,6 @@ MindSpore renames the shared parameters and checkpoints no longer match `paramet
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import mindspore as ms
 import numpy as np
 from mindspore import Parameter, Tensor, nn, ops
@@ -284,20 +282,10 @@ def cache_shape(cfg: QwenConfig, batch_size: int, seq_length: int) -> tuple[int,
     return (cfg.num_layers, batch_size, cfg.n_kv_heads, seq_length, cfg.head_dim)
 
 
-def _read_checkpoint(path: Path) -> dict:
-    if not path.is_file():
-        raise UserError(f"checkpoint {path} does not exist", hint="convert one with `qwenbuild convert_weight`")
-    fmt = "safetensors" if path.suffix == ".safetensors" else "ckpt"
-    try:
-        return ms.load_checkpoint(str(path), format=fmt)
-    except (ValueError, RuntimeError, TypeError, OSError) as exc:
-        raise UserError(f"{path} is not a readable MindSpore {fmt} checkpoint: {exc}")
-
-
-def load_weights(net: QwenForCausalLM, ckpt_path) -> None:
-    """Load a MindSpore checkpoint strictly, casting to the network's parameter dtype; optimizer state is ignored."""
-    path = Path(ckpt_path)
-    loaded = {n: p for n, p in _read_checkpoint(path).items() if not is_beside_weights(n)}
+def set_weights(net: QwenForCausalLM, checkpoint: dict, path) -> None:
+    """Set the network's parameters from a loaded checkpoint (`path` names it in errors) strictly, casting to the
+    network's parameter dtype; optimizer state is ignored."""
+    loaded = {n: p for n, p in checkpoint.items() if not is_beside_weights(n)}
     params = {p.name: p for p in net.get_parameters()}
     check_names({n: p.shape for n, p in params.items()}, {n: p.shape for n, p in loaded.items()}, path)
     for name, param in params.items():

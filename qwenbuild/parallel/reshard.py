@@ -2,7 +2,7 @@
 
 MindSpore's transform_checkpoint_by_rank loads every source file whole for every rank; here each tensor is read on
 its own (weights.mindspore_ckpt) and passed through the same MindSpore layout transform, so memory holds one rank's
-shard plus one source tensor, and the bytes written are those MindSpore would write.
+shard plus one source tensor, and the bytes written are those MindSpore would write (with its CRC trailer).
 """
 
 from __future__ import annotations
@@ -221,7 +221,8 @@ def transform_ckpt(src_ckpt_strategy, dst_ckpt_strategy, src_ckpt_dir, dst_ckpt_
             params, texts = writer.params(rank)
             final = dst / f"rank_{rank}"
             with atomic_path(final, directory=True) as tmp:
-                writer.ms.save_checkpoint(params, str(tmp / f"{prefix}{rank}.ckpt"), append_dict=texts or None)
+                writer.ms.save_checkpoint(params, str(tmp / f"{prefix}{rank}.ckpt"), append_dict=texts or None,
+                                          crc_check=True)
             del params
             path = final / f"{prefix}{rank}.ckpt"
             size = path.stat().st_size

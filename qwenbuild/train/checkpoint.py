@@ -15,6 +15,7 @@ from pathlib import Path
 from qwenbuild.errors import UserError
 from qwenbuild.model.params import CONFIG_ENTRY
 from qwenbuild.store import atomic_path
+from qwenbuild.weights.mindspore_ckpt import load_with_crc
 
 META = "meta.json"
 
@@ -90,7 +91,7 @@ def save(cell, output_dir: str | Path, rank: int, step: int, steps_per_epoch: in
         append[CONFIG_ENTRY] = json.dumps(hf_config, sort_keys=True)
     with atomic_path(final) as tmp:
         # save_checkpoint appends .ckpt to any other name
-        ms.save_checkpoint(cell, str(tmp) + ".ckpt", append_dict=append)
+        ms.save_checkpoint(cell, str(tmp) + ".ckpt", append_dict=append, crc_check=True)
         os.replace(str(tmp) + ".ckpt", tmp)
     meta = {"last_epoch": append["epoch_num"], "last_step": (step - 1) % steps_per_epoch + 1,
             "last_ckpt_file": final.name, "run_digest": digest, **(meta_extra or {})}
@@ -124,10 +125,7 @@ def load_into(cell, path: str | Path, required: list[str]) -> dict:
     # mindspore takes seconds to load: imported only when this runs
     import mindspore as ms
 
-    try:
-        params = ms.load_checkpoint(str(path))
-    except (RuntimeError, ValueError) as exc:
-        raise UserError(f"{path}: cannot read MindSpore checkpoint: {str(exc).splitlines()[0]}") from exc
+    params = load_with_crc(path)
     missing = [name for name in required if name not in params]
     if missing:
         raise UserError(f"{path}: lacks {len(missing)} tensor(s) the network needs, e.g. {', '.join(missing[:3])}",

@@ -17,6 +17,7 @@ from qwenbuild.store import atomic_path
 from qwenbuild.tokenizer.files import ENDOFTEXT, IM_END
 from qwenbuild.tokenizer.load import load_tokenizer
 from qwenbuild.train.progress import write_metrics
+from qwenbuild.weights.mindspore_ckpt import load_weights
 
 EVAL_BATCH = 64
 
@@ -88,7 +89,7 @@ def evaluate_heldout(ckpt: str | Path, cfg: QwenConfig, tokenizer_dir: str | Pat
     # mindspore takes seconds to load: imported only when this runs
     import mindspore as ms
 
-    from qwenbuild.model.network import QwenForCausalLM, load_weights
+    from qwenbuild.model.network import QwenForCausalLM
 
     started = time.monotonic()
     rows = read_heldout(heldout_file)[:limit]

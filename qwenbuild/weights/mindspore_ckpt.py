@@ -2,11 +2,14 @@
 
 A .ckpt is a concatenation of serialized one-entry `Checkpoint` messages; MindSpore's own writer splits a tensor
 into entries of at most SLICE_BYTES of content, each repeating the name, dims and type. Writing the same entries
-here gives the bytes `mindspore.save_checkpoint` gives for the same list of tensors.
+here gives the bytes `mindspore.save_checkpoint(..., crc_check=True)` gives for the same list of tensors: the
+entries, then a trailer b"crc_num" + the CRC32 of every byte before it (10 bytes, big-endian). Reading checks that
+CRC whenever a file carries one; files saved without it (MindSpore's default) are read unchecked.
 """
 
 from __future__ import annotations
 
+import binascii
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +21,10 @@ from qwenbuild import dtypes
 from qwenbuild.errors import UserError
 
 SLICE_BYTES = 512 << 20
+CRC_MARK = b"crc_num"
+CRC_TRAILER_BYTES = len(CRC_MARK) + 10
+CRC_READ_BYTES = 16 << 20
+DAMAGED_HINT = "rebuild the checkpoint or copy it again from a good source"
 NUMPY_TYPES = {"Int8": np.int8, "UInt8": np.uint8, "Int16": np.int16, "UInt16": np.uint16, "Int32": np.int32,
                "UInt32": np.uint32, "Int64": np.int64, "UInt64": np.uint64, "Float16": np.float16,
                "Float32": np.float32, "Float64": np.float64, "Bool": np.bool_, "BFloat16": np.uint16}
@@ -121,21 +128,26 @@ def read_index(path: str | os.PathLike) -> list[CkptSlice]:
         raise UserError(f"{path} is empty (0 bytes): not a MindSpore checkpoint",
                         hint="pass a checkpoint written by mindspore.save_checkpoint")
     try:
+        verify_crc(path)
         with open(path, "rb") as f:
-            return _read_entries(f, path, size)
+            end = size - CRC_TRAILER_BYTES if _stored_crc(f, size) is not None else size
+            return _read_entries(f, path, end)
     except (KeyError, IndexError, UnicodeDecodeError) as exc:
         raise UserError(f"{path} is not a readable MindSpore checkpoint (damaged entry: {exc!r})",
                         hint="pass an unencrypted .ckpt written by mindspore.save_checkpoint") from None
 
 
 def _read_entries(f: BinaryIO, path: Path, size: int) -> list[CkptSlice]:
+    """Entries of the first `size` bytes (the whole file but its CRC trailer)."""
+    f.seek(0)
     slices = []
     while f.tell() < size:
         at = f.tell()
         first = f.read(1)
         if first != b"\x0a":
-            if first == b"c" and f.read(6) == b"rc_num":
-                break  # CRC trailer of a checkpoint saved with crc_check=True
+            if first == CRC_MARK[:1] and f.read(len(CRC_MARK) - 1) == CRC_MARK[1:]:
+                raise UserError(f"{path} is truncated: its CRC trailer at offset {at} is incomplete",
+                                hint=DAMAGED_HINT)
             raise UserError(f"{path} is not a readable MindSpore checkpoint (unexpected byte at offset {at}); "
                             "encrypted checkpoints are not supported")
         length = _read_varint(f, str(path))
@@ -157,6 +169,86 @@ def _read_entries(f: BinaryIO, path: Path, size: int) -> list[CkptSlice]:
         slices.append(CkptSlice(value[1][0].decode(), () if dims == (0,) else dims, tensor[2][0].decode(),
                                 content_off, content_len))
     return slices
+
+
+def _stored_crc(f: BinaryIO, size: int) -> int | None:
+    """The CRC32 a file's trailer records, or None when it has no trailer."""
+    if size < CRC_TRAILER_BYTES:
+        return None
+    f.seek(size - CRC_TRAILER_BYTES)
+    trailer = f.read(CRC_TRAILER_BYTES)
+    if not trailer.startswith(CRC_MARK):
+        return None
+    return int.from_bytes(trailer[len(CRC_MARK):], "big")
+
+
+def has_crc(path: str | os.PathLike) -> bool:
+    """Whether a .ckpt ends in the CRC trailer save_checkpoint(..., crc_check=True) writes."""
+    with open(path, "rb") as f:
+        return _stored_crc(f, os.fstat(f.fileno()).st_size) is not None
+
+
+def _computed_crc(f: BinaryIO, nbytes: int, path: Path) -> int:
+    """CRC32 of the first `nbytes`, read in chunks so a multi-GB file never sits in memory."""
+    buffer = memoryview(bytearray(min(CRC_READ_BYTES, max(nbytes, 1))))
+    crc, left = 0, nbytes
+    f.seek(0)
+    while left:
+        got = f.readinto(buffer[:min(len(buffer), left)])
+        if not got:
+            raise UserError(f"{path} shrank while it was read ({left} bytes missing)",
+                            hint="wait until whatever writes it has finished")
+        crc = binascii.crc32(buffer[:got], crc)
+        left -= got
+    return crc
+
+
+# (resolved path, size, mtime_ns) of files whose CRC matched: the index of a file may be read several times
+_CRC_MATCHED: set[tuple[str, int, int]] = set()
+
+
+def verify_crc(path: str | os.PathLike) -> None:
+    """Check a .ckpt's CRC trailer against its content, reading it in chunks; no-op for a file without one."""
+    path = Path(path)
+    with open(path, "rb") as f:
+        st = os.fstat(f.fileno())
+        key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+        if key in _CRC_MATCHED:
+            return
+        stored = _stored_crc(f, st.st_size)
+        if stored is None:
+            return
+        computed = _computed_crc(f, st.st_size - CRC_TRAILER_BYTES, path)
+    if computed != stored:
+        raise UserError(f"{path} is damaged: its CRC32 does not match its content (stored {stored}, computed "
+                        f"{computed})", hint=DAMAGED_HINT)
+    _CRC_MATCHED.add(key)
+
+
+def load_with_crc(path: str | os.PathLike, fmt: str = "ckpt") -> dict:
+    """mindspore.load_checkpoint, checking the CRC of a .ckpt that carries one; failures name the file."""
+    # mindspore takes seconds to load: imported only when this runs
+    import mindspore as ms
+
+    check = fmt == "ckpt" and has_crc(path)
+    try:
+        return ms.load_checkpoint(str(path), format=fmt, crc_check=check)
+    except (ValueError, RuntimeError, TypeError, OSError) as exc:
+        if check:
+            verify_crc(path)  # says "damaged" where MindSpore only guesses at permissions
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"{path} is not a readable MindSpore {fmt} checkpoint: {reason}") from None
+
+
+def load_weights(net, ckpt_path) -> None:
+    """Load a MindSpore checkpoint (.ckpt or .safetensors) into a QwenForCausalLM strictly, its CRC checked."""
+    # the network loads mindspore (seconds): imported only when this runs
+    from qwenbuild.model.network import set_weights
+
+    path = Path(ckpt_path)
+    if not path.is_file():
+        raise UserError(f"checkpoint {path} does not exist", hint="convert one with `qwenbuild convert_weight`")
+    set_weights(net, load_with_crc(path, "safetensors" if path.suffix == ".safetensors" else "ckpt"), path)
 
 
 @dataclass(frozen=True)
@@ -229,15 +321,31 @@ def read_text(tensor: CkptTensor) -> str:
     return b"".join(tensor.chunks()).decode("utf-32-le")
 
 
+class _CrcWriter:
+    """A file being written that keeps the CRC32 of everything written to it, as MindSpore's crc_check does."""
+
+    def __init__(self, f: BinaryIO):
+        self.f, self.crc = f, 0
+
+    def write(self, data) -> int:
+        self.crc = binascii.crc32(data, self.crc)
+        return self.f.write(data)
+
+    def trailer(self) -> bytes:
+        return CRC_MARK + self.crc.to_bytes(10, "big")
+
+
 def write_checkpoint(path: str | os.PathLike, tensors: Iterable, progress: Callable | None = None,
                      texts: dict[str, str] | None = None) -> int:
     """Write tensors (objects with name, shape, dtype, nbytes, chunks()) and then `texts` (string entries, as
-    save_checkpoint's append_dict) to a .ckpt; returns bytes written."""
+    save_checkpoint's append_dict) to a .ckpt ending in its CRC trailer; returns bytes written."""
     with open(path, "wb") as f:
+        out = _CrcWriter(f)
         for t in tensors:
-            write_tensor(f, t.name, t.shape, t.dtype, t.chunks(), t.nbytes)
+            write_tensor(out, t.name, t.shape, t.dtype, t.chunks(), t.nbytes)
             if progress:
                 progress(t)
         for name, text in (texts or {}).items():
-            f.write(text_entry(name, text))
+            out.write(text_entry(name, text))
+        f.write(out.trailer())
         return f.tell()
