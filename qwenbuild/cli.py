@@ -9,6 +9,7 @@ import sys
 
 from qwenbuild import __version__
 from qwenbuild.errors import UserError
+from qwenbuild.processes import interrupted_line, interruption, stop_on_signals
 
 # name -> (module, one-line help); modules define add_arguments(parser) and main(args) -> int | None
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -69,26 +70,33 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         parser.parse_args(argv)  # prints --help/--version, or an error naming the unknown command
         return 2
-    module, parser = _command_parser(argv[0])
-    args = parser.parse_args(argv[1:])
+    name = f"qwenbuild {argv[0]}"
+    stop_on_signals(name)
     try:
-        rc = module.main(args)
-    except UserError as exc:
-        print(f"qwenbuild {argv[0]}: error: {exc}", file=sys.stderr)
+        module, parser = _command_parser(argv[0])
+        rc = module.main(parser.parse_args(argv[1:]))
+    except BaseException as exc:
+        return _reported(name, exc)
+    return int(rc or 0)
+
+
+def _reported(name: str, exc: BaseException) -> int:
+    """The exit code of a command that raised `exc`, after one line on stderr; unexpected errors go on up."""
+    stop = interruption(exc)
+    if stop is not None:  # after SIGINT or SIGTERM, an error of the unwinding is the interruption too
+        print(interrupted_line(name), file=sys.stderr)
+        return stop.exit_code
+    if isinstance(exc, UserError):
+        print(f"{name}: error: {exc}", file=sys.stderr)
         return exc.exit_code
-    except KeyboardInterrupt:
-        print(f"qwenbuild {argv[0]}: interrupted; nothing half-written was kept", file=sys.stderr)
-        return 130
-    except BrokenPipeError:
+    if isinstance(exc, BrokenPipeError):
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
-    except OSError as exc:
-        # a path the command could not read or write; QWENBUILD_DEBUG=1 keeps the traceback for bug reports
-        if os.environ.get("QWENBUILD_DEBUG"):
-            raise
-        print(f"qwenbuild {argv[0]}: error: {_os_error_text(exc)}", file=sys.stderr)
+    # a path the command could not read or write; QWENBUILD_DEBUG=1 keeps the traceback for bug reports
+    if isinstance(exc, OSError) and not os.environ.get("QWENBUILD_DEBUG"):
+        print(f"{name}: error: {_os_error_text(exc)}", file=sys.stderr)
         return 1
-    return int(rc or 0)
+    raise exc
 
 
 def _os_error_text(exc: OSError) -> str:

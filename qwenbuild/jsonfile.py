@@ -8,6 +8,20 @@ from pathlib import Path
 from qwenbuild.errors import UserError
 
 
+class BadJSON(ValueError):
+    """Text that is not JSON qwenbuild can read; the message says where and why."""
+
+
+def parse_json(text: str | bytes):
+    """json.loads, with every way of failing (syntax, nesting too deep for the parser) one BadJSON."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise BadJSON(f"line {exc.lineno} column {exc.colno}: {exc.msg}") from None
+    except RecursionError:
+        raise BadJSON("nested too deeply (arrays or objects inside each other thousands of levels down)") from None
+
+
 def read_json(path: str | Path, what: str, missing_hint: str | None = None, hint: str | None = None):
     """The parsed content of `path`; `what` names the file in messages ("vocab file", "rank table", ...).
 
@@ -27,7 +41,6 @@ def read_json(path: str | Path, what: str, missing_hint: str | None = None, hint
     except UnicodeDecodeError as exc:
         raise UserError(f"{what} {path} is not valid JSON: not UTF-8 text (byte {exc.start})", hint=hint) from None
     try:
-        return json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise UserError(f"{what} {path} is not valid JSON: line {exc.lineno} column {exc.colno}: {exc.msg}",
-                        hint=hint) from None
+        return parse_json(text)
+    except BadJSON as exc:
+        raise UserError(f"{what} {path} is not valid JSON: {exc}", hint=hint) from None

@@ -16,6 +16,8 @@ import os
 from pathlib import Path
 
 from qwenbuild.digests import content_digest, json_digest
+from qwenbuild.errors import UserError
+from qwenbuild.jsonfile import BadJSON, parse_json
 from qwenbuild.store import SEAL, atomic_path, member_digests, read_seal
 
 LOCK_VERSION = 1
@@ -86,17 +88,28 @@ class Lock:
         self.stat_path = self.path.with_name(self.path.name + ".stat")
 
     def read(self) -> dict:
+        """The lock's content; none yet (or of another lock version) is an empty one, a damaged one an error."""
         try:
-            data = json.loads(self.path.read_text(encoding="utf-8"))
-        except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError):
+            data = parse_json(self.path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
             return {"version": LOCK_VERSION, "tasks": {}}
+        except (BadJSON, UnicodeDecodeError) as exc:
+            raise self._damaged(f"not valid JSON: {exc}") from None
+        if not isinstance(data, dict) or not isinstance(data.get("tasks", {}), dict):
+            raise self._damaged("not a JSON object with a \"tasks\" table")
         return data if data.get("version") == LOCK_VERSION else {"version": LOCK_VERSION, "tasks": {}}
+
+    def _damaged(self, why: str) -> UserError:
+        return UserError(f"{self.path} is damaged ({why}), so what was built from what is unknown",
+                         hint=f"delete {self.path.name} to rebuild and record every artifact again, or restore it "
+                              "from a copy")
 
     def read_stats(self) -> dict:
         try:
-            return json.loads(self.stat_path.read_text(encoding="utf-8"))
-        except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError):
-            return {}
+            stats = parse_json(self.stat_path.read_text(encoding="utf-8"))
+        except (FileNotFoundError, BadJSON, UnicodeDecodeError):
+            return {}  # only a cache: every artifact is re-hashed instead
+        return stats if isinstance(stats, dict) else {}
 
     @contextlib.contextmanager
     def _writing(self):

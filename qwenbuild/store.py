@@ -122,10 +122,17 @@ def atomic_path(final: str | os.PathLike, *, directory: bool = False) -> Iterato
         if exc.errno in _DISK_ERRNOS:
             raise UserError(f"no space left while writing {final} ({exc.strerror}); nothing was changed there",
                             hint="free disk space or point the output elsewhere, then run again") from exc
+        if _names_temporary(exc, tmp):  # the user knows the path they asked for, not our temporary sibling
+            raise UserError(f"cannot write {final}: {exc.strerror}; nothing was changed there",
+                            hint="check the permissions of its directory, or choose another output path") from exc
         raise
     except BaseException:
         remove(tmp)
         raise
+
+
+def _names_temporary(exc: OSError, tmp: Path) -> bool:
+    return any(f is not None and (Path(f) == tmp or tmp in Path(f).parents) for f in (exc.filename, exc.filename2))
 
 
 def member_digests(directory: str | os.PathLike) -> dict[str, str]:

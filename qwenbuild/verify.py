@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -14,6 +13,7 @@ from qwenbuild.build_dir import BuildDir
 from qwenbuild.compare import first_difference
 from qwenbuild.errors import UserError
 from qwenbuild.lock import Lock
+from qwenbuild.processes import run_child
 from qwenbuild.tasks.staleness import task_status
 
 @dataclasses.dataclass
@@ -32,7 +32,7 @@ class Difference:
 def rebuild(manifest_path: Path, build_dir: Path, tasks: list[str]) -> None:
     cmd = [sys.executable, "-m", "qwenbuild.tasks.run_doit", f"manifest={manifest_path}", f"build_dir={build_dir}",
            *tasks]
-    proc = subprocess.run(cmd, cwd=manifest_path.parent)
+    proc = run_child(cmd, cwd=manifest_path.parent)
     if proc.returncode:
         raise UserError(f"the fresh rebuild in {build_dir} failed (doit exit {proc.returncode})",
                         hint="see the task output above")

@@ -42,6 +42,11 @@ def _manifests(good: str) -> dict[str, bytes]:
         "hugedevices.toml": sub(r"^devices_per_node = \d+", "devices_per_node = 1000000000000"),
         "float.toml": sub(r"^num_train = \d+", "num_train = 4000.5"),
         "missingkey.toml": sub(r"^\[train\]$", "[train_]"),
+        "nonascii.toml": sub(r"^\[model\]$", "[模型]"),
+        "dupkey.toml": sub(r"^num_train = \d+", "num_train = 4000\nnum_train = 10"),
+        "nan.toml": sub(r"^learning_rate = \S+", "learning_rate = nan"),
+        "floatdp.toml": sub(r"^data_parallel = \d+", "data_parallel = 2.0"),
+        "smallbatch.toml": sub(r"^num_train = \d+", "num_train = 10"),
     }
 
 
@@ -88,6 +93,17 @@ def _build_corpus(c: Path) -> None:
         "rt_wrongtype.json": '{"server_list": [{"server_id": "10.0.0.1", "device": "all"}]}',
         "rt_trunc.json": '{"server_list": [{"server_id": "10.',
         "rt_utf16.json": '{"server_list": []}'.encode("utf-16"),
+        "rt_node.json": json.dumps({"version": "1.0", "server_count": "1", "status": "completed", "server_list": [
+            {"server_id": "10.0.0.1", "host_nic_ip": "reserve",
+             "device": [{"device_id": "0", "device_ip": "192.168.1.1", "rank_id": "0"}]}]}),
+        "hccn_badip2.conf": "netdetect_0=1.2.3.4\naddress_0=10.0.0.x\n",
+        "deep.json": "[" * 100000 + "]" * 100000,
+        "pretty_obj.json": json.dumps(ROW, indent=2, ensure_ascii=False),
+        "chat_long_prompt.jsonl": json.dumps({"messages": [{"role": "user", "content": "tell me " * 40},
+                                                           {"role": "assistant", "content": "ok"}]}) + "\n",
+        "chat_long.jsonl": "".join(json.dumps({"messages": [{"role": "user", "content": "hi " * (i + 20)},
+                                                            {"role": "assistant", "content": "hello"}]}) + "\n"
+                                   for i in range(6)),
         "hccn_empty.conf": "",
         "hccn_badip.conf": "address_0=999.1.2.3\n",
         "hccn_latin1.conf": "address_0=ü\n".encode("latin-1"),
@@ -173,6 +189,14 @@ CASES = [
     ("validate -c {c}/m/hugedevices.toml", 2, "hardware.devices_per_node", None),
     ("validate -c {c}/m/float.toml", 2, "dataset.num_train", None),
     ("validate -c {c}/m/missingkey.toml", 2, "train", None),
+    ("validate -c {c}/m/nonascii.toml", 2, "'模型' holds characters an unquoted TOML name cannot", None),
+    ("validate -c {c}/m/dupkey.toml", 2, "each key may be written once", None),
+    ("validate -c {c}/m/nan.toml", 2, "train.learning_rate", None),
+    ("validate -c {c}/m/floatdp.toml", 2, "parallel.data_parallel", None),
+    ("validate -c {c}/m/smallbatch.toml", 2, "dataset.num_train: 10 rows are fewer than one global batch", None),
+    ("plan -c {c}/m/floatdp.toml", 2, "parallel.data_parallel", None),
+    ("set -c qwen.toml train.learning_rate=1979-05-27", 2, "train.learning_rate", "qwen.toml"),
+    ("set -c qwen.toml train.learning_rate=inf", 2, "train.learning_rate", "qwen.toml"),
     ("validate --bogus", 2, "unrecognized arguments", None),
     ("plan -c missing.toml", 2, "missing.toml does not exist", None),
     ("plan -c {c}/m/utf16.toml", 2, "UTF-8", None),
@@ -200,7 +224,8 @@ CASES = [
     ("hccl_tools --device_num [0,1) --server_ip 10.0.0.1 --hccn_conf missing.conf", 2, "missing.conf", None),
     ("hccl_tools --device_num [0,1) --server_ip 10.0.0.1 --hccn_conf {c}/hccn_empty.conf", 2, "address_0", None),
     ("hccl_tools --device_num [0,1) --server_ip 10.0.0.1 --hccn_conf {c}/hccn_badip.conf", 2, "999.1.2.3", None),
-    ("hccl_tools --device_num [0,1) --server_ip 10.0.0.1 --hccn_conf {c}/hccn_latin1.conf", 2, "device 0", None),
+    ("hccl_tools --device_num [0,1) --server_ip 10.0.0.1 --hccn_conf {c}/hccn_latin1.conf", 2,
+     "hccn_latin1.conf line 1: address_0", None),
     ("hccl_tools --device_num [0,1) --server_ip 10.0.0.1 --hccn_conf {c}/dir", 2, "address_0", None),
     ("merge_hccl", 2, "required", None),
     ("merge_hccl missing.json", 2, "missing.json does not exist", None),
@@ -208,6 +233,9 @@ CASES = [
     ("merge_hccl {c}/rt_trunc.json", 2, "rt_trunc.json", None),
     ("merge_hccl {c}/rt_utf16.json", 2, "rt_utf16.json", None),
     ("merge_hccl {c}/rt_list.json", 2, "has no server_list", None),
+    ("merge_hccl {c}/rt_node.json {c}/rt_node.json --output out.json", 2, "is in both", "out.json"),
+    ("hccl_tools --device_num [0,1) --server_ip 10.0.0.1 --hccn_conf {c}/hccn_badip2.conf", 2,
+     "hccn_badip2.conf line 2: address_0 '10.0.0.x' is not an IP address", None),
     ("merge_hccl {c}/rt_noservers.json", 2, "has no server_list", None),
     ("merge_hccl {c}/rt_wrongtype.json", 2, "rt_wrongtype.json", None),
     ("merge_hccl {c}/dir", 2, "dir is a directory, not a JSON file", None),
@@ -282,6 +310,9 @@ CASES = [
     ("alpaca_converter --data_path {c}/empty --output_path out.jsonl", 2, "empty", None),
     ("alpaca_converter --data_path {c}/trunc.json --output_path out.jsonl", 2, "trunc.json", "out.jsonl"),
     ("alpaca_converter --data_path {c}/obj.json --output_path out.jsonl", 2, "obj.json", None),
+    ("alpaca_converter --data_path {c}/deep.json --output_path out.jsonl", 2, "nested too deeply", "out.jsonl"),
+    ("alpaca_converter --data_path {c}/pretty_obj.json --output_path out.jsonl", 2,
+     "holds one JSON object spread over several lines", None),
     ("alpaca_converter --data_path {c}/numbers.json --output_path out.jsonl", 2, "numbers.json", None),
     ("alpaca_converter --data_path {c}/wrongtype.json --output_path out.jsonl", 2, "instruction", "out.jsonl"),
     ("alpaca_converter --data_path {c}/latin1.json --output_path out.jsonl", 2, "UTF-8", None),
@@ -298,6 +329,11 @@ CASES = [
      "--output_file out.mindrecord", 2, "empty", None),
     ("preprocess --input_glob {c}/chat_trunc.jsonl --vocab_file {c}/tok/vocab.json --merges_file {c}/tok/merges.txt "
      "--output_file out.mindrecord", 2, "chat_trunc.jsonl", "out.mindrecord"),
+    ("preprocess --input_glob {c}/chat_long_prompt.jsonl --vocab_file {c}/tok/vocab.json --merges_file "
+     "{c}/tok/merges.txt --seq_length 16 --mask_prompt --output_file out.mindrecord", 2,
+     "chat_long_prompt.jsonl line 1", "out.mindrecord"),
+    ("preprocess --input_glob {c}/chat_long.jsonl --vocab_file {c}/tok/vocab.json --merges_file "
+     "{c}/tok/merges.txt --seq_length 16 --output_file out.mindrecord", 2, "most of the data would be cut off", None),
     ("preprocess --input_glob {c}/chat_wrongtype.jsonl --vocab_file {c}/tok/vocab.json "
      "--merges_file {c}/tok/merges.txt --output_file out.mindrecord", 2, "chat_wrongtype.jsonl", None),
     ("preprocess --input_glob {c}/chat_numbers.jsonl --vocab_file {c}/tok/vocab.json "
@@ -501,3 +537,42 @@ def test_debug_variable_keeps_the_traceback(corpus, tmp_path):
                            str(corpus / "dir"), "--vocab_size", "300"], cwd=tmp_path,
                           capture_output=True, text=True, timeout=60, env=env)
     assert proc.returncode == 1 and "Traceback" in proc.stderr and "IsADirectoryError" in proc.stderr
+
+
+def test_a_failed_export_leaves_no_empty_graph_directories(corpus, tmp_path):
+    """The export fails inside MindSpore (the config does not describe the checkpoint): no directory is left."""
+    (tmp_path / "hf").mkdir()
+    config = json.loads((corpus / "hf" / "config.json").read_text())
+    (tmp_path / "hf" / "config.json").write_text(json.dumps({**config, "intermediate_size": 48}))
+    proc = subprocess.run([sys.executable, "-m", "qwenbuild", "export", "--load_checkpoint", str(corpus / "ms.ckpt"),
+                           "--torch_ckpt_dir", "hf", "--output_dir", "exported/graphs", "--seq_length", "16"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert "config.json" in proc.stderr
+    assert not (tmp_path / "exported").exists()
+
+
+def test_a_damaged_lock_is_named_by_plan_and_doit(tmp_path):
+    (tmp_path / "qwen.toml").write_text((Path(__file__).resolve().parents[1] / "qwen.toml").read_text())
+    (tmp_path / "dodo.py").write_text((Path(__file__).resolve().parents[1] / "dodo.py").read_text())
+    lock = tmp_path / "build" / "qwen.lock"
+    lock.parent.mkdir()
+    lock.write_text('{"version": 1, "tasks": {"tokenizer": ')
+    for argv in ([sys.executable, "-m", "qwenbuild", "plan"], [str(Path(sys.executable).parent / "doit"), "list"],
+                 [str(Path(sys.executable).parent / "doit"), "finetune"]):
+        proc = subprocess.run(argv, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+        assert "build/qwen.lock is damaged (not valid JSON: line 1 column" in proc.stderr, proc.stderr
+        assert "delete qwen.lock to rebuild" in proc.stderr
+    assert lock.read_text() == '{"version": 1, "tasks": {"tokenizer": '
+
+
+def test_an_unusable_build_dir_is_named_by_doit(tmp_path):
+    (tmp_path / "qwen.toml").write_text((Path(__file__).resolve().parents[1] / "qwen.toml").read_text())
+    (tmp_path / "dodo.py").write_text((Path(__file__).resolve().parents[1] / "dodo.py").read_text())
+    (tmp_path / "file.txt").write_text("in the way\n")
+    proc = subprocess.run([str(Path(sys.executable).parent / "doit"), "build_dir=file.txt/build", "list"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert "cannot use the build dir" in proc.stderr and "file.txt" in proc.stderr
+    assert (tmp_path / "file.txt").read_text() == "in the way\n"

@@ -11,6 +11,7 @@ from typing import Iterator
 
 from qwenbuild.data.chatml import _kind, conversation, message_problem, render
 from qwenbuild.errors import UserError
+from qwenbuild.jsonfile import BadJSON, parse_json
 from qwenbuild.store import atomic_path
 
 _SHOWN_PROBLEMS = 10
@@ -70,14 +71,29 @@ def read_rows(data_path: str | os.PathLike) -> Iterator[tuple[str, object]]:
     if text.lstrip().startswith("["):
         yield from _array_rows(path, text)
     else:
+        _refuse_one_object(path, text)
         yield from _line_rows(path, text)
+
+
+def _refuse_one_object(path: Path, text: str) -> None:
+    """A pretty-printed single object is one row written wrong, not one bad row per line."""
+    if not text.lstrip().startswith("{") or len(text.strip().splitlines()) < 2:
+        return
+    try:
+        whole = parse_json(text)
+    except BadJSON:
+        return
+    if isinstance(whole, dict):
+        raise UserError(f"{path} holds one JSON object spread over several lines, not rows",
+                        hint="alpaca data is a JSON array of rows ([{...}, {...}]) or JSON Lines (one row per "
+                             "line); wrap the object in [ ] to convert it as one row")
 
 
 def _array_rows(path: Path, text: str) -> Iterator[tuple[str, object]]:
     try:
-        rows = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise UserError(f"{path} line {exc.lineno} column {exc.colno}: not valid JSON ({exc.msg})",
+        rows = parse_json(text)
+    except BadJSON as exc:
+        raise UserError(f"{path} is not valid JSON: {exc}",
                         hint="the file must be a JSON array of rows, or JSON Lines with one row per line")
     for i, row in enumerate(rows):
         yield f"row {i}", row
@@ -94,9 +110,9 @@ def _line_rows(path: Path, text: str) -> Iterator[tuple[str, object]]:
         if not line.strip():
             continue
         try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            row = _BadLine(f"not valid JSON ({exc.msg} at column {exc.colno})")
+            row = parse_json(line)
+        except BadJSON as exc:
+            row = _BadLine(f"not valid JSON ({exc})")
         yield f"row {index} (line {lineno})", row
         index += 1
 

@@ -11,8 +11,6 @@ import collections
 import contextlib
 import dataclasses
 import glob
-import json
-import multiprocessing
 import os
 import sys
 import time
@@ -25,6 +23,8 @@ from qwenbuild.data.chatml import message_problem, render
 from qwenbuild.data.mindrecord import write_mindrecord
 from qwenbuild.data.mindrecord_format import EncodedRows, encode_rows
 from qwenbuild.errors import UserError
+from qwenbuild.jsonfile import BadJSON, parse_json
+from qwenbuild.processes import worker_pool
 from qwenbuild.tokenizer.files import ENDOFTEXT, read_vocab, special_ids
 from qwenbuild.tokenizer.load import bpe_pipeline
 
@@ -43,6 +43,8 @@ class PreprocessStats:
     tokens: int = 0
     padding: int = 0
     seconds: float = 0.0
+    untrainable: list[str] = dataclasses.field(default_factory=list)  # "file line N" of rows with no target
+    lengths: list[np.ndarray] = dataclasses.field(default_factory=list)  # full token count of every row
 
     @property
     def padding_fraction(self) -> float:
@@ -70,6 +72,7 @@ class TokenizedChunk:
     lengths: np.ndarray        # int64, full token count of each row before truncation
     trained: np.ndarray | None  # bool per kept token when prompts are masked
     error: str | None = None
+    line_numbers: np.ndarray | None = None  # input line of each row
 
 
 @dataclasses.dataclass
@@ -78,6 +81,8 @@ class EncodedChunk:
     rows: EncodedRows | None
     lengths: np.ndarray        # int64, full token count of each row before truncation
     error: str | None = None
+    file: str = ""
+    untrainable_lines: list[int] = dataclasses.field(default_factory=list)  # rows with no target token
 
 
 def input_files(input_glob: str) -> list[Path]:
@@ -134,9 +139,9 @@ def parse_line(line: bytes) -> tuple[list[dict] | None, str | None]:
     if not text.strip():
         return None, None
     try:
-        record = json.loads(text)
-    except json.JSONDecodeError as exc:
-        return None, f"not valid JSON ({exc.msg} at column {exc.colno})"
+        record = parse_json(text)
+    except BadJSON as exc:
+        return None, f"not valid JSON ({exc})"
     if not isinstance(record, dict) or "messages" not in record:
         return None, 'expected an object with a "messages" list (as alpaca_converter writes)'
     problem = message_problem(record["messages"])
@@ -160,12 +165,16 @@ def encode_chunk(chunk: Chunk) -> EncodedChunk:
     result = tokenize_chunk(chunk)
     if result.error:
         return EncodedChunk(None, result.lengths, result.error)
-    return EncodedChunk(encode_rows(chunk_rows(result, _worker["row_length"], _worker["pad_id"])), result.lengths)
+    rows = chunk_rows(result, _worker["row_length"], _worker["pad_id"])
+    # training predicts token t+1 from tokens 0..t: the first position is never a target
+    no_target = ~(rows["target_ids"][:, 1:] != IGNORE_TOKEN_ID).any(axis=1)
+    return EncodedChunk(encode_rows(rows), result.lengths, file=chunk.file,
+                        untrainable_lines=result.line_numbers[no_target].tolist())
 
 
 def tokenize_chunk(chunk: Chunk) -> TokenizedChunk:
     """Render and tokenize every conversation of a chunk; stop at the first bad line."""
-    conversations = []
+    conversations, line_numbers = [], []
     for offset, line in enumerate(chunk.lines):
         messages, problem = parse_line(line)
         if problem:
@@ -173,6 +182,7 @@ def tokenize_chunk(chunk: Chunk) -> TokenizedChunk:
                                   f"{chunk.file} line {chunk.first_line + offset}: {problem}")
         if messages is not None:
             conversations.append(messages)
+            line_numbers.append(chunk.first_line + offset)
     tokenizer, row_length = _worker["tokenizer"], _worker["row_length"]
     texts = [render(m) for m in conversations]
     # offsets are only needed to find assistant replies; skipping them is faster
@@ -185,7 +195,7 @@ def tokenize_chunk(chunk: Chunk) -> TokenizedChunk:
         trained = np.concatenate([_trained_tokens(m, e, row_length) for m, e in zip(conversations, encodings)]
                                  or [np.empty(0, bool)])
     ids = np.concatenate(kept) if kept else np.empty(0, np.int32)
-    return TokenizedChunk(ids, lengths, trained)
+    return TokenizedChunk(ids, lengths, trained, line_numbers=np.array(line_numbers, dtype=np.int64))
 
 
 def _trained_tokens(messages: list[dict], encoding, row_length: int) -> np.ndarray:
@@ -229,8 +239,7 @@ def _tokenizing_pool(workers: int, init_args: tuple):
         init_worker(*init_args, threads=True)
         yield None
         return
-    context = multiprocessing.get_context("spawn")
-    with context.Pool(workers, initializer=init_worker, initargs=(*init_args, False)) as pool:
+    with worker_pool(workers, init_worker, (*init_args, False)) as pool:
         yield pool
 
 
@@ -271,12 +280,13 @@ def preprocess(input_glob: str, vocab_file: str | os.PathLike, merges_file: str 
             if result.error:
                 raise UserError(result.error, hint="each line must be one JSON object with a \"messages\" list of "
                                 "{\"role\", \"content\"} strings")
-            _count(stats, result.lengths, row_length)
+            _count(stats, result, row_length)
             yield result.rows
             if time.perf_counter() - last_report > _PROGRESS_SECONDS:
                 last_report = time.perf_counter()
                 print(f"preprocess: {stats.rows:,} rows, {stats.rows / (last_report - start):,.0f} rows/s",
                       file=sys.stderr)
+        refuse_untrainable(stats, seq_length, mask_prompt)  # inside the row stream: the output is dropped
 
     init_args = (str(vocab_file), str(merges_file), row_length, mask_prompt, pad_id)
     lines = count_lines(files)
@@ -290,9 +300,31 @@ def preprocess(input_glob: str, vocab_file: str | os.PathLike, merges_file: str 
     return stats
 
 
-def _count(stats: PreprocessStats, lengths: np.ndarray, row_length: int) -> None:
+def _count(stats: PreprocessStats, result: EncodedChunk, row_length: int) -> None:
+    lengths = result.lengths
+    stats.lengths.append(lengths)
+    stats.untrainable += [f"{result.file} line {n}" for n in result.untrainable_lines]
     stats.rows += len(lengths)
     stats.truncated_rows += int((lengths > row_length).sum())
     kept = int(np.minimum(lengths, row_length).sum())
     stats.tokens += kept
     stats.padding += len(lengths) * row_length - kept
+
+
+def refuse_untrainable(stats: PreprocessStats, seq_length: int, mask_prompt: bool) -> None:
+    """Data that cannot train stops here, not after the training graph compiled: rows without a single target
+    token, or most rows cut short."""
+    row_length = seq_length + 1
+    lengths = np.concatenate(stats.lengths) if stats.lengths else np.empty(0, np.int64)
+    fits = (f"the longest row has {int(lengths.max()):,} tokens, 90% of rows fit in "
+            f"{int(np.percentile(lengths, 90)):,}") if len(lengths) else ""
+    cut = f"rows are cut at seq_length + 1 = {row_length:,} tokens"
+    if stats.untrainable:
+        shown = ", ".join(stats.untrainable[:5]) + (", ..." if len(stats.untrainable) > 5 else "")
+        replies = " and only assistant replies are trained (mask_prompt)" if mask_prompt else ""
+        raise UserError(f"{len(stats.untrainable):,} of {stats.rows:,} rows have no token to train on ({shown}): "
+                        f"{cut}{replies}", hint=f"raise seq_length ({fits}), or remove those rows")
+    if stats.truncated_rows * 2 > stats.rows:
+        raise UserError(f"{stats.truncated_rows:,} of {stats.rows:,} rows ({stats.truncated_rows / stats.rows:.0%}) "
+                        f"are longer than seq_length + 1 = {row_length:,} tokens: most of the data would be cut off",
+                        hint=f"raise seq_length ({fits})")

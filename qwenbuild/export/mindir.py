@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -17,6 +18,7 @@ from qwenbuild.errors import UserError
 from qwenbuild.export.graph_files import FULL, KINDS, GraphDirs
 from qwenbuild.export.sidecar import dump, sidecar
 from qwenbuild.model.config import QwenConfig
+from qwenbuild.processes import run_child
 from qwenbuild.store import atomic_path, promote, remove
 from qwenbuild.tokenizer import load_tokenizer, pad_id, stop_ids
 from qwenbuild.tokenizer.files import ENDOFTEXT, IM_END, QWEN_SPECIAL_IDS
@@ -47,8 +49,8 @@ def _run_worker(spec: dict) -> dict:
         work = Path(work)
         spec = dict(spec, result_file=str(work / "result.json"), error_file=str(work / "error.txt"))
         (work / "spec.json").write_text(json.dumps(spec))
-        proc = subprocess.run([sys.executable, "-m", "qwenbuild.export.worker", str(work / "spec.json")],
-                              cwd=work, stdin=subprocess.DEVNULL)
+        proc = run_child([sys.executable, "-m", "qwenbuild.export.worker", str(work / "spec.json")],
+                         cwd=work, stdin=subprocess.DEVNULL)
         if proc.returncode == 2 and (work / "error.txt").exists():
             raise UserError((work / "error.txt").read_text())
         if proc.returncode != 0 or not (work / "result.json").exists():
@@ -74,6 +76,17 @@ def _promote_rank(dirs: GraphDirs, rank: int, scratch: dict[str, Path], docs: di
             tmp.write_bytes(dump(docs[kind]))
 
 
+def _missing_dirs(paths) -> list[Path]:
+    """Directories that do not exist yet on the way to `paths`, deepest first (the order to remove them in)."""
+    missing: dict[Path, None] = {}
+    for path in paths:
+        for d in [path, *path.parents]:
+            if d.exists():
+                break
+            missing[d] = None
+    return sorted(missing, key=lambda d: len(d.parts), reverse=True)
+
+
 def export_mindir(cfg: QwenConfig, ckpt_path, out_root: str | Path | GraphDirs, rank: int = 0, batch_size: int = 1,
                   seq_length: int = 2048, *, tokenizer_dir=None, external_weights: bool = False,
                   progress=_stderr) -> dict:
@@ -95,6 +108,7 @@ def export_mindir(cfg: QwenConfig, ckpt_path, out_root: str | Path | GraphDirs, 
     t0 = time.perf_counter()
     tag = f".rank_{rank}.export-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     scratch = {kind: dirs.dir(kind) / tag for kind in KINDS}
+    made_here = _missing_dirs(dirs.dir(kind) for kind in KINDS)
     try:
         for path in scratch.values():
             path.mkdir(parents=True)
@@ -114,6 +128,9 @@ def export_mindir(cfg: QwenConfig, ckpt_path, out_root: str | Path | GraphDirs, 
     finally:
         for path in scratch.values():
             remove(path)
+        for directory in made_here:  # a failed first export leaves no empty graph directories behind
+            with contextlib.suppress(OSError):
+                directory.rmdir()
     if progress:
         progress(f"export rank {rank}: full {summary['full']['bytes'] / 1e6:.1f} MB + inc "
                  f"{summary['inc']['bytes'] / 1e6:.1f} MB, batch {batch_size} x seq {seq_length}, "

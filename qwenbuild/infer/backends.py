@@ -27,8 +27,8 @@ class GraphCellBackend:
 
         _use_cpu(ms)
         self._tensor = ms.Tensor
-        self.full = nn.GraphCell(ms.load(str(full_path)))
-        self.inc = nn.GraphCell(ms.load(str(inc_path)))
+        self.full = nn.GraphCell(_load_graph(ms, full_path))
+        self.inc = nn.GraphCell(_load_graph(ms, inc_path))
         self.key_cache = self.value_cache = None
 
     def prefill(self, input_ids: np.ndarray, valid_length: np.ndarray) -> np.ndarray:
@@ -39,6 +39,15 @@ class GraphCellBackend:
         logits, self.key_cache, self.value_cache = self.inc(self._tensor(tokens), self._tensor(valid_length),
                                                             self.key_cache, self.value_cache)
         return logits.asnumpy()
+
+
+def _load_graph(ms, path: Path):
+    try:
+        return ms.load(str(path))
+    except (RuntimeError, ValueError, TypeError) as exc:  # MindSpore's words for a damaged or foreign file
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"{path} is not a MINDIR graph MindSpore can load ({first})",
+                        hint="export it again: `doit export`, or `qwenbuild export`") from None
 
 
 def _use_cpu(ms) -> None:

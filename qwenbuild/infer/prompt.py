@@ -17,5 +17,10 @@ def chat_text(prompt: str, system: str = chatml.SYSTEM_PROMPT) -> str:
 def encode(tokenizer, prompt: str, raw: bool = False) -> list[int]:
     if not prompt:
         raise UserError("--predict_data is empty", hint="give the text to continue or the question to answer")
+    try:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError as exc:  # bytes from the command line or a file that are not UTF-8 text
+        raise UserError(f"the prompt {prompt[:40]!r} is not UTF-8 text (character {exc.start + 1})",
+                        hint="pass the prompt as UTF-8 (check the terminal's or the file's encoding)") from None
     text = prompt if raw else chat_text(prompt)
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import re
 from pathlib import Path
 
@@ -12,6 +11,7 @@ from tomlkit.exceptions import ParseError, TOMLKitError
 
 from qwenbuild import schema
 from qwenbuild.errors import UserError
+from qwenbuild.jsonfile import BadJSON, parse_json
 from qwenbuild.manifest import _presets, sections
 from qwenbuild.manifest._lines import key_lines, line_of
 from qwenbuild.manifest._rules import manifest_problems
@@ -106,12 +106,26 @@ def parse_toml(path: Path):
         doc = tomlkit.parse(text)
         doc.unwrap()  # a key defined twice through dotted keys is only found here
     except ParseError as exc:
-        reason = str(exc).split(" at line ")[0]
+        reason = _bare_key_problem(text, exc.line) or str(exc).split(" at line ")[0]
         raise ManifestError([Problem(str(path), exc.line, "", f"TOML syntax error at column {exc.col}: {reason}")])
     except TOMLKitError as exc:
         raise ManifestError([Problem(str(path), _repeated_key_line(text, str(exc)), "",
                                      f"TOML error: {exc} (each key may be written once)")])
     return doc, text
+
+
+_BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
+
+
+def _bare_key_problem(text: str, lineno: int) -> str | None:
+    """tomlkit calls a table or key name with characters TOML does not allow unquoted "empty"; say which."""
+    lines = text.splitlines()
+    line = lines[lineno - 1].strip() if 0 < lineno <= len(lines) else ""
+    name = line.strip("[] ") if line.startswith("[") else line.partition("=")[0].strip()
+    if not name or name[0] in "\"'" or all(_BARE_KEY.fullmatch(part.strip()) for part in name.split(".")):
+        return None
+    return (f"name {name!r} holds characters an unquoted TOML name cannot (only A-Z a-z 0-9 _ -); qwen.toml's "
+            "names are English ([model], [dataset], preset, ...): `qwenbuild init` writes them all, commented")
 
 
 def _repeated_key_line(text: str, message: str) -> int:
@@ -168,12 +182,12 @@ def _resolve_model(d: _Draft, raw_model: dict) -> tuple[QwenConfig | None, list[
     if hf_dir is not None:
         config = hf_dir / "config.json"
         try:
-            hf = json.loads(config.read_text(encoding="utf-8"))
+            hf = parse_json(config.read_text(encoding="utf-8"))
             base = dataclasses.asdict(QwenConfig.from_hf_dict(hf))
         except FileNotFoundError:
             return None, [d.problem("model.hf_dir", f"{config} does not exist; point hf_dir at a Hugging Face "
                                                     "Qwen1.5 checkpoint directory")]
-        except (json.JSONDecodeError, UnicodeDecodeError, UserError, TypeError) as exc:
+        except (BadJSON, UnicodeDecodeError, UserError, TypeError) as exc:
             return None, [d.problem("model.hf_dir", f"{config} is not a usable Qwen1.5 config.json: {exc}")]
         for key, value in explicit.items():
             if key in ("param_dtype", "compute_dtype"):

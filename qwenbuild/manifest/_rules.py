@@ -8,7 +8,7 @@ from qwenbuild.tokenizer.files import QWEN_VOCAB_SIZE
 
 def manifest_problems(m) -> list:
     """Every broken rule as a Problem naming the key to change."""
-    return _plan(m) + _lengths(m) + _nodes(m) + _tokenizer(m)
+    return _plan(m) + _lengths(m) + _nodes(m) + _tokenizer(m) + _data(m)
 
 
 def _plan(m) -> list:
@@ -55,4 +55,18 @@ def _tokenizer(m) -> list:
     if tok.kind == "qwen" and vocab < QWEN_VOCAB_SIZE:
         return [m.problem("tokenizer.kind", f"the Qwen tokenizer has {QWEN_VOCAB_SIZE} tokens but model.vocab_size "
                                             f"is {vocab}; use kind = \"trained\" or a larger vocabulary")]
+    return []
+
+
+def _data(m) -> list:
+    """The builtin dataset's size is known here; other sources are counted by preprocess and finetune."""
+    par, ds = m.parallel, m.dataset
+    micro = par.micro_batch_num if par.pipeline_stage > 1 else 1
+    batch = m.train.batch_size * par.data_parallel * micro
+    if ds.source == "builtin" and ds.num_train < batch:
+        return [m.problem("dataset.num_train", f"{ds.num_train} rows are fewer than one global batch of {batch} "
+                                               f"(train.batch_size {m.train.batch_size} x data_parallel "
+                                               f"{par.data_parallel}" + (f" x micro_batch_num {micro}" if micro > 1
+                                                                         else "") + "); raise num_train or lower "
+                                               "train.batch_size")]
     return []

@@ -99,8 +99,8 @@ def _assign(doc, key: str, text: str, manifest_dir: Path) -> list[str]:
     value = parse_value(text)
     old = node.get(name)
     node[name] = value
-    report = [f"{key} = {json.dumps(_plain(value), ensure_ascii=False)}"
-              + ("" if old is None else f" (was {json.dumps(_plain(old), ensure_ascii=False)})")]
+    report = [f"{key} = {json.dumps(_plain(value), ensure_ascii=False, default=str)}"
+              + ("" if old is None else f" (was {json.dumps(_plain(old), ensure_ascii=False, default=str)})")]
     if key == "model.hf_dir":
         report += _switch_to_checkpoint(doc, manifest_dir, str(value))
     return report

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from qwenbuild.errors import UserError
 from qwenbuild.jsonfile import read_json
+from qwenbuild.processes import run_child
 from qwenbuild.store import atomic_path
 
 _RANGE_RE = re.compile(r"^\s*\[\s*(\d+)\s*,\s*(\d+)\s*[\)\]]\s*$")
@@ -72,8 +73,8 @@ def detect_server_ip() -> str:
 
 def _ip_from_hccn_tool(device_id: int) -> str | None:
     try:
-        out = subprocess.run(["hccn_tool", "-i", str(device_id), "-ip", "-g"], capture_output=True, text=True,
-                             timeout=30)
+        out = run_child(["hccn_tool", "-i", str(device_id), "-ip", "-g"], capture_output=True, text=True,
+                        timeout=30)
     except (OSError, subprocess.TimeoutExpired):
         return None
     for line in out.stdout.splitlines():
@@ -87,10 +88,10 @@ def _ip_from_hccn_conf(device_id: int, hccn_conf: str | Path) -> str | None:
         text = Path(hccn_conf).read_text(encoding="utf-8", errors="replace")
     except OSError:
         return None
-    for line in text.splitlines():
+    for lineno, line in enumerate(text.splitlines(), start=1):
         key, _, value = line.strip().partition("=")
         if key.strip() == f"address_{device_id}" and value.strip():
-            return value.strip()
+            return check_ip(value, f"{hccn_conf} line {lineno}: address_{device_id}")
     return None
 
 
@@ -126,8 +127,10 @@ def node_rank_table(server_id: str, devices: list[tuple[int, str]]) -> dict:
     }
 
 
-def merge_rank_tables(tables: list[dict]) -> dict:
-    """Concatenate servers in the given order and renumber rank_id 0..N-1, as merge_hccl does."""
+def merge_rank_tables(tables: list[dict], sources: list[str] | None = None) -> dict:
+    """Concatenate servers in the given order and renumber rank_id 0..N-1, as merge_hccl does; `sources` name
+    the tables in messages."""
+    _refuse_repeats(tables, sources or [f"table {i + 1}" for i in range(len(tables))])
     servers, rank = [], 0
     for table in tables:
         for server in table["server_list"]:
@@ -137,6 +140,25 @@ def merge_rank_tables(tables: list[dict]) -> dict:
                 rank += 1
             servers.append({**server, "device": devices})
     return {"version": "1.0", "server_count": str(len(servers)), "server_list": servers, "status": "completed"}
+
+
+def _refuse_repeats(tables: list[dict], sources: list[str]) -> None:
+    """A server or an NPU IP listed twice (the same node file given twice) would make HCCL hang, not fail."""
+    servers: dict[str, str] = {}
+    ips: dict[str, str] = {}
+    for source, table in zip(sources, tables):
+        for server in table["server_list"]:
+            sid = server["server_id"]
+            if sid in servers:
+                raise UserError(f"server {sid} is in both {servers[sid]} and {source}",
+                                hint="give each node's table once, in node order")
+            servers[sid] = source
+            for device in server["device"]:
+                ip = device["device_ip"]
+                if ip in ips:
+                    raise UserError(f"device IP {ip} is in both {ips[ip]} and {source}: every NPU has its own IP",
+                                    hint="check each node's hccn.conf / hardware.nodes[].device_ips")
+                ips[ip] = source
 
 
 def node_file_name(table: dict) -> str:
@@ -190,7 +212,7 @@ def this_host_addresses() -> set[str]:
     except OSError:
         pass
     try:
-        out = subprocess.run(["hostname", "-I"], capture_output=True, text=True, timeout=10).stdout
+        out = run_child(["hostname", "-I"], capture_output=True, text=True, timeout=10).stdout
         found.update(a for a in out.split() if "." in a)
     except (OSError, subprocess.TimeoutExpired):
         pass
@@ -236,4 +258,4 @@ def rank_table_for_nodes(nodes: list[dict], device_ip_source: str = "hccn_tool",
     here = this_host_addresses() if this_host is None else this_host
     tables = [node_rank_table(node["ip"], _node_devices(node, n, device_ip_source, hccn_conf, here))
               for n, node in enumerate(nodes)]
-    return tables, merge_rank_tables(tables)
+    return tables, merge_rank_tables(tables, [f"hardware.nodes[{n}]" for n in range(len(nodes))])

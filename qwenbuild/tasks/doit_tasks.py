@@ -10,6 +10,7 @@ from doit.exceptions import TaskFailed
 from qwenbuild.build_dir import BuildDir
 from qwenbuild.errors import UserError
 from qwenbuild.lock import Lock
+from qwenbuild.processes import interrupted_line, interruption
 from qwenbuild.store import seal_path
 from qwenbuild.tasks import task_groups, task_specs
 from qwenbuild.tasks.context import Context, DeclaredManifest
@@ -18,15 +19,26 @@ from qwenbuild.tasks.staleness import input_digests, producers, stale_reasons, u
 
 
 def run_task(spec: TaskSpec, manifest, build: BuildDir):
-    """doit's action: run the task, then record it in qwen.lock; a UserError or OSError fails it with its message."""
+    """doit's action: run the task, then record it in qwen.lock; a UserError or OSError fails it with its message,
+    SIGINT or SIGTERM ends the build with one line."""
     try:
         return _run(spec, manifest, build)
-    except UserError as exc:
-        print(f"qwenbuild {spec.name}: error: {exc}", file=sys.stderr)
-    except OSError as exc:  # e.g. a full disk while writing qwen.lock itself
-        where = f"{exc.filename}: " if exc.filename else ""
-        print(f"qwenbuild {spec.name}: error: {where}{exc.strerror or exc}", file=sys.stderr)
+    except BaseException as exc:
+        if (stop := interruption(exc)) is not None:
+            print(interrupted_line(f"qwenbuild {spec.name}"), file=sys.stderr)
+            # doit closes its database on the way out; no later task runs and doit prints no traceback
+            raise SystemExit(stop.exit_code) from None
+        if not isinstance(exc, (UserError, OSError)):
+            raise
+        print(f"qwenbuild {spec.name}: error: {_error_text(exc)}", file=sys.stderr)
     return TaskFailed(f"{spec.name} stopped: see the message above")
+
+
+def _error_text(exc: UserError | OSError) -> str:
+    if isinstance(exc, UserError):
+        return str(exc)
+    where = f"{exc.filename}: " if exc.filename else ""  # e.g. a full disk while writing qwen.lock itself
+    return f"{where}{exc.strerror or exc}"
 
 
 def _run(spec: TaskSpec, manifest, build: BuildDir):

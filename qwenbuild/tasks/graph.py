@@ -10,7 +10,9 @@ from pathlib import Path
 
 from qwenbuild.build_dir import BuildDir
 from qwenbuild.errors import UserError
+from qwenbuild.lock import Lock
 from qwenbuild.manifest import load_manifest
+from qwenbuild.processes import stop_on_signals
 from qwenbuild.store import sweep_stale
 from qwenbuild.tasks.doit_tasks import doit_tasks
 
@@ -55,19 +57,25 @@ def claim_build_dir(build: BuildDir) -> None:
 def dodo_namespace(manifest_path: str, build_dir: str | None = None, argv: list[str] | None = None) -> dict:
     """DOIT_CONFIG and task creators for the manifest; a bad manifest exits 2 with every error listed."""
     argv = sys.argv if argv is None else argv
+    stop_on_signals("qwenbuild")  # doit runs the tasks in this process: SIGTERM stops them as Ctrl-C does
     try:
         manifest = load_manifest(Path(manifest_path))
         if build_dir:  # `doit build_dir=...`: the same inputs built elsewhere (qwenbuild verify)
             manifest = dataclasses.replace(manifest, build=dataclasses.replace(manifest.build,
                                                                                dir=str(Path(build_dir).resolve())))
+        build = BuildDir(manifest.build_dir)
+        if _is_build(argv):
+            claim_build_dir(build)
+        else:
+            build.root.mkdir(parents=True, exist_ok=True)
+        Lock(build.lock).read()  # a damaged lock stops the build here, before doit asks any task if it is stale
     except UserError as exc:
         print(f"qwenbuild: error: {exc}", file=sys.stderr)
         raise SystemExit(exc.exit_code)
-    build = BuildDir(manifest.build_dir)
-    if _is_build(argv):
-        claim_build_dir(build)
-    else:
-        build.root.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # the build dir cannot be made or written (read-only, a file in the way, /proc)
+        print(f"qwenbuild: error: cannot use the build dir: {exc.filename}: {exc.strerror or exc}\n"
+              "  hint: set build.dir in qwen.toml (or doit build_dir=DIR) to a writable directory", file=sys.stderr)
+        raise SystemExit(2)
     namespace = doit_tasks(manifest)
     namespace["DOIT_CONFIG"] = {"dep_file": str(build.doit_db), "backend": "sqlite3", "verbosity": 2,
                                 "default_tasks": ["finetune"]}

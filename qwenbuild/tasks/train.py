@@ -14,7 +14,9 @@ from qwenbuild.tasks.spec import TaskSpec
 from qwenbuild.tasks.weights import MODEL_KEYS
 from qwenbuild.tokenizer.files import ENDOFTEXT, read_vocab, special_ids
 from qwenbuild.train.checkpoint import finished_checkpoint
+from qwenbuild.train.data import check_mindrecord
 from qwenbuild.train.evaluate import evaluate_heldout
+from qwenbuild.train.finetune import total_steps
 from qwenbuild.train.mindformers_yaml import RunYaml, default_target, write_yaml
 from qwenbuild.train.msrun import run_node_script
 from qwenbuild.train.settings import SCHEMA_KEYS, TrainSettings, read_run_json, write_run_json
@@ -89,7 +91,9 @@ def drop_damaged_checkpoints(build) -> None:
 
 def _finetune(ctx: Context) -> None:
     m, build = ctx.manifest, ctx.build
-    read_run_json(build.run_json)  # refuses model/pipeline parallel on CPU with the reason
+    settings = read_run_json(build.run_json)  # refuses model/pipeline parallel on CPU with the reason
+    # too few rows for one global batch is found here, before msrun starts workers that compile the graph
+    total_steps(settings, check_mindrecord(settings.train_data, settings.seq_length))
     if m.train.engine_on(m.hardware.device) == "mindformers":
         # MindFormers starts from the shards each time: nothing of another run may be taken for its result
         clear_checkpoints(build.checkpoint)

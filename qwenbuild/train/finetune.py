@@ -36,7 +36,7 @@ def total_steps(settings: TrainSettings, num_rows: int) -> int:
     if per_epoch == 0:
         raise UserError(f"{settings.train_data} has {num_rows} rows, fewer than one global batch of "
                         f"{settings.global_batch_size} ({settings.batch_size} per rank x {settings.workers} workers)",
-                        hint="lower batch_size or build more training rows")
+                        hint="lower train.batch_size in qwen.toml (batch_size in run.json), or add training rows")
     return settings.steps or settings.epochs * per_epoch
 
 

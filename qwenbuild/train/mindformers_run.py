@@ -24,7 +24,7 @@ import numpy as np
 
 from qwenbuild.errors import UserError
 from qwenbuild.flags import str2bool
-from qwenbuild.processes import die_with_parent
+from qwenbuild.processes import follow_parent
 from qwenbuild.train.worker import exit_code
 
 RUN_MODES = ("train", "finetune")
@@ -152,7 +152,7 @@ def run(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if os.environ.get("MS_ROLE"):
-        die_with_parent()  # msrun gone (killed with the build) means this worker goes too
+        follow_parent()  # msrun decides on Ctrl-C, and msrun gone (killed with the build) means this worker goes too
     return exit_code(lambda: run(args))
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from qwenbuild.errors import UserError
 from qwenbuild.parallel.launch_scripts import PORT_VARIABLE, msrun_command
-from qwenbuild.processes import die_with_parent, kill_tree
+from qwenbuild.processes import start_child, stop_child
 from qwenbuild.train import worker
 from qwenbuild.train.progress import STEP_LINE, bar
 
@@ -109,15 +109,14 @@ def run_workers(argv: list[str], log_dir: str | Path, worker_count: int, env: di
         old.unlink(missing_ok=True)
     echo = _Echo(log_dir / "worker_0.log", sys.stderr.isatty())
     with open(log_dir / "msrun.log", "w", encoding="utf-8") as out:
-        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True,
-                                preexec_fn=die_with_parent)
+        # msrun in a session of its own: a terminal's Ctrl-C reaches only qwenbuild, which stops the whole tree
+        proc = start_child(argv, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
         try:
             while proc.poll() is None:
                 echo.poll()
                 time.sleep(poll_s)
         except BaseException:
-            kill_tree(proc.pid)
-            proc.wait()
+            stop_child(proc)
             raise
         finally:
             echo.close()

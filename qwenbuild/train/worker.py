@@ -16,7 +16,7 @@ if __name__ == "__main__" and sys.path and Path(sys.path[0]).resolve() == Path(_
     sys.path.pop(0)
 
 from qwenbuild.errors import UserError
-from qwenbuild.processes import die_with_parent
+from qwenbuild.processes import follow_parent
 from qwenbuild.train.finetune import finetune
 from qwenbuild.train.settings import read_run_json
 
@@ -27,7 +27,7 @@ def init_data_parallel(device_target: str) -> tuple[int, int]:
     """(rank, world size): join msrun's group when launched by it, else a single worker."""
     if not os.environ.get("MS_ROLE"):
         return 0, 1
-    die_with_parent()  # msrun gone (killed with the build) means this worker goes too
+    follow_parent()  # msrun decides on Ctrl-C, and msrun gone (killed with the build) means this worker goes too
     # mindspore takes seconds to load: imported only when this runs
     import mindspore as ms
     from mindspore.communication import get_group_size, get_rank, init

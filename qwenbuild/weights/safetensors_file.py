@@ -11,6 +11,7 @@ from typing import Callable, Iterable, Iterator
 
 from qwenbuild import dtypes
 from qwenbuild.errors import UserError
+from qwenbuild.jsonfile import BadJSON, parse_json
 
 CHUNK_BYTES = 16 << 20
 _HEADER_LIMIT = 100 << 20
@@ -61,8 +62,8 @@ def read_header(path: str | os.PathLike) -> tuple[list[TensorEntry], dict]:
             raise UserError(f"{path} has a header of {length} bytes but the file has {size}: it is truncated or "
                             "not a safetensors file")
         try:
-            header = json.loads(f.read(length))
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            header = parse_json(f.read(length))
+        except (BadJSON, UnicodeDecodeError) as exc:
             raise UserError(f"{path} has an unreadable safetensors header: {exc}")
     metadata = header.pop("__metadata__", None) or {}
     base, entries, end = 8 + length, [], 0

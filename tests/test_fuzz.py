@@ -1,0 +1,468 @@
+"""Generated bad input and interrupts: manifests, alpaca rows, checkpoint and safetensors bytes and prompts made by
+hypothesis, and SIGINT/SIGTERM sent at a random moment of every subcommand. Each case must end in a clean exit
+(0, or non-zero with the file or key named), never a traceback, and leave the user's files whole and nothing
+half-written beside them.
+
+The default run is bounded (a few minutes); QWENBUILD_FUZZ_SCALE=N runs N times the cases. The cases run and the
+signals sent are printed at the end of the test session."""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import io
+import json
+import os
+import re
+import signal
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+import unicodedata
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import strategies as st
+
+from qwenbuild import cli
+
+REPO = Path(__file__).resolve().parents[1]
+SCALE = max(1, int(os.environ.get("QWENBUILD_FUZZ_SCALE", "1")))
+SENTINEL = b"the user's earlier output\n"
+TALLY: collections.Counter = collections.Counter()
+TEMPORARY = re.compile(r"\.(tmp|old|export)-|\.qwen-[0-9a-f]+\.")
+
+
+def fuzz(examples: int, shrink: bool = True):
+    """hypothesis settings of one property: derandomized (CI sees the same cases), no per-example deadline;
+    without shrinking where each case takes seconds (the failing case is still reported)."""
+    phases = [Phase.explicit, Phase.reuse, Phase.generate] + ([Phase.shrink] if shrink else [])
+    return settings(max_examples=examples * SCALE, deadline=None, derandomize=True, database=None,
+                    suppress_health_check=list(HealthCheck), phases=phases)
+
+
+def run_cli(argv: list[str], cwd: Path) -> tuple[int, str]:
+    """qwenbuild's own entry point in this process: an exception escaping it fails the test with its traceback."""
+    err, out = io.StringIO(), io.StringIO()
+    old = os.getcwd()
+    os.chdir(cwd)
+    try:
+        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(out):
+            try:
+                rc = cli.main(argv)
+            except SystemExit as exc:  # argparse refusing a flag
+                rc = exc.code if isinstance(exc.code, int) else 2
+    finally:
+        os.chdir(old)
+    TALLY["cases"] += 1
+    return rc, err.getvalue()
+
+
+def leftovers(directory: Path) -> list[str]:
+    return sorted(p.name for p in directory.rglob("*") if TEMPORARY.search(p.name))
+
+
+def check_outcome(rc: int, err: str, named: list[str], cwd: Path, kept: dict[Path, bytes]) -> None:
+    """A refusal names one of `named`; the user's files in `kept` are byte for byte as before; no temporaries."""
+    assert "Traceback" not in err, err
+    if rc != 0:
+        assert any(n in err for n in named), f"exit {rc} without naming any of {named}:\n{err}"
+        for path, data in kept.items():
+            assert path.read_bytes() == data, f"{path} was changed by a failed run"
+    assert not leftovers(cwd), leftovers(cwd)
+
+
+# ---------------------------------------------------------------- manifests
+
+BASE_TOML = (REPO / "qwen.toml").read_text(encoding="utf-8")
+KEY_LINES = [i for i, line in enumerate(BASE_TOML.splitlines()) if re.match(r"^\w+ = ", line)]
+
+toml_values = st.one_of(
+    st.integers(min_value=-(1 << 70), max_value=1 << 70).map(str),
+    st.sampled_from(["nan", "inf", "-inf", "2.0", "0.0", "-0.5", "1e308", "true", "false", "[]", "{}",
+                     "1979-05-27", "[1, \"a\"]", "{a = 1}", "\"\"", "''"]),
+    st.floats(allow_nan=False).map(repr).filter(lambda s: "e" not in s or "." in s),
+    st.text(max_size=12).map(json.dumps),
+)
+
+
+@st.composite
+def manifests(draw) -> str:
+    lines = BASE_TOML.splitlines()
+    for _ in range(draw(st.integers(1, 3))):
+        kind = draw(st.sampled_from(["same type", "same type", "same type", "value", "value", "duplicate", "delete",
+                                     "insert", "header"]))
+        if kind == "same type":  # mostly plausible edits: some plans valid, some not
+            i = draw(st.sampled_from(KEY_LINES))
+            key, _, old = lines[i].partition(" = ")
+            old = old.split("#")[0].strip()
+            if old in ("true", "false"):
+                new = draw(st.sampled_from(["true", "false"]))
+            elif re.fullmatch(r"-?\d+", old):
+                new = str(draw(st.integers(0, 2 * abs(int(old)) + 4)))
+            elif re.fullmatch(r"-?[\d.e-]+", old):
+                new = repr(draw(st.floats(0, 2 * abs(float(old)) + 1)))
+            else:
+                new = old
+            lines[i] = f"{key} = {new}"
+        elif kind == "value":
+            i = draw(st.sampled_from(KEY_LINES))
+            key = lines[i].split(" = ")[0] if " = " in lines[i] else "x"
+            lines[i] = f"{key} = {draw(toml_values)}"
+        elif kind == "duplicate":
+            i = draw(st.integers(0, len(lines) - 1))
+            lines.insert(i + 1, lines[i])
+        elif kind == "delete" and len(lines) > 1:
+            del lines[draw(st.integers(0, len(lines) - 1))]
+        elif kind == "insert":
+            lines.insert(draw(st.integers(0, len(lines))), draw(st.text(max_size=20)).replace("\r", ""))
+        else:
+            headers = [i for i, line in enumerate(lines) if line.startswith("[")]
+            if headers:
+                lines[draw(st.sampled_from(headers))] = f"[{draw(st.text(max_size=8))}]"
+    return "\n".join(lines) + "\n"
+
+
+@fuzz(40)
+@given(text=manifests())
+def test_generated_manifests_validate_plan_and_set_cleanly(text):
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        path = tmp / "qwen.toml"
+        path.write_bytes(text.encode("utf-8", "surrogatepass"))
+        before = path.read_bytes()
+        rc, err = run_cli(["validate", "-c", str(path)], tmp)
+        check_outcome(rc, err, [str(path), "qwen.toml"], tmp, {path: before})
+        assert rc in (0, 2), err
+        rc_plan, err = run_cli(["plan", "-c", str(path), "--no-status"], tmp)
+        check_outcome(rc_plan, err, [str(path), "qwen.toml"], tmp, {path: before})
+        assert (rc_plan == 0) == (rc == 0), f"validate said {rc}, plan {rc_plan}:\n{err}"
+        TALLY["manifests valid" if rc == 0 else "manifests refused"] += 1
+        rc, err = run_cli(["set", "-c", str(path), "train.steps=7"], tmp)
+        check_outcome(rc, err, [str(path), "qwen.toml", "train.steps"], tmp, {path: before})
+
+
+@fuzz(25)
+@given(key=st.sampled_from(["train.learning_rate", "parallel.data_parallel", "dataset.seq_length", "hardware.nodes[0].ip",
+                            "hardware.nodes[3].ip", "export.batch_size", "model.preset", "nope.key", "train",
+                            "hardware.nodes[+].ip", "hardware.nodes[-1].host"]),
+       value=toml_values)
+def test_generated_set_edits_keep_the_manifest_valid_or_untouched(key, value):
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        path = tmp / "qwen.toml"
+        path.write_text(BASE_TOML, encoding="utf-8")
+        before = path.read_bytes()
+        rc, err = run_cli(["set", "-c", str(path), f"{key}={value}"], tmp)
+        check_outcome(rc, err, [str(path), "qwen.toml", key.split("[")[0]], tmp, {path: before})
+        if rc == 0:  # an edit that was accepted leaves a manifest that validates
+            rc, err = run_cli(["validate", "-c", str(path)], tmp)
+            assert rc == 0, err
+
+
+# ---------------------------------------------------------------- alpaca rows and preprocess
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=10),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3),
+    max_leaves=8)
+good_rows = st.fixed_dictionaries({"instruction": st.text(min_size=1, max_size=30), "output": st.text(max_size=30)},
+                                  optional={"input": st.text(max_size=10)})
+bad_rows = st.dictionaries(st.sampled_from(["instruction", "input", "output", "x"]), json_values) | json_values
+rows = st.lists(good_rows, min_size=1, max_size=6) | st.lists(st.one_of(good_rows, bad_rows), max_size=6)
+
+
+@st.composite
+def alpaca_files(draw) -> bytes:
+    data = draw(rows)
+    layout = draw(st.sampled_from(["array", "array", "lines", "lines", "pretty", "object"]))
+    if layout == "array":
+        text = json.dumps(data, ensure_ascii=draw(st.booleans()))
+    elif layout == "pretty":
+        text = json.dumps(data, indent=1, ensure_ascii=False)
+    elif layout == "object":
+        text = json.dumps(data[0] if data else {}, indent=draw(st.sampled_from([None, 2])))
+    else:
+        text = "\n".join(json.dumps(r, ensure_ascii=False) for r in data)
+    raw = text.encode("utf-8", "surrogatepass")
+    damage = draw(st.sampled_from(["none"] * 6 + ["truncate", "bytes", "deep"]))
+    if damage == "truncate" and raw:
+        raw = raw[:draw(st.integers(0, len(raw) - 1))]
+    elif damage == "bytes":
+        at = draw(st.integers(0, len(raw)))
+        raw = raw[:at] + draw(st.binary(min_size=1, max_size=4)) + raw[at:]
+    elif damage == "deep":
+        raw = b"[" * 50000 + b"]" * 50000
+    return raw
+
+
+@pytest.fixture(scope="module")
+def qwen_vocab(qwen_dir):
+    return qwen_dir
+
+
+@fuzz(40)
+@given(data=alpaca_files(), seq_length=st.integers(1, 160), mask=st.booleans())
+def test_generated_alpaca_rows_convert_and_preprocess_cleanly(qwen_vocab, data, seq_length, mask):
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        (tmp / "data.json").write_bytes(data)
+        out = tmp / "chat.jsonl"
+        out.write_bytes(SENTINEL)
+        rc, err = run_cli(["alpaca_converter", "--data_path", "data.json", "--output_path", str(out)], tmp)
+        check_outcome(rc, err, ["data.json"], tmp, {out: SENTINEL})
+        TALLY["alpaca converted" if rc == 0 else "alpaca refused"] += 1
+        if rc != 0:
+            return
+        for line in out.read_text(encoding="utf-8").split("\n")[:-1]:  # NEL and U+2028 live inside rows
+            assert json.loads(line)["messages"][-1]["role"] == "assistant"
+        record = tmp / "train.mindrecord"
+        record.write_bytes(SENTINEL)
+        argv = ["preprocess", "--input_glob", str(out), "--vocab_file", str(qwen_vocab / "vocab.json"),
+                "--merges_file", str(qwen_vocab / "merges.txt"), "--seq_length", str(seq_length),
+                "--output_file", str(record), "--workers", "0"] + (["--mask_prompt"] if mask else [])
+        rc, err = run_cli(argv, tmp)
+        check_outcome(rc, err, ["chat.jsonl", "seq_length"], tmp, {record: SENTINEL})
+        TALLY["preprocessed" if rc == 0 else "preprocess refused"] += 1
+        if rc == 0:
+            assert Path(str(record) + ".db").is_file()
+
+
+# ---------------------------------------------------------------- checkpoints and safetensors
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory):
+    """A tiny HF model and its converted MindSpore checkpoint (qwenbuild's own writer, with the config entry)."""
+    from qwenbuild.model.config import QwenConfig
+    from qwenbuild.weights.random_init import write_random_hf_model
+
+    root = tmp_path_factory.mktemp("weights")
+    cfg = QwenConfig(vocab_size=64, hidden_size=16, num_layers=1, num_heads=2, n_kv_heads=1, intermediate_size=32)
+    write_random_hf_model(cfg, 0, root / "hf")
+    rc, err = run_cli(["convert_weight", "--torch_ckpt_dir", "hf", "--mindspore_ckpt_path", "ms.ckpt"], root)
+    assert rc == 0, err
+    return root
+
+
+@st.composite
+def damaged(draw, data: bytes) -> bytes:
+    kind = draw(st.sampled_from(["flip", "flip", "truncate", "overwrite", "insert", "append"]))
+    if kind == "flip":
+        at = draw(st.integers(0, len(data) * 8 - 1))
+        out = bytearray(data)
+        out[at // 8] ^= 1 << (at % 8)
+        return bytes(out)
+    if kind == "truncate":
+        return data[:draw(st.integers(0, len(data) - 1))]
+    blob = draw(st.binary(min_size=1, max_size=16))
+    at = draw(st.integers(0, len(data)))
+    if kind == "overwrite":
+        out = data[:at] + blob + data[at + len(blob):]
+        return out if out != data else data[:-1]
+    if kind == "insert":
+        return data[:at] + blob + data[at:]
+    return data + blob
+
+
+@fuzz(40)
+@given(data=st.data())
+def test_damaged_checkpoints_are_refused_by_convert_reversed(weights, data):
+    """Every change to a checkpoint qwenbuild wrote is found: its CRC covers every byte."""
+    original = (weights / "ms.ckpt").read_bytes()
+    bad = data.draw(damaged(original))
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        (tmp / "bad.ckpt").write_bytes(bad)
+        rc, err = run_cli(["convert_reversed", "--mindspore_ckpt_path", "bad.ckpt", "--torch_ckpt_path", "out"],
+                          tmp)
+        check_outcome(rc, err, ["bad.ckpt"], tmp, {})
+        assert rc != 0, "a damaged checkpoint was converted"
+        assert not (tmp / "out").exists()
+
+
+SAFETENSORS_TYPES = ["F32", "F16", "BF16", "I64", "F64", "U8", "BOOL", "F8_E4M3", "X9", ""]
+
+
+@st.composite
+def safetensors_files(draw, names: list[str]) -> bytes:
+    header, offset = {}, 0
+    for name in draw(st.lists(st.sampled_from(names), min_size=1, max_size=4, unique=True)):
+        shape = draw(st.lists(st.integers(-2, 40), max_size=3))
+        size = draw(st.integers(0, 64))
+        start = draw(st.sampled_from([offset, max(0, offset - 4), offset + 8]))
+        header[name] = {"dtype": draw(st.sampled_from(SAFETENSORS_TYPES)), "shape": shape,
+                        "data_offsets": draw(st.sampled_from([[start, start + size], [start + size, start],
+                                                              [start], "0-4", None]))}
+        offset = start + size
+    if draw(st.booleans()):
+        header["__metadata__"] = draw(st.sampled_from([{"format": "pt"}, {"format": 5}, [], None]))
+    head = json.dumps(header).encode()
+    length = draw(st.sampled_from([len(head), len(head) + 3, max(0, len(head) - 3), 1 << 40]))
+    return struct.pack("<Q", length) + head + bytes(draw(st.integers(0, 256)))
+
+
+@fuzz(40)
+@given(data=st.data())
+def test_generated_safetensors_headers_are_refused_or_converted(weights, data):
+    from qwenbuild.weights import safetensors_file
+
+    names = [e.name for e in safetensors_file.read_header(weights / "hf" / "model.safetensors")[0]]
+    blob = data.draw(safetensors_files(names))
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        (tmp / "hf").mkdir()
+        (tmp / "hf" / "config.json").write_bytes((weights / "hf" / "config.json").read_bytes())
+        (tmp / "hf" / "model.safetensors").write_bytes(blob)
+        out = tmp / "ms.ckpt"
+        out.write_bytes(SENTINEL)
+        rc, err = run_cli(["convert_weight", "--torch_ckpt_dir", "hf", "--mindspore_ckpt_path", str(out)], tmp)
+        check_outcome(rc, err, ["model.safetensors", "hf"], tmp, {out: SENTINEL})
+        assert rc != 0, "a model with missing or mangled tensors was converted"
+
+
+# ---------------------------------------------------------------- prompts
+
+prompt_text = st.text(alphabet=st.characters(min_codepoint=0, max_codepoint=0x10FFFF, exclude_categories=()),
+                      max_size=40)
+
+
+@fuzz(200)
+@given(text=prompt_text, raw=st.booleans())
+def test_generated_prompts_encode_or_are_refused(qwen_vocab, text, raw):
+    from qwenbuild.errors import UserError
+    from qwenbuild.infer.prompt import encode
+    from qwenbuild.tokenizer.load import load_tokenizer
+
+    tokenizer = _tokenizer(str(qwen_vocab), load_tokenizer)
+    TALLY["cases"] += 1
+    try:
+        ids = encode(tokenizer, text, raw=raw)
+    except UserError as exc:
+        assert "prompt" in str(exc) or "predict_data" in str(exc)
+        return
+    assert ids and all(isinstance(i, int) and 0 <= i < 151646 for i in ids)
+    # Qwen's tokenizer stores text in Unicode normal form C
+    expected = unicodedata.normalize("NFC", text) if raw else "assistant\n"
+    assert tokenizer.decode(ids, skip_special_tokens=False).endswith(expected)
+
+
+_tokenizers: dict = {}
+
+
+def _tokenizer(path: str, load):
+    if path not in _tokenizers:
+        _tokenizers[path] = load(path)
+    return _tokenizers[path]
+
+
+# ---------------------------------------------------------------- signals at random moments
+
+@pytest.fixture(scope="module")
+def inputs(weights, qwen_dir):
+    """Inputs big enough that each command runs for a while, so a signal can land in the middle of its work."""
+    root = weights
+    big = [{"instruction": f"Write {i} words about rivers number {i}", "input": "", "output": "water " * (i % 60)}
+           for i in range(30000)]
+    (root / "alpaca.json").write_text(json.dumps(big), encoding="utf-8")
+    rc, err = run_cli(["alpaca_converter", "--data_path", "alpaca.json", "--output_path", "chat.jsonl"], root)
+    assert rc == 0, err
+    for name in ("vocab.json", "merges.txt"):
+        (root / name).write_bytes((qwen_dir / name).read_bytes())
+    (root / "qwen.toml").write_text(BASE_TOML, encoding="utf-8")
+    return root
+
+
+COMMANDS = {  # argv, and the path it writes (OUT)
+    "validate": ["validate", "-c", "qwen.toml"],
+    "plan": ["plan", "-c", "qwen.toml"],
+    "alpaca_converter": ["alpaca_converter", "--data_path", "alpaca.json", "--output_path", "OUT"],
+    "preprocess": ["preprocess", "--input_glob", "chat.jsonl", "--vocab_file", "vocab.json", "--merges_file",
+                   "merges.txt", "--seq_length", "256", "--output_file", "OUT"],
+    "convert_weight": ["convert_weight", "--torch_ckpt_dir", "hf", "--mindspore_ckpt_path", "OUT"],
+    "convert_reversed": ["convert_reversed", "--mindspore_ckpt_path", "ms.ckpt", "--torch_ckpt_path", "OUT"],
+    "tokenizer": ["tokenizer", "--output_dir", "OUT"],
+    "instructions": ["instructions", "--output_dir", "OUT", "--num_train", "20000"],
+    "strategy": ["strategy", "--model_dir", "hf", "--data_parallel", "1", "--model_parallel", "1",
+                 "--pipeline_stage", "1", "--output_dir", "OUT"],
+    "export": ["export", "--load_checkpoint", "ms.ckpt", "--torch_ckpt_dir", "hf", "--output_dir", "OUT",
+               "--seq_length", "32"],
+}
+
+
+def _start(inputs: Path, name: str, out: Path) -> subprocess.Popen:
+    argv = [str(out) if a == "OUT" else a for a in COMMANDS[name]]
+    return subprocess.Popen([sys.executable, "-m", "qwenbuild", *argv], cwd=inputs, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, start_new_session=True)
+
+
+def _contents(path: Path) -> dict[str, bytes | None]:
+    """What a command wrote, by relative name; MINDIR bytes differ from run to run, so only their names count."""
+    if not path.exists():
+        return {}
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    return {p.relative_to(path).as_posix(): None if p.suffix == ".mindir" else p.read_bytes() for p in files}
+
+
+def _reference(inputs: Path, name: str) -> tuple[dict, float]:
+    """The output of an uninterrupted run and how long it took."""
+    with tempfile.TemporaryDirectory(dir=inputs) as tmp:
+        out = Path(tmp) / "out"
+        started = time.monotonic()
+        proc = _start(inputs, name, out)
+        _, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err.decode(errors="replace")
+        return _contents(out), time.monotonic() - started
+
+
+@pytest.mark.parametrize("name", sorted(COMMANDS))
+def test_a_signal_at_a_random_moment_stops_the_command_cleanly(inputs, name):
+    reference, seconds = _reference(inputs, name)
+
+    @fuzz(2, shrink=False)
+    @given(moment=st.floats(0.0, 1.0), sig=st.sampled_from([signal.SIGINT, signal.SIGTERM]),
+           whole_group=st.booleans(), existing=st.booleans())
+    def interrupted(moment, sig, whole_group, existing):
+        with tempfile.TemporaryDirectory(dir=inputs) as tmp:
+            out = Path(tmp) / "out"
+            if existing:  # an earlier output that an interrupted run must leave as it was
+                out.write_bytes(SENTINEL)
+            before = _contents(out)
+            proc = _start(inputs, name, out)
+            time.sleep(0.2 + moment * seconds)  # from just after start-up to the end of an uninterrupted run
+            if proc.poll() is None:
+                (os.killpg if whole_group else os.kill)(proc.pid, sig)
+                TALLY["signals"] += 1
+            _, err_bytes = proc.communicate(timeout=120)
+            err = err_bytes.decode(errors="replace")
+            TALLY["cases"] += 1
+            assert "Traceback" not in err and "Fatal Python error" not in err, err
+            assert proc.returncode in (0, 128 + sig, -sig), (proc.returncode, err)
+            if proc.returncode != 0:
+                assert "interrupted" in err or proc.returncode == -sig, err
+            # the signal may land after the output was promoted: then it is the whole output, never a part of it
+            assert _contents(out) in (before, reference), "an interrupted run left a partial or damaged output"
+            assert not leftovers(Path(tmp)), leftovers(Path(tmp))
+            assert not _survivors(proc.pid), "processes outlived the interrupted command"
+
+    interrupted()
+
+
+def _survivors(pgid: int, grace: float = 3.0) -> list[str]:
+    """Processes of the command's group still there after `grace` seconds (a killed child takes a moment)."""
+    deadline = time.monotonic() + grace
+    while True:
+        found = subprocess.run(["pgrep", "-g", str(pgid)], capture_output=True, text=True).stdout.split()
+        if not found or time.monotonic() > deadline:
+            return found
+        time.sleep(0.1)
+
+
+def test_zz_tally():
+    """The figures for the README's reliability section (runs last in this file)."""
+    print(f"\nfuzz: {TALLY['cases']} cases generated, {TALLY['signals']} signals sent, failures 0 "
+          f"(QWENBUILD_FUZZ_SCALE={SCALE}); " + ", ".join(f"{k} {v}" for k, v in sorted(TALLY.items())
+                                                          if k not in ("cases", "signals")))
+    assert TALLY["cases"] > 0
