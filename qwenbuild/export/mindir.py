@@ -104,6 +104,10 @@ def export_mindir(cfg: QwenConfig, ckpt_path, out_root: str | Path | GraphDirs, 
     ckpt_path = Path(ckpt_path)
     dirs = out_root if isinstance(out_root, GraphDirs) else GraphDirs.under(out_root)
     _check_args(cfg, ckpt_path, rank, batch_size, seq_length)
+    for directory in (dirs.full.parent, dirs.full, dirs.inc):
+        if directory.exists() and not directory.is_dir():
+            raise UserError(f"{directory} is a file, but the graphs go into a directory there",
+                            hint="remove it or choose another --output_dir")
     eos_token_ids, pad_token_id = _special_ids(cfg, tokenizer_dir)
     t0 = time.perf_counter()
     tag = f".rank_{rank}.export-{os.getpid()}-{uuid.uuid4().hex[:8]}"
