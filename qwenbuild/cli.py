@@ -8,7 +8,7 @@ import os
 import sys
 
 from qwenbuild import __version__
-from qwenbuild.errors import UserError
+from qwenbuild.errors import UserError, os_error_text
 from qwenbuild.processes import interrupted_line, interruption, stop_on_signals
 
 # name -> (module, one-line help); modules define add_arguments(parser) and main(args) -> int | None
@@ -94,15 +94,9 @@ def _reported(name: str, exc: BaseException) -> int:
         return 1
     # a path the command could not read or write; QWENBUILD_DEBUG=1 keeps the traceback for bug reports
     if isinstance(exc, OSError) and not os.environ.get("QWENBUILD_DEBUG"):
-        print(f"{name}: error: {_os_error_text(exc)}", file=sys.stderr)
+        print(f"{name}: error: {os_error_text(exc)}", file=sys.stderr)
         return 1
     raise exc
-
-
-def _os_error_text(exc: OSError) -> str:
-    paths = " -> ".join(str(p) for p in (exc.filename, exc.filename2) if p is not None)
-    what = exc.strerror or str(exc) or type(exc).__name__
-    return f"{paths}: {what}" if paths else what
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ import time
 from doit.exceptions import TaskFailed
 
 from qwenbuild.build_dir import BuildDir
-from qwenbuild.errors import UserError
+from qwenbuild.errors import UserError, os_error_text
 from qwenbuild.lock import Lock
 from qwenbuild.processes import interrupted_line, interruption
 from qwenbuild.store import seal_path
@@ -30,15 +30,10 @@ def run_task(spec: TaskSpec, manifest, build: BuildDir):
             raise SystemExit(stop.exit_code) from None
         if not isinstance(exc, (UserError, OSError)):
             raise
-        print(f"qwenbuild {spec.name}: error: {_error_text(exc)}", file=sys.stderr)
+        # an OSError is e.g. a full disk while writing qwen.lock itself
+        text = str(exc) if isinstance(exc, UserError) else os_error_text(exc)
+        print(f"qwenbuild {spec.name}: error: {text}", file=sys.stderr)
     return TaskFailed(f"{spec.name} stopped: see the message above")
-
-
-def _error_text(exc: UserError | OSError) -> str:
-    if isinstance(exc, UserError):
-        return str(exc)
-    where = f"{exc.filename}: " if exc.filename else ""  # e.g. a full disk while writing qwen.lock itself
-    return f"{where}{exc.strerror or exc}"
 
 
 def _run(spec: TaskSpec, manifest, build: BuildDir):
