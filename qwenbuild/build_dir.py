@@ -74,6 +74,15 @@ class BuildDir:
         return self.output / "checkpoint"
 
     @property
+    def merged(self) -> Path:
+        """The finetuned per-rank checkpoints merged into one complete checkpoint (rank_0/checkpoint_0.ckpt)."""
+        return self.output / "merged_checkpoint"
+
+    @property
+    def merged_file(self) -> Path:
+        return self.merged / "rank_0" / "checkpoint_0.ckpt"
+
+    @property
     def msrun_log(self) -> Path:
         return self.output / "msrun_log"
 

@@ -112,6 +112,8 @@ def test_array_of_tables_key_path_and_ip_format(tmp_path):
     (("layers", None), "parallel.pipeline_stage", "exceeds model.num_layers"),
     (("micro", None), "parallel.micro_batch_num", "below pipeline_stage"),
     (("export", None), "export.seq_length", "exceeds model.max_position_embeddings"),
+    (("cpu_stages", None), "hardware.devices_per_node", "not a multiple of pipeline_stage 4"),
+    (("cpu_mindformers", None), "train.engine", "MindFormers compiles model_parallel and pipeline_stage only on Ascend"),
 ])
 def test_each_plan_rule(tmp_path, edit, key, words):
     text = default_text().replace("devices_per_node = 2", "devices_per_node = 4")
@@ -135,6 +137,14 @@ def test_each_plan_rule(tmp_path, edit, key, words):
     elif kind == "export":
         text = text.replace("data_parallel = 2", "data_parallel = 4").replace("seq_length = 128\nbatch_size = 1",
                                                                              "seq_length = 1024\nbatch_size = 1")
+    elif kind == "cpu_stages":
+        # 2 nodes x 2 devices, 4 stages: a node cannot start 2 / 4 workers
+        text = (text.replace("devices_per_node = 4", "devices_per_node = 2").replace("data_parallel = 2", "data_parallel = 1")
+                .replace("pipeline_stage = 1", "pipeline_stage = 4").replace("micro_batch_num = 1", "micro_batch_num = 4")
+                + '\n[[hardware.nodes]]\nhost = "node1"\nip = "127.0.0.2"\n')
+    elif kind == "cpu_mindformers":
+        text = (text.replace("model_parallel = 1", "model_parallel = 2")
+                .replace("[train]\n", '[train]\nengine = "mindformers"\n'))
     found = [(k, msg) for _, k, msg in errors(tmp_path, text)]
     assert any(k == key and words in msg for k, msg in found), found
 

@@ -206,3 +206,30 @@ def test_transform_ckpt_command(work, capsys):
                 "--dst_ckpt_dir", "cli_full"]) == 0
     assert Path("cli_full/rank_0/checkpoint_0.ckpt").read_bytes() == (work / "full/rank_0/qwen.ckpt").read_bytes()
     assert cli(["transform_ckpt", "--src_ckpt_dir", "missing", "--dst_ckpt_dir", "z"]) == 2
+
+
+def test_optimizer_moments_are_sliced_as_their_parameter_and_merge_back(tmp_path):
+    """A training checkpoint (AdamW moments beside the weights) sharded mp2 x pp2 and merged back is the same
+    checkpoint; each shard's moments are its parameters' slices, and `keep` writes the weights alone."""
+    full = _tensors(seed=2)
+    rng = np.random.default_rng(3)
+    for name, shape in parameter_shapes(CFG).items():
+        full[f"adam_m.{name}"] = rng.standard_normal(shape).astype(np.float32)
+        full[f"adam_v.{name}"] = rng.random(shape).astype(np.float32)
+    src = _save(full, tmp_path / "train.ckpt")
+    st.write_strategy_files(CFG, 1, 2, 2, tmp_path / "s")
+    reshard.transform_ckpt("", tmp_path / "s", src, tmp_path / "sh", progress=QUIET)
+    rank3 = _load(tmp_path / "sh/rank_3/checkpoint_3.ckpt")  # stage 1, second slice
+    name = "model.layers.3.attention.wq.weight"
+    half = full[name].shape[0] // 2
+    np.testing.assert_array_equal(rank3[f"adam_m.{name}"], full[f"adam_m.{name}"][half:])
+    np.testing.assert_array_equal(rank3[f"adam_v.{name}"], full[f"adam_v.{name}"][half:])
+    assert "adam_m.model.layers.0.attention.wq.weight" not in rank3  # layer 0 is on stage 0
+    reshard.transform_ckpt(tmp_path / "s", "", tmp_path / "sh", tmp_path / "back", progress=QUIET)
+    back = _load(tmp_path / "back/rank_0/checkpoint_0.ckpt")
+    assert back.keys() == full.keys()
+    for key, value in full.items():
+        np.testing.assert_array_equal(back[key], value, err_msg=key)
+    reshard.transform_ckpt(tmp_path / "s", "", tmp_path / "sh", tmp_path / "weights", progress=QUIET,
+                           keep=lambda n: not n.startswith(("adam_", "global_step")))
+    assert _load(tmp_path / "weights/rank_0/checkpoint_0.ckpt").keys() == parameter_shapes(CFG).keys()

@@ -1,8 +1,11 @@
-"""Fine-tune Qwen1.5 on a MindRecord with the settings of a run.json, data-parallel over CPU workers via msrun.
+"""Fine-tune Qwen1.5 on a MindRecord with the settings of a run.json, over CPU workers via msrun.
 
 run.json holds plain settings (model dims, train_data, init_checkpoint, output_dir, seq_length, batch_size per
-worker, learning_rate, warmup_ratio, weight_decay, epochs or steps, grad_clip, seed, save_steps, workers).
-Checkpoints go to <output_dir>/checkpoint/rank_N/; a rerun resumes from the last one the workers all saved.
+data-parallel rank, learning_rate, warmup_ratio, weight_decay, epochs or steps, grad_clip, seed, save_steps,
+workers = data_parallel, model_parallel, pipeline_stage, strategy_dir). msrun starts workers x model_parallel
+processes; with model or pipeline parallel each takes its slice from the strategy files in strategy_dir and its
+shards from init_checkpoint/rank_N/. Checkpoints go to <output_dir>/checkpoint/rank_N/; a rerun resumes from the
+last one the workers all saved.
 """
 
 from qwenbuild.train.msrun import run_msrun
@@ -17,5 +20,5 @@ def add_arguments(parser):
 
 def main(args):
     settings = read_run_json(args.config)
-    run_msrun(settings.workers, args.config, args.log_dir, args.master_port)
+    run_msrun(settings.processes, args.config, args.log_dir, args.master_port)
     return 0

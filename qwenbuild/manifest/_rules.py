@@ -23,6 +23,15 @@ def _plan(m) -> list:
     for p in plan_problems(m.model.config, par.data_parallel, par.model_parallel, par.pipeline_stage,
                            par.vocab_emb_dp, par.stage_offset, par.micro_batch_num):
         out.append(m.problem(f"parallel.{p.key}", p.message if p.hint is None else f"{p.message}; {p.hint}"))
+    if hw.device == "cpu" and hw.devices_per_node % par.pipeline_stage:
+        out.append(m.problem("hardware.devices_per_node",
+                             f"{hw.devices_per_node} is not a multiple of pipeline_stage {par.pipeline_stage}: a CPU "
+                             "worker runs every stage of its slice, so each node starts devices_per_node / "
+                             "pipeline_stage workers"))
+    if hw.device == "cpu" and m.train.engine_on(hw.device) == "mindformers" and par.world_size > par.data_parallel:
+        out.append(m.problem("train.engine", "MindFormers compiles model_parallel and pipeline_stage only on Ascend; "
+                                             "on CPU use engine = \"qwenbuild\" (tensor parallel from the strategy "
+                                             "files) or data_parallel only"))
     return out
 
 

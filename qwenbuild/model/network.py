@@ -15,6 +15,7 @@ from mindspore.common.initializer import Normal, initializer
 from qwenbuild.errors import UserError
 from qwenbuild.model.config import QwenConfig
 from qwenbuild.model.params import check_names, is_beside_weights
+from qwenbuild.model.tensor_parallel import Identity, ModelParallel
 
 F32 = ms.float32
 MS_DTYPES = {"float32": ms.float32, "bfloat16": ms.bfloat16, "float16": ms.float16}
@@ -56,14 +57,40 @@ class Linear(nn.Cell):
         return ops.reshape(y, x.shape[:-1] + (self.n_out,))
 
 
+EMBEDDING = "model.tok_embeddings.embedding_weight"
+
+
+def _split(parallel: ModelParallel, names: list[str], allowed: tuple) -> int | None:
+    """The one split dimension these parameters share, refused unless the network can run it."""
+    dims = {parallel.split(n) for n in names}
+    if len(dims) > 1 or dims - set(allowed):
+        found = ", ".join(f"{n}: {parallel.split(n)}" for n in names)
+        raise UserError(f"the strategy splits {found}; qwenbuild's network runs {names[0]} split on dimension "
+                        f"{' or '.join(str(a) for a in allowed if a is not None)} or whole, the same for all of them",
+                        hint="use the strategy files qwenbuild writes (doit strategy) or MindFormers' Qwen1.5 layout")
+    return dims.pop()
+
+
 class Embedding(nn.Cell):
-    def __init__(self, vocab_size: int, hidden_size: int, dtype):
+    """The token table; split on the vocabulary, each process looks up its rows and the slices are summed."""
+
+    def __init__(self, vocab_size: int, hidden_size: int, dtype, parallel: ModelParallel):
         super().__init__()
-        self.embedding_weight = _param((vocab_size, hidden_size), dtype, Normal(0.02), "embedding_weight")
+        self.split = _split(parallel, [EMBEDDING], (None, 0)) is not None
+        rows = vocab_size // parallel.size if self.split else vocab_size
+        self.embedding_weight = _param((rows, hidden_size), dtype, Normal(0.02), "embedding_weight")
+        self.rows, self.start = rows, parallel.index * rows
+        self.reduce = parallel.reduce_out() if self.split else Identity()
 
     def construct(self, input_ids):
         # the CPU Gather kernel has no bfloat16: cast the table first (a no-op for float32)
-        return ops.gather(ops.cast(self.embedding_weight, F32), input_ids, 0)
+        table = ops.cast(self.embedding_weight, F32)
+        if not self.split:
+            return ops.gather(table, input_ids, 0)
+        local = input_ids - self.start
+        mine = ops.logical_and(local >= 0, local < self.rows)
+        rows = ops.gather(table, ops.where(mine, local, 0), 0)
+        return self.reduce(rows * ops.expand_dims(ops.cast(mine, F32), -1))
 
 
 def rotate_half(x):
@@ -72,16 +99,27 @@ def rotate_half(x):
 
 
 class Attention(nn.Cell):
-    def __init__(self, cfg: QwenConfig, dtype):
+    """Split by model parallelism, each process holds whole heads: q/k/v by output rows, wo by input columns."""
+
+    def __init__(self, cfg: QwenConfig, dtype, parallel: ModelParallel, prefix: str):
         super().__init__()
-        self.n_heads, self.n_kv_heads, self.head_dim = cfg.num_heads, cfg.n_kv_heads, cfg.head_dim
+        qkv = [f"{prefix}{w}.{k}" for w in ("wq", "wk", "wv") for k in ("weight", "bias")
+               if k == "weight" or cfg.qkv_has_bias]
+        split_qkv = _split(parallel, qkv, (None, 0)) is not None
+        if split_qkv != (_split(parallel, [prefix + "wo.weight"], (None, 1)) is not None):
+            raise UserError(f"the strategy splits {prefix}wo.weight and {prefix}wq.weight inconsistently",
+                            hint="q/k/v split on dimension 0 go with wo split on dimension 1")
+        mp = parallel.size if split_qkv else 1
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.num_heads // mp, cfg.n_kv_heads // mp, cfg.head_dim
         self.n_rep = cfg.num_heads // cfg.n_kv_heads
         self.scale = float(cfg.head_dim) ** -0.5
-        h, q, kv = cfg.hidden_size, cfg.num_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
+        h, q, kv = cfg.hidden_size, self.n_heads * cfg.head_dim, self.n_kv_heads * cfg.head_dim
         self.wq = Linear(h, q, cfg.qkv_has_bias, dtype)
         self.wk = Linear(h, kv, cfg.qkv_has_bias, dtype)
         self.wv = Linear(h, kv, cfg.qkv_has_bias, dtype)
         self.wo = Linear(q, h, False, dtype)
+        self.copy_in = parallel.copy_in() if mp > 1 else Identity()
+        self.reduce = parallel.reduce_out() if mp > 1 else Identity()
         self.scores = ops.BatchMatMul(transpose_b=True)
         self.weighted = ops.BatchMatMul()
 
@@ -91,9 +129,10 @@ class Attention(nn.Cell):
 
     def project(self, x, cos, sin):
         """q [B, H, S, D] and k, v [B, KV, S, D] of x [B, S, hidden], RoPE applied to q and k."""
-        q = self._heads(self.wq(x), self.n_heads)
-        k = self._heads(self.wk(x), self.n_kv_heads)
-        v = self._heads(self.wv(x), self.n_kv_heads)
+        shared = self.copy_in(x)
+        q = self._heads(self.wq(shared), self.n_heads)
+        k = self._heads(self.wk(shared), self.n_kv_heads)
+        v = self._heads(self.wv(shared), self.n_kv_heads)
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
         return q, k, v
@@ -111,7 +150,7 @@ class Attention(nn.Cell):
         probs = ops.softmax(self.scores(q, k) * self.scale + bias, -1)
         out = self.weighted(probs, v)
         b, _, s, _ = out.shape
-        return self.wo(ops.reshape(ops.transpose(out, (0, 2, 1, 3)), (b, s, self.n_heads * self.head_dim)))
+        return self.reduce(self.wo(ops.reshape(ops.transpose(out, (0, 2, 1, 3)), (b, s, self.n_heads * self.head_dim))))
 
     def construct(self, x, cos, sin, bias):
         q, k, v = self.project(x, cos, sin)
@@ -119,47 +158,61 @@ class Attention(nn.Cell):
 
 
 class FeedForward(nn.Cell):
-    def __init__(self, cfg: QwenConfig, dtype):
+    """SwiGLU; split by model parallelism: w1/w3 by output rows, w2 by input columns."""
+
+    def __init__(self, cfg: QwenConfig, dtype, parallel: ModelParallel, prefix: str):
         super().__init__()
-        self.w1 = Linear(cfg.hidden_size, cfg.intermediate_size, False, dtype)
-        self.w2 = Linear(cfg.intermediate_size, cfg.hidden_size, False, dtype)
-        self.w3 = Linear(cfg.hidden_size, cfg.intermediate_size, False, dtype)
+        split_in = _split(parallel, [prefix + "w1.weight", prefix + "w3.weight"], (None, 0)) is not None
+        split_out = _split(parallel, [prefix + "w2.weight"], (None, 1)) is not None
+        if split_in != split_out:
+            raise UserError(f"the strategy splits {prefix}w1/w3 and {prefix}w2 inconsistently",
+                            hint="w1/w3 split on dimension 0 go with w2 split on dimension 1")
+        inner = cfg.intermediate_size // (parallel.size if split_in else 1)
+        self.w1 = Linear(cfg.hidden_size, inner, False, dtype)
+        self.w2 = Linear(inner, cfg.hidden_size, False, dtype)
+        self.w3 = Linear(cfg.hidden_size, inner, False, dtype)
+        self.copy_in = parallel.copy_in() if split_in else Identity()
+        self.reduce = parallel.reduce_out() if split_in else Identity()
 
     def construct(self, x):
-        gate = self.w1(x)
-        return self.w2(gate * ops.sigmoid(gate) * self.w3(x))
+        shared = self.copy_in(x)
+        gate = self.w1(shared)
+        return self.reduce(self.w2(gate * ops.sigmoid(gate) * self.w3(shared)))
 
 
 class DecoderLayer(nn.Cell):
-    def __init__(self, cfg: QwenConfig, dtype):
+    def __init__(self, cfg: QwenConfig, dtype, parallel: ModelParallel, index: int):
         super().__init__()
         # attribute order gives MindFormers' parameter order
         self.ffn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
         self.attention_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
-        self.attention = Attention(cfg, dtype)
-        self.feed_forward = FeedForward(cfg, dtype)
+        self.attention = Attention(cfg, dtype, parallel, f"model.layers.{index}.attention.")
+        self.feed_forward = FeedForward(cfg, dtype, parallel, f"model.layers.{index}.feed_forward.")
 
     def construct(self, x, cos, sin, bias):
         """x [B, S, hidden] -> (x, k, v) with the layer's roped keys and values [B, KV, S, D]."""
         a, k, v = self.attention(self.attention_norm(x), cos, sin, bias)
+        return self.after_attention(x, a), k, v
+
+    def after_attention(self, x, a):
+        """The residual of the attention output a, then the feed-forward block and its residual."""
         x = x + a
-        return x + self.feed_forward(self.ffn_norm(x)), k, v
+        return x + self.feed_forward(self.ffn_norm(x))
 
     def decode(self, x, cos, sin, bias, write, key_cache, value_cache):
         """One new token x [B, 1, hidden]; write [B, 1, S, 1] marks its cache slot; caches [B, KV, S, D]."""
         q, k, v = self.attention.project(self.attention_norm(x), cos, sin)
         key_cache = ops.where(write, k, key_cache)
         value_cache = ops.where(write, v, value_cache)
-        x = x + self.attention.attend(q, key_cache, value_cache, bias)
-        return x + self.feed_forward(self.ffn_norm(x)), key_cache, value_cache
+        return self.after_attention(x, self.attention.attend(q, key_cache, value_cache, bias)), key_cache, value_cache
 
 
 class QwenModel(nn.Cell):
-    def __init__(self, cfg: QwenConfig, dtype):
+    def __init__(self, cfg: QwenConfig, dtype, parallel: ModelParallel):
         super().__init__()
         self.num_layers = cfg.num_layers
-        self.tok_embeddings = Embedding(cfg.vocab_size, cfg.hidden_size, dtype)
-        self.layers = nn.CellList([DecoderLayer(cfg, dtype) for _ in range(cfg.num_layers)])
+        self.tok_embeddings = Embedding(cfg.vocab_size, cfg.hidden_size, dtype, parallel)
+        self.layers = nn.CellList([DecoderLayer(cfg, dtype, parallel, i) for i in range(cfg.num_layers)])
         self.norm_out = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
         d = cfg.head_dim
         inv_freq = 1.0 / (np.float32(cfg.rope_theta) ** (np.arange(0, d, 2, dtype=np.float32) / np.float32(d)))
@@ -214,26 +267,35 @@ class QwenModel(nn.Cell):
 
 
 class QwenForCausalLM(nn.Cell):
-    """Qwen1.5 causal LM: construct(input_ids int32 [B, S]) -> logits float32 [B, S, vocab]."""
+    """Qwen1.5 causal LM: construct(input_ids int32 [B, S]) -> logits float32 [B, S, vocab].
 
-    def __init__(self, cfg: QwenConfig):
+    With a model-parallel `parallel`, the process holds its slices (the strategy's layout) and, when the vocabulary
+    is split (vocab_emb_dp false), returns its slice of the logits [B, S, vocab / model_parallel].
+    """
+
+    def __init__(self, cfg: QwenConfig, parallel: ModelParallel | None = None):
         super().__init__()
         self.cfg = cfg
+        self.parallel = parallel = parallel or ModelParallel()
         dtype = MS_DTYPES[cfg.param_dtype]
-        self.model = QwenModel(cfg, dtype)
+        self.model = QwenModel(cfg, dtype, parallel)
         self.tied = cfg.tie_word_embeddings
+        head = EMBEDDING if self.tied else "lm_head.weight"
+        self.vocab_parallel = _split(parallel, [head], (None, 0)) is not None
+        self.vocab_size = cfg.vocab_size // parallel.size if self.vocab_parallel else cfg.vocab_size
         if not self.tied:
-            self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, False, dtype)
-        self.vocab_size = cfg.vocab_size
+            self.lm_head = Linear(cfg.hidden_size, self.vocab_size, False, dtype)
+        self.copy_in = parallel.copy_in() if self.vocab_parallel else Identity()
         self.matmul = ops.MatMul(transpose_b=True)
 
     def logits(self, hidden):
-        """hidden [..., hidden_size] (after the final norm) -> logits [..., vocab]."""
+        """hidden [..., hidden_size] (after the final norm) -> logits [..., vocab] (this process's slice)."""
+        shared = self.copy_in(hidden)
         if self.tied:
             table = ops.cast(self.model.tok_embeddings.embedding_weight, F32)
-            flat = self.matmul(ops.reshape(hidden, (-1, hidden.shape[-1])), table)
-            return ops.reshape(flat, hidden.shape[:-1] + (self.vocab_size,))
-        return self.lm_head(hidden)
+            flat = self.matmul(ops.reshape(shared, (-1, shared.shape[-1])), table)
+            return ops.reshape(flat, shared.shape[:-1] + (self.vocab_size,))
+        return self.lm_head(shared)
 
     def construct(self, input_ids):
         return self.logits(self.model(input_ids))

@@ -115,10 +115,27 @@ def _check_sources(sources: dict[int, Path], src_strategy: str | None, src_ckpt_
                         f"found ranks {sorted(sources)})")
 
 
+# optimizer state with the shape of a parameter, named <prefix><parameter>: sliced as the parameter is
+MOMENT_PREFIXES = ("adam_m.", "adam_v.", "moment1.", "moment2.", "accu_grads.")
+
+
+def with_moments(layout_map: dict | None, names) -> dict | None:
+    """A layout map in which each optimizer moment present in `names` has its parameter's layout (strategy files
+    synthesised here list parameters only; MindSpore's compiled ones list the moments too)."""
+    if layout_map is None:
+        return None
+    out = dict(layout_map)
+    for name in names:
+        prefix = next((p for p in MOMENT_PREFIXES if name.startswith(p)), None)
+        if prefix and name not in out and name[len(prefix):] in layout_map:
+            out[name] = layout_map[name[len(prefix):]]
+    return out
+
+
 class _RankWriter:
     """The per-tensor form of mindspore.transform_checkpoint_by_rank for one destination rank."""
 
-    def __init__(self, src_strategy, dst_strategy, indexes: dict[int, dict[str, CkptTensor]]):
+    def __init__(self, src_strategy, dst_strategy, indexes: dict[int, dict[str, CkptTensor]], keep=None):
         # mindspore takes seconds to load: imported only when this runs
         import mindspore as ms
         from mindspore.parallel import _parallel_serialization as ps
@@ -127,15 +144,18 @@ class _RankWriter:
         self.src, self.dst, self.indexes = src_strategy, dst_strategy, indexes
         self.src_per_stage = strategy_world_size(src_strategy)[0]
         self.dst_per_stage = strategy_world_size(dst_strategy)[0]
-        self.origin_src = ps._extract_layout_map(src_strategy)
-        self.origin_dst = ps._extract_layout_map(dst_strategy)
+        self.keep = keep or (lambda _name: True)
+        self.names = {n for index in indexes.values() for n in index}
+        self.origin_src = with_moments(ps._extract_layout_map(src_strategy), self.names)
+        self.origin_dst = with_moments(ps._extract_layout_map(dst_strategy), self.names)
 
     def params(self, rank: int) -> tuple[list[dict], dict[str, str]]:
         """The rank's tensors, and its string entries (a stored config), which every rank keeps as they are."""
         ms, ps = self.ms, self.ps
         needed = ms.rank_list_for_transform(rank, self.src, self.dst)
-        src_map, dst_map = ps._extract_src_dst_layout_map(rank, self.src, self.dst)
-        names = list(dict.fromkeys(n for r in needed for n in self.indexes[r]))
+        src_map, dst_map = (with_moments(m, self.names) for m in ps._extract_src_dst_layout_map(rank, self.src,
+                                                                                                 self.dst))
+        names = list(dict.fromkeys(n for r in needed for n in self.indexes[r] if self.keep(n)))
         out, texts = [], {}
         for name in names:
             holder = next(self.indexes[r][name] for r in needed if name in self.indexes[r])
@@ -189,10 +209,11 @@ def _stale_ranks(dst: Path, world: int) -> list[str]:
 
 
 def transform_ckpt(src_ckpt_strategy, dst_ckpt_strategy, src_ckpt_dir, dst_ckpt_dir, prefix: str = "checkpoint_",
-                   progress: Callable[[str], None] | None = _stderr) -> dict:
+                   progress: Callable[[str], None] | None = _stderr, keep: Callable[[str], bool] | None = None) -> dict:
     """Write dst_ckpt_dir/rank_N/<prefix>N.ckpt for every rank of the destination strategy.
 
     Strategies: '' or None = complete weights, a file, or a directory of per-rank files (merged across stages).
+    Optimizer moments (adam_m.<name>, ...) are sliced as their parameter; `keep(name)` selects the entries written.
     Each rank directory is promoted atomically when complete; nothing else in dst_ckpt_dir is touched.
     """
     progress = progress or (lambda _msg: None)
@@ -214,7 +235,7 @@ def transform_ckpt(src_ckpt_strategy, dst_ckpt_strategy, src_ckpt_dir, dst_ckpt_
         if stale:
             raise UserError(f"{dst} already holds {', '.join(stale[:4])} from a layout with more ranks than this "
                             f"one ({world})", hint="write this layout to a new directory; nothing was changed")
-        writer = _RankWriter(src_strategy, dst_strategy, {r: tensor_index(p) for r, p in sources.items()})
+        writer = _RankWriter(src_strategy, dst_strategy, {r: tensor_index(p) for r, p in sources.items()}, keep)
         files, total = [], 0
         for rank in range(world):
             t0 = time.perf_counter()

@@ -16,7 +16,6 @@ from qwenbuild.tasks.context import Context
 from qwenbuild.tasks.distributed import rank_table_file
 from qwenbuild.tasks.spec import Group, TaskSpec
 from qwenbuild.tasks.weights import MODEL_KEYS
-from qwenbuild.train.checkpoint import finished_checkpoint
 from qwenbuild.train.evaluate import read_heldout
 
 EXPORT_KEYS = ("export.checkpoint", "export.seq_length", "export.batch_size", "export.use_past",
@@ -33,7 +32,7 @@ def _export(ctx: Context) -> None:
     m, build, ex = ctx.manifest, ctx.build, ctx.manifest.export
     with ctx.output_dir(build.mindir_full) as full, ctx.output_dir(build.mindir_inc) as inc:
         for rank in export_ranks(m):
-            ckpt = finished_checkpoint(build.output, rank) if ex.checkpoint == "finetuned" else build.converted
+            ckpt = build.merged_file if ex.checkpoint == "finetuned" else build.converted
             export_mindir(m.model.config, ckpt, GraphDirs(full, inc), rank=rank, batch_size=ex.batch_size,
                           seq_length=ex.seq_length, tokenizer_dir=build.tokenizer)
 
@@ -76,7 +75,7 @@ def specs(m, build) -> list[TaskSpec]:
     heldout_question = m.export.predict_data is None and m.dataset.source == "builtin"
     return [
         TaskSpec("mindir", "MINDIR prefill (full) and decode (inc) graphs per rank", _export,
-                 keys=MODEL_KEYS + EXPORT_KEYS, inputs=[build.checkpoint if finetuned else build.converted,
+                 keys=MODEL_KEYS + EXPORT_KEYS, inputs=[build.merged if finetuned else build.converted,
                                                         build.tokenizer],
                  dir_outputs=[build.mindir_full, build.mindir_inc], packages=("mindspore", "numpy")),
         TaskSpec("lite_ini", "lite.ini for MindSpore Lite (GE provider; rank table when several ranks)", _lite_ini,

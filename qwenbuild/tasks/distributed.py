@@ -41,6 +41,13 @@ def rank_table_file(m, build) -> Path | None:
     return build.rank_table / merged_name(len(hw.nodes), hw.device_count) if hw.device == "ascend" else None
 
 
+def workers_per_node(m) -> int:
+    """msrun workers a node starts: one per device, except that a CPU worker runs every pipeline stage of its
+    data/model-parallel slice (CPU has no send/receive between processes)."""
+    hw = m.hardware
+    return hw.devices_per_node // m.parallel.pipeline_stage if hw.device == "cpu" else hw.devices_per_node
+
+
 def module_script(module: str) -> Path:
     """The file of a package module, found without importing it: msrun runs a script file, not a module."""
     package, _, name = module.rpartition(".")
@@ -72,24 +79,26 @@ def _strategy(ctx: Context) -> None:
     print(f"strategy: {par.world_size} strategy file(s) -> {ctx.build.strategy}", file=sys.stderr)
 
 
-def _shard_key(build) -> str:
-    lock = Lock(build.lock)
-    return json_digest({"source": lock.digest_of(build.converted, build.root),
-                        "strategy": lock.digest_of(build.strategy, build.root)})[7:19]
+def keyed_dir(build, link: Path, sources: dict, make, label: str) -> None:
+    """A directory cached by the content of its sources: it lives in <name>-<key>/ and <name> links to it, so an
+    earlier layout stays reusable. `make(tmp)` fills a new one; `sources` maps names to digests."""
+    keyed = link.with_name(f"{link.name}-{json_digest(sources)[7:19]}")
+    if check_sealed(keyed, Lock(build.lock).read_stats()) is None:
+        print(f"{label}: reusing {keyed.name} (same inputs)", file=sys.stderr)
+    else:
+        with atomic_path(keyed, directory=True) as tmp:
+            make(tmp)
+    with atomic_path(link) as tmp_link:
+        os.symlink(keyed.name, tmp_link)
 
 
 def _shard(ctx: Context) -> None:
-    """Shards live in <name>-<content key>/; <name> links to the current layout, earlier layouts stay reusable."""
     build = ctx.build
-    keyed = build.transformed.with_name(f"{build.transformed.name}-{_shard_key(build)}")
-    if check_sealed(keyed, Lock(build.lock).read_stats()) is None:
-        print(f"shard: reusing {keyed.name} (same checkpoint and strategy)", file=sys.stderr)
-    else:
-        with atomic_path(keyed, directory=True) as tmp:
-            transform_ckpt(src_ckpt_strategy=None, dst_ckpt_strategy=build.strategy, src_ckpt_dir=build.converted,
-                           dst_ckpt_dir=tmp)
-    with atomic_path(build.transformed) as link:
-        os.symlink(keyed.name, link)
+    lock = Lock(build.lock)
+    keyed_dir(build, build.transformed, {"source": lock.digest_of(build.converted, build.root),
+                                         "strategy": lock.digest_of(build.strategy, build.root)},
+              lambda tmp: transform_ckpt(src_ckpt_strategy=None, dst_ckpt_strategy=build.strategy,
+                                         src_ckpt_dir=build.converted, dst_ckpt_dir=tmp), "shard")
 
 
 def _launch(ctx: Context) -> None:
@@ -101,10 +110,11 @@ def _launch(ctx: Context) -> None:
     else:
         command = [module_script(WORKER_MODULE[engine]), "--config", build.run_json]
     config = build.mindformers_yaml if engine == "mindformers" else build.run_json
+    local = workers_per_node(m)
     check = ["python", "-m", "qwenbuild.train.node_check", "--build_dir", str(build.root), "--node", "{node}",
-             "--workers", str(hw.devices_per_node)] + [str(p.relative_to(build.root)) for p in
+             "--workers", str(local)] + [str(p.relative_to(build.root)) for p in
                                                        (config, build.mindrecord, build.transformed)]
-    scripts = launch_scripts(node_devices(m), hw.devices_per_node, command, device=hw.device,
+    scripts = launch_scripts(node_devices(m), local, command, device=hw.device,
                              master_port=hw.master_port, log_dir=str(build.msrun_log),
                              env=mode_env("finetune", hw.device), python_bin_dir=Path(sys.executable).parent,
                              rank_table_file=rank_table_file(m, build), workdir=str(build.root),
@@ -136,6 +146,6 @@ def specs(m, build) -> list[TaskSpec]:
                         inputs=[build.converted, build.strategy], dir_outputs=[build.transformed],
                         packages=("mindspore",)))
     out.append(TaskSpec("launch", "msrun scripts per node and a Slurm sbatch script", _launch,
-                        keys=HARDWARE_KEYS + ("train.engine",), dir_outputs=[build.launch],
+                        keys=HARDWARE_KEYS + ("train.engine", "parallel.pipeline_stage"), dir_outputs=[build.launch],
                         inputs=[build.rank_table] if ascend else []))
     return out

@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import sys
+import tempfile
+from pathlib import Path
 
 from qwenbuild.data.mindrecord import shard_files
 from qwenbuild.errors import UserError
 from qwenbuild.lock import Lock, check_artifact
+from qwenbuild.model.params import CONFIG_ENTRY, is_beside_weights
+from qwenbuild.parallel.reshard import transform_ckpt
 from qwenbuild.store import read_seal, seal_path, write_seal
 from qwenbuild.tasks.context import Context
+from qwenbuild.tasks.distributed import keyed_dir, workers_per_node
 from qwenbuild.tasks.spec import TaskSpec
 from qwenbuild.tasks.weights import MODEL_KEYS
 from qwenbuild.tokenizer.files import ENDOFTEXT, read_vocab, special_ids
@@ -32,7 +38,7 @@ def run_settings(m, build) -> TrainSettings:
     # MindDataset finds the other shards of a MindRecord from any one of them
     train_data = shard_files(build.mindrecord_file, m.dataset.file_partition)[0]
     return TrainSettings(model=m.model.config, train_data=str(train_data), output_dir=str(build.output),
-                         init_checkpoint=str(build.transformed),
+                         init_checkpoint=str(build.transformed), strategy_dir=str(build.strategy),
                          device_target="Ascend" if m.hardware.device == "ascend" else "CPU",
                          **{name: m.value(key) for name, key in SCHEMA_KEYS.items()})
 
@@ -110,15 +116,34 @@ def _finetune(ctx: Context) -> None:
         print(f"finetune: start {others} (in {build.launch}) now: msrun waits for them (or submit "
               f"{build.launch / 'slurm.sbatch'} instead of this)", file=sys.stderr)
     print(f"finetune: running {script} (node 0 of {nodes})", file=sys.stderr)
-    run_node_script(script, build.msrun_log, m.hardware.devices_per_node, set_port=nodes == 1)
+    run_node_script(script, build.msrun_log, workers_per_node(m), set_port=nodes == 1)
+    checkpoints = write_seal(build.checkpoint)
+    merge_finetuned(ctx, checkpoints)
     if m.hardware.device == "cpu" and m.dataset.source == "builtin" and m.dataset.num_heldout:
         _evaluate(ctx)
-    write_seal(build.checkpoint)
+
+
+def merge_finetuned(ctx: Context, checkpoints: str) -> None:
+    """Every rank's last checkpoint merged, by the strategy files, into one complete checkpoint of the weights
+    (what convert_reversed, export and the held-out evaluation read), cached by the checkpoints' content."""
+    build, world = ctx.build, ctx.manifest.parallel.world_size
+
+    def make(tmp: Path) -> None:
+        with tempfile.TemporaryDirectory(prefix="qwenbuild-merge-") as staging:
+            for rank in range(world):
+                (Path(staging) / f"rank_{rank}").mkdir()
+                os.symlink(finished_checkpoint(build.output, rank).resolve(), Path(staging, f"rank_{rank}", "last.ckpt"))
+            transform_ckpt(build.strategy, None, staging, tmp, progress=None,
+                           keep=lambda name: name == CONFIG_ENTRY or not is_beside_weights(name))
+
+    keyed_dir(build, build.merged, {"checkpoints": checkpoints,
+                                    "strategy": Lock(build.lock).digest_of(build.strategy, build.root)}, make, "merge")
+    print(f"finetune: {world} rank checkpoint(s) merged into {build.merged_file}", file=sys.stderr)
 
 
 def _evaluate(ctx: Context) -> None:
     build = ctx.build
-    result = evaluate_heldout(finished_checkpoint(build.output, 0), ctx.manifest.model.config, build.tokenizer,
+    result = evaluate_heldout(build.merged_file, ctx.manifest.model.config, build.tokenizer,
                               build.heldout, metrics_path=build.metrics,
                               max_new_tokens=ctx.manifest.train.eval_max_new_tokens,
                               samples_path=build.output / "heldout_answers.jsonl")
@@ -133,10 +158,13 @@ def specs(m, build) -> list[TaskSpec]:
                  _run_config, keys=RUN_CONFIG_KEYS, inputs=[build.tokenizer],
                  outputs=[build.run_json, build.mindformers_yaml], packages=("mindformers",)),
         TaskSpec("finetune", "train on the MindRecord from the per-rank shards (the launch scripts, through msrun)",
-                 _finetune, inputs=[build.run_json, build.mindrecord, build.transformed, build.launch]
+                 _finetune, inputs=[build.run_json, build.mindrecord, build.transformed, build.launch, build.strategy]
                  + ([build.mindformers_yaml] if m.train.engine_on(m.hardware.device) == "mindformers" else [])
                  + ([build.dataset, build.tokenizer] if builtin else []),
-                 keys=("train.eval_max_new_tokens", "train.engine", "hardware.device", "hardware.nodes", "hardware.devices_per_node",
+                 keys=("train.eval_max_new_tokens", "train.engine", "hardware.device", "hardware.nodes",
+                       "hardware.devices_per_node", "parallel.data_parallel", "parallel.model_parallel",
+                       "parallel.pipeline_stage",
                        "dataset.source", "dataset.num_heldout") + MODEL_KEYS,
-                 dir_outputs=[build.checkpoint], reports=[build.metrics], packages=("mindspore", "numpy")),
+                 dir_outputs=[build.checkpoint, build.merged], reports=[build.metrics],
+                 packages=("mindspore", "numpy")),
     ]

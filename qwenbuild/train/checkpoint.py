@@ -79,8 +79,9 @@ def clear_stale(output_dir: str | Path, rank: int) -> None:
 
 
 def save(cell, output_dir: str | Path, rank: int, step: int, steps_per_epoch: int, prefix: str, digest: str,
-         keep_max: int, meta_extra: dict | None = None, hf_config: dict | None = None) -> Path:
-    """Save `cell` with MindFormers' step entries (and the model's config.json, so the file converts back alone)."""
+         keep_max: int, meta_extra: dict | None = None, hf_config: dict | None = None, choice=None) -> Path:
+    """Save `cell` (the entries `choice(name)` keeps, when given) with MindFormers' step entries and the model's
+    config.json, so the file converts back alone."""
     # mindspore takes seconds to load: imported only when this runs
     import mindspore as ms
 
@@ -91,7 +92,7 @@ def save(cell, output_dir: str | Path, rank: int, step: int, steps_per_epoch: in
         append[CONFIG_ENTRY] = json.dumps(hf_config, sort_keys=True)
     with atomic_path(final) as tmp:
         # save_checkpoint appends .ckpt to any other name
-        ms.save_checkpoint(cell, str(tmp) + ".ckpt", append_dict=append, crc_check=True)
+        ms.save_checkpoint(cell, str(tmp) + ".ckpt", append_dict=append, crc_check=True, choice_func=choice)
         os.replace(str(tmp) + ".ckpt", tmp)
     meta = {"last_epoch": append["epoch_num"], "last_step": (step - 1) % steps_per_epoch + 1,
             "last_ckpt_file": final.name, "run_digest": digest, **(meta_extra or {})}
@@ -120,12 +121,17 @@ def init_checkpoint_file(path: str | Path, rank: int) -> Path:
                     hint="convert the Hugging Face weights first (convert_weight) or give the .ckpt path")
 
 
-def load_into(cell, path: str | Path, required: list[str]) -> dict:
-    """Load a checkpoint into `cell`; every name in `required` must be present with its shape. Returns the dict."""
+def load_into(cell, paths: str | Path | list, required: list[str]) -> dict:
+    """Load a checkpoint, or the files of one process's pipeline-stage ranks together, into `cell`; every name in
+    `required` must be present with its shape. Returns the dict."""
     # mindspore takes seconds to load: imported only when this runs
     import mindspore as ms
 
-    params = load_with_crc(path)
+    paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
+    params = {}
+    for one in paths:
+        params.update(load_with_crc(one))
+    path = paths[0] if len(paths) == 1 else f"{paths[0]} (and {len(paths) - 1} more stage file(s))"
     missing = [name for name in required if name not in params]
     if missing:
         raise UserError(f"{path}: lacks {len(missing)} tensor(s) the network needs, e.g. {', '.join(missing[:3])}",

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from qwenbuild.errors import UserError
-from qwenbuild.model.params import parameter_shapes
+from qwenbuild.parallel.rank_layout import ProcessLayout, process_layout, single_process
 from qwenbuild.train import checkpoint, data
 from qwenbuild.train.progress import Progress, plot_loss, write_metrics
 from qwenbuild.train.schedule import schedule
@@ -17,6 +17,13 @@ from qwenbuild.train.settings import TrainSettings, check_parallel
 
 METRICS = "metrics.json"
 LOSS_PLOT = "loss.png"
+
+
+def create_groups(layout: ProcessLayout) -> None:
+    # the collectives load mindspore (seconds): imported only when this runs
+    from qwenbuild.model.tensor_parallel import create_groups as create
+
+    create(layout)
 
 
 def set_context(settings: TrainSettings, world_size: int) -> None:
@@ -35,74 +42,100 @@ def total_steps(settings: TrainSettings, num_rows: int) -> int:
     per_epoch = data.steps_per_epoch(num_rows, settings.global_batch_size)
     if per_epoch == 0:
         raise UserError(f"{settings.train_data} has {num_rows} rows, fewer than one global batch of "
-                        f"{settings.global_batch_size} ({settings.batch_size} per rank x {settings.workers} workers)",
+                        f"{settings.global_batch_size} ({settings.rows_per_step} per data-parallel rank x {settings.workers})",
                         hint="lower train.batch_size in qwen.toml (batch_size in run.json), or add training rows")
     return settings.steps or settings.epochs * per_epoch
 
 
-def build(settings: TrainSettings):
-    """(network, train step cell) for these settings."""
+def layout_of(settings: TrainSettings, process: int) -> ProcessLayout:
+    """What this process holds: from the strategy files, or every parameter whole without them."""
+    if not settings.strategy_dir:
+        return single_process() if settings.processes == 1 else \
+            ProcessLayout(process, settings.processes, 1, 0, (process,), {}, (), (process,),
+                          tuple(range(settings.processes)))
+    return process_layout(settings.strategy_dir, process, settings.processes, settings.pipeline_stage)
+
+
+def build(settings: TrainSettings, layout: ProcessLayout | None = None):
+    """(network, train step cell) for these settings and this process's part of the model."""
     # the network loads mindspore (seconds): imported only when this runs
     from qwenbuild.model.network import QwenForCausalLM
+    from qwenbuild.model.tensor_parallel import ModelParallel
     from qwenbuild.train.optimizer import AdamW
     from qwenbuild.train.step import TrainStep
 
-    net = QwenForCausalLM(settings.model)
+    net = QwenForCausalLM(settings.model, ModelParallel(layout))
     optimizer = AdamW(net.trainable_params(), settings.weight_decay, settings.beta1, settings.beta2, settings.eps)
-    return net, TrainStep(net, optimizer, settings.grad_clip, settings.workers)
+    return net, TrainStep(net, optimizer, settings.grad_clip, layout)
 
 
-def start_state(settings: TrainSettings, train_step, rank: int, per_epoch: int, digest: str) -> tuple[int, dict]:
+def all_ranks(settings: TrainSettings) -> int:
+    return settings.processes * settings.pipeline_stage
+
+
+def start_state(settings: TrainSettings, train_step, layout: ProcessLayout, per_epoch: int,
+                digest: str) -> tuple[int, dict]:
     """Restore the latest common checkpoint of the run with this digest (returns its step and history) or load
-    the initial weights (step 0)."""
-    step = checkpoint.resume_step(settings.output_dir, settings.workers, settings.checkpoint_prefix, per_epoch,
+    the initial weights (step 0). A process standing for several stages' ranks reads one file per rank."""
+    step = checkpoint.resume_step(settings.output_dir, all_ranks(settings), settings.checkpoint_prefix, per_epoch,
                                   digest)
     if step:
-        path = checkpoint.saved_steps(settings.output_dir, rank, settings.checkpoint_prefix, per_epoch)[step]
-        checkpoint.load_into(train_step, path, [p.name for p in train_step.get_parameters()])
-        history = checkpoint.read_meta(settings.output_dir, rank).get("history", {})
+        paths = [checkpoint.saved_steps(settings.output_dir, r, settings.checkpoint_prefix, per_epoch)[step]
+                 for r in layout.ranks]
+        checkpoint.load_into(train_step, paths, [p.name for p in train_step.get_parameters()])
+        history = checkpoint.read_meta(settings.output_dir, layout.ranks[0]).get("history", {})
         return step, {key: values[:step] for key, values in history.items()}
-    checkpoint.clear_stale(settings.output_dir, rank)
+    for r in layout.ranks:
+        checkpoint.clear_stale(settings.output_dir, r)
     if settings.init_checkpoint:
-        path = checkpoint.init_checkpoint_file(settings.init_checkpoint, rank)
-        checkpoint.load_into(train_step, path, list(parameter_shapes(settings.model)))
+        paths = [checkpoint.init_checkpoint_file(settings.init_checkpoint, r) for r in layout.ranks]
+        checkpoint.load_into(train_step, paths, [p.name for p in train_step.weights])
     return 0, {}
 
 
-def finetune(settings: TrainSettings, rank: int = 0, world_size: int = 1, progress: Progress | None = None) -> dict:
-    """Train one rank to the end (resuming from the last checkpoint of the same settings); returns the metrics.
+def finetune(settings: TrainSettings, process: int = 0, processes: int = 1, progress: Progress | None = None) -> dict:
+    """Train one process to the end (resuming from the last checkpoint of the same settings); returns the metrics.
 
-    Rank 0 writes <output_dir>/metrics.json and loss.png; every rank writes its checkpoints under
-    <output_dir>/checkpoint/rank_N/. Under msrun, call communication init() before this.
+    Process 0 writes <output_dir>/metrics.json and loss.png; every rank writes its checkpoints under
+    <output_dir>/checkpoint/rank_N/ (a process running several pipeline stages writes one per stage's rank).
+    Under msrun, call communication init() before this.
     """
     # mindspore takes seconds to load: imported only when this runs
     import mindspore as ms
 
     check_parallel(settings)
-    if world_size != settings.workers:
-        raise UserError(f"run.json says workers = {settings.workers} but {world_size} worker process(es) started",
-                        hint="start as many msrun workers as `workers`")
+    if processes != settings.processes:
+        raise UserError(f"run.json says workers = {settings.workers} x model_parallel = {settings.model_parallel}, "
+                        f"{settings.processes} processes, but {processes} worker process(es) started",
+                        hint="start data_parallel x model_parallel msrun workers")
     began = time.monotonic()
-    set_context(settings, world_size)
+    set_context(settings, processes)
+    layout = layout_of(settings, process)
+    if processes > 1:
+        # the network's collectives name these groups
+        create_groups(layout)
     num_rows = data.check_mindrecord(settings.train_data, settings.seq_length)
     per_epoch = data.steps_per_epoch(num_rows, settings.global_batch_size)
     total = total_steps(settings, num_rows)
     lrs = schedule(total, settings.learning_rate, settings.warmup_ratio, settings.lr_end)
-    net, train_step = build(settings)
+    net, train_step = build(settings, layout)
+    if layout.pipeline_stage > 1 and process == 0:
+        print(f"pipeline_stage={layout.pipeline_stage}: each process runs the layers of every stage in sequence "
+              "(CPU has no send/receive between processes); checkpoints are written per stage's rank", flush=True)
     # hashes the training data and initial weights: once per run, not at every save
     digest = settings.result_digest()
-    first, history = start_state(settings, train_step, rank, per_epoch, digest)
+    first, history = start_state(settings, train_step, layout, per_epoch, digest)
     # step times are this process's only: they never enter a checkpoint, whose bytes must not depend on timing
     losses, norms, times = history.get("loss", []), history.get("grad_norm", []), []
-    rows = data.rank_rows_by_epoch(num_rows, settings.global_batch_size, settings.seed, first, total, rank,
-                              settings.batch_size)
-    if rank == 0 and progress is None:
+    rows = data.rank_rows_by_epoch(num_rows, settings.global_batch_size, settings.seed, first, total,
+                                   layout.dp_index, settings.rows_per_step)
+    if process == 0 and progress is None:
         progress = Progress(total, first)
     if progress and first:
         progress.line(f"resuming from step {first}/{total} ({settings.output_dir}/checkpoint)")
     tokens_per_step = settings.global_batch_size * settings.seq_length
     step = first
-    for input_ids, target_ids in data.batches(settings.train_data, rows, settings.batch_size):
+    for input_ids, target_ids in data.batches(settings.train_data, rows, settings.rows_per_step):
         t0 = time.monotonic()
         loss, norm = train_step(ms.Tensor(input_ids), ms.Tensor(target_ids), ms.Tensor(np.float32(lrs[step])))
         loss, norm = float(loss.asnumpy()), float(norm.asnumpy())
@@ -113,17 +146,19 @@ def finetune(settings: TrainSettings, rank: int = 0, world_size: int = 1, progre
         if progress:
             progress.step(step, loss, lrs[step - 1], tokens_per_step, times[-1])
         if step % settings.save_steps == 0 or step == total:
-            checkpoint.save(train_step, settings.output_dir, rank, step, per_epoch, settings.checkpoint_prefix,
-                            digest, settings.keep_checkpoint_max,
-                            {"history": {"loss": losses, "grad_norm": norms}}, settings.model.to_hf_dict())
+            for stage, stage_rank in enumerate(layout.ranks):
+                checkpoint.save(train_step, settings.output_dir, stage_rank, step, per_epoch,
+                                settings.checkpoint_prefix, digest, settings.keep_checkpoint_max,
+                                {"history": {"loss": losses, "grad_norm": norms}}, settings.model.to_hf_dict(),
+                                layout.stage_filter(stage))
     if progress:
         progress.close()
     metrics = _metrics(settings, losses, lrs, norms, times, first, total, time.monotonic() - began, per_epoch)
-    if rank == 0:
+    if process == 0:
         write_metrics(Path(settings.output_dir) / METRICS, metrics, merge=False)
         plot_loss(Path(settings.output_dir) / LOSS_PLOT, losses, lrs[:len(losses)])
         print(f"trained {total} steps in {metrics['wall_s']:.1f} s: loss {losses[0]:.4f} -> {losses[-1]:.4f}, "
-              f"{metrics['tokens_per_s']:.0f} tokens/s over {world_size} worker(s); "
+              f"{metrics['tokens_per_s']:.0f} tokens/s over {processes} worker(s); "
               f"checkpoint {metrics['checkpoint']}", flush=True)
     return metrics
 

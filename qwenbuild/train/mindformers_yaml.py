@@ -135,7 +135,10 @@ def check_target(run: RunYaml, target: str) -> None:
 
 
 def default_target(settings: TrainSettings) -> str:
-    return "ascend" if settings.device_target == "Ascend" else "cpu"
+    """The settings' device; a model- or pipeline-parallel plan trained on CPU by qwenbuild's own loop gets the
+    YAML its cluster would run (MindFormers compiles those plans only on Ascend)."""
+    parallel = settings.model_parallel > 1 or settings.pipeline_stage > 1
+    return "ascend" if settings.device_target == "Ascend" or parallel else "cpu"
 
 
 def mindformers_config(run: RunYaml, target: str | None = None) -> dict:

@@ -143,7 +143,7 @@ def run_node_script(script: str | Path, log_dir: str | Path, worker_count: int,
 
 def run_msrun(worker_count: int, run_json: str | Path, log_dir: str | Path, master_port: int | None = None,
               python_bin_dir: str | Path | None = None) -> None:
-    """Train with `worker_count` data-parallel workers on this machine from a run.json (`qwenbuild finetune`)."""
+    """Train with `worker_count` workers on this machine from a run.json (`qwenbuild finetune`)."""
     env = worker_env(python_bin_dir)
     msrun = shutil.which("msrun", path=env["PATH"])
     if msrun is None:

@@ -41,10 +41,22 @@ class TrainSettings:
     model_parallel: int = 1
     pipeline_stage: int = 1
     device_target: str = "CPU"
+    strategy_dir: str | None = None  # per-rank strategy files: what each process holds under model/pipeline parallel
+    micro_batch_num: int = 1  # micro batches per step under pipeline parallel (MindFormers' global batch counts them)
+
+    @property
+    def rows_per_step(self) -> int:
+        """Rows one data-parallel rank trains on per step: its micro batches, run at once on CPU."""
+        return self.batch_size * (self.micro_batch_num if self.pipeline_stage > 1 else 1)
 
     @property
     def global_batch_size(self) -> int:
-        return self.batch_size * self.workers
+        return self.rows_per_step * self.workers
+
+    @property
+    def processes(self) -> int:
+        """Worker processes of the run: data_parallel x model_parallel (a CPU process runs every pipeline stage)."""
+        return self.workers * self.model_parallel
 
     def result_digest(self) -> str:
         """Digest of everything that changes the trained parameters (not paths to outputs or save cadence)."""
@@ -54,6 +66,7 @@ class TrainSettings:
         # inputs by content, not by path: the same run built in another directory has the same digest
         values["train_data"] = _content(values["train_data"])
         values["init_checkpoint"] = _content(values["init_checkpoint"])
+        values["strategy_dir"] = _content(values["strategy_dir"])
         return json_digest(values)
 
     def to_json(self) -> dict:
@@ -83,6 +96,7 @@ SCHEMA_KEYS = {
     "workers": "parallel.data_parallel",
     "model_parallel": "parallel.model_parallel",
     "pipeline_stage": "parallel.pipeline_stage",
+    "micro_batch_num": "parallel.micro_batch_num",
 }
 _NON_NEGATIVE = ("lr_end", "threads", "keep_checkpoint_max")
 DEVICE_TARGETS = ("CPU", "Ascend", "GPU")
@@ -106,17 +120,15 @@ def _check(values: dict, source: str) -> None:
 
 
 def check_parallel(settings: TrainSettings, source: str = "run.json") -> None:
-    """MindSpore compiles model/pipeline parallel only on Ascend/GPU; on CPU only data parallel runs."""
-    if settings.device_target == "CPU" and (settings.model_parallel > 1 or settings.pipeline_stage > 1):
+    """Model and pipeline parallel training takes its layout from the strategy files."""
+    if (settings.model_parallel > 1 or settings.pipeline_stage > 1) and not settings.strategy_dir:
         raise UserError(
-            f"{source}: model_parallel={settings.model_parallel}, pipeline_stage={settings.pipeline_stage} cannot "
-            "train on CPU: MindSpore runs semi-auto/auto parallel only on Ascend or GPU, CPU workers train "
-            "data-parallel only",
-            hint="set model_parallel = 1 and pipeline_stage = 1 for CPU, or run the generated MindFormers YAML "
-                 "on an Ascend cluster")
+            f"{source}: model_parallel={settings.model_parallel}, pipeline_stage={settings.pipeline_stage} need "
+            "strategy_dir: the per-rank strategy files say which slice of each parameter a process holds",
+            hint="build them with `doit strategy` (or `qwenbuild strategy`) and set strategy_dir")
 
 
-_PATH_KEYS = ("train_data", "output_dir", "init_checkpoint")
+_PATH_KEYS = ("train_data", "output_dir", "init_checkpoint", "strategy_dir")
 
 
 def settings_from_dict(values: dict, source: str = "run.json", base_dir: str | Path | None = None) -> TrainSettings:

@@ -6,15 +6,24 @@ import mindspore as ms
 import numpy as np
 from mindspore import Tensor, nn, ops
 
+from qwenbuild.model.tensor_parallel import VocabParallelCrossEntropy, group_of
+from qwenbuild.parallel.rank_layout import ProcessLayout, single_process
+
 IGNORE_INDEX = -100
 
 
 class CausalLMLoss(nn.Cell):
-    """Mean cross entropy of input[:, :-1] predicting target[:, 1:], over positions whose target is not -100."""
+    """Cross entropy of input[:, :-1] predicting target[:, 1:], summed over positions whose target is not -100 and
+    divided by the count of such positions in the global batch (every data-parallel process's rows, `dp_group`),
+    so that the data-parallel sum of the processes' losses is the loss of the whole batch on one device."""
 
-    def __init__(self, network: nn.Cell):
+    def __init__(self, network: nn.Cell, dp_group: str | None = None):
         super().__init__(auto_prefix=False)
         self.network = network
+        self.vocab_parallel = getattr(network, "vocab_parallel", False)
+        if self.vocab_parallel:
+            self.cross_entropy = VocabParallelCrossEntropy(network.parallel, network.cfg.vocab_size)
+        self.count_all = ops.AllReduce(group=dp_group) if dp_group else None
 
     def construct(self, input_ids, target_ids):
         tokens = input_ids[:, :-1]
@@ -22,47 +31,63 @@ class CausalLMLoss(nn.Cell):
         logits = ops.cast(self.network(tokens), ms.float32)
         mask = ops.cast(labels != IGNORE_INDEX, ms.float32)
         safe_labels = ops.maximum(labels, 0)
-        log_probs = ops.log_softmax(logits, axis=-1)
-        picked = ops.gather_elements(log_probs, -1, ops.expand_dims(safe_labels, -1)).squeeze(-1)
-        return -(picked * mask).sum() / ops.maximum(mask.sum(), 1.0)
-
-
-def _global_norm(grads):
-    return ops.sqrt(ops.addn([ops.square(g).sum() for g in grads]))
+        if self.vocab_parallel:
+            b, s, v = logits.shape
+            token_loss = ops.reshape(self.cross_entropy(ops.reshape(logits, (-1, v)), ops.reshape(safe_labels, (-1,))),
+                                     (b, s))
+        else:
+            log_probs = ops.log_softmax(logits, axis=-1)
+            token_loss = -ops.gather_elements(log_probs, -1, ops.expand_dims(safe_labels, -1)).squeeze(-1)
+        count = mask.sum()
+        if self.count_all is not None:
+            count = ops.stop_gradient(self.count_all(count))
+        return (token_loss * mask).sum() / ops.maximum(count, 1.0)
 
 
 class TrainStep(nn.Cell):
-    """Forward, backward, mean gradients over data-parallel ranks, clip by global norm, update; returns (loss, norm)."""
+    """Forward, backward, gradients summed over data-parallel processes, clip by global norm (slices of split
+    parameters counted once over the model-parallel group), update; returns (loss, norm)."""
 
-    def __init__(self, network: nn.Cell, optimizer: nn.Cell, grad_clip: float, world_size: int):
+    def __init__(self, network: nn.Cell, optimizer: nn.Cell, grad_clip: float, layout: ProcessLayout | None = None):
         super().__init__(auto_prefix=False)
-        self.loss = CausalLMLoss(network)
+        layout = layout or single_process()
+        self.distributed = layout.data_parallel > 1
+        self.loss = CausalLMLoss(network, group_of(layout, layout.dp_group) if self.distributed else None)
         self.optimizer = optimizer
         self.weights = optimizer.params
         self.grad_fn = ops.value_and_grad(self.loss, None, self.weights)
         self.clip = grad_clip > 0
         self.grad_clip = Tensor(grad_clip, ms.float32)
-        self.distributed = world_size > 1
         if self.distributed:
-            self.all_reduce = ops.AllReduce()
-            self.inv_world = Tensor(1.0 / world_size, ms.float32)
+            self.all_reduce = ops.AllReduce(group=group_of(layout, layout.dp_group))
             self.shapes = tuple(w.shape for w in self.weights)
             self.sizes = tuple(int(np.prod(w.shape)) for w in self.weights)
+        split = tuple(layout.model_parallel > 1 and layout.split(w.name) is not None for w in self.weights)
+        self.split_grads = tuple(i for i, s in enumerate(split) if s)
+        self.whole_grads = tuple(i for i, s in enumerate(split) if not s)
+        if self.split_grads:
+            self.sum_slices = ops.AllReduce(group=group_of(layout, layout.mp_group))
 
     def construct(self, input_ids, target_ids, lr):
         loss, grads = self.grad_fn(input_ids, target_ids)
         if self.distributed:
-            loss, grads = self.mean_over_ranks(loss, grads)
-        norm = _global_norm(grads)
+            loss, grads = self.sum_over_processes(loss, grads)
+        norm = self.global_norm(grads)
         if self.clip:
             scale = ops.minimum(self.grad_clip / (norm + 1e-6), 1.0)
             grads = tuple(g * scale for g in grads)
         loss = ops.depend(loss, self.optimizer(grads, lr))
         return loss, norm
 
-    def mean_over_ranks(self, loss, grads):
+    def global_norm(self, grads):
+        squares = ops.addn([ops.square(grads[i]).sum() for i in self.whole_grads])
+        if self.split_grads:
+            squares = squares + self.sum_slices(ops.addn([ops.square(grads[i]).sum() for i in self.split_grads]))
+        return ops.sqrt(squares)
+
+    def sum_over_processes(self, loss, grads):
         # one all-reduce of a flat vector: per-tensor all-reduces cost a loopback round trip each on CPU
         flat = ops.concat([ops.reshape(loss, (1,))] + [ops.reshape(g, (-1,)) for g in grads])
-        flat = self.all_reduce(flat) * self.inv_world
+        flat = self.all_reduce(flat)
         parts = ops.split(flat[1:], self.sizes)
         return flat[0], tuple(ops.reshape(p, shape) for p, shape in zip(parts, self.shapes))

@@ -1,6 +1,7 @@
 """One training worker: `python -m qwenbuild.train.worker --config run.json`, alone or as an msrun worker.
 
-Under msrun (MS_ROLE set) it joins the data-parallel group first; gradients are averaged across workers.
+Under msrun (MS_ROLE set) it joins the world group first; the data- and model-parallel groups follow from the
+strategy files (train.finetune).
 """
 
 from __future__ import annotations
@@ -51,8 +52,8 @@ def exit_code(run: Callable[[], None]) -> int:
 
 def _train(config: str) -> None:
     settings = read_run_json(config)
-    rank, world = init_data_parallel(settings.device_target)
-    finetune(settings, rank, world)
+    process, processes = init_data_parallel(settings.device_target)
+    finetune(settings, process, processes)
 
 
 def main(argv: list[str] | None = None) -> int:
