@@ -83,6 +83,16 @@ class BuildDir:
         return self.merged / "rank_0" / "checkpoint_0.ckpt"
 
     @property
+    def export_shards(self) -> Path:
+        """The weights cut for the export topology: strategy/ (dp 1 x export.model_parallel) and shards/rank_N/."""
+        return self.output / "export_checkpoint"
+
+    @property
+    def export_rank_table(self) -> Path:
+        """The export topology's RANK_TABLE_FILE (Ascend): the first export.model_parallel devices of node 0."""
+        return self.root / "export_rank_table.json"
+
+    @property
     def msrun_log(self) -> Path:
         return self.output / "msrun_log"
 

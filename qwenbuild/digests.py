@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from pathlib import Path
 
 from qwenbuild.errors import UserError
@@ -64,11 +65,29 @@ def _drop_volatile(graph) -> None:
     graph.attribute.extend(keep)
 
 
+# the source variable names MindSpore appends to a node's name ("CNode_443$x$gate:149"): when a node carries
+# several, their order follows a hash set's and changes between processes; they are debug text, not the graph
+_DEBUG_NAMES = re.compile(r"\$[^:$]*(?:\$[^:$]*)*(?=:)")
+
+
+def _drop_debug_names(graph) -> None:
+    strip = lambda text: _DEBUG_NAMES.sub("", text)  # noqa: E731
+    for node in graph.node:
+        node.name = strip(node.name)
+        inputs, outputs = [strip(i) for i in node.input], [strip(o) for o in node.output]
+        del node.input[:], node.output[:]
+        node.input.extend(inputs)
+        node.output.extend(outputs)
+    for out in graph.output:
+        out.name = strip(out.name)
+
+
 def normalise(model):
-    """Remove compile_phase and put the primitive table in a canonical order (in place; returns the model)."""
-    _drop_volatile(model.graph)
-    for function in model.functions:
-        _drop_volatile(function)
+    """Remove compile_phase and debug variable names and put the primitive table in a canonical order (in place;
+    returns the model)."""
+    for graph in [model.graph, *model.functions]:
+        _drop_volatile(graph)
+        _drop_debug_names(graph)
     primitives = sorted(model.primitives, key=lambda p: p.SerializeToString(deterministic=True))
     del model.primitives[:]
     model.primitives.extend(primitives)

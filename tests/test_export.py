@@ -54,10 +54,16 @@ def test_sidecar_describes_the_graph_it_sits_next_to(model, kind):
     proto = load_model_proto(graph_file(out, kind, 0))
     graph_inputs = [(i.name.rsplit(":", 1)[-1], list(i.tensor[0].dims)) for i in proto.graph.input]
     assert graph_inputs == [(t["name"], t["shape"]) for t in doc["inputs"]]
-    cache = [cfg.num_layers, 2, cfg.n_kv_heads, SEQ, cfg.head_dim]
-    assert [t["shape"] for t in doc["outputs"]] == [[2, 96], cache, cache]
-    expected_inputs = [[2, SEQ], [2]] if kind == FULL else [[2, 1], [2], cache, cache]
-    assert [t["shape"] for t in doc["inputs"]] == expected_inputs
+    assert [t["shape"] for t in doc["outputs"]] == [[2, 96]]
+    # MindFormers r1.0's signature: the KV cache is graph state, addressed by batch_index and zactivate_len
+    assert [(t["name"], t["dtype"], t["shape"]) for t in doc["inputs"]] == [
+        ("input_ids", "int32", [2, SEQ] if kind == FULL else [2, 1]), ("batch_valid_length", "int32", [2]),
+        ("batch_index", "int64", [2]), ("zactivate_len", "int64", [SEQ])]
+    state = {p.name.rsplit(":", 1)[-1]: list(p.dims) for p in proto.graph.parameter if "kvcache_mgr" in p.name}
+    assert doc["kv_cache"]["parameters"] == sorted(state, key=doc["kv_cache"]["parameters"].index)
+    assert set(doc["kv_cache"]["parameters"]) == set(state) and len(state) == 2 * cfg.num_layers
+    assert all(shape == [2, cfg.n_kv_heads, SEQ, cfg.head_dim] == doc["kv_cache"]["shape"]
+               for shape in state.values())
     assert (doc["batch_size"], doc["seq_length"], doc["vocab_size"], doc["rank"]) == (2, SEQ, 96, 0)
     assert doc["mindir_digest"] == mindir_digest(graph_file(out, kind, 0)) == model["summary"][kind]["digest"]
     assert doc["eos_token_ids"] == [] and doc["pad_token_id"] is None  # vocab 96 holds no Qwen special ids
@@ -128,9 +134,10 @@ def test_external_weights_layout_same_logits_and_digest_covers_them(model, tmp_p
         assert (variables_dir(out, kind, 1) / "data_0").is_file()
         assert json.loads(sidecar_file(out, kind, 1).read_text())["variables"] == "rank_1_variables"
     ids = ms.Tensor(np.arange(2 * SEQ, dtype=np.int32).reshape(2, SEQ) % 96)
-    valid = ms.Tensor(np.array([5, SEQ], np.int32))
-    split = nn.GraphCell(ms.load(str(graph_file(out, FULL, 1))))(ids, valid)[0].asnumpy()
-    whole = nn.GraphCell(ms.load(str(graph_file(model["out"], FULL, 0))))(ids, valid)[0].asnumpy()
+    args = (ids, ms.Tensor(np.array([5, SEQ], np.int32)), ms.Tensor(np.arange(2, dtype=np.int64)),
+            ms.Tensor(np.zeros((SEQ,), np.int64)))
+    split = nn.GraphCell(ms.load(str(graph_file(out, FULL, 1))))(*args).asnumpy()
+    whole = nn.GraphCell(ms.load(str(graph_file(model["out"], FULL, 0))))(*args).asnumpy()
     np.testing.assert_array_equal(split, whole)
     digest = mindir_digest(graph_file(out, FULL, 1))
     data = variables_dir(out, FULL, 1) / "data_0"
@@ -169,7 +176,7 @@ def test_bad_inputs_are_user_errors_and_write_nothing(model, tmp_path):
         export_mindir(cfg, model["ckpt"], out, seq_length=1, progress=None)
     with pytest.raises(UserError, match="batch_size must lie in 1..4096"):
         export_mindir(cfg, model["ckpt"], out, batch_size=0, seq_length=SEQ, progress=None)
-    with pytest.raises(UserError, match=r"(?s)wrong shape.*tensor-parallel \(mp>1\) plan"):
+    with pytest.raises(UserError, match=r"(?s)wrong shape.*a shard of a tensor-parallel plan"):
         export_mindir(cfg, _shard(model, tmp_path / "shard.ckpt"), out, seq_length=SEQ, progress=None)
     leftovers = [p for p in out.rglob("*") if p.is_file() or p.name.startswith(".")] if out.exists() else []
     assert leftovers == []

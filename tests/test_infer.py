@@ -104,7 +104,8 @@ def test_prefill_logits_match_eager_within_1e_5(eager, runner):
     prompt = PROMPTS[2]
     ids = np.zeros((1, SEQ), np.int32)
     ids[0, :len(prompt)] = prompt
-    graph_logits = backend.prefill(ids, np.array([len(prompt)], np.int32))
+    graph_logits = backend.prefill(ids, np.array([len(prompt)], np.int32), np.zeros((1,), np.int64),
+                                   np.zeros((SEQ,), np.int64))
     eager_logits = eager(Tensor(np.array([prompt], np.int32))).asnumpy()[:, -1]
     assert graph_logits.shape == (1, 320)
     np.testing.assert_allclose(graph_logits, eager_logits, atol=1e-5, rtol=0)

@@ -5,7 +5,9 @@ the backend was NOT run against the real package. Instead a stand-in module enfo
 (Context, ModelGroup(flags), ModelGroupFlag, ModelType, Model.build_from_file(model_path, model_type,
 context=None, config_path='', config_dict=None), get_inputs(), predict(inputs), Tensor.set_data_from_numpy,
 get_data_to_numpy), checks every array against the input shapes and dtypes read from the MINDIR itself, and
-computes with MindSpore's GraphCell, so the lite path must produce the graphcell path's tokens.
+computes with MindSpore's GraphCell, so the lite path must produce the graphcell path's tokens. The KV cache is
+state inside the graphs, which a SHARE_WEIGHT ModelGroup shares between its models: the stand-in's group hands
+the cache a model's call left to the group's other models.
 """
 
 from __future__ import annotations
@@ -22,8 +24,8 @@ from qwenbuild.export.graph_files import FULL, INC
 from qwenbuild.infer.backends import GraphCellBackend, LiteBackend, open_backend
 from qwenbuild.infer.runtime import generate_ids, open_export
 
-# mind_ir TensorProto.DataType codes: 6 INT32, 1 FLOAT
-MINDIR_DTYPES = {6: np.int32, 1: np.float32}
+# mind_ir TensorProto.DataType codes: 6 INT32, 7 INT64, 1 FLOAT
+MINDIR_DTYPES = {6: np.int32, 7: np.int64, 1: np.float32}
 
 
 class ModelGroupFlag(enum.Enum):
@@ -81,8 +83,17 @@ def _fake_lite(calls: list):
         def predict(self, inputs, outputs=None):
             import mindspore as ms
 
+            from qwenbuild.model.params import is_cache_name
+
             assert all(t.data is not None for t in inputs)
             results = self.cell(*[ms.Tensor(t.data) for t in inputs])
+            results = results if isinstance(results, (tuple, list)) else [results]
+            mine = self.cell.parameters_dict()
+            for other in self.group:
+                if other is not self:
+                    for name, param in other.cell.parameters_dict().items():
+                        if is_cache_name(name):
+                            param.set_data(mine[name])
             out = []
             for r in results:
                 t = Tensor(r.shape, r.asnumpy().dtype)
@@ -99,6 +110,8 @@ def _fake_lite(calls: list):
             assert isinstance(models, (list, tuple)) and all(isinstance(m, Model) for m in models)
             assert not any(hasattr(m, "cell") for m in models), "models join the group before they are built"
             calls.append(("add_model", len(models)))
+            for m in models:
+                m.group = list(models)
 
     return types.SimpleNamespace(Context=Context, Model=Model, ModelGroup=ModelGroup,
                                  ModelGroupFlag=ModelGroupFlag, ModelType=ModelType, Tensor=Tensor)

@@ -47,16 +47,13 @@ def sharded(tmp_path_factory):
 
 
 def test_sharded_forward_across_processes_equals_transformers(sharded):
-    from qwenbuild.train.msrun import free_port, no_tail, run_workers, worker_env
-    from qwenbuild.parallel.launch_scripts import msrun_command
-    import shutil
+    from qwenbuild.parallel.launch_scripts import local_msrun
+    from qwenbuild.train.msrun import run_workers, worker_env
 
     root, expected = sharded
-    env = worker_env(Path(sys.executable).parent)
-    argv = msrun_command(8, 8, "127.0.0.1", free_port(), 0, root / "logs", [str(TESTS / "tp_forward.py"),
-                                                                             str(root / "cases.json")],
-                         tail_worker_log=no_tail(8))
-    run_workers([shutil.which("msrun", path=env["PATH"]), *argv[1:]], root / "logs", 8, env)
+    bin_dir = Path(sys.executable).parent
+    argv = local_msrun(8, root / "logs", [str(TESTS / "tp_forward.py"), str(root / "cases.json")], bin_dir)
+    run_workers(argv, root / "logs", 8, worker_env(bin_dir))
     for name, *_ in CASES:
         got = np.load(root / name / "logits.npy")
         assert got.shape == expected.shape

@@ -21,7 +21,7 @@ import sys
 from qwenbuild.build_dir import BuildDir
 from qwenbuild.errors import UserError
 from qwenbuild.flags import str2bool
-from qwenbuild.infer.runtime import generate, print_progress
+from qwenbuild.infer.runtime import generate, generate_on_ranks, print_progress
 from qwenbuild.manifest import load_manifest
 from qwenbuild.tokenizer.load import load_tokenizer_files
 
@@ -84,12 +84,15 @@ def main(args):
     if args.config or args.mindir_root_dir is None or (args.tokenizer_dir is None and not files):
         _from_manifest(args)
     tokenizer = load_tokenizer_files(args.vocab_file, args.merge_file) if files else args.tokenizer_dir
-    result = generate(args.mindir_root_dir, tokenizer, args.predict_data, max_new_tokens=args.max_new_tokens,
-                      max_length=args.predict_length, do_sample=args.do_sample, top_k=args.top_k,
-                      top_p=args.top_p, temperature=args.temperature, repetition_penalty=args.repetition_penalty,
-                      seed=args.seed, raw=args.raw, backend=args.backend, ge_config_path=args.ge_config_path,
-                      batch_size=args.batch_size, seq_length=args.seq_length, rank=args.rank,
-                      device_id=args.device_id, progress=None if args.json else print_progress)
+    # an export of several tensor-parallel ranks runs them all under msrun here, unless this is one of them
+    on_ranks = not files and args.backend != "lite" and not os.environ.get("MS_ROLE")
+    run = generate_on_ranks if on_ranks else generate
+    result = run(args.mindir_root_dir, tokenizer, args.predict_data, max_new_tokens=args.max_new_tokens,
+                 max_length=args.predict_length, do_sample=args.do_sample, top_k=args.top_k,
+                 top_p=args.top_p, temperature=args.temperature, repetition_penalty=args.repetition_penalty,
+                 seed=args.seed, raw=args.raw, backend=args.backend, ge_config_path=args.ge_config_path,
+                 batch_size=args.batch_size, seq_length=args.seq_length, rank=args.rank,
+                 device_id=args.device_id, progress=None if args.json else print_progress)
     if args.json:
         doc = result.to_json()
         doc.update(prompt_ids=doc["prompt_ids"][0], generated_ids=doc["generated_ids"][0], text=doc["text"][0])

@@ -18,6 +18,8 @@ from qwenbuild.errors import UserError
 from qwenbuild.export.graph_files import FULL, KINDS, GraphDirs
 from qwenbuild.export.sidecar import dump, sidecar
 from qwenbuild.model.config import QwenConfig
+from qwenbuild.export import worker
+from qwenbuild.parallel.launch_scripts import local_msrun
 from qwenbuild.processes import run_child
 from qwenbuild.store import atomic_path, promote, remove
 from qwenbuild.tokenizer import load_tokenizer, pad_id, stop_ids
@@ -30,8 +32,18 @@ def _stderr(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def _check_args(cfg: QwenConfig, ckpt_path: Path, rank: int, batch_size: int, seq_length: int) -> None:
-    if not ckpt_path.is_file():
+def _check_args(cfg: QwenConfig, ckpt_path: Path, rank: int, batch_size: int, seq_length: int,
+                model_parallel: int, strategy_dir) -> None:
+    if model_parallel > 1:
+        if strategy_dir is None or not Path(strategy_dir).is_dir():
+            raise UserError(f"a model_parallel={model_parallel} export needs the export layout's strategy files, "
+                            f"not {strategy_dir}", hint="write them with `qwenbuild strategy` (dp 1, mp "
+                                                         f"{model_parallel}, pp 1)")
+        if not ckpt_path.is_dir():
+            raise UserError(f"a model_parallel={model_parallel} export takes a directory of shards "
+                            f"(rank_N/<name>.ckpt), not {ckpt_path}",
+                            hint="slice the checkpoint with `qwenbuild transform_ckpt` to the export strategy")
+    elif not ckpt_path.is_file():
         raise UserError(f"checkpoint {ckpt_path} does not exist",
                         hint="convert one with `qwenbuild convert_weight` or point at a rank's shard")
     if not isinstance(rank, int) or rank < 0:
@@ -43,20 +55,35 @@ def _check_args(cfg: QwenConfig, ckpt_path: Path, rank: int, batch_size: int, se
                         f"(max_position_embeddings of the model)")
 
 
+def _worker_argv(spec: dict, work: Path) -> list[str]:
+    """One fresh interpreter; a tensor-parallel export one per rank under msrun."""
+    script = str(Path(worker.__file__).resolve())
+    if spec["model_parallel"] == 1:
+        return [sys.executable, script, str(work / "spec.json")]
+    return local_msrun(spec["model_parallel"], work / "logs", [script, str(work / "spec.json")],
+                       Path(sys.executable).parent)
+
+
 def _run_worker(spec: dict) -> dict:
-    """Run qwenbuild.export.worker in a fresh interpreter (its working directory a temporary one)."""
+    """Run qwenbuild.export.worker (its working directory a temporary one); {rank: result}."""
     with tempfile.TemporaryDirectory(prefix="qwenbuild-export-") as work:
         work = Path(work)
-        spec = dict(spec, result_file=str(work / "result.json"), error_file=str(work / "error.txt"))
+        for rank, mine in spec["ranks"].items():
+            mine.update(result_file=str(work / f"result_{rank}.json"), error_file=str(work / f"error_{rank}.txt"))
         (work / "spec.json").write_text(json.dumps(spec))
-        proc = run_child([sys.executable, "-m", "qwenbuild.export.worker", str(work / "spec.json")],
-                         cwd=work, stdin=subprocess.DEVNULL)
-        if proc.returncode == 2 and (work / "error.txt").exists():
-            raise UserError((work / "error.txt").read_text())
-        if proc.returncode != 0 or not (work / "result.json").exists():
-            raise UserError(f"MindSpore failed to export rank {spec['rank']} (exit code {proc.returncode}); "
-                            f"nothing was changed under {spec['out_root']}", hint="see the MindSpore messages above")
-        return json.loads((work / "result.json").read_text())
+        env = dict(os.environ, PATH=str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", ""))
+        proc = run_child(_worker_argv(spec, work), cwd=work, stdin=subprocess.DEVNULL, env=env)
+        for rank in spec["ranks"]:
+            if (work / f"error_{rank}.txt").exists():
+                raise UserError((work / f"error_{rank}.txt").read_text())
+        missing = [r for r in spec["ranks"] if not (work / f"result_{r}.json").exists()]
+        if proc.returncode != 0 or missing:
+            logs = sorted((work / "logs").glob("worker_*.log")) if (work / "logs").is_dir() else []
+            tail = "\n".join(logs[0].read_text(errors="replace").splitlines()[-15:]) if logs else ""
+            raise UserError(f"MindSpore failed to export rank {missing[0] if missing else 0} (exit code "
+                            f"{proc.returncode}); nothing was changed under {spec['out_root']}"
+                            + (f"\n{tail}" if tail else ""), hint="see the MindSpore messages above")
+        return {int(r): json.loads((work / f"result_{r}.json").read_text()) for r in spec["ranks"]}
 
 
 def _promote_rank(dirs: GraphDirs, rank: int, scratch: dict[str, Path], docs: dict[str, dict]) -> None:
@@ -89,58 +116,82 @@ def _missing_dirs(paths) -> list[Path]:
 
 def export_mindir(cfg: QwenConfig, ckpt_path, out_root: str | Path | GraphDirs, rank: int = 0, batch_size: int = 1,
                   seq_length: int = 2048, *, tokenizer_dir=None, external_weights: bool = False,
-                  progress=_stderr) -> dict:
+                  model_parallel: int = 1, strategy_dir=None, progress=_stderr) -> dict:
     """Write out_root/mindir_{full,inc}_checkpoint/rank_N_graph.{mindir,json} (+ rank_N_variables/).
 
     out_root: the export root, or GraphDirs naming the full and inc directories themselves.
-    ckpt_path: a complete MindSpore checkpoint, or the shard of `rank` when it holds whole tensors (mp=1).
-    An mp>1 shard holds tensor slices; MindSpore compiles sliced graphs only under semi_auto_parallel on
-    Ascend/GPU, so on CPU such a shard is refused and the complete checkpoint exports the whole model per rank.
+    ckpt_path: a complete MindSpore checkpoint (model_parallel 1: the graphs of `rank` hold the whole model), or
+    with model_parallel > 1 a directory of shards rank_N/<name>.ckpt cut by the strategy files in strategy_dir
+    (dp 1, mp model_parallel, pp 1): one process per rank under msrun writes that rank's tensor-parallel graphs.
     tokenizer_dir: where the sidecar's eos/pad ids come from; without it the Qwen1.5 ids are recorded when the
     vocabulary holds them.
     external_weights: write weights to rank_N_variables/ even below MindSpore's 1 GiB threshold (as the
-    original's large models are written). Returns {"full"|"inc": {"mindir", "sidecar", "variables", "digest"}}.
+    original's large models are written). Returns {"full"|"inc": {"mindir", "sidecar", "variables", "digest"}}
+    of `rank` (model_parallel 1) or of rank 0, with "ranks": the summaries of every rank.
     """
     ckpt_path = Path(ckpt_path)
     dirs = out_root if isinstance(out_root, GraphDirs) else GraphDirs.under(out_root)
-    _check_args(cfg, ckpt_path, rank, batch_size, seq_length)
+    _check_args(cfg, ckpt_path, rank, batch_size, seq_length, model_parallel, strategy_dir)
     for directory in (dirs.full.parent, dirs.full, dirs.inc):
         if directory.exists() and not directory.is_dir():
             raise UserError(f"{directory} is a file, but the graphs go into a directory there",
                             hint="remove it or choose another --output_dir")
     eos_token_ids, pad_token_id = _special_ids(cfg, tokenizer_dir)
     t0 = time.perf_counter()
-    tag = f".rank_{rank}.export-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    scratch = {kind: dirs.dir(kind) / tag for kind in KINDS}
+    ranks = list(range(model_parallel)) if model_parallel > 1 else [rank]
+    tag = f".export-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    scratch = {r: {kind: dirs.dir(kind) / f".rank_{r}{tag}" for kind in KINDS} for r in ranks}
     made_here = _missing_dirs(dirs.dir(kind) for kind in KINDS)
     try:
-        for path in scratch.values():
-            path.mkdir(parents=True)
-        spec = {"cfg": dataclasses.asdict(cfg), "ckpt_path": str(ckpt_path.resolve()), "rank": rank,
+        for paths in scratch.values():
+            for path in paths.values():
+                path.mkdir(parents=True)
+        spec = {"cfg": dataclasses.asdict(cfg), "rank": rank, "model_parallel": model_parallel,
+                "strategy_dir": str(Path(strategy_dir).resolve()) if strategy_dir else None,
                 "out_root": str(dirs.full.parent), "batch_size": batch_size, "seq_length": seq_length,
-                "graph_name": dirs.graph_file(FULL, rank).name,
-                "scratch": {k: str(p.resolve()) for k, p in scratch.items()},
-                "external_weights": bool(external_weights), "verbose": progress is not None}
-        version = _run_worker(spec)["mindspore_version"]
-        docs = {kind: sidecar(kind, cfg, rank=rank, batch_size=batch_size, seq_length=seq_length,
-                              eos_token_ids=eos_token_ids, pad_token_id=pad_token_id,
-                              source_checkpoint=ckpt_path.name, mindspore_version=version,
-                              **_graph_facts(scratch[kind], dirs, kind, rank))
-                for kind in KINDS}
-        summary = {kind: _summary(scratch[kind], dirs, kind, rank, docs[kind]) for kind in KINDS}
-        _promote_rank(dirs, rank, scratch, docs)
+                "external_weights": bool(external_weights), "verbose": progress is not None,
+                "ranks": {str(r): {"ckpt_path": str(_rank_checkpoint(ckpt_path, r, model_parallel).resolve()),
+                                   "graph_name": dirs.graph_file(FULL, r).name,
+                                   "scratch": {k: str(p.resolve()) for k, p in scratch[r].items()}}
+                          for r in ranks}}
+        results = _run_worker(spec)
+        docs, summaries = {}, {}
+        for r in ranks:
+            docs[r] = {kind: sidecar(kind, cfg, rank=r, batch_size=batch_size, seq_length=seq_length,
+                                     model_parallel=model_parallel, eos_token_ids=eos_token_ids,
+                                     pad_token_id=pad_token_id, source_checkpoint=ckpt_path.name,
+                                     mindspore_version=results[r]["mindspore_version"],
+                                     **_graph_facts(scratch[r][kind], dirs, kind, r))
+                       for kind in KINDS}
+            summaries[r] = {kind: _summary(scratch[r][kind], dirs, kind, r, docs[r][kind]) for kind in KINDS}
+        for r in ranks:
+            _promote_rank(dirs, r, scratch[r], docs[r])
     finally:
-        for path in scratch.values():
-            remove(path)
+        for paths in scratch.values():
+            for path in paths.values():
+                remove(path)
         for directory in made_here:  # a failed first export leaves no empty graph directories behind
             with contextlib.suppress(OSError):
                 directory.rmdir()
+    summary = dict(summaries[ranks[0]], ranks=summaries)
     if progress:
-        progress(f"export rank {rank}: full {summary['full']['bytes'] / 1e6:.1f} MB + inc "
-                 f"{summary['inc']['bytes'] / 1e6:.1f} MB, batch {batch_size} x seq {seq_length}, "
+        size = sum(s[k]["bytes"] for s in summaries.values() for k in KINDS)
+        which = f"rank {rank}" if model_parallel == 1 else f"{model_parallel} tensor-parallel ranks"
+        progress(f"export {which}: full + inc {size / 1e6:.1f} MB, batch {batch_size} x seq {seq_length}, "
                  f"{'external weights, ' if summary['full']['variables'] else ''}"
                  f"{time.perf_counter() - t0:.1f} s -> {dirs.full.parent}")
     return summary
+
+
+def _rank_checkpoint(ckpt_path: Path, rank: int, model_parallel: int) -> Path:
+    """The file rank `rank` loads: the checkpoint itself, or rank_N/<one>.ckpt of a directory of shards."""
+    if model_parallel == 1:
+        return ckpt_path
+    files = sorted((ckpt_path / f"rank_{rank}").glob("*.ckpt")) if (ckpt_path / f"rank_{rank}").is_dir() else []
+    if len(files) != 1:
+        raise UserError(f"{ckpt_path / f'rank_{rank}'} holds {len(files)} .ckpt files; a shard directory holds "
+                        "exactly one per rank", hint="slice the checkpoint with `qwenbuild transform_ckpt`")
+    return files[0]
 
 
 def _graph_facts(scratch: Path, dirs: GraphDirs, kind: str, rank: int) -> dict:

@@ -11,8 +11,9 @@ from qwenbuild.errors import UserError
 from qwenbuild.export.graph_files import FULL, GRAPH_DIRS, INC
 from qwenbuild.jsonfile import read_json
 from qwenbuild.model.config import QwenConfig
+from qwenbuild.model.params import CACHE_NAMES, cache_name
 
-FORMAT = "qwenbuild-mindir-graph/1"
+FORMAT = "qwenbuild-mindir-graph/2"
 
 
 def _tensor(name: str, dtype: str, shape: list, meaning: str) -> dict:
@@ -22,35 +23,43 @@ def _tensor(name: str, dtype: str, shape: list, meaning: str) -> dict:
 def graph_io(kind: str, cfg: QwenConfig, batch_size: int, seq_length: int) -> tuple[list, list]:
     """(inputs, outputs) of the prefill ("full") or decode ("inc") graph, in graph argument order."""
     b, s = batch_size, seq_length
-    cache = [cfg.num_layers, b, cfg.n_kv_heads, s, cfg.head_dim]
-    caches_in = [
-        _tensor("key_cache", "float32", cache, "keys of every layer (RoPE applied) from the previous graph call"),
-        _tensor("value_cache", "float32", cache, "values of every layer from the previous graph call"),
-    ]
-    caches_out = [
-        _tensor("key_cache", "float32", cache, "keys of every layer; slots at and after batch_valid_length "
-                                               "are padding and stay masked; feed to the next decode call"),
-        _tensor("value_cache", "float32", cache, "values of every layer, laid out like key_cache"),
-    ]
     logits = _tensor("logits", "float32", [b, cfg.vocab_size],
-                     "next-token logits of each row, taken at position batch_valid_length-1")
+                     "next-token logits of each row, taken at position batch_valid_length-1 (every rank returns "
+                     "the whole vocabulary)")
+    shared = [
+        _tensor("batch_index", "int64", [b], "the KV-cache row each batch row uses (0..batch_size-1)"),
+        _tensor("zactivate_len", "int64", [s], "its length is the window of cache slots attention reads; the "
+                                               "values are not read"),
+    ]
     if kind == FULL:
         inputs = [
             _tensor("input_ids", "int32", [b, s], "prompt token ids, right-padded with pad_token_id to seq_length"),
             _tensor("batch_valid_length", "int32", [b], "number of real prompt tokens in each row (1..seq_length)"),
         ]
-        return inputs, [logits] + caches_out
+        return inputs + shared, [logits]
     inputs = [
         _tensor("input_ids", "int32", [b, 1], "the token chosen last for each row"),
         _tensor("batch_valid_length", "int32", [b], "tokens in each row counting this one; its keys and values "
                                                      "are written at cache slot batch_valid_length-1"),
-    ] + caches_in
-    return inputs, [logits] + caches_out
+    ]
+    return inputs + shared, [logits]
+
+
+def kv_cache(cfg: QwenConfig, batch_size: int, seq_length: int, model_parallel: int = 1) -> dict:
+    """The graph state: one key and one value Parameter per layer, this rank's heads."""
+    shape = [batch_size, cfg.n_kv_heads // model_parallel, seq_length, cfg.head_dim]
+    return {"where": "graph state (Parameters updated in place by the graph); the prefill graph fills the rows of "
+                     "batch_index, each decode call writes one slot per row and reads the window of zactivate_len",
+            "parameters": [cache_name(i, w) for i in range(cfg.num_layers) for w in CACHE_NAMES],
+            "dtype": "float32", "shape": shape,
+            "sharing": "MindSpore Lite shares them between the full and inc models of one ModelGroup "
+                       "(SHARE_WEIGHT); the GraphCell backend copies the prefill's into the decode graph once per "
+                       "request"}
 
 
 def sidecar(kind: str, cfg: QwenConfig, *, rank: int, batch_size: int, seq_length: int, mindir: str,
             variables: str | None, digest: str, eos_token_ids, pad_token_id: int | None, source_checkpoint: str,
-            mindspore_version: str) -> dict:
+            mindspore_version: str, model_parallel: int = 1) -> dict:
     """eos_token_ids/pad_token_id: the tokenizer's (empty/None when unknown at export; the runtime always takes
     them from the tokenizer it is given)."""
     inputs, outputs = graph_io(kind, cfg, batch_size, seq_length)
@@ -59,6 +68,7 @@ def sidecar(kind: str, cfg: QwenConfig, *, rank: int, batch_size: int, seq_lengt
         "graph": kind,
         "role": "prefill: the whole prompt in one call" if kind == FULL else "decode: one new token per row",
         "rank": rank,
+        "model_parallel": model_parallel,
         "mindir": mindir,
         "variables": variables,
         "mindir_digest": digest,
@@ -71,8 +81,7 @@ def sidecar(kind: str, cfg: QwenConfig, *, rank: int, batch_size: int, seq_lengt
                   "rms_norm_eps": cfg.rms_norm_eps, "param_dtype": cfg.param_dtype},
         "inputs": inputs,
         "outputs": outputs,
-        "kv_cache": "passed as graph inputs and outputs: the caller keeps the prefill's caches and feeds each "
-                    "decode call the caches the previous call returned",
+        "kv_cache": kv_cache(cfg, batch_size, seq_length, model_parallel),
         "eos_token_ids": [int(e) for e in eos_token_ids],
         "pad_token_id": pad_token_id,
         "tokenizer": {

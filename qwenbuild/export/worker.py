@@ -1,8 +1,10 @@
 """Child process of export_mindir: compiles and writes the two graphs of one rank into a scratch directory.
 
 MINDIR node names carry a per-process compile counter, so exporting in a fresh process makes the same
-inputs give the same normalised digest whatever the calling process compiled before.
-Usage: python -m qwenbuild.export.worker SPEC.json  (written by export_mindir; result or error goes to SPEC's paths)
+inputs give the same normalised digest whatever the calling process compiled before. A tensor-parallel export runs
+one such process per rank under msrun: each builds its slice of the network from the export strategy files and
+its shard, and its graphs hold the all-reduces.
+Usage: python -m qwenbuild.export.worker SPEC.json  (written by export_mindir; results or errors go to SPEC's paths)
 """
 
 from __future__ import annotations
@@ -13,12 +15,17 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
+if __name__ == "__main__" and sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
+    # msrun runs this file as a script: its folder must not shadow top-level modules
+    sys.path.pop(0)
 
-from qwenbuild.errors import UserError
-from qwenbuild.model.config import QwenConfig
-from qwenbuild.model.params import num_parameters
-from qwenbuild.weights.mindspore_ckpt import load_weights
+
+from qwenbuild.errors import UserError  # noqa: E402
+from qwenbuild.model.config import QwenConfig  # noqa: E402
+from qwenbuild.model.params import num_parameters  # noqa: E402
+from qwenbuild.parallel.rank_layout import process_layout  # noqa: E402
+from qwenbuild.processes import follow_parent  # noqa: E402
+from qwenbuild.weights.mindspore_ckpt import load_with_crc  # noqa: E402
 
 VERBOSE = True
 
@@ -28,19 +35,20 @@ def _log(message: str) -> None:
         print(f"export: {message}", file=sys.stderr, flush=True)
 
 
-def _load(cfg, ckpt_path: str):
+def _network(cfg, ckpt_path: str, layout):
     # the network loads mindspore (seconds): imported only when this runs
-    from qwenbuild.model.network import QwenForCausalLM
+    from qwenbuild.model.network import QwenForCausalLM, set_weights
+    from qwenbuild.model.tensor_parallel import ModelParallel
 
-    net = QwenForCausalLM(cfg)
+    net = QwenForCausalLM(cfg, ModelParallel(layout))
     try:
-        load_weights(net, ckpt_path)
+        set_weights(net, load_with_crc(ckpt_path), ckpt_path)
     except UserError as exc:
-        if "wrong shape" not in str(exc):
+        if "wrong shape" not in str(exc) or layout is not None:
             raise
-        raise UserError(f"{exc}\n  note: when this is a rank's shard of a tensor-parallel (mp>1) plan, its tensors "
-                        f"are slices, and MindSpore compiles sliced graphs only on Ascend/GPU",
-                        hint="on CPU export the complete checkpoint (or an mp=1 shard) instead") from None
+        raise UserError(f"{exc}\n  note: when this is a shard of a tensor-parallel plan, its tensors are slices",
+                        hint="export the complete checkpoint, or the directory of shards with --model_parallel "
+                             "and --strategy_dir") from None
     net.set_train(False)
     return net
 
@@ -64,36 +72,44 @@ def _export(cell, inputs, target: Path, external_weights: bool) -> Path:
     return target
 
 
-def run(spec: dict) -> dict:
+def _rank_and_layout(spec: dict):
+    """(rank, layout): a single process, or this msrun worker's rank of a tensor-parallel export."""
+    if spec["model_parallel"] == 1:
+        return spec["rank"], None
+    follow_parent()
+    # mindspore takes seconds to load: imported only when this runs
+    from mindspore.communication import get_group_size, get_rank, init
+
+    init()
+    rank, world = get_rank(), get_group_size()
+    if world != spec["model_parallel"]:
+        raise UserError(f"the export has model_parallel {spec['model_parallel']} but {world} processes started")
+    return rank, process_layout(spec["strategy_dir"], rank, world, 1)
+
+
+def run(spec: dict, rank: int, layout) -> dict:
     # mindspore takes seconds to load: imported only when this runs
     import mindspore as ms
-    from mindspore import Tensor
 
-    from qwenbuild.model.network import DecodeCell, PrefillCell, cache_shape
+    from qwenbuild.model.kv_cache import DecodeGraph, PrefillGraph, graph_inputs
 
-    ms.set_device("CPU")
-    ms.set_context(mode=ms.GRAPH_MODE)
+    mine = spec["ranks"][str(rank)]
     cfg = QwenConfig(**spec["cfg"])
     b, s = spec["batch_size"], spec["seq_length"]
     t0 = time.perf_counter()
-    _log(f"loading {spec['ckpt_path']}")
-    net = _load(cfg, spec["ckpt_path"])
-    _log(f"loaded {num_parameters(cfg):,} parameters in {time.perf_counter() - t0:.1f} s")
-    ids_full = Tensor(np.ones((b, s), np.int32))
-    ids_inc = Tensor(np.ones((b, 1), np.int32))
-    valid = Tensor(np.ones((b,), np.int32))
-    cache = Tensor(np.zeros(cache_shape(cfg, b, s), np.float32))
-    graphs = {
-        "full": (PrefillCell(net, s), (ids_full, valid)),
-        "inc": (DecodeCell(net, s), (ids_inc, valid, cache, cache)),
-    }
+    _log(f"rank {rank}: loading {mine['ckpt_path']}")
+    net = _network(cfg, mine["ckpt_path"], layout)
+    share = f" (its slice of 1/{spec['model_parallel']})" if spec["model_parallel"] > 1 else ""
+    _log(f"rank {rank}: loaded {num_parameters(cfg):,} parameters{share} in {time.perf_counter() - t0:.1f} s")
+    graphs = {"full": PrefillGraph(net, b, s), "inc": DecodeGraph(net, b, s)}
     written = {}
-    for kind, (cell, inputs) in graphs.items():
+    for kind, cell in graphs.items():
         t = time.perf_counter()
-        target = Path(spec["scratch"][kind]) / spec["graph_name"]
-        _export(cell, inputs, target, spec["external_weights"])
+        target = Path(mine["scratch"][kind]) / mine["graph_name"]
+        _export(cell, graph_inputs(b, s, kind), target, spec["external_weights"])
         written[kind] = str(target)
-        _log(f"{kind} graph [{b}, {s if kind == 'full' else 1}] written in {time.perf_counter() - t:.1f} s")
+        _log(f"rank {rank}: {kind} graph [{b}, {s if kind == 'full' else 1}] written in "
+             f"{time.perf_counter() - t:.1f} s")
     return {"written": written, "mindspore_version": ms.__version__}
 
 
@@ -101,19 +117,26 @@ def main(argv: list[str]) -> int:
     global VERBOSE
     spec = json.loads(Path(argv[0]).read_text())
     VERBOSE = spec.get("verbose", True)
+    # mindspore takes seconds to load: imported only when this runs
+    import mindspore as ms
+
+    ms.set_device("CPU")
+    ms.set_context(mode=ms.GRAPH_MODE)
+    rank = spec.get("rank", 0)
     try:
-        result = run(spec)
+        rank, layout = _rank_and_layout(spec)
+        result = run(spec, rank, layout)
     except UserError as exc:
-        Path(spec["error_file"]).write_text(str(exc))
+        Path(spec["ranks"][str(rank)]["error_file"]).write_text(str(exc))
         return 2
     except OSError as exc:
         if exc.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
             raise
-        Path(spec["error_file"]).write_text(
+        Path(spec["ranks"][str(rank)]["error_file"]).write_text(
             f"no space left while writing the graphs under {spec['out_root']} ({exc.strerror}); nothing was "
             "changed there\n  hint: free disk space or point the output elsewhere, then run again")
         return 2
-    Path(spec["result_file"]).write_text(json.dumps(result))
+    Path(spec["ranks"][str(rank)]["result_file"]).write_text(json.dumps(result))
     return 0
 
 

@@ -1,6 +1,9 @@
-"""Two ways to run the exported graphs, one interface: prefill(ids, valid) and decode(tokens, valid) -> logits.
+"""Two ways to run the exported graphs, one interface: prefill(...) and decode(...) -> logits, each called with
+(input_ids, batch_valid_length, batch_index, zactivate_len) as MindFormers' text generator feeds them.
 
-Each backend keeps the KV cache between calls: the caches the last graph returned feed the next decode call.
+The KV cache is state inside the graphs: the decode graph must continue from the prefill's. MindSpore Lite shares
+it between the two models of one ModelGroup (SHARE_WEIGHT); two GraphCells do not share Parameters, so the
+GraphCell backend copies the prefill's cache into the decode graph once per request.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from qwenbuild.errors import UserError
+from qwenbuild.model.params import is_cache_name
 
 BACKENDS = ("auto", "graphcell", "lite")
 
@@ -29,16 +33,23 @@ class GraphCellBackend:
         self._tensor = ms.Tensor
         self.full = nn.GraphCell(_load_graph(ms, full_path))
         self.inc = nn.GraphCell(_load_graph(ms, inc_path))
-        self.key_cache = self.value_cache = None
+        full, inc = self.full.parameters_dict(), self.inc.parameters_dict()
+        self._caches = [(full[name], inc[name]) for name in full if is_cache_name(name) and name in inc]
+        if not self._caches:
+            raise UserError(f"{full_path} keeps no KV cache inside the graph (an export of an earlier qwenbuild)",
+                            hint="export the graphs again: `doit export`, or `qwenbuild export`")
 
-    def prefill(self, input_ids: np.ndarray, valid_length: np.ndarray) -> np.ndarray:
-        logits, self.key_cache, self.value_cache = self.full(self._tensor(input_ids), self._tensor(valid_length))
-        return logits.asnumpy()
+    def _call(self, graph, arrays):
+        return graph(*[self._tensor(a) for a in arrays]).asnumpy()
 
-    def decode(self, tokens: np.ndarray, valid_length: np.ndarray) -> np.ndarray:
-        logits, self.key_cache, self.value_cache = self.inc(self._tensor(tokens), self._tensor(valid_length),
-                                                            self.key_cache, self.value_cache)
-        return logits.asnumpy()
+    def prefill(self, *arrays: np.ndarray) -> np.ndarray:
+        logits = self._call(self.full, arrays)
+        for prompt_cache, decode_cache in self._caches:
+            decode_cache.set_data(prompt_cache)
+        return logits
+
+    def decode(self, *arrays: np.ndarray) -> np.ndarray:
+        return self._call(self.inc, arrays)
 
 
 def _load_graph(ms, path: Path):
@@ -60,7 +71,7 @@ def _use_cpu(ms) -> None:
 
 class LiteBackend:
     """MindSpore Lite on Ascend with the GE provider and lite.ini, as run_qwen1_5_mslite_infer.py builds it:
-    both graphs in one ModelGroup sharing weights, inputs set from numpy, caches copied back between steps."""
+    both graphs in one ModelGroup sharing weights and the KV cache, inputs set from numpy."""
 
     name = "lite"
 
@@ -77,7 +88,6 @@ class LiteBackend:
         config = str(config_path) if config_path else ""
         self.full.build_from_file(str(full_path), mslite.ModelType.MINDIR, context, config)
         self.inc.build_from_file(str(inc_path), mslite.ModelType.MINDIR, context, config)
-        self.key_cache = self.value_cache = None
 
     @staticmethod
     def _run(model, arrays) -> list:
@@ -89,14 +99,11 @@ class LiteBackend:
             tensor.set_data_from_numpy(np.ascontiguousarray(array))
         return [out.get_data_to_numpy() for out in model.predict(inputs)]
 
-    def prefill(self, input_ids: np.ndarray, valid_length: np.ndarray) -> np.ndarray:
-        logits, self.key_cache, self.value_cache = self._run(self.full, [input_ids, valid_length])
-        return logits
+    def prefill(self, *arrays: np.ndarray) -> np.ndarray:
+        return self._run(self.full, list(arrays))[0]
 
-    def decode(self, tokens: np.ndarray, valid_length: np.ndarray) -> np.ndarray:
-        logits, self.key_cache, self.value_cache = self._run(
-            self.inc, [tokens, valid_length, self.key_cache, self.value_cache])
-        return logits
+    def decode(self, *arrays: np.ndarray) -> np.ndarray:
+        return self._run(self.inc, list(arrays))[0]
 
 
 def import_lite():

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -16,6 +19,8 @@ from qwenbuild.export.sidecar import read_sidecar
 from qwenbuild.infer.backends import open_backend
 from qwenbuild.infer.prompt import encode
 from qwenbuild.infer.sampling import Sampling, TokenChooser
+from qwenbuild.parallel.launch_scripts import local_msrun
+from qwenbuild.processes import run_child
 from qwenbuild.tokenizer import load_tokenizer, pad_id, stop_ids
 
 
@@ -37,6 +42,11 @@ class ExportInfo:
     @property
     def vocab_size(self) -> int:
         return self.full["vocab_size"]
+
+    @property
+    def model_parallel(self) -> int:
+        """Ranks whose graphs run together (each holds its slice of the model)."""
+        return self.full.get("model_parallel", 1)
 
     def graph_path(self, kind: str) -> Path:
         return GraphDirs.under(self.root).graph_file(kind, self.rank)
@@ -69,6 +79,7 @@ class GenerationResult:
     def to_json(self) -> dict:
         return {"prompt_ids": self.prompt_ids, "generated_ids": self.generated_ids, "text": self.texts,
                 "new_tokens": self.new_tokens, "seconds": round(self.seconds, 6),
+                "prefill_seconds": round(self.prefill_seconds, 6),
                 "tokens_per_s": round(self.tokens_per_s, 3),
                 "decode_tokens_per_s": round(self.decode_tokens_per_s, 3), "backend": self.backend}
 
@@ -148,8 +159,10 @@ def generate_ids(backend, info: ExportInfo, prompt_ids: list[list[int]], max_new
     chooser = TokenChooser(sampling)
     history = [list(row) for row in rows]
     new = [[] for _ in rows]
+    # each row its own cache row; attention reads every slot of seq_length (masked after each row's length)
+    batch_index, zactivate_len = np.arange(b, dtype=np.int64), np.zeros((s,), np.int64)
     t0 = time.perf_counter()
-    logits = backend.prefill(ids, valid)
+    logits = backend.prefill(ids, valid, batch_index, zactivate_len)
     prefill_seconds = time.perf_counter() - t0
     while True:
         done = True
@@ -165,7 +178,7 @@ def generate_ids(backend, info: ExportInfo, prompt_ids: list[list[int]], max_new
         last = np.array([[row[-1]] for row in new], dtype=np.int32)
         active = np.array([len(n) < budget[r] and n[-1] not in eos for r, n in enumerate(new)])
         valid = valid + active.astype(np.int32)
-        logits = backend.decode(last, valid)
+        logits = backend.decode(last, valid, batch_index, zactivate_len)
     return new[:len(prompt_ids)], (time.perf_counter() - t0, prefill_seconds)
 
 
@@ -173,9 +186,10 @@ def warm_up(backend, info: ExportInfo) -> float:
     """One prefill and one decode call on padding, so compile time stays out of tokens/s (the original warms
     up with a short prompt too); returns the seconds spent."""
     t0 = time.perf_counter()
-    b = info.batch_size
-    backend.prefill(np.zeros((b, info.seq_length), np.int32), np.ones((b,), np.int32))
-    backend.decode(np.zeros((b, 1), np.int32), np.full((b,), 2, np.int32))
+    b, s = info.batch_size, info.seq_length
+    extra = (np.arange(b, dtype=np.int64), np.zeros((s,), np.int64))
+    backend.prefill(np.zeros((b, s), np.int32), np.ones((b,), np.int32), *extra)
+    backend.decode(np.zeros((b, 1), np.int32), np.full((b,), 2, np.int32), *extra)
     return time.perf_counter() - t0
 
 
@@ -218,6 +232,46 @@ def generate(mindir_root_dir, tokenizer, prompts, *, max_new_tokens: int = 512, 
         progress(f"infer: {result.new_tokens} tokens in {seconds:.2f} s = {result.tokens_per_s:.1f} tokens/s "
                  f"(prefill {prefill_seconds * 1000:.0f} ms, decode {result.decode_tokens_per_s:.1f} tokens/s, "
                  f"{runner.name})")
+    return result
+
+
+def generate_on_ranks(mindir_root_dir, tokenizer, prompts, *, progress=None, **options) -> GenerationResult:
+    """generate() on an export of any model_parallel: one rank here, or every rank under msrun on this machine
+    (rank 0's result). tokenizer: a directory; options: generate()'s keywords."""
+    info = open_export(mindir_root_dir, 0, options.get("batch_size"), options.get("seq_length"))
+    if info.model_parallel == 1:
+        return generate(mindir_root_dir, tokenizer, prompts, progress=progress, **options)
+    if options.get("backend", "auto") == "lite":
+        raise UserError("the lite backend runs one rank per process on Ascend",
+                        hint="start run_qwen1_5_mslite_infer-style processes per rank there; here use graphcell")
+    options = {k: v for k, v in options.items() if k not in ("rank", "device_id", "ge_config_path")}
+    with tempfile.TemporaryDirectory(prefix="qwenbuild-infer-") as work:
+        work = Path(work)
+        spec = {"mindir_root_dir": str(Path(mindir_root_dir).resolve()), "tokenizer": str(Path(tokenizer).resolve()),
+                "prompts": [prompts] if isinstance(prompts, str) else list(prompts), "options": options,
+                "result_file": str(work / "result.json"), "error_file": str(work / "error.txt")}
+        (work / "spec.json").write_text(json.dumps(spec, ensure_ascii=False))
+        if progress:
+            progress(f"infer: {info.model_parallel} tensor-parallel ranks under msrun")
+        # the worker script beside this module (msrun starts a script file, which imports this module)
+        script = Path(__file__).resolve().with_name("worker.py")
+        argv = local_msrun(info.model_parallel, work / "logs", [str(script), str(work / "spec.json")],
+                           Path(sys.executable).parent)
+        env = dict(os.environ, PATH=str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", ""))
+        proc = run_child(argv, cwd=work, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, env=env)
+        if (work / "error.txt").exists():
+            raise UserError((work / "error.txt").read_text())
+        if proc.returncode != 0 or not (work / "result.json").exists():
+            logs = sorted((work / "logs").glob("worker_*.log")) if (work / "logs").is_dir() else []
+            tail = "\n".join(logs[0].read_text(errors="replace").splitlines()[-15:]) if logs else ""
+            raise UserError(f"inference across {info.model_parallel} ranks failed (msrun exit code "
+                            f"{proc.returncode})" + (f"\n{tail}" if tail else ""))
+        doc = json.loads((work / "result.json").read_text())
+    result = GenerationResult(doc["prompt_ids"], doc["generated_ids"], doc["text"], doc["seconds"],
+                              doc["prefill_seconds"], doc["backend"])
+    if progress:
+        progress(f"infer: {result.new_tokens} tokens in {result.seconds:.2f} s = {result.tokens_per_s:.1f} tokens/s "
+                 f"across {info.model_parallel} ranks")
     return result
 
 

@@ -23,6 +23,13 @@ def _plan(m) -> list:
     for p in plan_problems(m.model.config, par.data_parallel, par.model_parallel, par.pipeline_stage,
                            par.vocab_emb_dp, par.stage_offset, par.micro_batch_num):
         out.append(m.problem(f"parallel.{p.key}", p.message if p.hint is None else f"{p.message}; {p.hint}"))
+    for p in plan_problems(m.model.config, 1, m.export.model_parallel, 1, par.vocab_emb_dp):
+        out.append(m.problem("export.model_parallel", f"export topology dp 1 x mp {m.export.model_parallel}: "
+                                                      + (p.message if p.hint is None else f"{p.message}; {p.hint}")))
+    if m.export.model_parallel > hw.devices_per_node:
+        out.append(m.problem("export.model_parallel", f"{m.export.model_parallel} ranks do not fit one node of "
+                                                      f"{hw.devices_per_node} devices; the export topology is one "
+                                                      "node"))
     if hw.device == "cpu" and hw.devices_per_node % par.pipeline_stage:
         out.append(m.problem("hardware.devices_per_node",
                              f"{hw.devices_per_node} is not a multiple of pipeline_stage {par.pipeline_stage}: a CPU "

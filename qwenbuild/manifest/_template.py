@@ -106,6 +106,7 @@ def render(preset: str) -> str:
               "checkpoint = \"finetuned\"  # or \"converted\": export the weights before finetuning",
               f"seq_length = {128 if tiny else 8192}",
               "batch_size = 1",
+              f"model_parallel = {2 if tiny else 4}  # tensor-parallel ranks of the graphs, on one node",
               "use_past = true  # also export the incremental (decode) graph",
               "",
               "[lite]",

@@ -152,6 +152,7 @@ class Export:
     checkpoint: str
     seq_length: int
     batch_size: int
+    model_parallel: int
     use_past: bool
     predict_data: str | None
     max_new_tokens: int

@@ -108,6 +108,18 @@ _TRAINING_PREFIXES = ("adam_m.", "adam_v.", "moment1.", "moment2.", "accu_grads.
                       "step_num", "current_iterator_step", "last_overflow_iterator_step", "global_batch_size")
 
 
+# the KV cache of the exported graphs: per layer, MindFormers r1.0's KVCacheMgr state
+CACHE_NAMES = ("key_past", "value_past")
+
+
+def cache_name(layer: int, which: str) -> str:
+    return f"model.layers.{layer}.attention.kvcache_mgr.{which}"
+
+
+def is_cache_name(name: str) -> bool:
+    return ".attention.kvcache_mgr." in name
+
+
 def is_beside_weights(name: str) -> bool:
     """True for optimizer/step-counter entries and the stored config: what a checkpoint holds besides weights."""
     return name == CONFIG_ENTRY or name.startswith(_TRAINING_PREFIXES)

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import os
 import shlex
+import shutil
+import socket
 from pathlib import Path
 
 from qwenbuild.errors import UserError
@@ -57,6 +59,23 @@ def msrun_command(world: int, local_workers: int, master_addr: str, master_port:
     if rank_table_file:
         argv.append(f"--rank_table_file={rank_table_file}")
     return argv + list(args)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def local_msrun(workers: int, log_dir: str | Path, args: list[str], python_bin_dir: str | Path) -> list[str]:
+    """argv of msrun starting `workers` processes of a script on this machine alone, on a free port, tailing no
+    worker log; msrun is the one beside the Python that has MindSpore."""
+    msrun = shutil.which("msrun", path=str(python_bin_dir) + os.pathsep + os.environ.get("PATH", ""))
+    if msrun is None:
+        raise UserError(f"msrun was not found in {python_bin_dir} or on PATH",
+                        hint="install mindspore into that environment (msrun ships with it)")
+    return [msrun] + msrun_command(workers, workers, "127.0.0.1", free_port(), 0, log_dir, args,
+                                   tail_worker_log=workers + 1)[1:]
 
 
 def _shell(argv: list[str], raw: dict[str, str]) -> str:

@@ -176,6 +176,16 @@ def merged_file_name(table: dict) -> str:
     return merged_name(int(table["server_count"]), sum(len(s["device"]) for s in table["server_list"]))
 
 
+def first_devices(table: dict, count: int) -> dict:
+    """The table of one node's first `count` devices (ranks 0..count-1): a topology of its own on that node, as the
+    original exports and serves on the first cards of one server."""
+    server = table["server_list"][0]
+    if len(server["device"]) < count:
+        raise UserError(f"the first server of the rank table has {len(server['device'])} devices, fewer than {count}")
+    devices = [dict(d, rank_id=str(i)) for i, d in enumerate(server["device"][:count])]
+    return dict(table, server_count="1", server_list=[dict(server, device=devices)])
+
+
 def dumps(table: dict) -> str:
     return json.dumps(table, indent=4)
 

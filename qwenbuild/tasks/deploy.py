@@ -11,36 +11,58 @@ from qwenbuild.export.lite_ini import write_lite_ini
 from qwenbuild.export.mindir import export_mindir
 from qwenbuild.data.alpaca import user_text
 from qwenbuild.infer.prompt import SEED_PROMPT
-from qwenbuild.infer.runtime import generate, print_progress
+from qwenbuild.infer.runtime import generate_on_ranks, print_progress
+from qwenbuild.jsonfile import read_json
+from qwenbuild.lock import Lock
+from qwenbuild.parallel.rank_table import first_devices, write_rank_table
+from qwenbuild.parallel.reshard import transform_ckpt
+from qwenbuild.parallel.strategy import write_strategy_files
+from qwenbuild.store import write_seal
 from qwenbuild.tasks.context import Context
-from qwenbuild.tasks.distributed import rank_table_file
+from qwenbuild.tasks.distributed import keyed_dir, rank_table_file
 from qwenbuild.tasks.spec import Group, TaskSpec
 from qwenbuild.tasks.weights import MODEL_KEYS
 from qwenbuild.train.evaluate import read_heldout
 
 EXPORT_KEYS = ("export.checkpoint", "export.seq_length", "export.batch_size", "export.use_past",
-               "parallel.model_parallel")
+               "export.model_parallel", "parallel.vocab_emb_dp")
 
 
-def export_ranks(m) -> list[int]:
-    """Ranks whose graphs are exported: every rank of a model-parallel plan, else rank 0 (all ranks are equal)."""
-    mp = m.parallel.model_parallel
-    return list(range(mp)) if mp > 1 else [0]
+def _export_shards(ctx: Context, source) -> None:
+    """The source weights cut for the export topology (dp 1 x export.model_parallel x pp 1), cached by content."""
+    m, build = ctx.manifest, ctx.build
+    mp, vocab_emb_dp = m.export.model_parallel, m.parallel.vocab_emb_dp
+
+    def make(tmp) -> None:
+        write_strategy_files(m.model.config, 1, mp, 1, tmp / "strategy", vocab_emb_dp)
+        transform_ckpt("", tmp / "strategy", source, tmp / "shards", progress=None)
+        write_seal(tmp)
+
+    keyed_dir(build, build.export_shards, {"source": Lock(build.lock).digest_of(source, build.root),
+                                           "model_parallel": mp, "vocab_emb_dp": vocab_emb_dp}, make, "mindir")
 
 
 def _export(ctx: Context) -> None:
     m, build, ex = ctx.manifest, ctx.build, ctx.manifest.export
+    source = build.merged_file if ex.checkpoint == "finetuned" else build.converted
+    mp = ex.model_parallel
+    if mp > 1:
+        _export_shards(ctx, source)
     with ctx.output_dir(build.mindir_full) as full, ctx.output_dir(build.mindir_inc) as inc:
-        for rank in export_ranks(m):
-            ckpt = build.merged_file if ex.checkpoint == "finetuned" else build.converted
-            export_mindir(m.model.config, ckpt, GraphDirs(full, inc), rank=rank, batch_size=ex.batch_size,
-                          seq_length=ex.seq_length, tokenizer_dir=build.tokenizer)
+        export_mindir(m.model.config, build.export_shards / "shards" if mp > 1 else source, GraphDirs(full, inc),
+                      batch_size=ex.batch_size, seq_length=ex.seq_length, tokenizer_dir=build.tokenizer,
+                      model_parallel=mp, strategy_dir=build.export_shards / "strategy" if mp > 1 else None)
 
 
 def _lite_ini(ctx: Context) -> None:
-    m = ctx.manifest
-    table = rank_table_file(m, ctx.build) if len(export_ranks(m)) > 1 else None
-    write_lite_ini(ctx.build.lite_ini, rank_table_file=table, overrides=m.value("lite"))
+    m, build = ctx.manifest, ctx.build
+    table = None
+    if m.hardware.device == "ascend" and m.export.model_parallel > 1:
+        # the export topology has its own table: the first export.model_parallel devices of node 0
+        cluster = read_json(rank_table_file(m, build), "rank table")
+        write_rank_table(first_devices(cluster, m.export.model_parallel), build.export_rank_table)
+        table = build.export_rank_table
+    write_lite_ini(build.lite_ini, rank_table_file=table, overrides=m.value("lite"))
 
 
 def _question(ctx: Context) -> tuple[str, str | None]:
@@ -57,9 +79,9 @@ def _question(ctx: Context) -> tuple[str, str | None]:
 def _infer(ctx: Context) -> None:
     build, ex = ctx.build, ctx.manifest.export
     prompt, expected = _question(ctx)
-    result = generate(build.output, build.tokenizer, prompt, max_new_tokens=ex.max_new_tokens,
-                      backend="graphcell", batch_size=ex.batch_size, seq_length=ex.seq_length,
-                      progress=print_progress)
+    result = generate_on_ranks(build.output, build.tokenizer, prompt, max_new_tokens=ex.max_new_tokens,
+                               backend="graphcell", batch_size=ex.batch_size, seq_length=ex.seq_length,
+                               progress=print_progress)
     doc = result.to_json()
     answer = {"prompt": prompt, "text": doc["text"][0], "prompt_ids": doc["prompt_ids"][0],
               "generated_ids": doc["generated_ids"][0], **({"expected": expected} if expected is not None else {})}
@@ -71,17 +93,19 @@ def _infer(ctx: Context) -> None:
 
 def specs(m, build) -> list[TaskSpec]:
     finetuned = m.export.checkpoint == "finetuned"
-    ascend_multi = m.hardware.device == "ascend" and len(export_ranks(m)) > 1
+    ascend_multi = m.hardware.device == "ascend" and m.export.model_parallel > 1
     heldout_question = m.export.predict_data is None and m.dataset.source == "builtin"
     return [
-        TaskSpec("mindir", "MINDIR prefill (full) and decode (inc) graphs per rank", _export,
-                 keys=MODEL_KEYS + EXPORT_KEYS, inputs=[build.merged if finetuned else build.converted,
-                                                        build.tokenizer],
-                 dir_outputs=[build.mindir_full, build.mindir_inc], packages=("mindspore", "numpy")),
-        TaskSpec("lite_ini", "lite.ini for MindSpore Lite (GE provider; rank table when several ranks)", _lite_ini,
-                 keys=("lite", "parallel.model_parallel", "hardware.device", "hardware.nodes",
-                       "hardware.devices_per_node"),
-                 inputs=[build.rank_table] if ascend_multi else [], outputs=[build.lite_ini]),
+        TaskSpec("mindir", "MINDIR prefill (full) and decode (inc) graphs per rank of the export topology",
+                 _export, keys=MODEL_KEYS + EXPORT_KEYS, inputs=[build.merged if finetuned else build.converted,
+                                                                 build.tokenizer],
+                 dir_outputs=[build.mindir_full, build.mindir_inc]
+                 + ([build.export_shards] if m.export.model_parallel > 1 else []), packages=("mindspore", "numpy")),
+        TaskSpec("lite_ini", "lite.ini for MindSpore Lite (GE provider; the export topology's rank table on Ascend)",
+                 _lite_ini, keys=("lite", "export.model_parallel", "hardware.device", "hardware.nodes",
+                                  "hardware.devices_per_node"),
+                 inputs=[build.rank_table] if ascend_multi else [],
+                 outputs=[build.lite_ini] + ([build.export_rank_table] if ascend_multi else [])),
         TaskSpec("infer", "answer export.predict_data (or a held-out question) with the exported graphs (greedy)",
                  _infer, keys=("export.predict_data", "export.max_new_tokens", "export.batch_size",
                                "export.seq_length", "dataset.source"),

@@ -4,15 +4,13 @@ progress, and report the log of a rank that failed."""
 from __future__ import annotations
 
 import os
-import shutil
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 from qwenbuild.errors import UserError
-from qwenbuild.parallel.launch_scripts import PORT_VARIABLE, msrun_command
+from qwenbuild.parallel.launch_scripts import PORT_VARIABLE, free_port, local_msrun
 from qwenbuild.processes import start_child, stop_child
 from qwenbuild.train import worker
 from qwenbuild.train.progress import STEP_LINE, bar
@@ -22,12 +20,6 @@ TAIL_LINES = 25
 _ECHO_PREFIXES = ("step ", "resuming ", "trained ", worker.ERROR_MARK, "mindformers_run:")
 # MindFormers' loss monitor, one line per step
 _MINDFORMERS_STEP = " - INFO - { Epoch:"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def worker_env(python_bin_dir: str | Path | None) -> dict:
@@ -145,11 +137,8 @@ def run_msrun(worker_count: int, run_json: str | Path, log_dir: str | Path, mast
               python_bin_dir: str | Path | None = None) -> None:
     """Train with `worker_count` workers on this machine from a run.json (`qwenbuild finetune`)."""
     env = worker_env(python_bin_dir)
-    msrun = shutil.which("msrun", path=env["PATH"])
-    if msrun is None:
-        raise UserError("msrun was not found on PATH", hint="install mindspore into the environment given by "
-                                                            "python_bin_dir (msrun ships with it)")
-    argv = msrun_command(worker_count, worker_count, "127.0.0.1", master_port or free_port(), 0, log_dir,
-                         [worker.__file__, "--config", str(Path(run_json).resolve())],
-                         tail_worker_log=no_tail(worker_count))
-    run_workers([msrun, *argv[1:]], log_dir, worker_count, env)
+    argv = local_msrun(worker_count, log_dir, [worker.__file__, "--config", str(Path(run_json).resolve())],
+                       python_bin_dir or Path(sys.executable).parent)
+    if master_port:
+        argv = [a if not a.startswith("--master_port=") else f"--master_port={master_port}" for a in argv]
+    run_workers(argv, log_dir, worker_count, env)

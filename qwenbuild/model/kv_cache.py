@@ -1,0 +1,104 @@
+"""The prefill and decode graphs as MindFormers r1.0 exports them: the KV cache is state inside the graph.
+
+Both take (input_ids, batch_valid_length, batch_index, zactivate_len) and return logits [B, vocab]:
+- input_ids int32 [B, S] (prefill, right-padded) or [B, 1] (decode: the token chosen last);
+- batch_valid_length int32 [B]: real tokens of each row, counting the decode call's new token, whose keys and
+  values go to cache slot batch_valid_length - 1;
+- batch_index int64 [B]: the cache row each batch row uses;
+- zactivate_len int64 [W]: its length W is the window of cache slots attention reads (W <= S).
+Each layer's cache is a Parameter `model.layers.N.attention.kvcache_mgr.key_past` / `value_past`
+[B, n_kv_heads / model_parallel, S, head_dim] that the graph updates in place (ScatterUpdate / ScatterNdUpdate).
+Under tensor parallelism each rank's graph holds its heads' cache and its weight slices, the all-reduces are in
+the graph, and the logits are joined across ranks, so every rank returns the whole vocabulary.
+"""
+
+from __future__ import annotations
+
+import mindspore as ms
+import numpy as np
+from mindspore import Parameter, Tensor, nn, ops
+
+from qwenbuild.model.network import F32, MASKED, QwenForCausalLM
+from qwenbuild.model.params import cache_name
+from qwenbuild.model.tensor_parallel import GatherLastDim, Identity
+
+
+def local_cache_shape(net: QwenForCausalLM, batch_size: int, seq_length: int) -> tuple[int, ...]:
+    """One layer's cache on this rank: [batch, this rank's KV heads, seq_length, head_dim]."""
+    attention = net.model.layers[0].attention
+    return (batch_size, attention.n_kv_heads, seq_length, attention.head_dim)
+
+
+class _Graph(nn.Cell):
+    """What both graphs share: the caches, the logits joined across ranks."""
+
+    def __init__(self, net: QwenForCausalLM, batch_size: int, seq_length: int):
+        super().__init__(auto_prefix=False)
+        self.net, self.seq_length = net, seq_length
+        shape = local_cache_shape(net, batch_size, seq_length)
+        self.num_layers = net.cfg.num_layers
+        self.key_past = ms.ParameterTuple(
+            Parameter(Tensor(np.zeros(shape, np.float32)), name=cache_name(i, "key_past"), requires_grad=False)
+            for i in range(self.num_layers))
+        self.value_past = ms.ParameterTuple(
+            Parameter(Tensor(np.zeros(shape, np.float32)), name=cache_name(i, "value_past"), requires_grad=False)
+            for i in range(self.num_layers))
+        self.join = GatherLastDim(net.parallel) if net.vocab_parallel else Identity()
+
+    def logits(self, hidden):
+        return self.join(self.net.logits(self.net.model.norm_out(hidden)))
+
+
+class PrefillGraph(_Graph):
+    """The whole prompt in one call: every layer's keys and values go to the cache rows of batch_index; logits
+    at position batch_valid_length - 1."""
+
+    def construct(self, input_ids, batch_valid_length, batch_index, zactivate_len):
+        hidden, keys, values = self.net.model.run(input_ids)
+        index = ops.cast(batch_index, ms.int32)
+        written = ()
+        for i in range(self.num_layers):
+            written += (ops.scatter_update(self.key_past[i], index, keys[i]),
+                        ops.scatter_update(self.value_past[i], index, values[i]))
+        last = ops.cast(batch_valid_length, ms.int32) - 1
+        pick = ops.cast(ops.expand_dims(ops.arange(input_ids.shape[1], dtype=ms.int32), 0)
+                        == ops.expand_dims(last, 1), F32)
+        hidden = ops.reduce_sum(hidden * ops.expand_dims(pick, -1), 1)
+        return ops.depend(self.logits(hidden), written)
+
+
+class DecodeGraph(_Graph):
+    """One new token per row: its keys and values are written at slot batch_valid_length - 1 of its cache row,
+    attention reads the first len(zactivate_len) slots, later ones masked."""
+
+    def construct(self, input_ids, batch_valid_length, batch_index, zactivate_len):
+        model = self.net.model
+        b = input_ids.shape[0]
+        window = zactivate_len.shape[0]
+        pos = ops.cast(batch_valid_length, ms.int32) - 1
+        index = ops.cast(batch_index, ms.int32)
+        slots = ops.expand_dims(ops.arange(window, dtype=ms.int32), 0)
+        bias = ops.reshape((1.0 - ops.cast(slots <= ops.expand_dims(pos, 1), F32)) * MASKED, (b, 1, 1, window))
+        cos, sin = model.rope(ops.expand_dims(ops.cast(pos, F32), 1))
+        x = model.tok_embeddings(input_ids)
+        heads = self.key_past[0].shape[1]
+        # (cache row, head, slot) of each row's new token, for every local KV head
+        where = ops.stack((ops.tile(ops.expand_dims(index, 1), (1, heads)),
+                           ops.tile(ops.expand_dims(ops.arange(heads, dtype=ms.int32), 0), (b, 1)),
+                           ops.tile(ops.expand_dims(pos, 1), (1, heads))), -1)
+        for i in range(self.num_layers):
+            layer = model.layers[i]
+            q, k, v = layer.attention.project(layer.attention_norm(x), cos, sin)
+            key_past = ops.scatter_nd_update(self.key_past[i], where, ops.squeeze(k, 2))
+            value_past = ops.scatter_nd_update(self.value_past[i], where, ops.squeeze(v, 2))
+            keys = ops.gather(key_past, index, 0)[:, :, :window, :]
+            values = ops.gather(value_past, index, 0)[:, :, :window, :]
+            x = layer.after_attention(x, layer.attention.attend(q, keys, values, bias))
+        return self.logits(ops.squeeze(x, 1))
+
+
+def graph_inputs(batch_size: int, seq_length: int, kind: str) -> tuple:
+    """Example inputs of the prefill ("full") or decode ("inc") graph, for export."""
+    ids = np.ones((batch_size, seq_length if kind == "full" else 1), np.int32)
+    return (Tensor(ids), Tensor(np.ones((batch_size,), np.int32)), Tensor(np.arange(batch_size, dtype=np.int64)),
+            Tensor(np.zeros((seq_length,), np.int64)))
