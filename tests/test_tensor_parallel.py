@@ -64,10 +64,12 @@ def test_sharded_forward_across_processes_equals_transformers(sharded):
     assert "dp2_mp4_vocab_split/logits.npy: process 5 holds ranks (5,), mp index 1" in log
 
 
-# (name, dp, mp, pp, devices on the node, batch per data-parallel rank and micro batch): the same global batch of
-# 4 rows (pipeline_stage 2 runs 2 micro batches)
-LAYOUTS = [("dp1_mp1", 1, 1, 1, 1, 4), ("dp1_mp2", 1, 2, 1, 2, 4), ("dp2_mp2", 2, 2, 1, 4, 2),
-           ("dp1_mp2_pp2", 1, 2, 2, 4, 2)]
+# (name, dp, mp, pp, devices on the node, batch per data-parallel rank and micro batch, the layout it must equal):
+# the same global batch of 4 rows (pipeline_stage 2 runs 2 micro batches). Each data-parallel rank's loss is the
+# mean over its own rows' target tokens (as MindFormers computes it), so a dp2 run equals dp2 with one process each
+LAYOUTS = [("dp1_mp1", 1, 1, 1, 1, 4, None), ("dp1_mp2", 1, 2, 1, 2, 4, "dp1_mp1"),
+           ("dp1_mp2_pp2", 1, 2, 2, 4, 2, "dp1_mp1"), ("dp2_mp1", 2, 1, 1, 2, 2, None),
+           ("dp2_mp2", 2, 2, 1, 4, 2, "dp2_mp1")]
 STEPS = 20
 
 
@@ -92,7 +94,7 @@ def test_doit_finetune_model_parallel_equals_one_device(tmp_path):
                         ("dataset.num_heldout", "4")])
     build = tmp_path / "build"
     losses, weights = {}, {}
-    for name, dp, mp, pp, devices, batch in LAYOUTS:
+    for name, dp, mp, pp, devices, batch, _ in LAYOUTS:
         set_keys(manifest, [("parallel.data_parallel", str(dp)), ("parallel.model_parallel", str(mp)),
                             ("parallel.pipeline_stage", str(pp)), ("hardware.devices_per_node", str(devices)),
                             ("train.batch_size", str(batch)), ("parallel.micro_batch_num", str(pp))])
@@ -109,12 +111,13 @@ def test_doit_finetune_model_parallel_equals_one_device(tmp_path):
         if pp > 1:
             log = (build / "output" / "msrun_log" / "worker_0.log").read_text()
             assert "pipeline_stage=2: each process runs the layers of every stage in sequence" in log
-    base = losses["dp1_mp1"]
-    assert base[-1] < base[0]
-    for name, *_ in LAYOUTS[1:]:
-        np.testing.assert_allclose(losses[name], base, rtol=0, atol=1e-4, err_msg=name)
-        assert weights[name].keys() == weights["dp1_mp1"].keys()
-        for key, value in weights["dp1_mp1"].items():
+    assert losses["dp1_mp1"][-1] < losses["dp1_mp1"][0]
+    for name, *_, same_as in LAYOUTS:
+        if same_as is None:
+            continue
+        np.testing.assert_allclose(losses[name], losses[same_as], rtol=0, atol=1e-4, err_msg=name)
+        assert weights[name].keys() == weights[same_as].keys()
+        for key, value in weights[same_as].items():
             np.testing.assert_allclose(weights[name][key], value, rtol=0, atol=1e-5, err_msg=f"{name} {key}")
     # the merged checkpoint of the last layout converts back to a model transformers loads
     from transformers import Qwen2ForCausalLM
@@ -125,7 +128,44 @@ def test_doit_finetune_model_parallel_equals_one_device(tmp_path):
     assert cli(["convert_reversed", "--mindspore_ckpt_path", str(merged), "--torch_ckpt_path",
                 str(tmp_path / "hf_out")]) == 0
     hf = dict(Qwen2ForCausalLM.from_pretrained(tmp_path / "hf_out").named_parameters())
-    last = weights[LAYOUTS[-1][0]]
+    last = weights[LAYOUTS[-1][0]]  # dp2 x mp2, the last run
     np.testing.assert_array_equal(hf["model.layers.1.self_attn.k_proj.bias"].detach().numpy(),
                                   last["model.layers.1.attention.wk.bias"])
     np.testing.assert_array_equal(hf["lm_head.weight"].detach().numpy(), last["lm_head.weight"])
+
+
+def test_dp2_mp2_equals_one_process_when_rows_hold_as_many_targets(tmp_path):
+    """Rows whose target tokens are all trained (as many per row): dp2 x mp2 under msrun gives one process's
+    per-step losses, at the same global batch."""
+    sys.path.insert(0, str(TESTS.parent / "bench"))  # the benchmarks' synthetic rows
+    from bench_train import synthetic_mindrecord
+
+    from qwenbuild.manifest._presets import MODELS
+    from qwenbuild.model.config import QwenConfig
+    from qwenbuild.parallel.reshard import transform_ckpt
+    from qwenbuild.parallel.strategy import write_strategy_files
+    from qwenbuild.train.msrun import run_msrun
+    from qwenbuild.train.settings import TrainSettings, write_run_json
+    from qwenbuild.weights.convert import convert_weight
+    from qwenbuild.weights.random_init import write_random_hf_model
+
+    cfg = QwenConfig(**MODELS["tiny"])
+    records = synthetic_mindrecord(tmp_path / "rows.mindrecord", 200, 24, cfg.vocab_size)
+    write_random_hf_model(cfg, 0, tmp_path / "hf")
+    convert_weight(tmp_path / "hf", tmp_path / "init.ckpt", progress=None)
+    runs = {}
+    for dp, mp in ((1, 1), (2, 2)):
+        tag = f"dp{dp}_mp{mp}"
+        write_strategy_files(cfg, dp, mp, 1, tmp_path / tag / "strategy", vocab_emb_dp=False)
+        transform_ckpt("", tmp_path / tag / "strategy", tmp_path / "init.ckpt", tmp_path / tag / "shards",
+                       progress=None)
+        settings = TrainSettings(model=cfg, train_data=records, output_dir=str(tmp_path / tag / "out"),
+                                 seq_length=24, batch_size=8 // dp, learning_rate=3e-3, steps=STEPS,
+                                 save_steps=STEPS, workers=dp, model_parallel=mp,
+                                 init_checkpoint=str(tmp_path / tag / "shards"),
+                                 strategy_dir=str(tmp_path / tag / "strategy"))
+        write_run_json(tmp_path / tag / "run.json", settings)
+        run_msrun(dp * mp, tmp_path / tag / "run.json", tmp_path / tag / "logs")
+        runs[tag] = json.loads((tmp_path / tag / "out" / "metrics.json").read_text())["loss"]
+    np.testing.assert_allclose(runs["dp2_mp2"], runs["dp1_mp1"], rtol=0, atol=1e-4)
+    assert runs["dp1_mp1"][-1] < runs["dp1_mp1"][0]

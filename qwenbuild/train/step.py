@@ -13,17 +13,15 @@ IGNORE_INDEX = -100
 
 
 class CausalLMLoss(nn.Cell):
-    """Cross entropy of input[:, :-1] predicting target[:, 1:], summed over positions whose target is not -100 and
-    divided by the count of such positions in the global batch (every data-parallel process's rows, `dp_group`),
-    so that the data-parallel sum of the processes' losses is the loss of the whole batch on one device."""
+    """Mean cross entropy of input[:, :-1] predicting target[:, 1:] over positions whose target is not -100 (the
+    mean of this process's rows, as MindFormers computes it per data-parallel rank)."""
 
-    def __init__(self, network: nn.Cell, dp_group: str | None = None):
+    def __init__(self, network: nn.Cell):
         super().__init__(auto_prefix=False)
         self.network = network
         self.vocab_parallel = getattr(network, "vocab_parallel", False)
         if self.vocab_parallel:
             self.cross_entropy = VocabParallelCrossEntropy(network.parallel, network.cfg.vocab_size)
-        self.count_all = ops.AllReduce(group=dp_group) if dp_group else None
 
     def construct(self, input_ids, target_ids):
         tokens = input_ids[:, :-1]
@@ -38,21 +36,18 @@ class CausalLMLoss(nn.Cell):
         else:
             log_probs = ops.log_softmax(logits, axis=-1)
             token_loss = -ops.gather_elements(log_probs, -1, ops.expand_dims(safe_labels, -1)).squeeze(-1)
-        count = mask.sum()
-        if self.count_all is not None:
-            count = ops.stop_gradient(self.count_all(count))
-        return (token_loss * mask).sum() / ops.maximum(count, 1.0)
+        return (token_loss * mask).sum() / ops.maximum(mask.sum(), 1.0)
 
 
 class TrainStep(nn.Cell):
-    """Forward, backward, gradients summed over data-parallel processes, clip by global norm (slices of split
-    parameters counted once over the model-parallel group), update; returns (loss, norm)."""
+    """Forward, backward, loss and gradients averaged over data-parallel processes, clip by global norm (slices of
+    split parameters counted once over the model-parallel group), update; returns (loss, norm)."""
 
     def __init__(self, network: nn.Cell, optimizer: nn.Cell, grad_clip: float, layout: ProcessLayout | None = None):
         super().__init__(auto_prefix=False)
         layout = layout or single_process()
         self.distributed = layout.data_parallel > 1
-        self.loss = CausalLMLoss(network, group_of(layout, layout.dp_group) if self.distributed else None)
+        self.loss = CausalLMLoss(network)
         self.optimizer = optimizer
         self.weights = optimizer.params
         self.grad_fn = ops.value_and_grad(self.loss, None, self.weights)
@@ -60,6 +55,7 @@ class TrainStep(nn.Cell):
         self.grad_clip = Tensor(grad_clip, ms.float32)
         if self.distributed:
             self.all_reduce = ops.AllReduce(group=group_of(layout, layout.dp_group))
+            self.inv_dp = Tensor(1.0 / layout.data_parallel, ms.float32)
             self.shapes = tuple(w.shape for w in self.weights)
             self.sizes = tuple(int(np.prod(w.shape)) for w in self.weights)
         split = tuple(layout.model_parallel > 1 and layout.split(w.name) is not None for w in self.weights)
@@ -71,7 +67,7 @@ class TrainStep(nn.Cell):
     def construct(self, input_ids, target_ids, lr):
         loss, grads = self.grad_fn(input_ids, target_ids)
         if self.distributed:
-            loss, grads = self.sum_over_processes(loss, grads)
+            loss, grads = self.mean_over_processes(loss, grads)
         norm = self.global_norm(grads)
         if self.clip:
             scale = ops.minimum(self.grad_clip / (norm + 1e-6), 1.0)
@@ -85,9 +81,9 @@ class TrainStep(nn.Cell):
             squares = squares + self.sum_slices(ops.addn([ops.square(grads[i]).sum() for i in self.split_grads]))
         return ops.sqrt(squares)
 
-    def sum_over_processes(self, loss, grads):
+    def mean_over_processes(self, loss, grads):
         # one all-reduce of a flat vector: per-tensor all-reduces cost a loopback round trip each on CPU
         flat = ops.concat([ops.reshape(loss, (1,))] + [ops.reshape(g, (-1,)) for g in grads])
-        flat = self.all_reduce(flat)
+        flat = self.all_reduce(flat) * self.inv_dp
         parts = ops.split(flat[1:], self.sizes)
         return flat[0], tuple(ops.reshape(p, shape) for p, shape in zip(parts, self.shapes))
