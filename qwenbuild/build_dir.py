@@ -93,6 +93,11 @@ class BuildDir:
         return self.root / "export_rank_table.json"
 
     @property
+    def predict(self) -> Path:
+        """Online predict with MindFormers: predict_qwen1_5.yaml and predict.sh (msrun on node 0)."""
+        return self.root / "predict"
+
+    @property
     def msrun_log(self) -> Path:
         return self.output / "msrun_log"
 

@@ -96,13 +96,36 @@ def test_actions_of_a_cluster_topology_read_only_declared_keys(tmp_path, qwen_di
     build.tokenizer.symlink_to(qwen_dir)
     ran = []
     for spec in build_order(task_specs(m)):
-        if spec.name in ("rank_table", "strategy", "launch", "run_config", "lite_ini", "dataset", "init_weights"):
+        if spec.name in ("rank_table", "strategy", "launch", "run_config", "lite_ini", "dataset", "init_weights",
+                         "predict"):
             spec.action(Context(spec.name, DeclaredManifest(m, spec.name, spec.keys), build))
             ran.append(spec.name)
-    assert ran == ["dataset", "init_weights", "rank_table", "strategy", "launch", "run_config", "lite_ini"]
+    assert ran == ["dataset", "init_weights", "rank_table", "strategy", "launch", "run_config", "lite_ini", "predict"]
     assert (build.rank_table / "hccl_2s_8p.json").is_file() and (build.launch / "node_1.sh").is_file()
     assert len(list(build.strategy.glob("ckpt_strategy_rank_*.json"))) == 8
-    assert "rank_table_file=" in build.lite_ini.read_text()
+    # the export topology (export.model_parallel = 2 on node 0) has its own rank table, which lite.ini names
+    export_table = json.loads(build.export_rank_table.read_text())
+    assert export_table["server_count"] == "1" and [(d["device_ip"], d["rank_id"]) for d in
+                                                     export_table["server_list"][0]["device"]] == \
+        [("10.1.0.1", "0"), ("10.1.0.2", "1")]
+    assert f"rank_table_file={build.export_rank_table}" in build.lite_ini.read_text()
+    # online predict: MindFormers reads the YAML; the script runs msrun on the export topology's cards with the
+    # predict environment of the original README
+    from mindformers.tools.register import MindFormerConfig
+
+    config = MindFormerConfig(str(build.predict / "predict_qwen1_5.yaml"))
+    assert (config.run_mode, config.use_parallel, config.auto_trans_ckpt) == ("predict", True, True)
+    assert config.load_checkpoint == str(build.merged_file)
+    assert config.model.model_config.use_past is True
+    assert config.model.model_config.seq_length == m.export.seq_length
+    expected = {"data_parallel": 1, "model_parallel": 2, "pipeline_stage": 1, "use_seq_parallel": False,
+                "micro_batch_num": 1, "vocab_emb_dp": True, "gradient_aggregation_group": 4}
+    assert {k: config.parallel_config[k] for k in expected} == expected  # MindFormers adds its own defaults
+    assert Path(config.processor.tokenizer.vocab_file).is_file()
+    script = (build.predict / "predict.sh").read_text()
+    for line in ("export MS_GE_TRAIN=0", "export MS_ENABLE_GE=1", "export MS_ENABLE_REF_MODE=1",
+                 f"export RANK_TABLE_FILE={build.export_rank_table}", "--worker_num=2", "--run_mode predict"):
+        assert line in script, line
 
 
 def test_task_actions_never_reach_past_the_view():

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 from qwenbuild.export.graph_files import GraphDirs
 from qwenbuild.export.lite_ini import write_lite_ini
@@ -19,7 +20,11 @@ from qwenbuild.parallel.reshard import transform_ckpt
 from qwenbuild.parallel.strategy import write_strategy_files
 from qwenbuild.store import write_seal
 from qwenbuild.tasks.context import Context
-from qwenbuild.tasks.distributed import keyed_dir, rank_table_file
+from qwenbuild.parallel.launch_scripts import launch_scripts, mode_env, write_launch_scripts
+from qwenbuild.tasks.distributed import WORKER_MODULE, keyed_dir, module_script, node_devices, rank_table_file
+from qwenbuild.tasks.train import RUN_CONFIG_KEYS, run_settings
+from qwenbuild.tokenizer.files import ENDOFTEXT, read_vocab, special_ids
+from qwenbuild.train.mindformers_yaml import RunYaml, predict_config, write_yaml
 from qwenbuild.tasks.spec import Group, TaskSpec
 from qwenbuild.tasks.weights import MODEL_KEYS
 from qwenbuild.train.evaluate import read_heldout
@@ -57,12 +62,42 @@ def _export(ctx: Context) -> None:
 def _lite_ini(ctx: Context) -> None:
     m, build = ctx.manifest, ctx.build
     table = None
-    if m.hardware.device == "ascend" and m.export.model_parallel > 1:
+    if m.hardware.device == "ascend":
         # the export topology has its own table: the first export.model_parallel devices of node 0
         cluster = read_json(rank_table_file(m, build), "rank table")
         write_rank_table(first_devices(cluster, m.export.model_parallel), build.export_rank_table)
-        table = build.export_rank_table
+        table = build.export_rank_table if m.export.model_parallel > 1 else None
     write_lite_ini(build.lite_ini, rank_table_file=table, overrides=m.value("lite"))
+
+
+PREDICT_YAML = "predict_qwen1_5.yaml"
+
+
+def _predict(ctx: Context) -> None:
+    """The seed's online predict: MindFormers' own Trainer.predict with use_past on the export topology's cards,
+    from the complete checkpoint (MindFormers reshards it, auto_trans_ckpt), with the predict environment."""
+    m, build, ex = ctx.manifest, ctx.build, ctx.manifest.export
+    hw, mp = m.hardware, ex.model_parallel
+    settings = run_settings(m, build)
+    pad = special_ids(read_vocab(build.tokenizer / "vocab.json"))[ENDOFTEXT]
+    run = RunYaml(settings, micro_batch_num=1, vocab_emb_dp=True, use_seq_parallel=False, recompute=False,
+                  gradient_aggregation_group=4, vocab_file=str(build.tokenizer / "vocab.json"),
+                  merges_file=str(build.tokenizer / "merges.txt"), pad_token_id=pad, eos_token_id=pad)
+    checkpoint = build.merged_file if ex.checkpoint == "finetuned" else build.converted
+    target = "ascend" if hw.device == "ascend" or mp > 1 else "cpu"
+    content = predict_config(run, mp, str(checkpoint), ex.seq_length, ex.max_new_tokens, target)
+    prompt = _question(ctx)[0]
+    command = [module_script(WORKER_MODULE["mindformers"]), "--config", build.predict / PREDICT_YAML,
+               "--run_mode", "predict", "--predict_data", prompt, "--use_parallel", str(mp > 1)]
+    node = dict(node_devices(m)[0], device_ids=hw.device_ids(hw.nodes[0])[:mp])
+    scripts = launch_scripts([node], mp, command, device=hw.device, master_port=hw.master_port,
+                             log_dir=str(build.predict / "msrun_log"), env=mode_env("predict", hw.device),
+                             python_bin_dir=Path(sys.executable).parent, workdir=str(build.root),
+                             rank_table_file=build.export_rank_table if hw.device == "ascend" else None)
+    with ctx.output_dir(build.predict) as tmp:
+        write_yaml(tmp / PREDICT_YAML, run, target, content, "online predict")
+        write_launch_scripts(tmp, {"predict.sh": scripts["node_0.sh"]})
+    print(f"predict: {PREDICT_YAML} ({target}, dp 1 x mp {mp}) and predict.sh -> {build.predict}", file=sys.stderr)
 
 
 def _question(ctx: Context) -> tuple[str, str | None]:
@@ -93,7 +128,7 @@ def _infer(ctx: Context) -> None:
 
 def specs(m, build) -> list[TaskSpec]:
     finetuned = m.export.checkpoint == "finetuned"
-    ascend_multi = m.hardware.device == "ascend" and m.export.model_parallel > 1
+    ascend = m.hardware.device == "ascend"
     heldout_question = m.export.predict_data is None and m.dataset.source == "builtin"
     return [
         TaskSpec("mindir", "MINDIR prefill (full) and decode (inc) graphs per rank of the export topology",
@@ -104,8 +139,9 @@ def specs(m, build) -> list[TaskSpec]:
         TaskSpec("lite_ini", "lite.ini for MindSpore Lite (GE provider; the export topology's rank table on Ascend)",
                  _lite_ini, keys=("lite", "export.model_parallel", "hardware.device", "hardware.nodes",
                                   "hardware.devices_per_node"),
-                 inputs=[build.rank_table] if ascend_multi else [],
-                 outputs=[build.lite_ini] + ([build.export_rank_table] if ascend_multi else [])),
+                 inputs=[build.rank_table] if ascend else [],
+                 outputs=[build.lite_ini] + ([build.export_rank_table] if ascend else [])),
+        _predict_spec(m, build),
         TaskSpec("infer", "answer export.predict_data (or a held-out question) with the exported graphs (greedy)",
                  _infer, keys=("export.predict_data", "export.max_new_tokens", "export.batch_size",
                                "export.seq_length", "dataset.source"),
@@ -114,6 +150,17 @@ def specs(m, build) -> list[TaskSpec]:
                  outputs=[build.infer],
                  packages=("mindspore", "numpy", "tokenizers", "transformers")),
     ]
+
+
+def _predict_spec(m, build) -> TaskSpec:
+    ascend = m.hardware.device == "ascend"
+    return TaskSpec("predict", "MindFormers online predict: predict_qwen1_5.yaml (use_past) and predict.sh (msrun on "
+                               "the export topology, the predict environment)", _predict,
+                    keys=RUN_CONFIG_KEYS + EXPORT_KEYS + ("export.predict_data", "export.max_new_tokens", "hardware",
+                                                          "dataset.source"),
+                    inputs=[build.tokenizer] + ([build.export_rank_table] if ascend else [])
+                    + ([build.dataset] if m.export.predict_data is None and m.dataset.source == "builtin" else []),
+                    dir_outputs=[build.predict], packages=("mindformers",))
 
 
 def groups(m) -> list[Group]:

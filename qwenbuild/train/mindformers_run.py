@@ -27,7 +27,7 @@ from qwenbuild.flags import str2bool
 from qwenbuild.processes import follow_parent
 from qwenbuild.train.worker import exit_code
 
-RUN_MODES = ("train", "finetune")
+RUN_MODES = ("train", "finetune", "predict")
 LOG_PREFIX = "mindformers_run:"
 # model_config values MindFormers' LlamaForCausalLM needs on the CPU kernels
 CPU_MODEL_CONFIG = {"use_flash_attention": False, "use_rope_slice": True, "fused_rms_norm": False,
@@ -46,6 +46,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--train_data", "--train_dataset", dest="train_data", default=None,
                         help="MindRecord to train on (default: the YAML's dataset_dir)")
     parser.add_argument("--use_parallel", type=str2bool, default=None)
+    parser.add_argument("--predict_data", default=None, help="--run_mode predict: the prompt")
+    parser.add_argument("--predict_length", type=int, default=None,
+                        help="--run_mode predict: prompt and answer together stop there (max_length)")
     parser.add_argument("--device_id", type=int, default=-1)
     return parser.parse_args(argv)
 
@@ -63,7 +66,7 @@ def _set(section, key: str, value, where: str, why: str = "CPU") -> None:
 def host_limits(config) -> None:
     """MindSpore's dataset refuses more parallel workers than this host has cores."""
     cores = os.cpu_count() or 1
-    if config.train_dataset.get("num_parallel_workers", 1) > cores:
+    if "train_dataset" in config and config.train_dataset.get("num_parallel_workers", 1) > cores:
         _set(config.train_dataset, "num_parallel_workers", cores, "train_dataset", "host")
 
 
@@ -142,11 +145,28 @@ def run(args: argparse.Namespace) -> None:
     if config.context.device_target == "CPU":
         cpu_substitutions(config)
     build_context(config)
+    if args.run_mode == "predict":
+        _predict(config, args)
+        return
     trainer = Trainer(args=config, task=args.task, train_dataset=config.train_dataset.data_loader.dataset_dir)
     if args.run_mode == "finetune":
         trainer.finetune(finetune_checkpoint=config.load_checkpoint or False, auto_trans_ckpt=config.auto_trans_ckpt)
     else:
         trainer.train(train_checkpoint=config.load_checkpoint or False, auto_trans_ckpt=config.auto_trans_ckpt)
+
+
+def _predict(config, args) -> None:
+    """MindFormers' own online predict (Trainer.predict), as run_qwen1_5.py --run_mode predict does."""
+    # mindformers loads in seconds: imported only when a run starts
+    from mindformers import Trainer
+
+    if not args.predict_data:
+        raise UserError("--run_mode predict needs --predict_data", hint="pass the prompt to answer")
+    trainer = Trainer(args=config, task=args.task)
+    length = args.predict_length or config.model.model_config.seq_length
+    result = trainer.predict(predict_checkpoint=config.load_checkpoint or None, input_data=args.predict_data,
+                             max_length=length, auto_trans_ckpt=config.auto_trans_ckpt)
+    log(f"predict: {result}")
 
 
 def main(argv: list[str] | None = None) -> int:

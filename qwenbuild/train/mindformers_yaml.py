@@ -217,13 +217,35 @@ def mindformers_config(run: RunYaml, target: str | None = None) -> dict:
     }
 
 
-def write_yaml(path: str | Path, run: RunYaml, target: str | None = None) -> Path:
-    content = mindformers_config(run, target)
+def predict_config(run: RunYaml, model_parallel: int, checkpoint: str, seq_length: int, max_decode_length: int,
+                   target: str | None = None) -> dict:
+    """The online-predict YAML (run_qwen1_5_72b_infer.yaml's settings) for `model_parallel` cards of one node:
+    use_past, dp 1 x mp model_parallel x pp 1 with the embedding whole, the complete checkpoint resharded by
+    MindFormers itself (auto_trans_ckpt), the tokenizer files, greedy decoding."""
+    s = dataclasses.replace(run.settings, workers=1, model_parallel=model_parallel, pipeline_stage=1,
+                            seq_length=seq_length)
+    config = mindformers_config(dataclasses.replace(run, settings=s, micro_batch_num=1, vocab_emb_dp=True), target)
+    config.update(load_checkpoint=checkpoint, auto_trans_ckpt=model_parallel > 1, run_mode="predict",
+                  use_parallel=model_parallel > 1)
+    config["runner_config"] = {"epochs": 5, "batch_size": 1, "sink_mode": True, "sink_size": 2}
+    config["parallel_config"].update(gradient_aggregation_group=4, use_seq_parallel=False)
+    config["parallel"].pop("strategy_ckpt_save_file")
+    config["parallel"]["strategy_ckpt_config"] = {"save_file": "./ckpt_strategy.ckpt", "only_trainable_params": False}
+    config["model"]["model_config"].update(batch_size=1, use_past=True, max_decode_length=max_decode_length,
+                                           do_sample=False, top_k=0, top_p=0.8, repetition_penalty=1)
+    for key in ("train_dataset", "train_dataset_task", "lr_schedule", "optimizer"):
+        config.pop(key)
+    return config
+
+
+def write_yaml(path: str | Path, run: RunYaml, target: str | None = None, content: dict | None = None,
+               what: str = "fine-tuning run") -> Path:
+    content = content or mindformers_config(run, target)
     path = Path(path)
     with atomic_path(path) as tmp:
         text = yaml.safe_dump(content, sort_keys=False, default_flow_style=False, allow_unicode=True)
-        tmp.write_text(f"# MindFormers {target} fine-tuning run for Qwen1.5, written by qwenbuild\n" + text,
-                       encoding="utf-8")
+        tmp.write_text(f"# MindFormers {target or default_target(run.settings)} {what} for Qwen1.5, written by "
+                       "qwenbuild\n" + text, encoding="utf-8")
     return path
 
 
