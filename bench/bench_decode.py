@@ -2,6 +2,7 @@
 KV cache, on the same tiny random Qwen1.5 model and the same converted weights, in one run.
 
     .venv/bin/python bench/bench_decode.py [--hidden 128 --layers 4 --vocab 2048 --seq_length 256 --new 128]
+    Qwen1.5-0.5B's shape: --hidden 1024 --layers 24 --heads 16 --kv_heads 16 --intermediate 2816 --vocab 151936
 
 Decode tokens/s counts the tokens produced by decode steps only (prefill and its first token are timed apart):
 transformers' decode time is generate(new) minus generate(1). Greedy, no eos, median of --repeat runs.
@@ -28,7 +29,8 @@ def build(tmp: Path, args):
     torch.manual_seed(0)
     config = Qwen2Config(vocab_size=args.vocab, hidden_size=args.hidden, num_hidden_layers=args.layers,
                          num_attention_heads=args.heads, num_key_value_heads=args.kv_heads,
-                         intermediate_size=args.hidden * 3, max_position_embeddings=max(args.seq_length, 256),
+                         intermediate_size=args.intermediate or args.hidden * 3,
+                         max_position_embeddings=max(args.seq_length, 256),
                          initializer_range=0.2)
     Qwen2ForCausalLM(config).save_pretrained(tmp / "hf")
     convert_weight(tmp / "hf", tmp / "model.ckpt", progress=None)
@@ -56,7 +58,14 @@ def time_transformers(model, prompt, new: int, repeat: int):
     return decode, statistics.median(full for _, (full, _) in runs), runs[0][1][1]
 
 
+def rss_mib() -> float:
+    """This process's resident set size."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) / 1024
+
+
 def time_exported(root: Path, prompt, new: int, repeat: int):
+    """(median decode s, median total s, tokens, RSS MiB growth over the runs after the first)."""
     from qwenbuild.export.graph_files import FULL, INC
     from qwenbuild.infer.backends import GraphCellBackend
     from qwenbuild.infer.runtime import generate_ids, open_export, warm_up
@@ -64,9 +73,12 @@ def time_exported(root: Path, prompt, new: int, repeat: int):
     info = open_export(root)
     backend = GraphCellBackend(info.graph_path(FULL), info.graph_path(INC))
     warm_up(backend, info)
-    runs = [generate_ids(backend, info, [prompt], new, eos_ids=()) for _ in range(repeat)]
+    runs = [generate_ids(backend, info, [prompt], new, eos_ids=())]
+    before = rss_mib()
+    runs += [generate_ids(backend, info, [prompt], new, eos_ids=()) for _ in range(repeat - 1)]
+    growth = rss_mib() - before
     decode = statistics.median(total - prefill for _, (total, prefill) in runs)
-    return decode, statistics.median(total for _, (total, _) in runs), runs[0][0][0]
+    return decode, statistics.median(total for _, (total, _) in runs), runs[0][0][0], growth
 
 
 def main(argv=None) -> int:
@@ -76,6 +88,7 @@ def main(argv=None) -> int:
     parser.add_argument("--heads", type=int, default=4)
     parser.add_argument("--kv_heads", type=int, default=2)
     parser.add_argument("--vocab", type=int, default=2048)
+    parser.add_argument("--intermediate", type=int, default=0, help="FFN size (default 3 x hidden; 0.5B: 2816)")
     parser.add_argument("--seq_length", type=int, default=256)
     parser.add_argument("--prompt", type=int, default=32, help="prompt tokens")
     parser.add_argument("--new", type=int, default=128, help="new tokens per run")
@@ -93,7 +106,7 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         os.chdir(tmp)
         hf_model = build(Path(tmp), args)
-        ms_decode, ms_total, ms_tokens = time_exported(Path(tmp) / "output", prompt, args.new, args.repeat)
+        ms_decode, ms_total, ms_tokens, growth = time_exported(Path(tmp) / "output", prompt, args.new, args.repeat)
         hf = {}
         for threads in thread_counts:
             torch.set_num_threads(threads)
@@ -104,7 +117,8 @@ def main(argv=None) -> int:
           f"{args.vocab}; prompt {args.prompt} + {args.new} new tokens, exported seq_length {args.seq_length}; "
           f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
     print(f"exported graphs (GraphCell):          decode {ms_rate:8.1f} tokens/s, "
-          f"end-to-end {args.new / ms_total:8.1f} tokens/s")
+          f"end-to-end {args.new / ms_total:8.1f} tokens/s; RSS growth over {args.repeat - 1} more runs of "
+          f"{args.new} tokens: {growth:+.1f} MiB")
     for threads, (hf_decode, hf_total, hf_tokens) in hf.items():
         hf_rate = steps / hf_decode
         print(f"transformers generate (KV, {threads} thread{'s' if threads > 1 else ''}): decode {hf_rate:8.1f} "
