@@ -25,8 +25,16 @@ def file_digest(path: str | os.PathLike) -> str:
 
 
 def content_digest(path: str | os.PathLike) -> str:
-    """Digest of what a file means: MINDIR graphs are normalised (their raw bytes vary between processes)."""
-    return mindir_digest(path) if str(path).endswith(".mindir") else file_digest(path)
+    """Digest of what a file means: MINDIR graphs are normalised (their raw bytes vary between processes); a
+    damaged one that no longer parses is digested as bytes, so it differs from every recorded digest."""
+    if not str(path).endswith(".mindir"):
+        return file_digest(path)
+    try:
+        return mindir_digest(path)
+    except UserError:
+        if not Path(path).is_file():
+            raise
+        return "damaged:" + file_digest(path)
 
 
 def bytes_digest(data: bytes) -> str:
@@ -52,7 +60,7 @@ def load_model_proto(path):
     model = mind_ir_pb2.ModelProto()
     try:
         model.ParseFromString(data)
-    except DecodeError as exc:
+    except (DecodeError, ValueError) as exc:  # a damaged string field fails UTF-8 decoding (a ValueError)
         raise UserError(f"{path} is not a MINDIR file ({exc})", hint="re-export it; the file may be truncated")
     if not model.graph.name and not model.graph.node:
         raise UserError(f"{path} holds no graph", hint="re-export it; the file may be truncated or not a MINDIR")

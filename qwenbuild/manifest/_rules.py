@@ -26,7 +26,7 @@ def _plan(m) -> list:
     for p in plan_problems(m.model.config, 1, m.export.model_parallel, 1, par.vocab_emb_dp):
         out.append(m.problem("export.model_parallel", f"export topology dp 1 x mp {m.export.model_parallel}: "
                                                       + (p.message if p.hint is None else f"{p.message}; {p.hint}")))
-    if m.export.model_parallel > hw.devices_per_node:
+    if hw.device == "ascend" and m.export.model_parallel > hw.devices_per_node:
         out.append(m.problem("export.model_parallel", f"{m.export.model_parallel} ranks do not fit one node of "
                                                       f"{hw.devices_per_node} devices; the export topology is one "
                                                       "node"))

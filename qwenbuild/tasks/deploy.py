@@ -18,7 +18,7 @@ from qwenbuild.lock import Lock
 from qwenbuild.parallel.rank_table import first_devices, write_rank_table
 from qwenbuild.parallel.reshard import transform_ckpt
 from qwenbuild.parallel.strategy import write_strategy_files
-from qwenbuild.store import write_seal
+from qwenbuild.store import seal_path, write_seal
 from qwenbuild.tasks.context import Context
 from qwenbuild.parallel.launch_scripts import launch_scripts, mode_env, write_launch_scripts
 from qwenbuild.tasks.distributed import WORKER_MODULE, keyed_dir, module_script, node_devices, rank_table_file
@@ -41,6 +41,8 @@ def _export_shards(ctx: Context, source) -> None:
     def make(tmp) -> None:
         write_strategy_files(m.model.config, 1, mp, 1, tmp / "strategy", vocab_emb_dp)
         transform_ckpt("", tmp / "strategy", source, tmp / "shards", progress=None)
+        # one seal for the whole directory: the shards' own would be a member of it
+        seal_path(tmp / "shards").unlink()
         write_seal(tmp)
 
     keyed_dir(build, build.export_shards, {"source": Lock(build.lock).digest_of(source, build.root),
