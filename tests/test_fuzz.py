@@ -392,6 +392,14 @@ COMMANDS = {  # argv, and the path it writes (OUT)
 }
 
 
+def _before_the_program(err: str) -> bool:
+    """A Ctrl-C that landed while the interpreter was still starting (every frame Python's own start-up, on a
+    loaded machine later than the 0.2 s the harness waits): no program can handle it, Python reports it."""
+    frames = [line for line in err.splitlines() if line.strip().startswith('File "')]
+    return err.rstrip().endswith("KeyboardInterrupt") and bool(frames) and \
+        all('File "<frozen ' in line for line in frames)
+
+
 def _start(inputs: Path, name: str, out: Path) -> subprocess.Popen:
     argv = [str(out) if a == "OUT" else a for a in COMMANDS[name]]
     return subprocess.Popen([sys.executable, "-m", "qwenbuild", *argv], cwd=inputs, stdout=subprocess.DEVNULL,
@@ -441,9 +449,11 @@ def test_a_signal_at_a_random_moment_stops_the_command_cleanly(inputs, name):
             _, err_bytes = proc.communicate(timeout=120)
             err = err_bytes.decode(errors="replace")
             TALLY["cases"] += 1
-            assert "Traceback" not in err and "Fatal Python error" not in err, err
-            assert proc.returncode in (0, 128 + sig, -sig), (proc.returncode, err)
-            if proc.returncode != 0:
+            before_start = _before_the_program(err)
+            assert ("Traceback" not in err or before_start) and "Fatal Python error" not in err, err
+            assert proc.returncode in (0, 1, 128 + sig, -sig) if before_start else \
+                proc.returncode in (0, 128 + sig, -sig), (proc.returncode, err)
+            if proc.returncode != 0 and not before_start:
                 assert "interrupted" in err or proc.returncode == -sig, err
             # the signal may land after the output was promoted: then it is the whole output, never a part of it
             # (commands that write into a directory, like export and instructions, keep what else it holds)
