@@ -203,9 +203,7 @@ def generate(mindir_root_dir, tokenizer, prompts, *, max_new_tokens: int = 512, 
     tokenizer: a directory with vocab.json, merges.txt and tokenizer_config.json, or a loaded tokenizer.
     max_length: prompt and answer together stop there (the original script's --predict_length).
     """
-    sampling = Sampling(do_sample, top_k, top_p, temperature, repetition_penalty, seed)
-    if max_new_tokens < 1:
-        raise UserError(f"--max_new_tokens must be at least 1, not {max_new_tokens}")
+    sampling = checked_sampling(max_new_tokens, do_sample, top_k, top_p, temperature, repetition_penalty, seed)
     info = open_export(mindir_root_dir, rank, batch_size, seq_length)
     where = tokenizer if isinstance(tokenizer, (str, os.PathLike)) else "the given files"
     tokenizer = load_tokenizer(tokenizer) if isinstance(tokenizer, (str, os.PathLike)) else tokenizer
@@ -235,9 +233,20 @@ def generate(mindir_root_dir, tokenizer, prompts, *, max_new_tokens: int = 512, 
     return result
 
 
+def checked_sampling(max_new_tokens: int = 512, do_sample: bool = False, top_k: int = 3, top_p: float = 0.85,
+                     temperature: float = 1.0, repetition_penalty: float = 1.0, seed: int = 0) -> Sampling:
+    """The sampling settings, refused with the flag's name before anything is loaded."""
+    sampling = Sampling(do_sample, top_k, top_p, temperature, repetition_penalty, seed)
+    if max_new_tokens < 1:
+        raise UserError(f"--max_new_tokens must be at least 1, not {max_new_tokens}")
+    return sampling
+
+
 def generate_on_ranks(mindir_root_dir, tokenizer, prompts, *, progress=None, **options) -> GenerationResult:
     """generate() on an export of any model_parallel: one rank here, or every rank under msrun on this machine
     (rank 0's result). tokenizer: a directory; options: generate()'s keywords."""
+    checked_sampling(**{k: options[k] for k in ("max_new_tokens", "do_sample", "top_k", "top_p", "temperature",
+                                                 "repetition_penalty", "seed") if k in options})
     info = open_export(mindir_root_dir, 0, options.get("batch_size"), options.get("seq_length"))
     if info.model_parallel == 1:
         return generate(mindir_root_dir, tokenizer, prompts, progress=progress, **options)
