@@ -209,11 +209,13 @@ def _stale_ranks(dst: Path, world: int) -> list[str]:
 
 
 def transform_ckpt(src_ckpt_strategy, dst_ckpt_strategy, src_ckpt_dir, dst_ckpt_dir, prefix: str = "checkpoint_",
-                   progress: Callable[[str], None] | None = _stderr, keep: Callable[[str], bool] | None = None) -> dict:
+                   progress: Callable[[str], None] | None = _stderr, keep: Callable[[str], bool] | None = None,
+                   seal: bool = True) -> dict:
     """Write dst_ckpt_dir/rank_N/<prefix>N.ckpt for every rank of the destination strategy.
 
     Strategies: '' or None = complete weights, a file, or a directory of per-rank files (merged across stages).
     Optimizer moments (adam_m.<name>, ...) are sliced as their parameter; `keep(name)` selects the entries written.
+    seal=False leaves dst_ckpt_dir unsealed, for a caller whose own directory holds it (and seals that).
     Each rank directory is promoted atomically when complete; nothing else in dst_ckpt_dir is touched.
     """
     progress = progress or (lambda _msg: None)
@@ -251,7 +253,7 @@ def transform_ckpt(src_ckpt_strategy, dst_ckpt_strategy, src_ckpt_dir, dst_ckpt_
             total += size
             progress(f"transform_ckpt: rank {rank + 1}/{world}: {path} {size / 2**20:.1f} MiB "
                      f"in {time.perf_counter() - t0:.2f} s")
-    digest = write_seal(dst)
+    digest = write_seal(dst) if seal else None
     seconds = time.perf_counter() - started
     progress(f"transform_ckpt: {world} ranks, {total / 2**20:.1f} MiB written to {dst} in {seconds:.1f} s")
     return {"ranks": world, "files": files, "bytes": total, "seconds": seconds, "digest": digest}

@@ -15,12 +15,12 @@ from qwenbuild.infer.prompt import SEED_PROMPT
 from qwenbuild.infer.runtime import generate_on_ranks, print_progress
 from qwenbuild.jsonfile import read_json
 from qwenbuild.lock import Lock
+from qwenbuild.parallel.launch_scripts import launch_scripts, mode_env, write_launch_scripts
 from qwenbuild.parallel.rank_table import first_devices, write_rank_table
 from qwenbuild.parallel.reshard import transform_ckpt
 from qwenbuild.parallel.strategy import write_strategy_files
-from qwenbuild.store import seal_path, write_seal
+from qwenbuild.store import write_seal
 from qwenbuild.tasks.context import Context
-from qwenbuild.parallel.launch_scripts import launch_scripts, mode_env, write_launch_scripts
 from qwenbuild.tasks.distributed import WORKER_MODULE, keyed_dir, module_script, node_devices, rank_table_file
 from qwenbuild.tasks.train import RUN_CONFIG_KEYS, run_settings
 from qwenbuild.tokenizer.files import ENDOFTEXT, read_vocab, special_ids
@@ -40,9 +40,8 @@ def _export_shards(ctx: Context, source) -> None:
 
     def make(tmp) -> None:
         write_strategy_files(m.model.config, 1, mp, 1, tmp / "strategy", vocab_emb_dp)
-        transform_ckpt("", tmp / "strategy", source, tmp / "shards", progress=None)
         # one seal for the whole directory: the shards' own would be a member of it
-        seal_path(tmp / "shards").unlink()
+        transform_ckpt("", tmp / "strategy", source, tmp / "shards", progress=None, seal=False)
         write_seal(tmp)
 
     keyed_dir(build, build.export_shards, {"source": Lock(build.lock).digest_of(source, build.root),
