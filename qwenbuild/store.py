@@ -112,9 +112,9 @@ def atomic_path(final: str | os.PathLike, *, directory: bool = False) -> Iterato
                         hint="remove it or choose another output path")
     sweep_stale(final)
     tmp = tmp_sibling(final, "tmp")
-    if directory:
-        tmp.mkdir()
     try:
+        if directory:  # inside the try: a signal handled just after mkdir returns must still remove it
+            tmp.mkdir()
         yield tmp
         promote(tmp, final)
     except OSError as exc:

@@ -173,3 +173,30 @@ def test_doit_finetune_stops_msrun_and_its_workers(tmp_path, sig, whole_group):
     assert "finetune" not in _lock_tasks(build)
     assert not (build / "output" / "checkpoint" / ".qwenbuild-seal.json").exists(), "an unfinished run looks done"
     assert not temporaries(build), temporaries(build)
+
+
+@pytest.mark.parametrize("staging", ["atomic_directory", "mindrecord"])
+def test_a_signal_handled_as_the_temporary_directory_is_made_leaves_nothing(tmp_path, monkeypatch, staging):
+    """Python runs a signal's handler at the first bytecode after the mkdir system call returns: the directory
+    exists then, and the exception must still remove it."""
+    from qwenbuild.data import mindrecord
+    from qwenbuild.processes import Interrupted
+    from qwenbuild.store import atomic_path
+
+    real_mkdir = Path.mkdir
+
+    def mkdir_then_signal(self, *args, **kwargs):
+        real_mkdir(self, *args, **kwargs)
+        if TEMPORARY.match(self.name):
+            raise Interrupted(signal.SIGTERM)
+
+    monkeypatch.setattr(Path, "mkdir", mkdir_then_signal)
+    out = tmp_path / "out"
+    with pytest.raises(Interrupted):
+        if staging == "atomic_directory":
+            with atomic_path(out, directory=True) as tmp:
+                (tmp / "f").write_bytes(b"x")
+        else:
+            with mindrecord._staging_dir(out):
+                pass
+    assert sorted(p.name for p in tmp_path.iterdir()) == []

@@ -56,8 +56,8 @@ def _staging_dir(output_file: Path) -> Iterator[Path]:
     output_file.parent.mkdir(parents=True, exist_ok=True)
     sweep_stale(output_file)
     staging = tmp_sibling(output_file, "tmp")
-    staging.mkdir()
     try:
+        staging.mkdir()  # inside the try: a signal handled just after mkdir returns must still remove it
         yield staging
     finally:
         shutil.rmtree(staging, ignore_errors=True)
