@@ -5,11 +5,13 @@ Both start from the same seeded Hugging Face checkpoint, read the same rows in t
 same thread count. Prints tokens/s of each, the ratio, and how far apart the two loss curves end up.
 
     .venv/bin/python bench/bench_train.py [--steps 60] [--batch 16] [--seq 64] [--mindrecord FILE]
+    .venv/bin/python bench/bench_train.py --shape 0.5b --steps 6 --batch 2 --seq 64
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import sys
 import tempfile
@@ -24,6 +26,15 @@ def default_model(vocab: int, seq: int):
 
     return QwenConfig(vocab_size=vocab, hidden_size=128, num_layers=4, num_heads=4, n_kv_heads=2,
                       intermediate_size=384, rope_theta=10000.0, max_position_embeddings=max(seq, 128))
+
+
+def half_billion_model(seq: int):
+    """Qwen1.5-0.5B's shape (random weights): 24 layers, hidden 1024, 16/16 heads, FFN 2816, tied 151,936 vocab."""
+    from qwenbuild.model.config import QwenConfig
+
+    return QwenConfig(vocab_size=151936, hidden_size=1024, num_layers=24, num_heads=16, n_kv_heads=16,
+                      intermediate_size=2816, rope_theta=1000000.0, max_position_embeddings=max(seq, 128),
+                      tie_word_embeddings=True)
 
 
 def synthetic_mindrecord(path: Path, rows: int, seq: int, vocab: int) -> str:
@@ -79,6 +90,9 @@ def main() -> int:
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--mindrecord", help="train on this MindRecord instead of synthetic rows (vocab must fit)")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--shape", choices=("tiny", "0.5b"), default="tiny",
+                        help="tiny (default: hidden 128, 4 layers, --vocab) or Qwen1.5-0.5B's shape (use few --steps, "
+                             "small --batch and --seq: about 8 GB of weights, gradients and moments per framework)")
     args = parser.parse_args()
 
     from qwenbuild.train import data
@@ -91,7 +105,8 @@ def main() -> int:
 
     work = Path(tempfile.mkdtemp(prefix="bench_train_"))
     os.chdir(work)  # mindformers and MindSpore write logs into the working directory
-    cfg = default_model(args.vocab, args.seq)
+    cfg = default_model(args.vocab, args.seq) if args.shape == "tiny" else half_billion_model(args.seq)
+    args.vocab = cfg.vocab_size
     records = args.mindrecord or synthetic_mindrecord(work / "train.mindrecord", 2000, args.seq, args.vocab)
     write_random_hf_model(cfg, 0, work / "hf")
     convert_weight(work / "hf", work / "init.ckpt", progress=None)
@@ -105,8 +120,10 @@ def main() -> int:
 
     print(f"model {num_parameters(cfg) / 1e6:.2f}M params, batch {args.batch} x {args.seq} tokens, "
           f"{args.steps} steps, {args.threads} threads", file=sys.stderr)
-    ours = finetune(settings, progress=None)
+    # torch first: it gives its memory back when its model goes, MindSpore keeps its pool until the process ends
     theirs_loss, theirs_times = run_torch(work / "hf", settings, rows_by_epoch, lrs, args.threads)
+    gc.collect()
+    ours = finetune(settings, progress=None)
     theirs_tps = tokens_per_step * (len(theirs_times) - 1) / sum(theirs_times[1:])
     gap = float(np.max(np.abs(np.array(ours["loss"]) - np.array(theirs_loss))))
     print(f"qwenbuild (MindSpore GRAPH): {ours['tokens_per_s']:8.0f} tokens/s  (compile {ours['compile_s']:.1f} s, "

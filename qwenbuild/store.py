@@ -7,6 +7,7 @@ import ctypes
 import errno
 import json
 import os
+import re
 import shutil
 import uuid
 from pathlib import Path
@@ -80,11 +81,20 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+_SUFFIX = re.compile(r"\.[a-z]+-(\d+)-[0-9a-f]{8}")
+
+
 def sweep_stale(final: Path) -> None:
-    """Remove temporaries of `final` left by killed processes."""
-    for leftover in final.parent.glob(f".{glob_escape(final.name)}.*-*-*"):
-        parts = leftover.name.rsplit("-", 2)
-        if len(parts) == 3 and parts[1].isdigit() and not _pid_alive(int(parts[1])):
+    """Remove temporaries of `final` left by killed processes, and temporaries of those temporaries (a writer that
+    promotes its own output atomically, given a temporary directory to write into)."""
+    for leftover in final.parent.glob(f".*{glob_escape(final.name)}.*-*-*"):
+        dots = len(leftover.name) - len(leftover.name.lstrip("."))
+        rest = leftover.name[dots:]
+        if not rest.startswith(final.name + "."):
+            continue
+        suffixes = _SUFFIX.findall(rest[len(final.name):])
+        if len(suffixes) == dots and _SUFFIX.sub("", rest[len(final.name):]) == "" and \
+                not all(_pid_alive(int(pid)) for pid in suffixes):
             remove(leftover)
 
 

@@ -200,3 +200,22 @@ def test_a_signal_handled_as_the_temporary_directory_is_made_leaves_nothing(tmp_
             with mindrecord._staging_dir(out):
                 pass
     assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_temporaries_of_a_killed_writer_are_swept_nested_ones_too(tmp_path):
+    """A task writes into a temporary directory through a writer that promotes atomically itself: killed, it leaves
+    `.out.tmp-P-x` and `..out.tmp-P-x.tmp-P-y`; the next write of `out` removes both, and nothing a live process
+    or the user owns."""
+    from qwenbuild.store import atomic_path
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True, check=True).stdout.strip()
+    left = [f".out.tmp-{dead}-0123abcd", f"..out.tmp-{dead}-0123abcd.tmp-{dead}-4567ef01",
+            f".out.old-{dead}-89abcdef"]
+    kept = [f".out.tmp-{os.getpid()}-0123abcd", f"..out.tmp-{os.getpid()}-0123abcd.tmp-{os.getpid()}-4567ef01",
+            ".out.notes", "..out.tmp-1-0123abcd", f".other.tmp-{dead}-0123abcd", "out.tmp-1-0123abcd"]
+    for name in left + kept:
+        (tmp_path / name).mkdir()
+    with atomic_path(tmp_path / "out", directory=True) as tmp:
+        (tmp / "f").write_bytes(b"x")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(kept + ["out"])

@@ -29,28 +29,47 @@ def test_schedule_matches_mindformers_cosine_with_warmup():
     assert cosine_with_warmup(50, 50, 2e-3, 0.1) == 0.0
 
 
-def test_adamw_matches_torch_adamw():
+@pytest.mark.parametrize("mode", ["GRAPH_MODE", "PYNATIVE_MODE"])
+def test_adamw_matches_torch_adamw(mode):
+    """float32 parameters take the fused kernel (bias correction folded into its inputs), float16 ones the update
+    spelled out; both as torch's AdamW."""
     import mindspore as ms
     import torch
 
     from qwenbuild.train.optimizer import AdamW
 
-    ms.set_context(mode=ms.PYNATIVE_MODE)
+    ms.set_context(mode=getattr(ms, mode))
     rng = np.random.default_rng(0)
-    start = rng.standard_normal((3, 4)).astype(np.float32)
-    grads = [rng.standard_normal((3, 4)).astype(np.float32) for _ in range(3)]
-    param = ms.Parameter(ms.Tensor(start), name="w")
-    ours = AdamW([param], weight_decay=0.1)
-    ref = torch.nn.Parameter(torch.tensor(start))
-    theirs = torch.optim.AdamW([ref], lr=1e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
-    for g in grads:
-        ours((ms.Tensor(g),), ms.Tensor(np.float32(1e-2)))
-        ref.grad = torch.tensor(g)
+    starts = [rng.standard_normal((3, 4)).astype(np.float32), rng.standard_normal((5,)).astype(np.float32)]
+    grads = [[rng.standard_normal(s.shape).astype(np.float32) for s in starts] for _ in range(4)]
+    params = [ms.Parameter(ms.Tensor(starts[0]), name="w"),
+              ms.Parameter(ms.Tensor(starts[1], ms.float16), name="b")]
+    ours = AdamW(params, weight_decay=0.1)
+    refs = [torch.nn.Parameter(torch.tensor(starts[0])),
+            torch.nn.Parameter(torch.tensor(starts[1]).half().float())]
+    theirs = torch.optim.AdamW(refs, lr=1e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
+    for step_grads in grads:
+        ours(tuple(ms.Tensor(g) for g in step_grads), ms.Tensor(np.float32(1e-2)))
+        for ref, g in zip(refs, step_grads):
+            ref.grad = torch.tensor(g)
         theirs.step()
-    np.testing.assert_allclose(param.asnumpy(), ref.detach().numpy(), rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(ours.moments1[0].asnumpy(), theirs.state[ref]["exp_avg"].numpy(), rtol=1e-5)
-    assert [m.name for m in (*ours.moments1, *ours.moments2)] == ["adam_m.w", "adam_v.w"]
-    assert int(ours.global_step.asnumpy()) == 3
+        with torch.no_grad():  # the float16 parameter is stored rounded after every step
+            refs[1].copy_(refs[1].half().float())
+    np.testing.assert_allclose(params[0].asnumpy(), refs[0].detach().numpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(ops_float(params[1]), refs[1].detach().numpy(), rtol=1e-3, atol=1e-3)
+    for i, ref in enumerate(refs):
+        np.testing.assert_allclose(ours.moments1[i].asnumpy(), theirs.state[ref]["exp_avg"].numpy(), rtol=1e-5,
+                                   atol=1e-7)
+        np.testing.assert_allclose(ours.moments2[i].asnumpy(), theirs.state[ref]["exp_avg_sq"].numpy(), rtol=1e-5,
+                                   atol=1e-9)
+    assert [m.name for m in (*ours.moments1, *ours.moments2)] == ["adam_m.w", "adam_m.b", "adam_v.w", "adam_v.b"]
+    assert int(ours.global_step.asnumpy()) == 4
+
+
+def ops_float(param):
+    import mindspore as ms
+
+    return param.astype(ms.float32).asnumpy()
 
 
 def test_loss_is_shifted_cross_entropy_over_unmasked_targets():

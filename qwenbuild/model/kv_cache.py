@@ -80,7 +80,7 @@ class DecodeGraph(_Graph):
         slots = ops.expand_dims(ops.arange(window, dtype=ms.int32), 0)
         bias = ops.reshape((1.0 - ops.cast(slots <= ops.expand_dims(pos, 1), F32)) * MASKED, (b, 1, 1, window))
         cos, sin = model.rope(ops.expand_dims(ops.cast(pos, F32), 1))
-        x = model.tok_embeddings(input_ids)
+        x = model.embed(input_ids)
         heads = self.key_past[0].shape[1]
         # (cache row, head, slot) of each row's new token, for every local KV head
         where = ops.stack((ops.tile(ops.expand_dims(index, 1), (1, heads)),
@@ -94,7 +94,7 @@ class DecodeGraph(_Graph):
             keys = ops.gather(key_past, index, 0)[:, :, :window, :]
             values = ops.gather(value_past, index, 0)[:, :, :window, :]
             x = layer.after_attention(x, layer.attention.attend(q, keys, values, bias))
-        return self.logits(ops.squeeze(x, 1))
+        return self.logits(x)
 
 
 def graph_inputs(batch_size: int, seq_length: int, kind: str) -> tuple:

@@ -51,10 +51,45 @@ class Linear(nn.Cell):
 
     def construct(self, x):
         # 2-D MatMul: the CPU backend has no broadcasting BatchMatMul for weights
-        y = self.matmul(ops.reshape(x, (-1, self.n_in)), ops.cast(self.weight, F32))
+        flat = x if len(x.shape) == 2 else ops.reshape(x, (-1, self.n_in))
+        y = self.matmul(flat, ops.cast(self.weight, F32))
         if self.has_bias:
             y = y + ops.cast(self.bias, F32)
-        return ops.reshape(y, x.shape[:-1] + (self.n_out,))
+        return y if len(x.shape) == 2 else ops.reshape(y, x.shape[:-1] + (self.n_out,))
+
+
+# below this many weight elements a projection group is one MatMul on weights concatenated per call: the copy
+# costs less than the kernels it saves; above it, only when more tokens than input features come in
+FUSE_WEIGHTS_UP_TO = 1 << 18
+
+
+def fuse_weights(linears: tuple, tokens: int) -> bool:
+    return sum(lin.n_out for lin in linears) * linears[0].n_in <= FUSE_WEIGHTS_UP_TO or tokens >= linears[0].n_in
+
+
+def joint_projection(x, linears: tuple, fused: bool, matmul):
+    """Linears reading the same x [N, in] -> their outputs side by side [N, sum of outputs]."""
+    if not fused:
+        return ops.concat([lin(x) for lin in linears], -1)
+    y = matmul(x, ops.concat([ops.cast(lin.weight, F32) for lin in linears], 0))
+    if linears[0].has_bias:
+        y = y + ops.concat([ops.cast(lin.bias, F32) for lin in linears], 0)
+    return y
+
+
+class Split(nn.Cell):
+    """ops.split whose gradient is one Concat of the parts' gradients (MindSpore's own writes a full-size
+    StridedSliceGrad per part and sums them)."""
+
+    def __init__(self, sizes: tuple[int, ...], axis: int):
+        super().__init__()
+        self.sizes, self.axis = sizes, axis
+
+    def construct(self, x):
+        return ops.split(x, self.sizes, self.axis)
+
+    def bprop(self, x, out, dout):
+        return (ops.concat(dout, self.axis),)
 
 
 EMBEDDING = "model.tok_embeddings.embedding_weight"
@@ -93,13 +128,22 @@ class Embedding(nn.Cell):
         return self.reduce(rows * ops.expand_dims(ops.cast(mine, F32), -1))
 
 
-def rotate_half(x):
-    half = x.shape[-1] // 2
-    return ops.concat((-x[..., half:], x[..., :half]), -1)
+def rotate_half_matrix(head_dim: int) -> np.ndarray:
+    """R with x @ R = concat(-x[half:], x[:half]): RoPE's rotate_half as one MatMul."""
+    half = head_dim // 2
+    r = np.zeros((head_dim, head_dim), np.float32)
+    r[np.arange(half) + half, np.arange(half)] = -1.0
+    r[np.arange(half), np.arange(half) + half] = 1.0
+    return r
 
 
 class Attention(nn.Cell):
-    """Split by model parallelism, each process holds whole heads: q/k/v by output rows, wo by input columns."""
+    """Split by model parallelism, each process holds whole heads: q/k/v by output rows, wo by input columns.
+
+    Works on tokens as rows: x [N, hidden] with N = B * S; q, k and v come out of one projection as
+    [B, S, heads, D], where RoPE is applied to every head at once (the value heads' table rows are cos 1, sin 0, and
+    the query heads' carry 1/sqrt(D), so no separate scaling of the scores is needed).
+    """
 
     def __init__(self, cfg: QwenConfig, dtype, parallel: ModelParallel, prefix: str):
         super().__init__()
@@ -112,45 +156,53 @@ class Attention(nn.Cell):
         mp = parallel.size if split_qkv else 1
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.num_heads // mp, cfg.n_kv_heads // mp, cfg.head_dim
         self.n_rep = cfg.num_heads // cfg.n_kv_heads
-        self.scale = float(cfg.head_dim) ** -0.5
+        self.hidden_size = cfg.hidden_size
         h, q, kv = cfg.hidden_size, self.n_heads * cfg.head_dim, self.n_kv_heads * cfg.head_dim
         self.wq = Linear(h, q, cfg.qkv_has_bias, dtype)
         self.wk = Linear(h, kv, cfg.qkv_has_bias, dtype)
         self.wv = Linear(h, kv, cfg.qkv_has_bias, dtype)
         self.wo = Linear(q, h, False, dtype)
+        self.matmul = ops.MatMul(transpose_b=True)
+        self.rotate = Tensor(rotate_half_matrix(cfg.head_dim))
+        self.split_heads = Split((self.n_heads, self.n_kv_heads, self.n_kv_heads), 1)
         self.copy_in = parallel.copy_in() if mp > 1 else Identity()
         self.reduce = parallel.reduce_out() if mp > 1 else Identity()
         self.scores = ops.BatchMatMul(transpose_b=True)
         self.weighted = ops.BatchMatMul()
 
-    def _heads(self, x, n):
-        b, s, _ = x.shape
-        return ops.transpose(ops.reshape(x, (b, s, n, self.head_dim)), (0, 2, 1, 3))
+    def rope_table(self, cos, sin):
+        """cos, sin [B|1, S, 1, D] -> this layer's tables [B|1, S, heads + 2 * kv_heads, D] (see the class)."""
+        scale = float(self.head_dim) ** -0.5
+        heads = (self.n_heads, self.n_kv_heads, self.n_kv_heads)
+        ones = ops.ones_like(cos)
+        cos_t = ops.concat([ops.tile(t, (1, 1, n, 1)) for t, n in zip((cos * scale, cos, ones), heads)], 2)
+        sin_t = ops.concat([ops.tile(t, (1, 1, n, 1)) for t, n in zip((sin * scale, sin, ones * 0.0), heads)], 2)
+        return cos_t, sin_t
 
     def project(self, x, cos, sin):
-        """q [B, H, S, D] and k, v [B, KV, S, D] of x [B, S, hidden], RoPE applied to q and k."""
-        shared = self.copy_in(x)
-        q = self._heads(self.wq(shared), self.n_heads)
-        k = self._heads(self.wk(shared), self.n_kv_heads)
-        v = self._heads(self.wv(shared), self.n_kv_heads)
-        q = q * cos + rotate_half(q) * sin
-        k = k * cos + rotate_half(k) * sin
+        """q [B, H, S, D] (scaled by 1/sqrt(D)) and k, v [B, KV, S, D] of x [N, hidden], RoPE applied to q and k;
+        cos, sin are rope_table()'s [B|1, S, heads, D]."""
+        s, d = cos.shape[1], self.head_dim
+        b = x.shape[0] // s
+        heads = self.n_heads + 2 * self.n_kv_heads
+        linears = (self.wq, self.wk, self.wv)
+        flat = joint_projection(self.copy_in(x), linears, fuse_weights(linears, x.shape[0]), self.matmul)
+        rotated = ops.matmul(ops.reshape(flat, (-1, d)), self.rotate)
+        roped = ops.reshape(flat, (b, s, heads, d)) * cos + ops.reshape(rotated, (b, s, heads, d)) * sin
+        q, k, v = self.split_heads(ops.transpose(roped, (0, 2, 1, 3)))
         return q, k, v
 
-    def _repeat_kv(self, x):
-        if self.n_rep == 1:
-            return x
-        b, n, s, d = x.shape
-        x = ops.tile(ops.expand_dims(x, 2), (1, 1, self.n_rep, 1, 1))
-        return ops.reshape(x, (b, n * self.n_rep, s, d))
-
     def attend(self, q, k, v, bias):
-        """Output projection of softmax(q k^T / sqrt(D) + bias) v; q [B, H, Sq, D], k, v [B, KV, Sk, D]."""
-        k, v = self._repeat_kv(k), self._repeat_kv(v)
-        probs = ops.softmax(self.scores(q, k) * self.scale + bias, -1)
-        out = self.weighted(probs, v)
-        b, _, s, _ = out.shape
-        return self.reduce(self.wo(ops.reshape(ops.transpose(out, (0, 2, 1, 3)), (b, s, self.n_heads * self.head_dim))))
+        """Output projection [N, hidden] of softmax(q k^T + bias) v; q [B, H, Sq, D] (scaled), k, v [B, KV, Sk, D],
+        bias [B|1, 1, Sq, Sk]. Query heads sharing a key head are stacked along the rows, so keys are not repeated."""
+        b, _, sq, d = q.shape
+        sk = k.shape[2]
+        grouped = ops.reshape(q, (b, self.n_kv_heads, self.n_rep * sq, d))
+        scores = ops.reshape(self.scores(grouped, k), (b, self.n_kv_heads, self.n_rep, sq, sk))
+        probs = ops.softmax(scores + ops.expand_dims(bias, 2), -1)
+        out = self.weighted(ops.reshape(probs, (b, self.n_kv_heads, self.n_rep * sq, sk)), v)
+        out = ops.transpose(ops.reshape(out, (b, self.n_heads, sq, d)), (0, 2, 1, 3))
+        return self.reduce(self.wo(ops.reshape(out, (b * sq, self.n_heads * d))))
 
     def construct(self, x, cos, sin, bias):
         q, k, v = self.project(x, cos, sin)
@@ -167,17 +219,20 @@ class FeedForward(nn.Cell):
         if split_in != split_out:
             raise UserError(f"the strategy splits {prefix}w1/w3 and {prefix}w2 inconsistently",
                             hint="w1/w3 split on dimension 0 go with w2 split on dimension 1")
-        inner = cfg.intermediate_size // (parallel.size if split_in else 1)
-        self.w1 = Linear(cfg.hidden_size, inner, False, dtype)
-        self.w2 = Linear(inner, cfg.hidden_size, False, dtype)
-        self.w3 = Linear(cfg.hidden_size, inner, False, dtype)
+        self.inner = cfg.intermediate_size // (parallel.size if split_in else 1)
+        self.w1 = Linear(cfg.hidden_size, self.inner, False, dtype)
+        self.w2 = Linear(self.inner, cfg.hidden_size, False, dtype)
+        self.w3 = Linear(cfg.hidden_size, self.inner, False, dtype)
+        self.matmul = ops.MatMul(transpose_b=True)
+        self.split_gate_up = Split((self.inner, self.inner), 1)
         self.copy_in = parallel.copy_in() if split_in else Identity()
         self.reduce = parallel.reduce_out() if split_in else Identity()
 
     def construct(self, x):
-        shared = self.copy_in(x)
-        gate = self.w1(shared)
-        return self.reduce(self.w2(gate * ops.sigmoid(gate) * self.w3(shared)))
+        linears = (self.w1, self.w3)
+        both = joint_projection(self.copy_in(x), linears, fuse_weights(linears, x.shape[0]), self.matmul)
+        gate, up = self.split_gate_up(both)
+        return self.reduce(self.w2(ops.silu(gate) * up))
 
 
 class DecoderLayer(nn.Cell):
@@ -190,7 +245,7 @@ class DecoderLayer(nn.Cell):
         self.feed_forward = FeedForward(cfg, dtype, parallel, f"model.layers.{index}.feed_forward.")
 
     def construct(self, x, cos, sin, bias):
-        """x [B, S, hidden] -> (x, k, v) with the layer's roped keys and values [B, KV, S, D]."""
+        """x [N, hidden] -> (x, k, v) with the layer's roped keys and values [B, KV, S, D]."""
         a, k, v = self.attention(self.attention_norm(x), cos, sin, bias)
         return self.after_attention(x, a), k, v
 
@@ -200,7 +255,7 @@ class DecoderLayer(nn.Cell):
         return x + self.feed_forward(self.ffn_norm(x))
 
     def decode(self, x, cos, sin, bias, write, key_cache, value_cache):
-        """One new token x [B, 1, hidden]; write [B, 1, S, 1] marks its cache slot; caches [B, KV, S, D]."""
+        """One new token per row x [B, hidden]; write [B, 1, S, 1] marks its cache slot; caches [B, KV, S, D]."""
         q, k, v = self.attention.project(self.attention_norm(x), cos, sin)
         key_cache = ops.where(write, k, key_cache)
         value_cache = ops.where(write, v, value_cache)
@@ -211,6 +266,7 @@ class QwenModel(nn.Cell):
     def __init__(self, cfg: QwenConfig, dtype, parallel: ModelParallel):
         super().__init__()
         self.num_layers = cfg.num_layers
+        self.hidden_size = cfg.hidden_size
         self.tok_embeddings = Embedding(cfg.vocab_size, cfg.hidden_size, dtype, parallel)
         self.layers = nn.CellList([DecoderLayer(cfg, dtype, parallel, i) for i in range(cfg.num_layers)])
         self.norm_out = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
@@ -219,45 +275,49 @@ class QwenModel(nn.Cell):
         self.inv_freq = Tensor(inv_freq.astype(np.float32))
 
     def rope(self, positions):
-        """cos, sin [B|1, 1, S, D] for float32 positions [B|1, S]."""
+        """The layers' RoPE tables (Attention.rope_table) for float32 positions [B|1, S]."""
         freqs = ops.expand_dims(positions, -1) * self.inv_freq
-        emb = ops.expand_dims(ops.concat((freqs, freqs), -1), 1)
-        return ops.cos(emb), ops.sin(emb)
+        emb = ops.expand_dims(ops.concat((freqs, freqs), -1), 2)
+        return self.layers[0].attention.rope_table(ops.cos(emb), ops.sin(emb))
 
     def _causal(self, s):
         positions = ops.cast(ops.arange(s), F32)
         future = ops.cast(ops.expand_dims(positions, 0) > ops.expand_dims(positions, 1), F32)
-        return ops.expand_dims(positions, 0), future * MASKED
+        return ops.expand_dims(positions, 0), ops.reshape(future * MASKED, (1, 1, s, s))
+
+    def embed(self, input_ids):
+        """The tokens as rows [B * S, hidden]."""
+        return self.tok_embeddings(ops.reshape(input_ids, (-1,)))
 
     def run(self, input_ids):
         """Hidden states before the final norm [B, S, hidden] and per-layer keys/values [L, B, KV, S, D]."""
         positions, bias = self._causal(input_ids.shape[1])
         cos, sin = self.rope(positions)
-        x = self.tok_embeddings(input_ids)
+        x = self.embed(input_ids)
         keys, values = (), ()
         for layer in self.layers:
             x, k, v = layer(x, cos, sin, bias)
             keys += (k,)
             values += (v,)
-        return x, ops.stack(keys), ops.stack(values)
+        return ops.reshape(x, input_ids.shape + (self.hidden_size,)), ops.stack(keys), ops.stack(values)
 
     def construct(self, input_ids):
         positions, bias = self._causal(input_ids.shape[1])
         cos, sin = self.rope(positions)
-        x = self.tok_embeddings(input_ids)
+        x = self.embed(input_ids)
         for layer in self.layers:
             x, _, _ = layer(x, cos, sin, bias)
-        return self.norm_out(x)
+        return ops.reshape(self.norm_out(x), input_ids.shape + (self.hidden_size,))
 
     def decode(self, input_ids, batch_valid_length, key_cache, value_cache):
-        """Hidden state of the new token [B, 1, hidden] and the caches with its keys/values written."""
+        """Hidden state of the new token [B, hidden] and the caches with its keys/values written."""
         pos = ops.cast(batch_valid_length, ms.int32) - 1
         slots = ops.expand_dims(ops.arange(key_cache.shape[3], dtype=ms.int32), 0)
         write = ops.reshape(slots == ops.expand_dims(pos, 1), (pos.shape[0], 1, -1, 1))
         visible = ops.cast(slots <= ops.expand_dims(pos, 1), F32)
         bias = ops.reshape((1.0 - visible) * MASKED, (pos.shape[0], 1, 1, -1))
         cos, sin = self.rope(ops.expand_dims(ops.cast(pos, F32), 1))
-        x = self.tok_embeddings(input_ids)
+        x = self.embed(input_ids)
         keys, values = (), ()
         for i in range(self.num_layers):
             x, k, v = self.layers[i].decode(x, cos, sin, bias, write, key_cache[i], value_cache[i])
@@ -336,7 +396,7 @@ class DecodeCell(nn.Cell):
 
     def construct(self, input_ids, batch_valid_length, key_cache, value_cache):
         hidden, keys, values = self.net.model.decode(input_ids, batch_valid_length, key_cache, value_cache)
-        return self.net.logits(ops.squeeze(hidden, 1)), keys, values
+        return self.net.logits(hidden), keys, values
 
 
 def cache_shape(cfg: QwenConfig, batch_size: int, seq_length: int) -> tuple[int, ...]:

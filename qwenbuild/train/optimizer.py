@@ -11,6 +11,7 @@ _adamw = ops.MultitypeFuncGraph("adamw")
 
 @_adamw.register(*["Tensor"] * 11)
 def _adamw_update(lr, weight_decay, beta1, beta2, eps, bias1, bias2, param, m, v, grad):
+    """The update spelled out, for parameters the fused kernel does not take (float16)."""
     grad = ops.cast(grad, ms.float32)
     new_m = beta1 * m + (1.0 - beta1) * grad
     new_v = beta2 * v + (1.0 - beta2) * ops.square(grad)
@@ -29,7 +30,13 @@ def _zeros_like(param: Parameter, prefix: str) -> Parameter:
 
 
 class AdamW(nn.Cell):
-    """One AdamW step per call; the learning rate comes in as an input so the schedule stays outside the graph."""
+    """One AdamW step per call; the learning rate comes in as an input so the schedule stays outside the graph.
+
+    float32 parameters go through MindSpore's fused AdamWeightDecay kernel (one kernel per parameter instead of a
+    dozen): it has no bias correction, so the correction is folded into its learning rate, epsilon and decay:
+    lr (m / c1) / (sqrt(v / c2) + eps) = (lr sqrt(c2) / c1) m / (sqrt(v) + eps sqrt(c2)), and the decay is
+    scaled so that lr * decay stays the recipe's.
+    """
 
     def __init__(self, params, weight_decay=0.01, beta1=0.9, beta2=0.95, eps=1e-8):
         super().__init__(auto_prefix=False)
@@ -41,13 +48,28 @@ class AdamW(nn.Cell):
         self.beta1 = Tensor(beta1, ms.float32)
         self.beta2 = Tensor(beta2, ms.float32)
         self.eps = Tensor(eps, ms.float32)
+        self.fused = tuple(i for i, p in enumerate(self.params) if p.dtype == ms.float32)
+        self.spelled = tuple(i for i, p in enumerate(self.params) if p.dtype != ms.float32)
+        self.fused_update = ops.AdamWeightDecay()
         self.hyper_map = ops.HyperMap()
 
     def construct(self, grads, lr):
         step = ops.cast(self.global_step + 1, ms.float32)
         bias1 = 1.0 - ops.pow(self.beta1, step)
         bias2 = 1.0 - ops.pow(self.beta2, step)
-        out = self.hyper_map(ops.partial(_adamw, lr, self.weight_decay, self.beta1, self.beta2, self.eps, bias1, bias2),
-                             self.params, self.moments1, self.moments2, grads)
-        ops.assign_add(self.global_step, ops.ones((), ms.int32))
-        return out
+        root2 = ops.sqrt(bias2)
+        fused_lr, fused_eps, fused_decay = lr * root2 / bias1, self.eps * root2, self.weight_decay * bias1 / root2
+        done = ()
+        for i in self.fused:
+            done += (self.fused_update(self.params[i], self.moments1[i], self.moments2[i], fused_lr, self.beta1,
+                                       self.beta2, fused_eps, fused_decay, grads[i])[0],)
+        if self.spelled:
+            params, moments1, moments2, spelled_grads = (), (), (), ()
+            for i in self.spelled:
+                params += (self.params[i],)
+                moments1 += (self.moments1[i],)
+                moments2 += (self.moments2[i],)
+                spelled_grads += (grads[i],)
+            done += self.hyper_map(ops.partial(_adamw, lr, self.weight_decay, self.beta1, self.beta2, self.eps,
+                                               bias1, bias2), params, moments1, moments2, spelled_grads)
+        return ops.depend(done, ops.assign_add(self.global_step, ops.ones((), ms.int32)))
