@@ -156,7 +156,6 @@ class Attention(nn.Cell):
         mp = parallel.size if split_qkv else 1
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.num_heads // mp, cfg.n_kv_heads // mp, cfg.head_dim
         self.n_rep = cfg.num_heads // cfg.n_kv_heads
-        self.hidden_size = cfg.hidden_size
         h, q, kv = cfg.hidden_size, self.n_heads * cfg.head_dim, self.n_kv_heads * cfg.head_dim
         self.wq = Linear(h, q, cfg.qkv_has_bias, dtype)
         self.wk = Linear(h, kv, cfg.qkv_has_bias, dtype)
