@@ -67,11 +67,11 @@ def fuse_weights(linears: tuple, tokens: int) -> bool:
     return sum(lin.n_out for lin in linears) * linears[0].n_in <= FUSE_WEIGHTS_UP_TO or tokens >= linears[0].n_in
 
 
-def joint_projection(x, linears: tuple, fused: bool, matmul):
+def joint_projection(x, linears: tuple):
     """Linears reading the same x [N, in] -> their outputs side by side [N, sum of outputs]."""
-    if not fused:
+    if not fuse_weights(linears, x.shape[0]):
         return ops.concat([lin(x) for lin in linears], -1)
-    y = matmul(x, ops.concat([ops.cast(lin.weight, F32) for lin in linears], 0))
+    y = linears[0].matmul(x, ops.concat([ops.cast(lin.weight, F32) for lin in linears], 0))
     if linears[0].has_bias:
         y = y + ops.concat([ops.cast(lin.bias, F32) for lin in linears], 0)
     return y
@@ -161,7 +161,6 @@ class Attention(nn.Cell):
         self.wk = Linear(h, kv, cfg.qkv_has_bias, dtype)
         self.wv = Linear(h, kv, cfg.qkv_has_bias, dtype)
         self.wo = Linear(q, h, False, dtype)
-        self.matmul = ops.MatMul(transpose_b=True)
         self.rotate = Tensor(rotate_half_matrix(cfg.head_dim))
         self.split_heads = Split((self.n_heads, self.n_kv_heads, self.n_kv_heads), 1)
         self.copy_in = parallel.copy_in() if mp > 1 else Identity()
@@ -184,8 +183,7 @@ class Attention(nn.Cell):
         s, d = cos.shape[1], self.head_dim
         b = x.shape[0] // s
         heads = self.n_heads + 2 * self.n_kv_heads
-        linears = (self.wq, self.wk, self.wv)
-        flat = joint_projection(self.copy_in(x), linears, fuse_weights(linears, x.shape[0]), self.matmul)
+        flat = joint_projection(self.copy_in(x), (self.wq, self.wk, self.wv))
         rotated = ops.matmul(ops.reshape(flat, (-1, d)), self.rotate)
         roped = ops.reshape(flat, (b, s, heads, d)) * cos + ops.reshape(rotated, (b, s, heads, d)) * sin
         q, k, v = self.split_heads(ops.transpose(roped, (0, 2, 1, 3)))
@@ -222,14 +220,12 @@ class FeedForward(nn.Cell):
         self.w1 = Linear(cfg.hidden_size, self.inner, False, dtype)
         self.w2 = Linear(self.inner, cfg.hidden_size, False, dtype)
         self.w3 = Linear(cfg.hidden_size, self.inner, False, dtype)
-        self.matmul = ops.MatMul(transpose_b=True)
         self.split_gate_up = Split((self.inner, self.inner), 1)
         self.copy_in = parallel.copy_in() if split_in else Identity()
         self.reduce = parallel.reduce_out() if split_in else Identity()
 
     def construct(self, x):
-        linears = (self.w1, self.w3)
-        both = joint_projection(self.copy_in(x), linears, fuse_weights(linears, x.shape[0]), self.matmul)
+        both = joint_projection(self.copy_in(x), (self.w1, self.w3))
         gate, up = self.split_gate_up(both)
         return self.reduce(self.w2(ops.silu(gate) * up))
 
