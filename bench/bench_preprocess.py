@@ -1,19 +1,21 @@
 """ChatML -> MindRecord at seq_length 2048: `qwenbuild preprocess` against the original algorithm (slow
 Qwen2Tokenizer, one apply_chat_template and one write_raw_data per row), both in the same run on the same
-generated alpaca-shaped rows and the real Qwen1.5 tokenizer. Reports rows/s (wall clock) and CPU milliseconds per
-row (all processes), their ratios, peak RSS of the whole process tree, and checks that the first rows of both
-outputs are equal. On a machine shared with other work, wall-clock ratios understate a multi-process program;
-the CPU-per-row ratio and the printed CPU pressure say how much.
+generated alpaca-shaped rows and the real Qwen1.5 tokenizer. Both are timed as whole commands, from start to exit
+(interpreter, imports, tokenizer loading and worker processes included), wall clock and CPU seconds of the whole
+process tree; also peak RSS of qwenbuild's process tree, and the first rows of both outputs compared. On a machine
+shared with other work, wall-clock ratios understate a multi-process program; the CPU-per-row ratio and the printed
+CPU pressure say how much.
 
-  python bench/bench_preprocess.py [--rows 52000] [--baseline_rows 1500] [--workers N] [--keep DIR]
+  python bench/bench_preprocess.py [--rows 52002] [--baseline_rows 1500] [--workers N] [--keep DIR]
 
-The original is measured on its first --baseline_rows rows and extrapolated linearly to --rows (it is linear:
-one row at a time; it would also hold every row in memory, so its RSS is not comparable and not reported).
+The original runs on its first --baseline_rows rows; its whole command at --rows is that run plus its row loop
+extrapolated linearly (it is linear: one row at a time). --baseline_rows equal to --rows runs it on every row.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import random
@@ -64,18 +66,6 @@ def cpu_seconds():
                for field in ("ru_utime", "ru_stime"))
 """
 
-OURS = """
-import sys, time
-from qwenbuild.data.preprocess import preprocess
-if __name__ == "__main__":
-    src, tok_dir, out, seq, workers = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
-    start, cpu_start = time.perf_counter(), cpu_seconds()
-    preprocess(src, f"{tok_dir}/vocab.json", f"{tok_dir}/merges.txt", seq, out, workers=workers)
-    print(time.perf_counter() - start)
-    print(cpu_seconds() - cpu_start)
-"""
-
-
 def words(rng: random.Random, lo: int, hi: int) -> str:
     n = rng.randint(lo, hi)
     if rng.random() < 0.15:
@@ -110,25 +100,46 @@ def cpu_pressure() -> str:
         return "unknown"
 
 
-def run(code: str, args: list, cwd: Path) -> tuple[float, float, float]:
-    """(wall and CPU seconds the script reports after its imports, peak RSS MB of its process tree)."""
-    proc = subprocess.Popen([sys.executable, "-c", CPU_CLOCK + code, *map(str, args)], cwd=cwd, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-    peak = [0.0]
+class _Popen(subprocess.Popen):
+    """Popen that keeps the child's resource usage (its reaped descendants included) when it is waited for."""
 
-    def sample():
-        while proc.poll() is None:
+    def _try_wait(self, wait_flags):
+        pid, status, usage = os.wait4(self.pid, wait_flags)
+        if pid:
+            self.rusage = usage
+        return pid, status
+
+
+@dataclasses.dataclass
+class Timing:
+    wall: float  # whole command, start to exit
+    cpu: float  # user + system of the command and every process it reaped
+    peak_mb: float  # peak RSS of the process tree
+    loop: tuple[float, float] | None  # (wall, CPU) the original reports for its row loop alone
+
+
+def run(argv: list, cwd: Path) -> Timing:
+    start = time.perf_counter()
+    proc = _Popen([str(a) for a in argv], cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    peak, done = [0.0], threading.Event()
+
+    def sample():  # never polls the child: the wait that reaps it must be the one that reads its resource usage
+        while not done.is_set():
             peak[0] = max(peak[0], tree_rss_mb(proc.pid))
             time.sleep(0.05)
 
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
     out, err = proc.communicate()
+    wall = time.perf_counter() - start
+    done.set()
     sampler.join()
     if proc.returncode:
         sys.exit(f"benchmark step failed:\n{err[-3000:]}")
+    cpu = proc.rusage.ru_utime + proc.rusage.ru_stime
     lines = out.strip().splitlines()
-    return float(lines[-2]), float(lines[-1]), peak[0]
+    loop = (float(lines[-2]), float(lines[-1])) if argv[1] == "-c" else None
+    return Timing(wall, cpu, peak[0], loop)
 
 
 def first_rows_equal(a: Path, b: Path, count: int) -> bool:
@@ -146,7 +157,7 @@ def first_rows_equal(a: Path, b: Path, count: int) -> bool:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rows", type=int, default=52_000)
+    parser.add_argument("--rows", type=int, default=52_002, help="the Stanford alpaca set's size")
     parser.add_argument("--baseline_rows", type=int, default=1_500)
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1,
                         help="encoding processes besides the writing one (preprocess's default for large inputs)")
@@ -164,23 +175,25 @@ def main() -> None:
     convert_alpaca(work / "alpaca.json", work / "chatml.jsonl")
 
     baseline_rows = min(args.baseline_rows, args.rows)
-    base_s, base_cpu, _ = run(ORIGINAL, [work / "chatml.jsonl", work / "tokenizer", work / "original.mindrecord",
-                                         baseline_rows, SEQ_LENGTH], work)
-    ours_s, ours_cpu, ours_rss = run(OURS, [work / "chatml.jsonl", work / "tokenizer", work / "ours.mindrecord",
-                                            SEQ_LENGTH, args.workers], work)
-    base_rate, ours_rate = baseline_rows / base_s, args.rows / ours_s
-    base_ms, ours_ms = 1000 * base_cpu / baseline_rows, 1000 * ours_cpu / args.rows
+    base = run([sys.executable, "-c", CPU_CLOCK + ORIGINAL, work / "chatml.jsonl", work / "tokenizer",
+                work / "original.mindrecord", baseline_rows, SEQ_LENGTH], work)
+    ours = run([sys.executable, "-m", "qwenbuild", "preprocess", "--input_glob", work / "chatml.jsonl",
+                "--vocab_file", work / "tokenizer" / "vocab.json", "--merges_file", work / "tokenizer" / "merges.txt",
+                "--seq_length", SEQ_LENGTH, "--output_file", work / "ours.mindrecord", "--workers", args.workers], work)
+    # the original's whole command at --rows: its startup as measured, its row loop scaled
+    scale = args.rows / baseline_rows - 1
+    base_wall, base_cpu = base.wall + base.loop[0] * scale, base.cpu + base.loop[1] * scale
     same = first_rows_equal(work / "ours.mindrecord", work / "original.mindrecord", baseline_rows)
     size = (work / "ours.mindrecord").stat().st_size / 2**20
     print(f"tokenizer build (151,643 tokens, 151,387 merges): {build_seconds:.1f} s")
-    print(f"original algorithm: {baseline_rows:,} rows in {base_s:.1f} s = {base_rate:,.0f} rows/s, "
-          f"{base_ms:.2f} CPU ms/row (extrapolated to {args.rows:,} rows: {args.rows / base_rate:,.0f} s)")
-    print(f"qwenbuild preprocess, {args.workers} workers: {args.rows:,} rows in {ours_s:.1f} s = "
-          f"{ours_rate:,.0f} rows/s, {ours_ms:.2f} CPU ms/row, peak RSS {ours_rss:,.0f} MB (process tree), "
-          f"output {size:,.0f} MiB")
-    print(f"speed-up: {ours_rate / base_rate:.1f}x wall, {base_ms / ours_ms:.1f}x CPU per row; "
-          f"first {baseline_rows:,} rows identical: {same}; CPU pressure from other processes (avg60): "
-          f"{cpu_pressure()}")
+    print(f"original algorithm, whole command: {baseline_rows:,} rows in {base.wall:.1f} s (row loop "
+          f"{base.loop[0]:.1f} s = {baseline_rows / base.loop[0]:,.0f} rows/s); at {args.rows:,} rows "
+          f"{base_wall:,.1f} s, {1000 * base_cpu / args.rows:.2f} CPU ms/row")
+    print(f"qwenbuild preprocess, whole command, {args.workers} workers: {args.rows:,} rows in {ours.wall:.1f} s = "
+          f"{args.rows / ours.wall:,.0f} rows/s, {1000 * ours.cpu / args.rows:.2f} CPU ms/row, peak RSS "
+          f"{ours.peak_mb:,.0f} MB (process tree), output {size:,.0f} MiB")
+    print(f"speed-up, whole commands: {base_wall / ours.wall:.1f}x wall, {base_cpu / ours.cpu:.1f}x CPU; first "
+          f"{baseline_rows:,} rows identical: {same}; CPU pressure from other processes (avg60): {cpu_pressure()}")
     if not args.keep:
         import shutil
 
