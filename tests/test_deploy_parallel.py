@@ -66,7 +66,7 @@ def test_greedy_tokens_across_ranks_equal_transformers(deployed, mp):
     out = root / f"mp{mp}"
     doc = json.loads((out / "mindir_inc_checkpoint" / f"rank_{mp - 1}_graph.json").read_text())
     assert doc["model_parallel"] == mp and doc["rank"] == mp - 1
-    assert doc["kv_cache"]["shape"] == [2, cfg.n_kv_heads // mp, SEQ, cfg.head_dim]
+    assert doc["kv_cache"]["shape"] == [2 * cfg.n_kv_heads // mp * SEQ, cfg.head_dim]
     assert sorted(p.name for p in (out / "mindir_full_checkpoint").glob("*.mindir")) == \
         [f"rank_{r}_graph.mindir" for r in range(mp)]
     both = generate_on_ranks(out, root / "tok", PROMPTS, max_new_tokens=10, raw=True)

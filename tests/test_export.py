@@ -62,7 +62,7 @@ def test_sidecar_describes_the_graph_it_sits_next_to(model, kind):
     state = {p.name.rsplit(":", 1)[-1]: list(p.dims) for p in proto.graph.parameter if "kvcache_mgr" in p.name}
     assert doc["kv_cache"]["parameters"] == sorted(state, key=doc["kv_cache"]["parameters"].index)
     assert set(doc["kv_cache"]["parameters"]) == set(state) and len(state) == 2 * cfg.num_layers
-    assert all(shape == [2, cfg.n_kv_heads, SEQ, cfg.head_dim] == doc["kv_cache"]["shape"]
+    assert all(shape == [2 * cfg.n_kv_heads * SEQ, cfg.head_dim] == doc["kv_cache"]["shape"]
                for shape in state.values())
     assert (doc["batch_size"], doc["seq_length"], doc["vocab_size"], doc["rank"]) == (2, SEQ, 96, 0)
     assert doc["mindir_digest"] == mindir_digest(graph_file(out, kind, 0)) == model["summary"][kind]["digest"]

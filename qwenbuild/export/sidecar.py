@@ -47,9 +47,12 @@ def graph_io(kind: str, cfg: QwenConfig, batch_size: int, seq_length: int) -> tu
 
 def kv_cache(cfg: QwenConfig, batch_size: int, seq_length: int, model_parallel: int = 1) -> dict:
     """The graph state: one key and one value Parameter per layer, this rank's heads."""
-    shape = [batch_size, cfg.n_kv_heads // model_parallel, seq_length, cfg.head_dim]
+    heads = cfg.n_kv_heads // model_parallel
+    shape = [batch_size * heads * seq_length, cfg.head_dim]
     return {"where": "graph state (Parameters updated in place by the graph); the prefill graph fills the rows of "
                      "batch_index, each decode call writes one slot per row and reads the window of zactivate_len",
+            "layout": f"row (b, h, s) = (b * {heads} + h) * {seq_length} + s: cache row b (batch_index), this "
+                      "rank's KV head h, slot s",
             "parameters": [cache_name(i, w) for i in range(cfg.num_layers) for w in CACHE_NAMES],
             "dtype": "float32", "shape": shape,
             "sharing": "MindSpore Lite shares them between the full and inc models of one ModelGroup "

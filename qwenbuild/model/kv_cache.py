@@ -6,8 +6,9 @@ Both take (input_ids, batch_valid_length, batch_index, zactivate_len) and return
   values go to cache slot batch_valid_length - 1;
 - batch_index int64 [B]: the cache row each batch row uses (a permutation of 0..B-1);
 - zactivate_len int64 [W]: its length W is the window of cache slots attention reads (W <= S).
-Each layer's cache is a Parameter `model.layers.N.attention.kvcache_mgr.key_past` / `value_past`
-[B, n_kv_heads / model_parallel, S, head_dim] that the graph updates in place (ScatterUpdate / ScatterNdUpdate).
+Each layer's cache is a Parameter `model.layers.N.attention.kvcache_mgr.key_past` / `value_past` of
+B * n_kv_heads / model_parallel * S rows of head_dim, row (b, h, s) = (b * heads + h) * S + s, that the graph updates
+in place with ScatterUpdate: rows, because MindSpore's CPU ScatterNdUpdate copies the whole cache at every write.
 Under tensor parallelism each rank's graph holds its heads' cache and its weight slices, the all-reduces are in
 the graph, and the logits are joined across ranks, so every rank returns the whole vocabulary.
 """
@@ -24,9 +25,9 @@ from qwenbuild.model.tensor_parallel import GatherLastDim, Identity
 
 
 def local_cache_shape(net: QwenForCausalLM, batch_size: int, seq_length: int) -> tuple[int, ...]:
-    """One layer's cache on this rank: [batch, this rank's KV heads, seq_length, head_dim]."""
+    """One layer's cache on this rank: [batch * this rank's KV heads * seq_length, head_dim]."""
     attention = net.model.layers[0].attention
-    return (batch_size, attention.n_kv_heads, seq_length, attention.head_dim)
+    return (batch_size * attention.n_kv_heads * seq_length, attention.head_dim)
 
 
 class _Graph(nn.Cell):
@@ -35,6 +36,7 @@ class _Graph(nn.Cell):
     def __init__(self, net: QwenForCausalLM, batch_size: int, seq_length: int):
         super().__init__(auto_prefix=False)
         self.net, self.seq_length = net, seq_length
+        self.heads, self.head_dim = net.model.layers[0].attention.n_kv_heads, net.model.layers[0].attention.head_dim
         shape = local_cache_shape(net, batch_size, seq_length)
         self.num_layers = net.cfg.num_layers
         self.key_past = ms.ParameterTuple(
@@ -48,6 +50,12 @@ class _Graph(nn.Cell):
     def logits(self, hidden):
         return self.join(self.net.logits(self.net.model.norm_out(hidden)))
 
+    def cache_rows(self, index, slots):
+        """Rows of cache rows `index` [B], every local head, at `slots` [B, n] -> [B * heads * n]."""
+        heads = ops.reshape(ops.arange(self.heads, dtype=ms.int32), (1, -1, 1))
+        rows = (ops.reshape(index, (-1, 1, 1)) * self.heads + heads) * self.seq_length + ops.expand_dims(slots, 1)
+        return ops.reshape(rows, (-1,))
+
 
 class PrefillGraph(_Graph):
     """The whole prompt in one call: every layer's keys and values go to the cache rows of batch_index; logits
@@ -55,11 +63,13 @@ class PrefillGraph(_Graph):
 
     def construct(self, input_ids, batch_valid_length, batch_index, zactivate_len):
         hidden, keys, values = self.net.model.run(input_ids)
-        index = ops.cast(batch_index, ms.int32)
+        b, s = input_ids.shape
+        rows = self.cache_rows(ops.cast(batch_index, ms.int32),
+                               ops.tile(ops.expand_dims(ops.arange(s, dtype=ms.int32), 0), (b, 1)))
         written = ()
         for i in range(self.num_layers):
-            written += (ops.scatter_update(self.key_past[i], index, keys[i]),
-                        ops.scatter_update(self.value_past[i], index, values[i]))
+            written += (ops.scatter_update(self.key_past[i], rows, ops.reshape(keys[i], (-1, self.head_dim))),
+                        ops.scatter_update(self.value_past[i], rows, ops.reshape(values[i], (-1, self.head_dim))))
         last = ops.cast(batch_valid_length, ms.int32) - 1
         pick = ops.cast(ops.expand_dims(ops.arange(input_ids.shape[1], dtype=ms.int32), 0)
                         == ops.expand_dims(last, 1), F32)
@@ -86,16 +96,15 @@ class DecodeGraph(_Graph):
         bias = ops.reshape((1.0 - ops.cast(visible, F32)) * MASKED, (b, 1, 1, window))
         cos, sin = model.rope(ops.expand_dims(ops.cast(pos, F32), 1))
         x = model.embed(input_ids)
-        heads = self.key_past[0].shape[1]
-        # (cache row, head, slot) of each row's new token, for every local KV head
-        where = ops.stack((ops.tile(ops.expand_dims(index, 1), (1, heads)),
-                           ops.tile(ops.expand_dims(ops.arange(heads, dtype=ms.int32), 0), (b, 1)),
-                           ops.tile(ops.expand_dims(pos, 1), (1, heads))), -1)
+        where = self.cache_rows(index, ops.expand_dims(pos, 1))  # each row's new token, every local head
+        cache = (b, self.heads, self.seq_length, self.head_dim)
         for i in range(self.num_layers):
             layer = model.layers[i]
             q, k, v = layer.attention.project(layer.attention_norm(x), cos, sin)
-            keys = _first_slots(ops.scatter_nd_update(self.key_past[i], where, ops.squeeze(k, 2)), window)
-            values = _first_slots(ops.scatter_nd_update(self.value_past[i], where, ops.squeeze(v, 2)), window)
+            keys = ops.scatter_update(self.key_past[i], where, ops.reshape(k, (-1, self.head_dim)))
+            values = ops.scatter_update(self.value_past[i], where, ops.reshape(v, (-1, self.head_dim)))
+            keys = _first_slots(ops.reshape(keys, cache), window)
+            values = _first_slots(ops.reshape(values, cache), window)
             out = layer.attention.attend(ops.gather(q, to_rows, 0), keys, values, bias)
             x = layer.after_attention(x, ops.gather(out, index, 0))
         return self.logits(x)
