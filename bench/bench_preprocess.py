@@ -175,6 +175,8 @@ def main() -> None:
     convert_alpaca(work / "alpaca.json", work / "chatml.jsonl")
 
     baseline_rows = min(args.baseline_rows, args.rows)
+    for old in work.glob("*.mindrecord*"):  # a kept directory's earlier outputs: FileWriter refuses to overwrite
+        old.unlink()
     base = run([sys.executable, "-c", CPU_CLOCK + ORIGINAL, work / "chatml.jsonl", work / "tokenizer",
                 work / "original.mindrecord", baseline_rows, SEQ_LENGTH], work)
     ours = run([sys.executable, "-m", "qwenbuild", "preprocess", "--input_glob", work / "chatml.jsonl",
