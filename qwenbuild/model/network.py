@@ -269,11 +269,15 @@ class QwenModel(nn.Cell):
         inv_freq = 1.0 / (np.float32(cfg.rope_theta) ** (np.arange(0, d, 2, dtype=np.float32) / np.float32(d)))
         self.inv_freq = Tensor(inv_freq.astype(np.float32))
 
-    def rope(self, positions):
-        """The layers' RoPE tables (Attention.rope_table) for float32 positions [B|1, S]."""
+    def rope(self, positions, batch: int = 1):
+        """The layers' RoPE tables (Attention.rope_table) for float32 positions [B|1, S], repeated to `batch` rows:
+        MindSpore's CPU Mul is about 4x slower when it broadcasts, and every layer multiplies by them twice."""
         freqs = ops.expand_dims(positions, -1) * self.inv_freq
         emb = ops.expand_dims(ops.concat((freqs, freqs), -1), 2)
-        return self.layers[0].attention.rope_table(ops.cos(emb), ops.sin(emb))
+        cos, sin = self.layers[0].attention.rope_table(ops.cos(emb), ops.sin(emb))
+        if batch == cos.shape[0]:
+            return cos, sin
+        return ops.tile(cos, (batch, 1, 1, 1)), ops.tile(sin, (batch, 1, 1, 1))
 
     def _causal(self, s):
         positions = ops.cast(ops.arange(s), F32)
@@ -287,7 +291,7 @@ class QwenModel(nn.Cell):
     def run(self, input_ids):
         """Hidden states before the final norm [B, S, hidden] and per-layer keys/values [L, B, KV, S, D]."""
         positions, bias = self._causal(input_ids.shape[1])
-        cos, sin = self.rope(positions)
+        cos, sin = self.rope(positions, input_ids.shape[0])
         x = self.embed(input_ids)
         keys, values = (), ()
         for layer in self.layers:
@@ -298,7 +302,7 @@ class QwenModel(nn.Cell):
 
     def construct(self, input_ids):
         positions, bias = self._causal(input_ids.shape[1])
-        cos, sin = self.rope(positions)
+        cos, sin = self.rope(positions, input_ids.shape[0])
         x = self.embed(input_ids)
         for layer in self.layers:
             x, _, _ = layer(x, cos, sin, bias)
