@@ -33,24 +33,24 @@ class GraphCellBackend:
         self._tensor = ms.Tensor
         self.full = nn.GraphCell(_load_graph(ms, full_path))
         self.inc = nn.GraphCell(_load_graph(ms, inc_path))
-        self._runners = {id(self.full): _Runner(self.full), id(self.inc): _Runner(self.inc)}
+        self._run_full, self._run_inc = _Runner(self.full), _Runner(self.inc)
         full, inc = self.full.parameters_dict(), self.inc.parameters_dict()
         self._caches = [(full[name], inc[name]) for name in full if is_cache_name(name) and name in inc]
         if not self._caches:
             raise UserError(f"{full_path} keeps no KV cache inside the graph (an export of an earlier qwenbuild)",
                             hint="export the graphs again: `doit export`, or `qwenbuild export`")
 
-    def _call(self, graph, arrays):
-        return self._runners[id(graph)](*[self._tensor(a) for a in arrays]).asnumpy()
+    def _call(self, runner, arrays):
+        return runner(*[self._tensor(a) for a in arrays]).asnumpy()
 
     def prefill(self, *arrays: np.ndarray) -> np.ndarray:
-        logits = self._call(self.full, arrays)
+        logits = self._call(self._run_full, arrays)
         for prompt_cache, decode_cache in self._caches:
             decode_cache.set_data(prompt_cache)
         return logits
 
     def decode(self, *arrays: np.ndarray) -> np.ndarray:
-        return self._call(self.inc, arrays)
+        return self._call(self._run_inc, arrays)
 
 
 class _Runner:

@@ -269,13 +269,14 @@ class QwenModel(nn.Cell):
         inv_freq = 1.0 / (np.float32(cfg.rope_theta) ** (np.arange(0, d, 2, dtype=np.float32) / np.float32(d)))
         self.inv_freq = Tensor(inv_freq.astype(np.float32))
 
-    def rope(self, positions, batch: int = 1):
-        """The layers' RoPE tables (Attention.rope_table) for float32 positions [B|1, S], repeated to `batch` rows:
-        MindSpore's CPU Mul is about 4x slower when it broadcasts, and every layer multiplies by them twice."""
+    def rope(self, positions, batch: int | None = None):
+        """The layers' RoPE tables (Attention.rope_table) for float32 positions [B|1, S]; shared positions [1, S]
+        repeated to `batch` rows: MindSpore's CPU Mul is about 4x slower when it broadcasts, and every layer
+        multiplies by them twice."""
         freqs = ops.expand_dims(positions, -1) * self.inv_freq
         emb = ops.expand_dims(ops.concat((freqs, freqs), -1), 2)
         cos, sin = self.layers[0].attention.rope_table(ops.cos(emb), ops.sin(emb))
-        if batch == cos.shape[0]:
+        if batch is None or batch == cos.shape[0]:
             return cos, sin
         return ops.tile(cos, (batch, 1, 1, 1)), ops.tile(sin, (batch, 1, 1, 1))
 
