@@ -65,6 +65,7 @@ class _Runner:
             return self.run(self.cell, *tensors, phase=self.cell.phase)
         out = self.cell(*tensors)
         try:
+            # mindspore is loaded by now (the backend imported it); its executor is not public API, hence the guard
             from mindspore.common.api import _cell_graph_executor
         except ImportError:  # another MindSpore: every call goes through GraphCell
             self.run = lambda cell, *tensors, phase: cell(*tensors)
