@@ -76,6 +76,15 @@ def runner(tiny):
     return info, backend
 
 
+@pytest.fixture(scope="module")
+def runner3(tiny, tmp_path_factory):
+    """The same model exported with batch_size 3."""
+    out = tmp_path_factory.mktemp("b3")
+    export_mindir(tiny["cfg"], tiny["ckpt"], out, batch_size=3, seq_length=SEQ, progress=None)
+    info = open_export(out, batch_size=3)
+    return info, open_backend("graphcell", info.graph_path(FULL), info.graph_path(INC))
+
+
 PROMPTS = [[5, 17, 42, 99, 3], [250, 1, 2], list(range(30, 70))]
 
 
@@ -122,11 +131,9 @@ def test_generation_stops_at_eos_and_at_seq_length(runner):
     assert len(tail) == 3  # prompt + generated never exceed seq_length
 
 
-def test_batch_rows_of_different_lengths_match_single_runs(tiny, runner, tmp_path):
+def test_batch_rows_of_different_lengths_match_single_runs(runner, runner3):
     info1, backend1 = runner
-    export_mindir(tiny["cfg"], tiny["ckpt"], tmp_path / "b3", batch_size=3, seq_length=SEQ, progress=None)
-    info3 = open_export(tmp_path / "b3", batch_size=3)
-    backend3 = open_backend("graphcell", info3.graph_path(FULL), info3.graph_path(INC))
+    info3, backend3 = runner3
     singles = [generate_ids(backend1, info1, [p], 5, eos_ids=())[0][0] for p in PROMPTS]
     eos = [singles[1][1]]  # the second row stops early while the others go on
     batched, _ = generate_ids(backend3, info3, PROMPTS, 5, eos_ids=eos)
@@ -151,10 +158,8 @@ def _prefill_then_decode(backend, rows, batch_index, steps=2):
     return np.stack(out)
 
 
-def test_batch_index_picks_the_cache_rows(tiny, tmp_path):
-    export_mindir(tiny["cfg"], tiny["ckpt"], tmp_path / "b3", batch_size=3, seq_length=SEQ, progress=None)
-    info = open_export(tmp_path / "b3", batch_size=3)
-    backend = open_backend("graphcell", info.graph_path(FULL), info.graph_path(INC))
+def test_batch_index_picks_the_cache_rows(runner3):
+    _, backend = runner3
     in_order = _prefill_then_decode(backend, PROMPTS, [0, 1, 2])
     permuted = _prefill_then_decode(backend, PROMPTS, [2, 0, 1])
     np.testing.assert_allclose(permuted, in_order, atol=1e-5, rtol=0)
