@@ -154,6 +154,19 @@ class Build:
         return [t for t in self.tasks("--") if t not in groups]
 
 
+def doit_status(manifest: Path, code: Path | None = None) -> dict[str, str]:
+    """Task -> 'R' (would run) or 'U' (up to date), as `doit list --status` decides it without running anything."""
+    env, dodo = dict(os.environ), REPO / "dodo.py"
+    if code is not None:
+        env["PYTHONPATH"] = os.pathsep.join([str(code), *filter(None, [env.get("PYTHONPATH")])])
+        dodo = Path(code) / "dodo.py"
+    proc = subprocess.run([sys.executable, "-m", "doit", "list", "-f", str(dodo), "--status", "--all",
+                           f"manifest={manifest}"], cwd=manifest.parent, capture_output=True, text=True,
+                          env=env, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return {words[1]: words[0] for words in map(str.split, proc.stdout.splitlines()) if len(words) >= 2}
+
+
 def alive(pid: int) -> bool:
     """True for a running process; a zombie has already died."""
     try:

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from faults import (Build, Timeline, flip_byte, kill_points, leftover_problems, lock_differences, reduced_manifest,
-                    reference_artifacts, run_and_kill, snapshot_code, survivors, temporaries, timelines,
-                    trusted_tasks, without_step_times)
+from faults import (Build, Timeline, doit_status, flip_byte, kill_points, leftover_problems, lock_differences,
+                    reduced_manifest, reference_artifacts, run_and_kill, snapshot_code, survivors, temporaries,
+                    timelines, trusted_tasks, without_step_times)
 from qwenbuild.build_dir import BuildDir
 from qwenbuild.lock import Lock
 from qwenbuild.digests import content_digest
@@ -120,33 +120,46 @@ def _checkpoint_meta(root: Path) -> dict:
 
 
 def test_a_flipped_byte_in_any_artifact_reruns_its_task_and_restores_the_bytes(reference, tmp_path):
-    root, problems, rounds = reference.root, [], []
+    """Each artifact alone: a flipped byte makes doit find its task out of date (and only the tasks that read it),
+    and the good bytes put back make it up to date again. Then every artifact flipped at once: one build reruns
+    every task and restores every byte."""
+    root, problems, checks = reference.root, [], []
+    before = doit_status(reference.manifest, reference.code)
+    flipped = []
     for task, rel, art in reference_artifacts(root):
         target = _member_to_flip(root, rel, art)
-        good, good_digest = target.read_bytes(), content_digest(target)
-        inputs, metas = _inputs(root), _checkpoint_meta(root)
+        good, mode = target.read_bytes(), target.stat().st_mode
         offset = flip_byte(target)
-        build = Build(reference.manifest, reference.code)
-        if build.wait() != 0:
-            problems.append(f"{target.relative_to(root)} flipped at {offset}: the rebuild failed:\n"
-                            f"{build.output()[-2500:]}")
-            continue
-        # a task may rerun besides the owner only when its inputs' digests changed
-        changed_inputs = {t for t, ins in _inputs(root).items() if ins != inputs.get(t)}
-        if set(build.ran()) != {task} | changed_inputs or task not in build.ran():
-            problems.append(f"{target.relative_to(root)} flipped: ran {build.ran()}, expected {task} "
-                            f"(+ {sorted(changed_inputs)} whose inputs changed)")
-        rounds.append(f"{target.relative_to(root)}: reran {', '.join(build.ran())} in "
-                      f"{time.monotonic() - build.started:.1f} s")
-        restored = target.read_bytes() == good or content_digest(target) == good_digest
-        if not restored:
-            problems.append(f"{target.relative_to(root)} flipped at {offset}: not restored by the rebuild")
-        for path, old in metas.items():
-            if without_step_times(path.read_bytes()) != without_step_times(old):
-                problems.append(f"{path.relative_to(root)} changed beyond step timings")
-        for name in changed_inputs:
-            if name != "mindir" or task != "finetune":
-                problems.append(f"{name} saw changed inputs after {task} was rebuilt")
-        problems += [f"temporary left: {p}" for p in temporaries(root)]
-    print("\nflipped bytes:\n  " + "\n  ".join(rounds))
+        now = doit_status(reference.manifest, reference.code)
+        stale = {t for t, s in now.items() if s == "R" and before.get(t) != "R"}
+        readers = {t for t, ins in _inputs(root).items() if rel in ins}
+        if task not in stale or not stale <= {task} | readers:
+            problems.append(f"{target.relative_to(root)} flipped at {offset}: doit would run {sorted(stale)}, "
+                            f"expected {task} (+ only its readers {sorted(readers)})")
+        os.chmod(target, mode | 0o200)
+        target.write_bytes(good)
+        os.chmod(target, mode)
+        if doit_status(reference.manifest, reference.code) != before:
+            problems.append(f"{target.relative_to(root)} put back: doit still finds a task out of date")
+        checks.append(f"{target.relative_to(root)}: doit would run {', '.join(sorted(stale))}")
+        flipped.append((task, target, good, content_digest(target)))
+    metas = _checkpoint_meta(root)
+    for *_, target, _, _ in flipped:
+        flip_byte(target)
+    build = Build(reference.manifest, reference.code)
+    assert build.wait() == 0, build.output()[-4000:]
+    owners = {task for task, *_ in flipped}
+    if not owners <= set(build.ran()):
+        problems.append(f"every artifact flipped: ran {build.ran()}, expected every task of {sorted(owners)}")
+    for task, target, good, good_digest in flipped:
+        if target.read_bytes() != good and content_digest(target) != good_digest:
+            problems.append(f"{target.relative_to(root)} flipped: not restored by rerunning {task}")
+    for path, old in metas.items():
+        if without_step_times(path.read_bytes()) != without_step_times(old):
+            problems.append(f"{path.relative_to(root)} changed beyond step timings")
+    problems += [f"temporary left: {p}" for p in temporaries(root)]
+    if doit_status(reference.manifest, reference.code) != before:
+        problems.append("after the rebuild doit still finds a task out of date")
+    print("\nflipped bytes:\n  " + "\n  ".join(checks) +
+          f"\n  all at once: reran {', '.join(build.ran())} in {time.monotonic() - build.started:.1f} s")
     assert not problems, "\n".join(problems)

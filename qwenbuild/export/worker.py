@@ -101,6 +101,7 @@ def run(spec: dict, rank: int, layout) -> dict:
     net = _network(cfg, mine["ckpt_path"], layout)
     share = f" (its slice of 1/{spec['model_parallel']})" if spec["model_parallel"] > 1 else ""
     _log(f"rank {rank}: loaded {num_parameters(cfg):,} parameters{share} in {time.perf_counter() - t0:.1f} s")
+    net.fuse_projections()  # the graphs hold w_qkv and w_gate_hidden, as MindFormers' qkv_concat exports them
     graphs = {"full": PrefillGraph(net, b, s), "inc": DecodeGraph(net, b, s)}
     written = {}
     for kind, cell in graphs.items():

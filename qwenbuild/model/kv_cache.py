@@ -92,7 +92,7 @@ class DecodeGraph(_Graph):
         to_rows = ops.tensor_scatter_update(ops.zeros((b,), ms.int32), ops.expand_dims(index, 1),
                                             ops.arange(b, dtype=ms.int32))
         slots = ops.expand_dims(ops.arange(window, dtype=ms.int32), 0)
-        visible = slots <= ops.expand_dims(ops.gather(pos, to_rows, 0), 1)
+        visible = slots <= ops.expand_dims(_rows(pos, to_rows), 1)
         bias = ops.reshape((1.0 - ops.cast(visible, F32)) * MASKED, (b, 1, 1, window))
         cos, sin = model.rope(ops.expand_dims(ops.cast(pos, F32), 1))
         x = model.embed(input_ids)
@@ -105,9 +105,14 @@ class DecodeGraph(_Graph):
             values = ops.scatter_update(self.value_past[i], where, ops.reshape(v, (-1, self.head_dim)))
             keys = _first_slots(ops.reshape(keys, cache), window)
             values = _first_slots(ops.reshape(values, cache), window)
-            out = layer.attention.attend(ops.gather(q, to_rows, 0), keys, values, bias)
-            x = layer.after_attention(x, ops.gather(out, index, 0))
+            out = layer.attention.attend(_rows(q, to_rows), keys, values, bias)
+            x = layer.after_attention(x, _rows(out, index))
         return self.logits(x)
+
+
+def _rows(x, order):
+    """x[order] along the batch; a batch of one is already in order (a Gather kernel per use otherwise)."""
+    return x if x.shape[0] == 1 else ops.gather(x, order, 0)
 
 
 def _first_slots(cache, window: int):

@@ -77,6 +77,19 @@ def joint_projection(x, linears: tuple):
     return y
 
 
+def fused_linear(linears: tuple) -> "Linear":
+    """One Linear whose weight (and bias) are the given ones' stacked by output rows; the given ones are emptied,
+    so a large model is not held twice."""
+    first = linears[0]
+    fused = Linear(first.n_in, sum(lin.n_out for lin in linears), first.has_bias, first.weight.dtype)
+    fused.weight.set_data(ops.concat([lin.weight.value() for lin in linears], 0))
+    if first.has_bias:
+        fused.bias.set_data(ops.concat([lin.bias.value() for lin in linears], 0))
+    for part in (p for lin in linears for p in lin.get_parameters()):
+        part.set_data(Tensor(np.zeros((0,), np.float32), dtype=part.dtype))
+    return fused
+
+
 class Split(nn.Cell):
     """ops.split whose gradient is one Concat of the parts' gradients (MindSpore's own writes a full-size
     StridedSliceGrad per part and sums them)."""
@@ -137,6 +150,14 @@ def rotate_half_matrix(head_dim: int) -> np.ndarray:
     return r
 
 
+def _swap_heads_and_positions(x):
+    """[B, P, Q, D] -> [B, Q, P, D]; a reshape when P or Q is 1 (one decoded token): the same bytes, no copy kernel."""
+    b, p, q, d = x.shape
+    if p == 1 or q == 1:
+        return ops.reshape(x, (b, q, p, d))
+    return ops.transpose(x, (0, 2, 1, 3))
+
+
 class Attention(nn.Cell):
     """Split by model parallelism, each process holds whole heads: q/k/v by output rows, wo by input columns.
 
@@ -162,20 +183,27 @@ class Attention(nn.Cell):
         self.wv = Linear(h, kv, cfg.qkv_has_bias, dtype)
         self.wo = Linear(q, h, False, dtype)
         self.rotate = Tensor(rotate_half_matrix(cfg.head_dim))
+        kinds = np.repeat([0, 1, 2], (self.n_heads, self.n_kv_heads, self.n_kv_heads))
+        scale = float(cfg.head_dim) ** -0.5
+        self.head_scale = Tensor(np.choose(kinds, [scale, 1.0, 0.0]).astype(np.float32).reshape(1, 1, -1, 1))
+        self.value_heads = Tensor((kinds == 2).astype(np.float32).reshape(1, 1, -1, 1))
         self.split_heads = Split((self.n_heads, self.n_kv_heads, self.n_kv_heads), 1)
         self.copy_in = parallel.copy_in() if mp > 1 else Identity()
         self.reduce = parallel.reduce_out() if mp > 1 else Identity()
         self.scores = ops.BatchMatMul(transpose_b=True)
         self.weighted = ops.BatchMatMul()
+        self.prefix, self.fused = prefix, False
+
+    def fuse_projections(self) -> None:
+        """q, k and v as one weight (MindFormers' qkv_concat name w_qkv): no concat of weights on every call."""
+        self.w_qkv = fused_linear((self.wq, self.wk, self.wv))
+        self.w_qkv.update_parameters_name(self.prefix + "w_qkv.")  # a cell set late gets only its own prefix
+        self.fused = True
 
     def rope_table(self, cos, sin):
-        """cos, sin [B|1, S, 1, D] -> this layer's tables [B|1, S, heads + 2 * kv_heads, D] (see the class)."""
-        scale = float(self.head_dim) ** -0.5
-        heads = (self.n_heads, self.n_kv_heads, self.n_kv_heads)
-        ones = ops.ones_like(cos)
-        cos_t = ops.concat([ops.tile(t, (1, 1, n, 1)) for t, n in zip((cos * scale, cos, ones), heads)], 2)
-        sin_t = ops.concat([ops.tile(t, (1, 1, n, 1)) for t, n in zip((sin * scale, sin, ones * 0.0), heads)], 2)
-        return cos_t, sin_t
+        """cos, sin [B|1, S, 1, D] -> this layer's tables [B|1, S, heads + 2 * kv_heads, D] (see the class):
+        cos * (1/sqrt(D) | 1 | 0) + (0 | 0 | 1) and sin * (1/sqrt(D) | 1 | 0) over query | key | value heads."""
+        return cos * self.head_scale + self.value_heads, sin * self.head_scale
 
     def project(self, x, cos, sin):
         """q [B, H, S, D] (scaled by 1/sqrt(D)) and k, v [B, KV, S, D] of x [N, hidden], RoPE applied to q and k;
@@ -183,10 +211,11 @@ class Attention(nn.Cell):
         s, d = cos.shape[1], self.head_dim
         b = x.shape[0] // s
         heads = self.n_heads + 2 * self.n_kv_heads
-        flat = joint_projection(self.copy_in(x), (self.wq, self.wk, self.wv))
+        x = self.copy_in(x)
+        flat = self.w_qkv(x) if self.fused else joint_projection(x, (self.wq, self.wk, self.wv))
         rotated = ops.matmul(ops.reshape(flat, (-1, d)), self.rotate)
         roped = ops.reshape(flat, (b, s, heads, d)) * cos + ops.reshape(rotated, (b, s, heads, d)) * sin
-        q, k, v = self.split_heads(ops.transpose(roped, (0, 2, 1, 3)))
+        q, k, v = self.split_heads(_swap_heads_and_positions(roped))
         return q, k, v
 
     def attend(self, q, k, v, bias):
@@ -198,7 +227,7 @@ class Attention(nn.Cell):
         scores = ops.reshape(self.scores(grouped, k), (b, self.n_kv_heads, self.n_rep, sq, sk))
         probs = ops.softmax(scores + ops.expand_dims(bias, 2), -1)
         out = self.weighted(ops.reshape(probs, (b, self.n_kv_heads, self.n_rep * sq, sk)), v)
-        out = ops.transpose(ops.reshape(out, (b, self.n_heads, sq, d)), (0, 2, 1, 3))
+        out = _swap_heads_and_positions(ops.reshape(out, (b, self.n_heads, sq, d)))
         return self.reduce(self.wo(ops.reshape(out, (b * sq, self.n_heads * d))))
 
     def construct(self, x, cos, sin, bias):
@@ -223,9 +252,17 @@ class FeedForward(nn.Cell):
         self.split_gate_up = Split((self.inner, self.inner), 1)
         self.copy_in = parallel.copy_in() if split_in else Identity()
         self.reduce = parallel.reduce_out() if split_in else Identity()
+        self.prefix, self.fused = prefix, False
+
+    def fuse_projections(self) -> None:
+        """w1 and w3 as one weight (MindFormers' name w_gate_hidden): no concat of weights on every call."""
+        self.w_gate_hidden = fused_linear((self.w1, self.w3))
+        self.w_gate_hidden.update_parameters_name(self.prefix + "w_gate_hidden.")  # a cell set late: own prefix only
+        self.fused = True
 
     def construct(self, x):
-        both = joint_projection(self.copy_in(x), (self.w1, self.w3))
+        x = self.copy_in(x)
+        both = self.w_gate_hidden(x) if self.fused else joint_projection(x, (self.w1, self.w3))
         gate, up = self.split_gate_up(both)
         return self.reduce(self.w2(ops.silu(gate) * up))
 
@@ -359,6 +396,13 @@ class QwenForCausalLM(nn.Cell):
 
     def construct(self, input_ids):
         return self.logits(self.model(input_ids))
+
+    def fuse_projections(self) -> None:
+        """Every layer reads q|k|v and w1|w3 as one weight each, as the exported graphs do. For inference only:
+        wq, wk, wv, w1 and w3 are emptied."""
+        for layer in self.model.layers:
+            layer.attention.fuse_projections()
+            layer.feed_forward.fuse_projections()
 
 
 class PrefillCell(nn.Cell):
