@@ -8,7 +8,10 @@ Both take (input_ids, batch_valid_length, batch_index, zactivate_len) and return
 - zactivate_len int64 [W]: its length W is the window of cache slots attention reads (W <= S).
 Each layer's cache is a Parameter `model.layers.N.attention.kvcache_mgr.key_past` / `value_past` of
 B * n_kv_heads / model_parallel * S rows of head_dim, row (b, h, s) = (b * heads + h) * S + s, that the graph updates
-in place with ScatterUpdate: rows, because MindSpore's CPU ScatterNdUpdate copies the whole cache at every write.
+in place with ScatterUpdate: rows, because MindSpore's CPU ScatterNdUpdate copies the whole cache at every write
+(the attention's reshape of the rows to [B, heads, S, head_dim] is a copy on CPU too: MindSpore does not alias a
+reshaped Parameter; at a few hundred slots it costs one kernel launch per layer, at thousands about as much as the
+attention's own read).
 Under tensor parallelism each rank's graph holds its heads' cache and its weight slices, the all-reduces are in
 the graph, and the logits are joined across ranks, so every rank returns the whole vocabulary.
 """

@@ -7,6 +7,8 @@ MindSpore renames the shared parameters and checkpoints no longer match `paramet
 
 from __future__ import annotations
 
+import math
+
 import mindspore as ms
 import numpy as np
 from mindspore import Parameter, Tensor, nn, ops
@@ -91,15 +93,24 @@ def fused_linear(linears: tuple) -> "Linear":
 
 
 class Split(nn.Cell):
-    """ops.split whose gradient is one Concat of the parts' gradients (MindSpore's own writes a full-size
-    StridedSliceGrad per part and sums them)."""
+    """x cut into parts of `sizes` along `axis`, in one Split kernel into equal pieces (ops.split runs a StridedSlice
+    per part), a part of several pieces joined again; its gradient is one Concat of the parts' gradients
+    (MindSpore's own writes a full-size StridedSliceGrad per part and sums them)."""
 
     def __init__(self, sizes: tuple[int, ...], axis: int):
         super().__init__()
         self.sizes, self.axis = sizes, axis
+        piece = math.gcd(*sizes)
+        self.pieces = tuple(size // piece for size in sizes)
+        self.split = ops.Split(axis, sum(self.pieces))
 
     def construct(self, x):
-        return ops.split(x, self.sizes, self.axis)
+        pieces = self.split(x)
+        parts, start = (), 0
+        for n in self.pieces:
+            parts += (pieces[start] if n == 1 else ops.concat(pieces[start:start + n], self.axis),)
+            start += n
+        return parts
 
     def bprop(self, x, out, dout):
         return (ops.concat(dout, self.axis),)
