@@ -70,6 +70,28 @@ def test_sidecar_describes_the_graph_it_sits_next_to(model, kind):
     assert doc["tokenizer"]["system_prompt"] == "You are a helpful assistant."
 
 
+
+@pytest.mark.parametrize("kind", [FULL, INC])
+def test_graphs_hold_qkv_and_gate_hidden_as_one_weight_each(model, kind):
+    """As MindFormers' qkv_concat names them: w_qkv = wq | wk | wv (and its bias), w_gate_hidden = w1 | w3, stacked
+    by output rows from the checkpoint; the parts are not in the graph."""
+    import mindspore as ms
+    from mindspore import nn
+
+    ckpt = {k: v.asnumpy() for k, v in ms.load_checkpoint(str(model["ckpt"])).items() if not isinstance(v, str)}
+    held = {k: v.asnumpy() for k, v in nn.GraphCell(ms.load(str(graph_file(model["out"], kind, 0))))
+            .parameters_dict().items()}
+    for i in range(model["cfg"].num_layers):
+        a, f = f"model.layers.{i}.attention.", f"model.layers.{i}.feed_forward."
+        for fused, parts in ((a + "w_qkv.weight", ("wq.weight", "wk.weight", "wv.weight")),
+                             (a + "w_qkv.bias", ("wq.bias", "wk.bias", "wv.bias")),
+                             (f + "w_gate_hidden.weight", ("w1.weight", "w3.weight"))):
+            prefix = fused.rsplit(".", 2)[0] + "."
+            np.testing.assert_array_equal(held[fused], np.concatenate([ckpt[prefix + p] for p in parts]))
+            assert not {prefix + p for p in parts} & set(held)
+        np.testing.assert_array_equal(held[f + "w2.weight"], ckpt[f + "w2.weight"])
+
+
 def test_reexport_in_a_new_process_gives_the_same_normalised_digest(model, tmp_path):
     # compile something in this process first: MINDIR names count compilations, export must not depend on it
     import mindspore as ms
