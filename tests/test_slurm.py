@@ -110,8 +110,10 @@ def test_generated_sbatch_completes_under_slurm(slurm, tmp_path, engine):
     manifest = tmp_path / "qwen.toml"
     manifest.write_text(text, encoding="utf-8")
     from qwenbuild.manifest.edit import set_keys
+    from qwenbuild.parallel.launch_scripts import free_port
 
-    set_keys(manifest, [("train.engine", f'"{engine}"')])
+    # a port of its own: other tests' msrun schedulers may run beside it
+    set_keys(manifest, [("train.engine", f'"{engine}"'), ("hardware.master_port", str(free_port()))])
     built = subprocess.run(DOIT + [f"manifest={manifest}", "launch", "run_config", "shard", "mindrecord"],
                            cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert built.returncode == 0, built.stderr[-3000:]
