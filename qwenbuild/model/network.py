@@ -99,7 +99,7 @@ class Split(nn.Cell):
 
     def __init__(self, sizes: tuple[int, ...], axis: int):
         super().__init__()
-        self.sizes, self.axis = sizes, axis
+        self.axis = axis
         piece = math.gcd(*sizes)
         self.pieces = tuple(size // piece for size in sizes)
         self.split = ops.Split(axis, sum(self.pieces))
