@@ -16,6 +16,7 @@ from mindspore.common.initializer import Normal, initializer
 
 from qwenbuild.errors import UserError
 from qwenbuild.model.config import QwenConfig
+from qwenbuild.model.cpu_kernels import Softmax, add_bias, large, over_columns, over_rows, row_means
 from qwenbuild.model.params import check_names, is_beside_weights
 from qwenbuild.model.tensor_parallel import Identity, ModelParallel
 
@@ -36,8 +37,14 @@ class RMSNorm(nn.Cell):
         self.weight = _param((size,), dtype, "ones", "weight")
 
     def construct(self, x):
-        variance = ops.mean(ops.square(x), -1, keep_dims=True)
-        return ops.cast(self.weight, F32) * (x * ops.rsqrt(variance + self.eps))
+        weight = ops.cast(self.weight, F32)
+        rows = x if len(x.shape) == 2 else ops.reshape(x, (-1, x.shape[-1]))
+        n, width = rows.shape
+        if not large(n, width):
+            return weight * (x * ops.rsqrt(ops.mean(ops.square(x), -1, keep_dims=True) + self.eps))
+        scale = over_columns(ops.rsqrt(row_means(rows * rows) + self.eps), width)
+        y = (rows * scale) * over_rows(weight, n)
+        return y if len(x.shape) == 2 else ops.reshape(y, x.shape)
 
 
 class Linear(nn.Cell):
@@ -56,7 +63,7 @@ class Linear(nn.Cell):
         flat = x if len(x.shape) == 2 else ops.reshape(x, (-1, self.n_in))
         y = self.matmul(flat, ops.cast(self.weight, F32))
         if self.has_bias:
-            y = y + ops.cast(self.bias, F32)
+            y = add_bias(y, ops.cast(self.bias, F32))
         return y if len(x.shape) == 2 else ops.reshape(y, x.shape[:-1] + (self.n_out,))
 
 
@@ -75,7 +82,7 @@ def joint_projection(x, linears: tuple):
         return ops.concat([lin(x) for lin in linears], -1)
     y = linears[0].matmul(x, ops.concat([ops.cast(lin.weight, F32) for lin in linears], 0))
     if linears[0].has_bias:
-        y = y + ops.concat([ops.cast(lin.bias, F32) for lin in linears], 0)
+        y = add_bias(y, ops.concat([ops.cast(lin.bias, F32) for lin in linears], 0))
     return y
 
 
@@ -203,6 +210,7 @@ class Attention(nn.Cell):
         self.reduce = parallel.reduce_out() if mp > 1 else Identity()
         self.scores = ops.BatchMatMul(transpose_b=True)
         self.weighted = ops.BatchMatMul()
+        self.softmax = Softmax()
         self.prefix, self.fused = prefix, False
 
     def fuse_projections(self) -> None:
@@ -229,14 +237,25 @@ class Attention(nn.Cell):
         q, k, v = self.split_heads(_swap_heads_and_positions(roped))
         return q, k, v
 
+    def full_bias(self, bias, batch: int):
+        """The attention bias [1, 1, Sq, Sk] at the scores' shape [batch, KV, rep, Sq, Sk], for every layer at once:
+        a broadcasting Add per layer costs more than one Tile once."""
+        bias = ops.expand_dims(bias, 2)
+        if not large(batch * self.n_kv_heads * self.n_rep * bias.shape[3], bias.shape[4]):
+            return bias
+        return ops.tile(bias, (batch, self.n_kv_heads, self.n_rep, 1, 1))
+
     def attend(self, q, k, v, bias):
         """Output projection [N, hidden] of softmax(q k^T + bias) v; q [B, H, Sq, D] (scaled), k, v [B, KV, Sk, D],
-        bias [B|1, 1, Sq, Sk]. Query heads sharing a key head are stacked along the rows, so keys are not repeated."""
+        bias [B|1, 1, Sq, Sk] or full_bias()'s. Query heads sharing a key head are stacked along the rows, so keys
+        are not repeated."""
         b, _, sq, d = q.shape
         sk = k.shape[2]
         grouped = ops.reshape(q, (b, self.n_kv_heads, self.n_rep * sq, d))
         scores = ops.reshape(self.scores(grouped, k), (b, self.n_kv_heads, self.n_rep, sq, sk))
-        probs = ops.softmax(scores + ops.expand_dims(bias, 2), -1)
+        if len(bias.shape) == 4:
+            bias = ops.expand_dims(bias, 2)
+        probs = self.softmax(scores + bias)
         out = self.weighted(ops.reshape(probs, (b, self.n_kv_heads, self.n_rep * sq, sk)), v)
         out = _swap_heads_and_positions(ops.reshape(out, (b, self.n_heads, sq, d)))
         return self.reduce(self.wo(ops.reshape(out, (b * sq, self.n_heads * d))))
@@ -341,6 +360,7 @@ class QwenModel(nn.Cell):
         """Hidden states before the final norm [B, S, hidden] and per-layer keys/values [L, B, KV, S, D]."""
         positions, bias = self._causal(input_ids.shape[1])
         cos, sin = self.rope(positions, input_ids.shape[0])
+        bias = self.layers[0].attention.full_bias(bias, input_ids.shape[0])
         x = self.embed(input_ids)
         keys, values = (), ()
         for layer in self.layers:
@@ -352,6 +372,7 @@ class QwenModel(nn.Cell):
     def construct(self, input_ids):
         positions, bias = self._causal(input_ids.shape[1])
         cos, sin = self.rope(positions, input_ids.shape[0])
+        bias = self.layers[0].attention.full_bias(bias, input_ids.shape[0])
         x = self.embed(input_ids)
         for layer in self.layers:
             x, _, _ = layer(x, cos, sin, bias)
