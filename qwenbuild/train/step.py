@@ -10,6 +10,9 @@ from qwenbuild.model.tensor_parallel import VocabParallelCrossEntropy, group_of
 from qwenbuild.parallel.rank_layout import ProcessLayout, single_process
 
 IGNORE_INDEX = -100
+# gradients up to this many elements are squared and summed as one vector: below it a kernel's launch costs more
+# than the copy into that vector
+ONE_VECTOR_UP_TO = 1 << 16
 
 
 class CausalLMLoss(nn.Cell):
@@ -62,6 +65,7 @@ class TrainStep(nn.Cell):
         split = tuple(layout.model_parallel > 1 and layout.split(w.name) is not None for w in self.weights)
         self.split_grads = tuple(i for i, s in enumerate(split) if s)
         self.whole_grads = tuple(i for i, s in enumerate(split) if not s)
+        self.small = tuple(int(np.prod(w.shape)) <= ONE_VECTOR_UP_TO for w in self.weights)
         if self.split_grads:
             self.sum_slices = ops.AllReduce(group=group_of(layout, layout.mp_group))
 
@@ -77,15 +81,20 @@ class TrainStep(nn.Cell):
         return loss, norm
 
     def global_norm(self, grads):
-        squares = ops.addn([self.sum_of_squares(grads[i]) for i in self.whole_grads])
+        squares = self.sum_of_squares(grads, self.whole_grads)
         if self.split_grads:
-            squares = squares + self.sum_slices(ops.addn([self.sum_of_squares(grads[i]) for i in self.split_grads]))
+            squares = squares + self.sum_slices(self.sum_of_squares(grads, self.split_grads))
         return ops.sqrt(squares)
 
-    def sum_of_squares(self, grad):
+    def sum_of_squares(self, grads, indices):
+        """The sum of the squares of grads[i] for i in indices: one dot product per large gradient, one for the
+        small ones together."""
+        vectors = [ops.reshape(grads[i], (1, -1)) for i in indices if not self.small[i]]
+        small = [ops.reshape(grads[i], (1, -1)) for i in indices if self.small[i]]
+        if small:
+            vectors.append(small[0] if len(small) == 1 else ops.concat(small, 1))
         # a [1, n] x [n, 1] product: the CPU reduction kernels take ten times as long for the same sum
-        flat = ops.reshape(grad, (1, -1))
-        return ops.reshape(self.dot(flat, flat), ())
+        return ops.addn([ops.reshape(self.dot(v, v), ()) for v in vectors])
 
     def mean_over_processes(self, loss, grads):
         # one all-reduce of a flat vector: per-tensor all-reduces cost a loopback round trip each on CPU
