@@ -1,5 +1,27 @@
+"""`qwenbuild` and `python -m qwenbuild`: a stop signal is handled from the first line on, before the command's
+modules load (they take a while), as its own handlers do once they are installed."""
+
+import os
+import signal
 import sys
 
-from qwenbuild.cli import main
 
-sys.exit(main())
+def _stopped_while_starting(signum, frame):
+    # nothing is written yet: end as an interrupted command does, not with a traceback out of an import
+    os.write(2, b"qwenbuild: interrupted; nothing half-written was kept\n")
+    os._exit(128 + signum)
+
+
+for _signum in (signal.SIGINT, signal.SIGTERM):
+    if signal.getsignal(_signum) is not signal.SIG_IGN:  # ignored from the start: a child, its parent decides
+        signal.signal(_signum, _stopped_while_starting)
+
+from qwenbuild.cli import main  # noqa: E402  (after the handlers: the reason for this module)
+
+
+def run() -> int:
+    return main()
+
+
+if __name__ == "__main__":
+    sys.exit(run())

@@ -219,3 +219,27 @@ def test_temporaries_of_a_killed_writer_are_swept_nested_ones_too(tmp_path):
     with atomic_path(tmp_path / "out", directory=True) as tmp:
         (tmp / "f").write_bytes(b"x")
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(kept + ["out"])
+
+
+# the signal comes while the command's modules are still being imported, before its own handlers exist
+SIGNAL_DURING_IMPORTS = """
+import builtins, os, signal, sys
+real_import = builtins.__import__
+def importing(name, *args, **kwargs):
+    if name == "qwenbuild.cli":  # imported right after the start-up handlers
+        os.kill(os.getpid(), signal.{sig})
+    return real_import(name, *args, **kwargs)
+builtins.__import__ = importing
+sys.argv = ["qwenbuild", "validate", "-c", "qwen.toml"]
+from qwenbuild.__main__ import run
+sys.exit(run())
+"""
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_before_the_command_has_loaded_ends_it_as_interrupted(tmp_path, sig):
+    proc = subprocess.run([sys.executable, "-c", SIGNAL_DURING_IMPORTS.format(sig=sig.name)], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 128 + sig, proc.stderr
+    assert proc.stderr == "qwenbuild: interrupted; nothing half-written was kept\n"
+    assert list(tmp_path.iterdir()) == []
