@@ -6,13 +6,14 @@ one process, taking turns every --block steps so that both run under the same co
 neighbour's burst otherwise lands on one side only). The first step of each (graph compile, allocation) is not
 timed. Prints tokens/s of each, the ratio, and how far apart the two loss curves end up.
 
-    .venv/bin/python bench/bench_train.py [--steps 60] [--batch 16] [--seq 64] [--mindrecord FILE]
+    .venv/bin/python bench/bench_train.py [--steps 60] [--batch 16] [--seq 64] [--block 5] [--mindrecord FILE]
     .venv/bin/python bench/bench_train.py --shape 0.5b --steps 6 --batch 2 --seq 64
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import sys
 import tempfile
@@ -101,8 +102,16 @@ def qwenbuild_steps(settings, rows_by_epoch, lrs):
 
 
 def take_turns(runs: list, block: int) -> list[tuple[list[float], list[float]]]:
-    """Advance each run `block` steps in turn until all end; (losses, seconds) of each."""
+    """Advance each run `block` steps in turn until all end (block 0: each to its end, one after the other, the
+    finished one's model freed first); (losses, seconds) of each."""
     results = [([], []) for _ in runs]
+    if block == 0:
+        for run, (losses, seconds) in zip(runs, results):
+            for loss, took in run:
+                losses.append(loss)
+                seconds.append(took)
+            gc.collect()
+        return results
     active = list(range(len(runs)))
     while active:
         for i in list(active):
@@ -132,11 +141,14 @@ def main() -> int:
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--mindrecord", help="train on this MindRecord instead of synthetic rows (vocab must fit)")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
-    parser.add_argument("--block", type=int, default=5, help="steps each side runs before the other's turn")
+    parser.add_argument("--block", type=int, help="steps each side runs before the other's turn (default 5); 0: torch to "
+                        "the end, then qwenbuild (default for --shape 0.5b: both models at once do not fit in 24 GB)")
     parser.add_argument("--shape", choices=("tiny", "0.5b"), default="tiny",
                         help="tiny (default: hidden 128, 4 layers, --vocab) or Qwen1.5-0.5B's shape (use few --steps, "
                              "small --batch and --seq: about 8 GB of weights, gradients and moments per framework)")
     args = parser.parse_args()
+    if args.block is None:
+        args.block = 0 if args.shape == "0.5b" else 5
 
     from qwenbuild.train import data
     from qwenbuild.train.schedule import schedule
