@@ -28,9 +28,9 @@ def over_rows(vector, rows: int):
     return _outer(ops.ones((rows, 1), F32), ops.reshape(vector, (1, -1)))
 
 
-def outer(column, vector):
-    """column [N, 1] and vector [W] -> [N, W] with column[i] * vector[j] at (i, j)."""
-    return _outer(column, ops.reshape(vector, (1, -1)))
+def over_columns(column, width: int):
+    """column [N, 1] -> [N, width], every column a copy."""
+    return _outer(column, ops.ones((1, width), F32))
 
 
 def row_means(x):

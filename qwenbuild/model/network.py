@@ -16,7 +16,7 @@ from mindspore.common.initializer import Normal, initializer
 
 from qwenbuild.errors import UserError
 from qwenbuild.model.config import QwenConfig
-from qwenbuild.model.cpu_kernels import Softmax, add_bias, large, outer, row_means
+from qwenbuild.model.cpu_kernels import Softmax, add_bias, large, over_columns, over_rows, row_means
 from qwenbuild.model.params import check_names, is_beside_weights
 from qwenbuild.model.tensor_parallel import Identity, ModelParallel
 
@@ -39,10 +39,11 @@ class RMSNorm(nn.Cell):
     def construct(self, x):
         weight = ops.cast(self.weight, F32)
         rows = x if len(x.shape) == 2 else ops.reshape(x, (-1, x.shape[-1]))
-        if not large(*rows.shape):
+        n, width = rows.shape
+        if not large(n, width):
             return weight * (x * ops.rsqrt(ops.mean(ops.square(x), -1, keep_dims=True) + self.eps))
-        # each row's 1/rms times the weight, as one [N, hidden] product: one element-wise Mul is left
-        y = rows * outer(ops.rsqrt(row_means(rows * rows) + self.eps), weight)
+        # not one outer product of 1/rms and the weight: under model parallelism that trained wrong (msrun, mp 2)
+        y = (rows * over_columns(ops.rsqrt(row_means(rows * rows) + self.eps), width)) * over_rows(weight, n)
         return y if len(x.shape) == 2 else ops.reshape(y, x.shape)
 
 
