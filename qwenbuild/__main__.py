@@ -16,12 +16,7 @@ for _signum in (signal.SIGINT, signal.SIGTERM):
     if signal.getsignal(_signum) is not signal.SIG_IGN:  # ignored from the start: a child, its parent decides
         signal.signal(_signum, _stopped_while_starting)
 
-from qwenbuild.cli import main  # noqa: E402  (after the handlers: the reason for this module)
-
-
-def run() -> int:
-    return main()
-
+from qwenbuild.cli import main  # noqa: E402,F401  (after the handlers: the reason for this module; the script's entry)
 
 if __name__ == "__main__":
-    sys.exit(run())
+    sys.exit(main())

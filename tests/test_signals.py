@@ -231,8 +231,8 @@ def importing(name, *args, **kwargs):
     return real_import(name, *args, **kwargs)
 builtins.__import__ = importing
 sys.argv = ["qwenbuild", "validate", "-c", "qwen.toml"]
-from qwenbuild.__main__ import run
-sys.exit(run())
+from qwenbuild.__main__ import main
+sys.exit(main())
 """
 
 
