@@ -16,7 +16,7 @@ F32 = ms.float32
 # below this many elements broadcasting is cheaper than the extra kernel (decoding a token is launch-bound)
 SPREAD_FROM = 1 << 14
 
-_outer = ops.MatMul()
+_matmul = ops.MatMul()
 
 
 def large(rows: int, width: int) -> bool:
@@ -25,17 +25,17 @@ def large(rows: int, width: int) -> bool:
 
 def over_rows(vector, rows: int):
     """vector [W] -> [rows, W], every row a copy."""
-    return _outer(ops.ones((rows, 1), F32), ops.reshape(vector, (1, -1)))
+    return _matmul(ops.ones((rows, 1), F32), ops.reshape(vector, (1, -1)))
 
 
 def over_columns(column, width: int):
     """column [N, 1] -> [N, width], every column a copy."""
-    return _outer(column, ops.ones((1, width), F32))
+    return _matmul(column, ops.ones((1, width), F32))
 
 
 def row_means(x):
     """x [N, W] -> the mean of each row [N, 1], as a MatMul (ReduceMean's gradient is a slow Tile)."""
-    return _outer(x, ops.fill(F32, (x.shape[1], 1), 1.0 / x.shape[1]))
+    return _matmul(x, ops.fill(F32, (x.shape[1], 1), 1.0 / x.shape[1]))
 
 
 def add_bias(y, bias):

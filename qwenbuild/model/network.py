@@ -352,15 +352,19 @@ class QwenModel(nn.Cell):
         future = ops.cast(ops.expand_dims(positions, 0) > ops.expand_dims(positions, 1), F32)
         return ops.expand_dims(positions, 0), ops.reshape(future * MASKED, (1, 1, s, s))
 
+    def _whole_sequence(self, input_ids):
+        """RoPE tables and the causal bias (at the scores' shape) of input_ids [B, S] from position 0."""
+        positions, bias = self._causal(input_ids.shape[1])
+        cos, sin = self.rope(positions, input_ids.shape[0])
+        return cos, sin, self.layers[0].attention.full_bias(bias, input_ids.shape[0])
+
     def embed(self, input_ids):
         """The tokens as rows [B * S, hidden]."""
         return self.tok_embeddings(ops.reshape(input_ids, (-1,)))
 
     def run(self, input_ids):
         """Hidden states before the final norm [B, S, hidden] and per-layer keys/values [L, B, KV, S, D]."""
-        positions, bias = self._causal(input_ids.shape[1])
-        cos, sin = self.rope(positions, input_ids.shape[0])
-        bias = self.layers[0].attention.full_bias(bias, input_ids.shape[0])
+        cos, sin, bias = self._whole_sequence(input_ids)
         x = self.embed(input_ids)
         keys, values = (), ()
         for layer in self.layers:
@@ -370,9 +374,7 @@ class QwenModel(nn.Cell):
         return ops.reshape(x, input_ids.shape + (self.hidden_size,)), ops.stack(keys), ops.stack(values)
 
     def construct(self, input_ids):
-        positions, bias = self._causal(input_ids.shape[1])
-        cos, sin = self.rope(positions, input_ids.shape[0])
-        bias = self.layers[0].attention.full_bias(bias, input_ids.shape[0])
+        cos, sin, bias = self._whole_sequence(input_ids)
         x = self.embed(input_ids)
         for layer in self.layers:
             x, _, _ = layer(x, cos, sin, bias)
