@@ -13,9 +13,10 @@ import argparse
 import os
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
+
+from scratch import scratch_directory
 
 REPO = Path(__file__).resolve().parents[1]
 QWENBUILD = Path(sys.executable).parent / "qwenbuild"
@@ -68,12 +69,15 @@ def main() -> None:
     parser.add_argument("--scale", type=float, default=1.0)
     parser.add_argument("--keep", type=Path, default=None, help="work in this directory and keep its files")
     args = parser.parse_args()
+    with scratch_directory("bench_convert_", args.keep) as work:
+        compare(args, work)
+
+
+def compare(args, work: Path) -> None:
     sys.path.insert(0, str(REPO))
     from qwenbuild.weights import write_random_hf_model
     from qwenbuild.model.params import num_parameters
 
-    work = args.keep or Path(tempfile.mkdtemp(prefix="bench_convert_"))
-    work.mkdir(parents=True, exist_ok=True)
     cfg = model_config(args.scale)
     hf = work / "hf"
     if not (hf / "model.safetensors").exists():
@@ -97,10 +101,6 @@ def main() -> None:
     print(f"largest tensor: {cfg.vocab_size * cfg.hidden_size * 2 / 1e6:.0f} MB bf16; largest shard: "
           f"{size_gb * 1e3:.0f} MB")
     print("fp16 outputs hold identical tensors:", same_tensors(work / "original.ckpt", work / "qwenbuild_fp16.ckpt"))
-    if args.keep is None:
-        for p in sorted(work.rglob("*"), reverse=True):
-            p.rmdir() if p.is_dir() else p.unlink()
-        work.rmdir()
 
 
 if __name__ == "__main__":

@@ -14,9 +14,10 @@ import argparse
 import os
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
+
+from scratch import scratch_directory
 
 
 def build(tmp: Path, args):
@@ -103,10 +104,10 @@ def main(argv=None) -> int:
     default_threads = torch.get_num_threads()
     thread_counts = [int(t) or default_threads for t in args.torch_threads.split(",")]
     prompt = [(7 * i + 3) % args.vocab for i in range(args.prompt)]
-    with tempfile.TemporaryDirectory() as tmp:
+    with scratch_directory("bench_decode_") as tmp:
         os.chdir(tmp)
-        hf_model = build(Path(tmp), args)
-        ms_decode, ms_total, ms_tokens, growth = time_exported(Path(tmp) / "output", prompt, args.new, args.repeat)
+        hf_model = build(tmp, args)
+        ms_decode, ms_total, ms_tokens, growth = time_exported(tmp / "output", prompt, args.new, args.repeat)
         hf = {}
         for threads in thread_counts:
             torch.set_num_threads(threads)

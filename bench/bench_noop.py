@@ -13,9 +13,10 @@ import argparse
 import json
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
+
+from scratch import scratch_directory
 
 REPO = Path(__file__).resolve().parents[1]
 PROBE = """
@@ -71,8 +72,11 @@ def main():
     parser.add_argument("--gib", type=float, default=5.0)
     parser.add_argument("--keep", type=Path, help="build here and keep it (default: a temporary dir)")
     args = parser.parse_args()
-    where = args.keep or Path(tempfile.mkdtemp(prefix="qwenbuild-bench-noop-"))
-    where.mkdir(parents=True, exist_ok=True)
+    with scratch_directory("qwenbuild-bench-noop-", args.keep) as where:
+        compare(args, where)
+
+
+def compare(args, where: Path) -> None:
     manifest = manifest_for(args.gib, where)
     t0 = time.perf_counter()
     doit(manifest, "convert")

@@ -13,8 +13,9 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 from pathlib import Path
+
+from scratch import scratch_directory
 
 # (name, data_parallel, model_parallel)
 LAYOUTS = [("dp1 x mp1", 1, 1), ("dp1 x mp2", 1, 2), ("dp2 x mp2", 2, 2)]
@@ -26,8 +27,11 @@ def main() -> int:
     parser.add_argument("--batch", type=int, default=32, help="global batch (rows per step)")
     parser.add_argument("--seq", type=int, default=40)
     args = parser.parse_args()
+    with scratch_directory("bench_parallel_") as work:
+        return compare(args, work)
 
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+def compare(args, work: Path) -> int:
     from bench_train import synthetic_mindrecord
 
     from qwenbuild.manifest._presets import MODELS
@@ -39,7 +43,6 @@ def main() -> int:
     from qwenbuild.weights.convert import convert_weight
     from qwenbuild.weights.random_init import write_random_hf_model
 
-    work = Path(tempfile.mkdtemp(prefix="bench_parallel_"))
     os.chdir(work)
     cfg = QwenConfig(**MODELS["tiny"])
     records = synthetic_mindrecord(work / "train.mindrecord", 4000, args.seq, cfg.vocab_size)

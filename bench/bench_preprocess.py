@@ -21,10 +21,11 @@ import os
 import random
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
+
+from scratch import scratch_directory
 
 SEQ_LENGTH = 2048
 WORDS = ("the a of to and in is that for it with as on be by this are or from at an which can use your will "
@@ -163,8 +164,11 @@ def main() -> None:
                         help="encoding processes besides the writing one (preprocess's default for large inputs)")
     parser.add_argument("--keep", type=Path, default=None, help="keep the generated files in this directory")
     args = parser.parse_args()
-    work = args.keep or Path(tempfile.mkdtemp(prefix="bench-preprocess-"))
-    work.mkdir(parents=True, exist_ok=True)
+    with scratch_directory("bench-preprocess-", args.keep) as work:
+        compare(args, work)
+
+
+def compare(args, work: Path) -> None:
     from qwenbuild.data.alpaca import convert_alpaca
     from qwenbuild.tokenizer import build_qwen_tokenizer
 
@@ -196,10 +200,6 @@ def main() -> None:
           f"{ours.peak_mb:,.0f} MB (process tree), output {size:,.0f} MiB")
     print(f"speed-up, whole commands: {base_wall / ours.wall:.1f}x wall, {base_cpu / ours.cpu:.1f}x CPU; first "
           f"{baseline_rows:,} rows identical: {same}; CPU pressure from other processes (avg60): {cpu_pressure()}")
-    if not args.keep:
-        import shutil
-
-        shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -14,12 +14,12 @@ import argparse
 import filecmp
 import json
 import resource
-import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
+
+from scratch import scratch_directory
 
 
 def _rss_mb() -> float:
@@ -111,8 +111,7 @@ def main() -> None:
     from qwenbuild.model.params import parameter_shapes
     from qwenbuild.parallel.strategy import write_strategy_files
 
-    work = Path(args.workdir or tempfile.mkdtemp(prefix="bench-reshard-"))
-    try:
+    with scratch_directory("bench-reshard-", args.workdir) as work:
         cfg = bench_config(args.size_mb)
         src = work / "full" / "rank_0" / "model.ckpt"
         t0 = time.perf_counter()
@@ -144,9 +143,6 @@ def main() -> None:
         print(f"ratios qwenbuild/mindspore: time {ours['seconds'] / theirs['seconds']:.2f}, "
               f"peak RSS above import {ours_extra / theirs_extra:.2f}, total peak RSS "
               f"{ours['peak_mb'] / theirs['peak_mb']:.2f}")
-    finally:
-        if not args.workdir:
-            shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -16,11 +16,11 @@ import argparse
 import gc
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+from scratch import scratch_directory
 
 
 def default_model(vocab: int, seq: int):
@@ -149,7 +149,11 @@ def main() -> int:
     args = parser.parse_args()
     if args.block is None:
         args.block = 0 if args.shape == "0.5b" else 5
+    with scratch_directory("bench_train_") as work:
+        return compare(args, work)
 
+
+def compare(args, work: Path) -> int:
     from qwenbuild.train import data
     from qwenbuild.train.schedule import schedule
     from qwenbuild.train.settings import TrainSettings
@@ -157,7 +161,6 @@ def main() -> int:
     from qwenbuild.weights.random_init import write_random_hf_model
     from qwenbuild.model.params import num_parameters
 
-    work = Path(tempfile.mkdtemp(prefix="bench_train_"))
     os.chdir(work)  # mindformers and MindSpore write logs into the working directory
     cfg = default_model(args.vocab, args.seq) if args.shape == "tiny" else half_billion_model(args.seq)
     args.vocab = cfg.vocab_size
