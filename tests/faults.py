@@ -80,18 +80,22 @@ def snapshot_code(directory: Path) -> Path:
     return directory
 
 
+def doit_with(code: Path | None, env: dict[str, str]) -> tuple[dict[str, str], Path]:
+    """The environment and dodo.py that run doit with `code` (a snapshot_code() directory), or with the working tree."""
+    if code is None:
+        return env, REPO / "dodo.py"
+    # ahead of the editable install's finder; msrun workers inherit it
+    path = os.pathsep.join([str(code), *filter(None, [env.get("PYTHONPATH")])])
+    return {**env, "PYTHONPATH": path}, Path(code) / "dodo.py"
+
+
 class Build:
     """One doit run in its own session; its merged output is read by a thread and kept with arrival times.
 
     `code`: a snapshot_code() directory to build with instead of the working tree."""
 
     def __init__(self, manifest: Path, code: Path | None = None, targets: list[str] = TARGETS):
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        dodo = REPO / "dodo.py"
-        if code is not None:
-            # ahead of the editable install's finder; msrun workers inherit it
-            env["PYTHONPATH"] = os.pathsep.join([str(code), *filter(None, [env.get("PYTHONPATH")])])
-            dodo = Path(code) / "dodo.py"
+        env, dodo = doit_with(code, {**os.environ, "PYTHONUNBUFFERED": "1"})
         self.proc = subprocess.Popen([sys.executable, "-m", "doit", "-f", str(dodo), f"manifest={manifest}",
                                       *targets], cwd=manifest.parent,
                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
@@ -156,10 +160,7 @@ class Build:
 
 def doit_status(manifest: Path, code: Path | None = None) -> dict[str, str]:
     """Task -> 'R' (would run) or 'U' (up to date), as `doit list --status` decides it without running anything."""
-    env, dodo = dict(os.environ), REPO / "dodo.py"
-    if code is not None:
-        env["PYTHONPATH"] = os.pathsep.join([str(code), *filter(None, [env.get("PYTHONPATH")])])
-        dodo = Path(code) / "dodo.py"
+    env, dodo = doit_with(code, dict(os.environ))
     proc = subprocess.run([sys.executable, "-m", "doit", "list", "-f", str(dodo), "--status", "--all",
                            f"manifest={manifest}"], cwd=manifest.parent, capture_output=True, text=True,
                           env=env, timeout=300)

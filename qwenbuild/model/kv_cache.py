@@ -96,7 +96,7 @@ class DecodeGraph(_Graph):
                                             ops.arange(b, dtype=ms.int32))
         slots = ops.expand_dims(ops.arange(window, dtype=ms.int32), 0)
         visible = slots <= ops.expand_dims(_rows(pos, to_rows), 1)
-        bias = ops.reshape((1.0 - ops.cast(visible, F32)) * MASKED, (b, 1, 1, window))
+        bias = ops.reshape((1.0 - ops.cast(visible, F32)) * MASKED, (b, 1, 1, 1, window))
         cos, sin = model.rope(ops.expand_dims(ops.cast(pos, F32), 1))
         x = model.embed(input_ids)
         where = self.cache_rows(index, ops.expand_dims(pos, 1))  # each row's new token, every local head

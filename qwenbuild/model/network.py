@@ -247,14 +247,12 @@ class Attention(nn.Cell):
 
     def attend(self, q, k, v, bias):
         """Output projection [N, hidden] of softmax(q k^T + bias) v; q [B, H, Sq, D] (scaled), k, v [B, KV, Sk, D],
-        bias [B|1, 1, Sq, Sk] or full_bias()'s. Query heads sharing a key head are stacked along the rows, so keys
-        are not repeated."""
+        bias [B|1, 1, 1, Sq, Sk] (full_bias()'s or a decode step's). Query heads sharing a key head are stacked along
+        the rows, so keys are not repeated."""
         b, _, sq, d = q.shape
         sk = k.shape[2]
         grouped = ops.reshape(q, (b, self.n_kv_heads, self.n_rep * sq, d))
         scores = ops.reshape(self.scores(grouped, k), (b, self.n_kv_heads, self.n_rep, sq, sk))
-        if len(bias.shape) == 4:
-            bias = ops.expand_dims(bias, 2)
         probs = self.softmax(scores + bias)
         out = self.weighted(ops.reshape(probs, (b, self.n_kv_heads, self.n_rep * sq, sk)), v)
         out = _swap_heads_and_positions(ops.reshape(out, (b, self.n_heads, sq, d)))
@@ -386,7 +384,7 @@ class QwenModel(nn.Cell):
         slots = ops.expand_dims(ops.arange(key_cache.shape[3], dtype=ms.int32), 0)
         write = ops.reshape(slots == ops.expand_dims(pos, 1), (pos.shape[0], 1, -1, 1))
         visible = ops.cast(slots <= ops.expand_dims(pos, 1), F32)
-        bias = ops.reshape((1.0 - visible) * MASKED, (pos.shape[0], 1, 1, -1))
+        bias = ops.reshape((1.0 - visible) * MASKED, (pos.shape[0], 1, 1, 1, -1))
         cos, sin = self.rope(ops.expand_dims(ops.cast(pos, F32), 1))
         x = self.embed(input_ids)
         keys, values = (), ()
