@@ -31,22 +31,25 @@ def test_schedule_matches_mindformers_cosine_with_warmup():
 
 @pytest.mark.parametrize("mode", ["GRAPH_MODE", "PYNATIVE_MODE"])
 def test_adamw_matches_torch_adamw(mode):
-    """float32 parameters take the fused kernel (bias correction folded into its inputs), float16 ones the update
-    spelled out; both as torch's AdamW."""
+    """Small float32 parameters take AdamWeightDecay (bias correction folded into its inputs), large ones an in-place
+    decay and the Adam kernel, float16 ones the update spelled out; all as torch's AdamW."""
     import mindspore as ms
     import torch
 
-    from qwenbuild.train.optimizer import AdamW
+    from qwenbuild.train.optimizer import TWO_KERNELS_FROM, AdamW
 
     ms.set_context(mode=getattr(ms, mode))
     rng = np.random.default_rng(0)
-    starts = [rng.standard_normal((3, 4)).astype(np.float32), rng.standard_normal((5,)).astype(np.float32)]
+    starts = [rng.standard_normal(shape).astype(np.float32) for shape in ((3, 4), (5,), (TWO_KERNELS_FROM // 64, 64))]
     grads = [[rng.standard_normal(s.shape).astype(np.float32) for s in starts] for _ in range(4)]
     params = [ms.Parameter(ms.Tensor(starts[0]), name="w"),
-              ms.Parameter(ms.Tensor(starts[1], ms.float16), name="b")]
+              ms.Parameter(ms.Tensor(starts[1], ms.float16), name="b"),
+              ms.Parameter(ms.Tensor(starts[2]), name="big")]
     ours = AdamW(params, weight_decay=0.1)
+    assert (ours.fused, ours.spelled, ours.decayed_adam) == ((0,), (1,), (2,))
     refs = [torch.nn.Parameter(torch.tensor(starts[0])),
-            torch.nn.Parameter(torch.tensor(starts[1]).half().float())]
+            torch.nn.Parameter(torch.tensor(starts[1]).half().float()),
+            torch.nn.Parameter(torch.tensor(starts[2]))]
     theirs = torch.optim.AdamW(refs, lr=1e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
     for step_grads in grads:
         ours(tuple(ms.Tensor(g) for g in step_grads), ms.Tensor(np.float32(1e-2)))
@@ -57,12 +60,14 @@ def test_adamw_matches_torch_adamw(mode):
             refs[1].copy_(refs[1].half().float())
     np.testing.assert_allclose(params[0].asnumpy(), refs[0].detach().numpy(), rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(ops_float(params[1]), refs[1].detach().numpy(), rtol=1e-3, atol=1e-3)
+    np.testing.assert_allclose(params[2].asnumpy(), refs[2].detach().numpy(), rtol=1e-5, atol=1e-6)
     for i, ref in enumerate(refs):
         np.testing.assert_allclose(ours.moments1[i].asnumpy(), theirs.state[ref]["exp_avg"].numpy(), rtol=1e-5,
                                    atol=1e-7)
         np.testing.assert_allclose(ours.moments2[i].asnumpy(), theirs.state[ref]["exp_avg_sq"].numpy(), rtol=1e-5,
                                    atol=1e-9)
-    assert [m.name for m in (*ours.moments1, *ours.moments2)] == ["adam_m.w", "adam_m.b", "adam_v.w", "adam_v.b"]
+    assert [m.name for m in (*ours.moments1, *ours.moments2)] == ["adam_m.w", "adam_m.b", "adam_m.big", "adam_v.w",
+                                                                  "adam_v.b", "adam_v.big"]
     assert int(ours.global_step.asnumpy()) == 4
 
 
