@@ -74,6 +74,7 @@ class AdamW(nn.Cell):
         lr_decay = lr * self.weight_decay
         done = ()
         for i in self.decayed_adam:
+            # p -= (lr * weight_decay) * p in place: one kernel, where a Mul and an Assign take two passes
             decayed = self.decay(self.params[i], lr_decay, self.params[i])
             done += (self.adam(self.params[i], self.moments1[i], self.moments2[i], power1, power2, lr, self.beta1,
                                self.beta2, fused_eps, ops.depend(grads[i], decayed))[0],)
