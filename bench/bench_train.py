@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import itertools
 import os
 import sys
 import time
@@ -102,28 +103,20 @@ def qwenbuild_steps(settings, rows_by_epoch, lrs):
 
 
 def take_turns(runs: list, block: int) -> list[tuple[list[float], list[float]]]:
-    """Advance each run `block` steps in turn until all end (block 0: each to its end, one after the other, the
-    finished one's model freed first); (losses, seconds) of each."""
+    """Advance each run `block` steps in turn until all end (block 0: each to its end, one after the other);
+    (losses, seconds) of each."""
     results = [([], []) for _ in runs]
-    if block == 0:
-        for run, (losses, seconds) in zip(runs, results):
-            for loss, took in run:
-                losses.append(loss)
-                seconds.append(took)
-            gc.collect()
-        return results
     active = list(range(len(runs)))
     while active:
         for i in list(active):
-            taken = 0
-            for loss, seconds in runs[i]:
-                results[i][0].append(loss)
-                results[i][1].append(seconds)
-                taken += 1
-                if taken == block:
-                    break
-            if taken < block:
+            losses, seconds = results[i]
+            before = len(losses)
+            for loss, took in itertools.islice(runs[i], block or None):
+                losses.append(loss)
+                seconds.append(took)
+            if not block or len(losses) - before < block:
                 active.remove(i)
+                gc.collect()  # a finished run's model goes before the next one grows (0.5B: both do not fit)
     return results
 
 

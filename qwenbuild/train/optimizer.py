@@ -55,11 +55,11 @@ class AdamW(nn.Cell):
         self.beta1 = Tensor(beta1, ms.float32)
         self.beta2 = Tensor(beta2, ms.float32)
         self.eps = Tensor(eps, ms.float32)
-        fused = [p.dtype == ms.float32 for p in self.params]
+        float32 = [p.dtype == ms.float32 for p in self.params]
         two_kernels = [int(np.prod(p.shape)) >= TWO_KERNELS_FROM for p in self.params]
-        self.decayed_adam = tuple(i for i, f in enumerate(fused) if f and two_kernels[i])
-        self.fused = tuple(i for i, f in enumerate(fused) if f and not two_kernels[i])
-        self.spelled = tuple(i for i, f in enumerate(fused) if not f)
+        self.decayed_adam = tuple(i for i, f in enumerate(float32) if f and two_kernels[i])
+        self.fused = tuple(i for i, f in enumerate(float32) if f and not two_kernels[i])
+        self.spelled = tuple(i for i, f in enumerate(float32) if not f)
         self.fused_update = ops.AdamWeightDecay()
         self.adam = ops.Adam()
         self.decay = ops.ApplyGradientDescent()
