@@ -71,6 +71,86 @@ def test_adamw_matches_torch_adamw(mode):
     assert int(ours.global_step.asnumpy()) == 4
 
 
+@pytest.mark.parametrize("mode", ["GRAPH_MODE", "PYNATIVE_MODE"])
+def test_clipping_norm_of_gradients_of_any_shape_and_dtype(mode):
+    """Large gradients (a matrix, 3-D) summed each on its own, small ones and one of a size no multiple of the row
+    width joined and padded, a float16 one in float32: the norm equals float64 numpy's."""
+    import mindspore as ms
+    from mindspore import nn
+
+    from qwenbuild.train.optimizer import AdamW
+    from qwenbuild.train.step import ONE_VECTOR_UP_TO, TrainStep
+
+    ms.set_context(mode=getattr(ms, mode))
+    shapes = ((7,), (3, 5), (301, 257), (ONE_VECTOR_UP_TO * 2,), (40, 41, 128), (13,))
+    dtypes = (np.float32,) * 5 + (np.float16,)
+    rng = np.random.default_rng(3)
+    grads = [rng.standard_normal(shape).astype(dtype) for shape, dtype in zip(shapes, dtypes)]
+    params = [ms.Parameter(ms.Tensor(np.zeros_like(g)), name=f"p{i}") for i, g in enumerate(grads)]
+    step = TrainStep(nn.Identity(), AdamW(params), grad_clip=1.0)
+    assert step.joined == (True, True, True, False, False, True)
+
+    class Norm(nn.Cell):
+        def __init__(self):
+            super().__init__(auto_prefix=False)
+            self.step = step
+
+        def construct(self, gradients):
+            return self.step.global_norm(gradients)
+
+    norm = Norm()(tuple(ms.Tensor(g) for g in grads))
+    expected = np.sqrt(sum(np.sum(g.astype(np.float64) ** 2) for g in grads))
+    assert float(norm.asnumpy()) == pytest.approx(expected, rel=1e-6)
+
+
+def test_training_step_equals_torch_with_clipping(tmp_path):
+    """Two whole steps (loss, gradient norm, clipping, AdamW) at a size that takes the training-shaped kernels equal
+    transformers + torch's clip_grad_norm_ and AdamW."""
+    import mindspore as ms
+    import torch
+
+    from hf_tiny import tiny_hf_model
+    from qwenbuild.model.cpu_kernels import large
+    from qwenbuild.model.network import QwenForCausalLM
+    from qwenbuild.model.params import ms_to_hf
+    from qwenbuild.train.optimizer import AdamW
+    from qwenbuild.train.step import TrainStep
+    from qwenbuild.weights import convert_weight
+    from qwenbuild.weights.mindspore_ckpt import load_weights
+
+    ms.set_context(mode=ms.GRAPH_MODE)
+    hf = tiny_hf_model(tmp_path / "hf")
+    convert_weight(tmp_path / "hf", tmp_path / "model.ckpt", progress=None)
+    cfg = QwenConfig.from_hf_dir(tmp_path / "hf")
+    batch, seq, clip = 4, 160, 0.1
+    assert large(batch * seq, cfg.hidden_size) and batch * seq > cfg.hidden_size
+    net = QwenForCausalLM(cfg)
+    load_weights(net, tmp_path / "model.ckpt")
+    ours = TrainStep(net, AdamW(net.trainable_params(), weight_decay=0.1), grad_clip=clip)
+    hf.train()
+    theirs = torch.optim.AdamW(hf.parameters(), lr=1e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
+    rng = np.random.default_rng(2)
+    for lr in (1e-3, 5e-4):
+        ids = rng.integers(0, cfg.vocab_size, (batch, seq + 1)).astype(np.int32)
+        loss, norm = ours(ms.Tensor(ids), ms.Tensor(ids), ms.Tensor(np.float32(lr)))
+        logits = hf(input_ids=torch.from_numpy(ids[:, :-1].astype(np.int64))).logits
+        their_loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
+                                                       torch.from_numpy(ids[:, 1:].astype(np.int64)).reshape(-1))
+        theirs.zero_grad()
+        their_loss.backward()
+        their_norm = float(torch.nn.utils.clip_grad_norm_(hf.parameters(), clip))
+        for group in theirs.param_groups:
+            group["lr"] = lr
+        theirs.step()
+        assert their_norm > clip  # the clipping scale is not 1
+        assert float(loss.asnumpy()) == pytest.approx(float(their_loss.detach()), abs=1e-5)
+        assert float(norm.asnumpy()) == pytest.approx(their_norm, rel=1e-4)
+    hf_params = dict(hf.named_parameters())
+    for w in net.trainable_params():
+        np.testing.assert_allclose(w.asnumpy(), hf_params[ms_to_hf(w.name)].detach().numpy(), atol=2e-6, rtol=1e-4,
+                                   err_msg=w.name)
+
+
 def ops_float(param):
     import mindspore as ms
 

@@ -45,6 +45,11 @@ def add_bias(y, bias):
     return y + over_rows(bias, y.shape[0])
 
 
+def silu(x):
+    """x * sigmoid(x), whose gradient reuses the sigmoid (ops.silu's computes it again)."""
+    return x * ops.sigmoid(x)
+
+
 class Softmax(nn.Cell):
     """softmax over the last axis; its gradient y (dy - sum(dy y)) is LogSoftmaxGrad(log y, dy y)."""
 

@@ -16,7 +16,7 @@ from mindspore.common.initializer import Normal, initializer
 
 from qwenbuild.errors import UserError
 from qwenbuild.model.config import QwenConfig
-from qwenbuild.model.cpu_kernels import Softmax, add_bias, large, over_columns, over_rows, row_means
+from qwenbuild.model.cpu_kernels import Softmax, add_bias, large, over_columns, over_rows, row_means, silu
 from qwenbuild.model.params import check_names, is_beside_weights
 from qwenbuild.model.tensor_parallel import Identity, ModelParallel
 
@@ -290,9 +290,12 @@ class FeedForward(nn.Cell):
 
     def construct(self, x):
         x = self.copy_in(x)
-        both = self.w_gate_hidden(x) if self.fused else joint_projection(x, (self.w1, self.w3))
-        gate, up = self.split_gate_up(both)
-        return self.reduce(self.w2(ops.silu(gate) * up))
+        if self.fused or x.shape[0] <= self.w1.n_in:
+            both = self.w_gate_hidden(x) if self.fused else joint_projection(x, (self.w1, self.w3))
+            gate, up = self.split_gate_up(both)
+        else:
+            gate, up = self.w1(x), self.w3(x)
+        return self.reduce(self.w2(silu(gate) * up))
 
 
 class DecoderLayer(nn.Cell):

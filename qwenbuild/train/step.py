@@ -10,9 +10,26 @@ from qwenbuild.model.tensor_parallel import VocabParallelCrossEntropy, group_of
 from qwenbuild.parallel.rank_layout import ProcessLayout, single_process
 
 IGNORE_INDEX = -100
-# gradients up to this many elements are squared and summed as one vector: below it a kernel's launch costs more
-# than the copy into that vector
+# gradients are squared and summed as rows of this width; those up to ONE_VECTOR_UP_TO elements (below it a kernel's
+# launch costs more than a copy) or of a size no multiple of ROW are joined first, zeros padding the end
+ROW = 128
 ONE_VECTOR_UP_TO = 1 << 16
+
+F32 = ms.float32
+_matmul = ops.MatMul()
+
+
+def _float32(grad):
+    return grad if grad.dtype == F32 else ops.cast(grad, F32)
+
+
+def _squares_summed(m):
+    """sum(m * m) of m [rows, ROW] as [1, 1]: column sums by a MatMul against a row of ones, then their sum by one
+    against a column (a [1, n] x [n, 1] dot runs on one thread, the reduction kernels slower still: about five times
+    as long together)."""
+    squares = m * m
+    columns = _matmul(ops.ones((1, squares.shape[0]), F32), squares)
+    return _matmul(columns, ops.ones((squares.shape[1], 1), F32))
 
 
 class CausalLMLoss(nn.Cell):
@@ -55,7 +72,6 @@ class TrainStep(nn.Cell):
         self.weights = optimizer.params
         self.grad_fn = ops.value_and_grad(self.loss, None, self.weights)
         self.clip = grad_clip > 0
-        self.dot = ops.MatMul(transpose_b=True)
         self.grad_clip = Tensor(grad_clip, ms.float32)
         if self.distributed:
             self.all_reduce = ops.AllReduce(group=group_of(layout, layout.dp_group))
@@ -65,7 +81,7 @@ class TrainStep(nn.Cell):
         split = tuple(layout.model_parallel > 1 and layout.split(w.name) is not None for w in self.weights)
         self.split_grads = tuple(i for i, s in enumerate(split) if s)
         self.whole_grads = tuple(i for i, s in enumerate(split) if not s)
-        self.small = tuple(int(np.prod(w.shape)) <= ONE_VECTOR_UP_TO for w in self.weights)
+        self.joined = tuple(n <= ONE_VECTOR_UP_TO or n % ROW > 0 for n in (int(np.prod(w.shape)) for w in self.weights))
         if self.split_grads:
             self.sum_slices = ops.AllReduce(group=group_of(layout, layout.mp_group))
 
@@ -87,14 +103,16 @@ class TrainStep(nn.Cell):
         return ops.sqrt(squares)
 
     def sum_of_squares(self, grads, indices):
-        """The sum of the squares of grads[i] for i in indices: one dot product per large gradient, one for the
-        small ones together."""
-        vectors = [ops.reshape(grads[i], (1, -1)) for i in indices if not self.small[i]]
-        small = [ops.reshape(grads[i], (1, -1)) for i in indices if self.small[i]]
-        if small:
-            vectors.append(small[0] if len(small) == 1 else ops.concat(small, 1))
-        # a [1, n] x [n, 1] product: the CPU reduction kernels take ten times as long for the same sum
-        return ops.addn([ops.reshape(self.dot(v, v), ()) for v in vectors])
+        """The sum of the squares of grads[i] for i in indices: each large gradient as rows on its own, the others
+        joined."""
+        matrices = [ops.reshape(_float32(grads[i]), (-1, ROW)) for i in indices if not self.joined[i]]
+        joined = [ops.reshape(_float32(grads[i]), (-1,)) for i in indices if self.joined[i]]
+        if joined:
+            pad = -sum(v.shape[0] for v in joined) % ROW
+            if pad:
+                joined.append(ops.zeros((pad,), F32))
+            matrices.append(ops.reshape(ops.concat(joined), (-1, ROW)))
+        return ops.reshape(ops.addn([_squares_summed(m) for m in matrices]), ())
 
     def mean_over_processes(self, loss, grads):
         # one all-reduce of a flat vector: per-tensor all-reduces cost a loopback round trip each on CPU
