@@ -25,8 +25,8 @@ def _float32(grad):
 
 def _squares_summed(m):
     """sum(m * m) of m [rows, ROW] as [1, 1]: column sums by a MatMul against a row of ones, then their sum by one
-    against a column (a [1, n] x [n, 1] dot runs on one thread, the reduction kernels slower still: about five times
-    as long together)."""
+    against a column. A [1, n] x [n, 1] dot runs on one thread and the reduction kernels are slower still: both take
+    about five times as long."""
     squares = m * m
     columns = _matmul(ops.ones((1, squares.shape[0]), F32), squares)
     return _matmul(columns, ops.ones((squares.shape[1], 1), F32))
