@@ -290,11 +290,13 @@ class FeedForward(nn.Cell):
 
     def construct(self, x):
         x = self.copy_in(x)
-        if self.fused or x.shape[0] <= self.w1.n_in:
-            both = self.w_gate_hidden(x) if self.fused else joint_projection(x, (self.w1, self.w3))
-            gate, up = self.split_gate_up(both)
-        else:
+        if self.fused:
+            gate, up = self.split_gate_up(self.w_gate_hidden(x))
+        elif x.shape[0] > self.w1.n_in:
+            # more tokens than features (training): two MatMuls, no strided Split of a joint output and Concat back
             gate, up = self.w1(x), self.w3(x)
+        else:
+            gate, up = self.split_gate_up(joint_projection(x, (self.w1, self.w3)))
         return self.reduce(self.w2(silu(gate) * up))
 
 

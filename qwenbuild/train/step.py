@@ -6,6 +6,7 @@ import mindspore as ms
 import numpy as np
 from mindspore import Tensor, nn, ops
 
+from qwenbuild.model.cpu_kernels import F32, squares_summed
 from qwenbuild.model.tensor_parallel import VocabParallelCrossEntropy, group_of
 from qwenbuild.parallel.rank_layout import ProcessLayout, single_process
 
@@ -14,22 +15,6 @@ IGNORE_INDEX = -100
 # launch costs more than a copy) or of a size no multiple of ROW are joined first, zeros padding the end
 ROW = 128
 ONE_VECTOR_UP_TO = 1 << 16
-
-F32 = ms.float32
-_matmul = ops.MatMul()
-
-
-def _float32(grad):
-    return grad if grad.dtype == F32 else ops.cast(grad, F32)
-
-
-def _squares_summed(m):
-    """sum(m * m) of m [rows, ROW] as [1, 1]: column sums by a MatMul against a row of ones, then their sum by one
-    against a column. A [1, n] x [n, 1] dot runs on one thread and the reduction kernels are slower still: both take
-    about five times as long."""
-    squares = m * m
-    columns = _matmul(ops.ones((1, squares.shape[0]), F32), squares)
-    return _matmul(columns, ops.ones((squares.shape[1], 1), F32))
 
 
 class CausalLMLoss(nn.Cell):
@@ -105,14 +90,14 @@ class TrainStep(nn.Cell):
     def sum_of_squares(self, grads, indices):
         """The sum of the squares of grads[i] for i in indices: each large gradient as rows on its own, the others
         joined."""
-        matrices = [ops.reshape(_float32(grads[i]), (-1, ROW)) for i in indices if not self.joined[i]]
-        joined = [ops.reshape(_float32(grads[i]), (-1,)) for i in indices if self.joined[i]]
+        matrices = [ops.reshape(ops.cast(grads[i], F32), (-1, ROW)) for i in indices if not self.joined[i]]
+        joined = [ops.reshape(ops.cast(grads[i], F32), (-1,)) for i in indices if self.joined[i]]
         if joined:
             pad = -sum(v.shape[0] for v in joined) % ROW
             if pad:
                 joined.append(ops.zeros((pad,), F32))
             matrices.append(ops.reshape(ops.concat(joined), (-1, ROW)))
-        return ops.reshape(ops.addn([_squares_summed(m) for m in matrices]), ())
+        return ops.reshape(ops.addn([squares_summed(m) for m in matrices]), ())
 
     def mean_over_processes(self, loss, grads):
         # one all-reduce of a flat vector: per-tensor all-reduces cost a loopback round trip each on CPU
