@@ -1,5 +1,5 @@
 """The training graph's CPU-shaped pieces (spread operands, softmax gradient) give the same values as the plain ops,
-and a whole training gradient at a size that uses them equals torch's."""
+and a whole training gradient at a size that uses them equals torch's, with the fused kernels and without."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from mindspore import Tensor, nn, ops
 from hf_tiny import tiny_hf_model
 from qwenbuild.model.config import QwenConfig
 from qwenbuild.model.cpu_kernels import SPREAD_FROM, Softmax, add_bias, large
-from qwenbuild.model.network import MASKED, QwenForCausalLM, RMSNorm
+from qwenbuild.model.network import MASKED, QwenForCausalLM, RMSNorm, use_composed_kernels
 from qwenbuild.model.params import ms_to_hf
 from qwenbuild.train.step import CausalLMLoss
 from qwenbuild.weights import convert_weight
@@ -63,6 +63,7 @@ def test_spread_rmsnorm_and_bias_equal_numpy():
     x = rng.normal(size=(rows, width)).astype(np.float32)
     weight = rng.normal(1.0, 0.2, size=width).astype(np.float32)
     norm = RMSNorm(width, 1e-6, ms.float32)
+    use_composed_kernels(norm)
     norm.weight.set_data(Tensor(weight))
     expected = weight * x / np.sqrt((x.astype(np.float64) ** 2).mean(-1, keepdims=True) + 1e-6)
     np.testing.assert_allclose(norm(Tensor(x)).asnumpy(), expected, atol=1e-5, rtol=1e-5)
@@ -70,7 +71,8 @@ def test_spread_rmsnorm_and_bias_equal_numpy():
     np.testing.assert_array_equal(add_bias(Tensor(x), Tensor(weight)).asnumpy(), x + weight)
 
 
-def test_training_gradients_where_operands_are_spread_equal_torch(tmp_path):
+@pytest.mark.parametrize("kernels", ["fused", "composed"])
+def test_training_gradients_where_operands_are_spread_equal_torch(tmp_path, kernels):
     hf = tiny_hf_model(tmp_path / "hf")  # random biases and norm weights: every spread path carries gradient
     convert_weight(tmp_path / "hf", tmp_path / "model.ckpt", progress=None)
     cfg = QwenConfig.from_hf_dir(tmp_path / "hf")
@@ -79,6 +81,8 @@ def test_training_gradients_where_operands_are_spread_equal_torch(tmp_path):
     assert large(batch * seq, cfg.hidden_size)
     ids = np.random.default_rng(2).integers(0, cfg.vocab_size, (batch, seq + 1)).astype(np.int32)
     net = QwenForCausalLM(cfg)
+    if kernels == "composed":
+        use_composed_kernels(net)
     load_weights(net, tmp_path / "model.ckpt")
     weights = net.trainable_params()
     loss, grads = ops.value_and_grad(CausalLMLoss(net), None, weights)(Tensor(ids), Tensor(ids))

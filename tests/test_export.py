@@ -92,6 +92,17 @@ def test_graphs_hold_qkv_and_gate_hidden_as_one_weight_each(model, kind):
         np.testing.assert_array_equal(held[f + "w2.weight"], ckpt[f + "w2.weight"])
 
 
+@pytest.mark.parametrize("kind", [FULL, INC])
+def test_graphs_hold_only_mindspores_own_kernels(model, kind):
+    """Training runs the fused CPU kernels (Custom ops from a library on this machine); MindSpore Lite could not run
+    them, so the exported graphs hold the composed ones."""
+    from qwenbuild.model.fused_kernels import kernels
+
+    assert kernels() is not None  # they are in use here, so leaving them out is what is tested
+    graph = graph_file(model["out"], kind, 0).read_bytes()
+    assert b"fused_kernels" not in graph and b"Custom" not in graph
+
+
 def test_reexport_in_a_new_process_gives_the_same_normalised_digest(model, tmp_path):
     # compile something in this process first: MINDIR names count compilations, export must not depend on it
     import mindspore as ms

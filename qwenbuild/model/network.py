@@ -1,6 +1,7 @@
 """The Qwen1.5 network in MindSpore, named like MindFormers' LlamaForCausalLM, plus its KV-cache graphs for export.
 
-Compute is float32 (the CPU kernels); parameters may be float32, bfloat16 or float16 and are cast on use.
+Compute is float32 (the CPU kernels); parameters may be float32, bfloat16 or float16 and are cast on use. SwiGLU,
+RoPE and RMSNorm run as fused kernels where they compiled (fused_kernels), except in graphs made for export.
 Wrapping cells (loss, prefill, decode, train step) must call `super().__init__(auto_prefix=False)`, otherwise
 MindSpore renames the shared parameters and checkpoints no longer match `parameter_shapes(cfg)`.
 """
@@ -16,6 +17,7 @@ from mindspore.common.initializer import Normal, initializer
 
 from qwenbuild.errors import UserError
 from qwenbuild.model.config import QwenConfig
+from qwenbuild.model.fused_kernels import kernels
 from qwenbuild.model.cpu_kernels import Softmax, add_bias, large, over_columns, over_rows, row_means, silu
 from qwenbuild.model.params import check_names, is_beside_weights
 from qwenbuild.model.tensor_parallel import Identity, ModelParallel
@@ -30,16 +32,39 @@ def _param(shape, dtype, init, name):
     return Parameter(initializer(init, shape, dtype), name=name)
 
 
+FUSED = ("fused_norm", "fused_rope", "fused_swiglu")
+
+
+def _fused(name: str):
+    """The fused kernel `name`, or None where they did not build (the composed kernels run)."""
+    found = kernels()
+    return getattr(found, name) if found else None
+
+
+def use_composed_kernels(net: nn.Cell) -> None:
+    """MindSpore's own kernels only in every cell of `net`, as exported graphs need (MindSpore Lite cannot run the
+    fused ones); call before the first run."""
+    for _, cell in net.cells_and_names():
+        for name in FUSED:
+            if getattr(cell, name, None) is not None:
+                setattr(cell, name, None)
+
+
 class RMSNorm(nn.Cell):
     def __init__(self, size: int, eps: float, dtype):
         super().__init__()
         self.eps = eps
         self.weight = _param((size,), dtype, "ones", "weight")
+        self.fused_norm = _fused("rms_norm")
+        self.eps_tensor = Tensor(eps, F32)
 
     def construct(self, x):
         weight = ops.cast(self.weight, F32)
         rows = x if len(x.shape) == 2 else ops.reshape(x, (-1, x.shape[-1]))
         n, width = rows.shape
+        if self.fused_norm is not None:
+            y, _ = self.fused_norm(rows, weight, self.eps_tensor)
+            return y if len(x.shape) == 2 else ops.reshape(y, x.shape)
         if not large(n, width):
             return weight * (x * ops.rsqrt(ops.mean(ops.square(x), -1, keep_dims=True) + self.eps))
         # not one outer product of 1/rms and the weight: under model parallelism that trained wrong (msrun, mp 2)
@@ -211,6 +236,7 @@ class Attention(nn.Cell):
         self.scores = ops.BatchMatMul(transpose_b=True)
         self.weighted = ops.BatchMatMul()
         self.softmax = Softmax()
+        self.fused_rope = _fused("rope")
         self.prefix, self.fused = prefix, False
 
     def fuse_projections(self) -> None:
@@ -232,8 +258,11 @@ class Attention(nn.Cell):
         heads = self.n_heads + 2 * self.n_kv_heads
         x = self.copy_in(x)
         flat = self.w_qkv(x) if self.fused else joint_projection(x, (self.wq, self.wk, self.wv))
-        rotated = ops.matmul(ops.reshape(flat, (-1, d)), self.rotate)
-        roped = ops.reshape(flat, (b, s, heads, d)) * cos + ops.reshape(rotated, (b, s, heads, d)) * sin
+        if self.fused_rope is not None:
+            roped = self.fused_rope(ops.reshape(flat, (b, s, heads, d)), cos, sin)
+        else:
+            rotated = ops.matmul(ops.reshape(flat, (-1, d)), self.rotate)
+            roped = ops.reshape(flat, (b, s, heads, d)) * cos + ops.reshape(rotated, (b, s, heads, d)) * sin
         q, k, v = self.split_heads(_swap_heads_and_positions(roped))
         return q, k, v
 
@@ -280,6 +309,7 @@ class FeedForward(nn.Cell):
         self.split_gate_up = Split((self.inner, self.inner), 1)
         self.copy_in = parallel.copy_in() if split_in else Identity()
         self.reduce = parallel.reduce_out() if split_in else Identity()
+        self.fused_swiglu = _fused("swiglu")
         self.prefix, self.fused = prefix, False
 
     def fuse_projections(self) -> None:
@@ -297,7 +327,8 @@ class FeedForward(nn.Cell):
             gate, up = self.w1(x), self.w3(x)
         else:
             gate, up = self.split_gate_up(joint_projection(x, (self.w1, self.w3)))
-        return self.reduce(self.w2(silu(gate) * up))
+        hidden = silu(gate) * up if self.fused_swiglu is None else self.fused_swiglu(gate, up)
+        return self.reduce(self.w2(hidden))
 
 
 class DecoderLayer(nn.Cell):
@@ -358,7 +389,9 @@ class QwenModel(nn.Cell):
     def _whole_sequence(self, input_ids):
         """RoPE tables and the causal bias (at the scores' shape) of input_ids [B, S] from position 0."""
         positions, bias = self._causal(input_ids.shape[1])
-        cos, sin = self.rope(positions, input_ids.shape[0])
+        # the fused RoPE reads one table for every row of the batch: no copy per row
+        fused_rope = self.layers[0].attention.fused_rope is not None
+        cos, sin = self.rope(positions, None if fused_rope else input_ids.shape[0])
         return cos, sin, self.layers[0].attention.full_bias(bias, input_ids.shape[0])
 
     def embed(self, input_ids):
@@ -435,11 +468,12 @@ class QwenForCausalLM(nn.Cell):
         return self.logits(self.model(input_ids))
 
     def fuse_projections(self) -> None:
-        """Every layer reads q|k|v and w1|w3 as one weight each, as the exported graphs do. For inference only:
-        wq, wk, wv, w1 and w3 are emptied."""
+        """Every layer reads q|k|v and w1|w3 as one weight each, as the exported graphs do, with MindSpore's own
+        kernels only (MindSpore Lite cannot run the fused ones). For export only: wq, wk, wv, w1 and w3 are emptied."""
         for layer in self.model.layers:
             layer.attention.fuse_projections()
             layer.feed_forward.fuse_projections()
+        use_composed_kernels(self)
 
 
 class PrefillCell(nn.Cell):
