@@ -29,10 +29,12 @@ def test_schedule_matches_mindformers_cosine_with_warmup():
     assert cosine_with_warmup(50, 50, 2e-3, 0.1) == 0.0
 
 
+@pytest.mark.parametrize("fused", [True, False])
 @pytest.mark.parametrize("mode", ["GRAPH_MODE", "PYNATIVE_MODE"])
-def test_adamw_matches_torch_adamw(mode):
-    """Small float32 parameters take AdamWeightDecay (bias correction folded into its inputs), large ones an in-place
-    decay and the Adam kernel, float16 ones the update spelled out; all as torch's AdamW."""
+def test_adamw_matches_torch_adamw(mode, fused):
+    """float32 parameters take the fused in-place kernel, or without it: small ones AdamWeightDecay (bias correction
+    folded into its inputs), large ones an in-place decay and the Adam kernel; float16 ones the update spelled out;
+    all as torch's AdamW on the gradients times the clipping factor. The large one is split over threads."""
     import mindspore as ms
     import torch
 
@@ -40,21 +42,24 @@ def test_adamw_matches_torch_adamw(mode):
 
     ms.set_context(mode=getattr(ms, mode))
     rng = np.random.default_rng(0)
-    starts = [rng.standard_normal(shape).astype(np.float32) for shape in ((3, 4), (5,), (TWO_KERNELS_FROM // 64, 64))]
+    shapes = ((3, 4), (5,), (8 * TWO_KERNELS_FROM // 63, 63))  # the last above two threads' share of the kernel
+    starts = [rng.standard_normal(shape).astype(np.float32) for shape in shapes]
     grads = [[rng.standard_normal(s.shape).astype(np.float32) for s in starts] for _ in range(4)]
+    scales = [1.0, 0.5, 0.25, 1.0]
     params = [ms.Parameter(ms.Tensor(starts[0]), name="w"),
               ms.Parameter(ms.Tensor(starts[1], ms.float16), name="b"),
               ms.Parameter(ms.Tensor(starts[2]), name="big")]
-    ours = AdamW(params, weight_decay=0.1)
-    assert (ours.fused, ours.spelled, ours.decayed_adam) == ((0,), (1,), (2,))
+    ours = AdamW(params, weight_decay=0.1, fused=fused)
+    kernels = (ours.in_place, ours.adam_weight_decay, ours.spelled, ours.decayed_adam)
+    assert kernels == (((0, 2), (), (1,), ()) if fused else ((), (0,), (1,), (2,)))
     refs = [torch.nn.Parameter(torch.tensor(starts[0])),
             torch.nn.Parameter(torch.tensor(starts[1]).half().float()),
             torch.nn.Parameter(torch.tensor(starts[2]))]
     theirs = torch.optim.AdamW(refs, lr=1e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
-    for step_grads in grads:
-        ours(tuple(ms.Tensor(g) for g in step_grads), ms.Tensor(np.float32(1e-2)))
+    for step_grads, scale in zip(grads, scales):
+        ours(tuple(ms.Tensor(g) for g in step_grads), ms.Tensor(np.float32(1e-2)), ms.Tensor(np.float32(scale)))
         for ref, g in zip(refs, step_grads):
-            ref.grad = torch.tensor(g)
+            ref.grad = torch.tensor(g) * scale
         theirs.step()
         with torch.no_grad():  # the float16 parameter is stored rounded after every step
             refs[1].copy_(refs[1].half().float())
@@ -103,9 +108,11 @@ def test_clipping_norm_of_gradients_of_any_shape_and_dtype(mode):
     assert float(norm.asnumpy()) == pytest.approx(expected, rel=1e-6)
 
 
-def test_training_step_equals_torch_with_clipping(tmp_path):
+@pytest.mark.parametrize("clip", [0.1, 0.0])
+def test_training_step_equals_torch_with_and_without_clipping(tmp_path, clip):
     """Two whole steps (loss, gradient norm, clipping, AdamW) at a size that takes the training-shaped kernels equal
-    transformers + torch's clip_grad_norm_ and AdamW."""
+    transformers + torch's clip_grad_norm_ and AdamW. Unclipped, the in-place updates still wait for every gradient:
+    a weight updated before its last read would show here."""
     import mindspore as ms
     import torch
 
@@ -122,7 +129,7 @@ def test_training_step_equals_torch_with_clipping(tmp_path):
     hf = tiny_hf_model(tmp_path / "hf")
     convert_weight(tmp_path / "hf", tmp_path / "model.ckpt", progress=None)
     cfg = QwenConfig.from_hf_dir(tmp_path / "hf")
-    batch, seq, clip = 4, 160, 0.1
+    batch, seq = 4, 160
     assert large(batch * seq, cfg.hidden_size) and batch * seq > cfg.hidden_size
     net = QwenForCausalLM(cfg)
     load_weights(net, tmp_path / "model.ckpt")
@@ -138,11 +145,11 @@ def test_training_step_equals_torch_with_clipping(tmp_path):
                                                        torch.from_numpy(ids[:, 1:].astype(np.int64)).reshape(-1))
         theirs.zero_grad()
         their_loss.backward()
-        their_norm = float(torch.nn.utils.clip_grad_norm_(hf.parameters(), clip))
+        their_norm = float(torch.nn.utils.clip_grad_norm_(hf.parameters(), clip or float("inf")))
         for group in theirs.param_groups:
             group["lr"] = lr
         theirs.step()
-        assert their_norm > clip  # the clipping scale is not 1
+        assert their_norm > clip > 0 or clip == 0  # clipped: the scale is not 1
         assert float(loss.asnumpy()) == pytest.approx(float(their_loss.detach()), abs=1e-5)
         assert float(norm.asnumpy()) == pytest.approx(their_norm, rel=1e-4)
     hf_params = dict(hf.named_parameters())

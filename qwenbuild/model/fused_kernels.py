@@ -1,4 +1,5 @@
-"""Fused CPU kernels for training: SwiGLU, RoPE and RMSNorm with their gradients as MindSpore Custom (aot) ops.
+"""Fused CPU kernels for training as MindSpore Custom (aot) ops: SwiGLU, RoPE and RMSNorm with their gradients, and
+the AdamW update of a parameter in place.
 
 Each is one pass over memory where MindSpore's composed CPU kernels take four to nine. The C++ source ships in the
 package (resources/fused_kernels.cc); g++ compiles it once per machine into the user's cache directory. Without a
@@ -22,8 +23,8 @@ from pathlib import Path
 SWITCH = "QWENBUILD_FUSED_KERNELS"
 # -ffast-math lets g++ call the vectorised expf; it is left out of the link, which would turn on flush-to-zero for
 # the whole process
-COMPILE = ["-std=c++17", "-O3", "-march=native", "-ffast-math", "-fPIC"]
-LINK = ["-shared"]
+COMPILE = ["-std=c++17", "-O3", "-march=native", "-ffast-math", "-fPIC", "-pthread"]
+LINK = ["-shared", "-pthread"]
 
 
 def source() -> Path:
@@ -70,10 +71,11 @@ def build_library(compiler: str, directory: Path) -> Path:
 
 @dataclass(frozen=True)
 class Kernels:
-    """The forward ops; each carries its gradient (a second Custom op) as its bprop."""
+    """The forward ops, each carrying its gradient (a second Custom op) as its bprop, and the optimizer update."""
     swiglu: object
     rope: object
     rms_norm: object
+    adamw: object
 
 
 def _ops(library: Path) -> Kernels:
@@ -98,7 +100,11 @@ def _ops(library: Path) -> Kernels:
         dx, dw = rms_norm_grad(x, weight, out[1], dout[0])
         return dx, dw, ops.zeros_like(eps)
 
+    adamw = custom("AdamWUpdate", lambda p, m, v, g, h: [1], lambda p, m, v, g, h: p)
+    # it writes the parameter and moments it is given: ordered with other reads and writes, never pruned
+    adamw.add_prim_attr("side_effect_mem", True)
     return Kernels(
+        adamw=adamw,
         swiglu=custom("SwigluForward", lambda g, u: g, lambda g, u: g, swiglu_bprop),
         rope=custom("RopeForward", lambda x, c, s: x, lambda x, c, s: x, rope_bprop),
         rms_norm=custom("RmsNormForward", lambda x, w, e: (x, list(x[:-1]) + [1]), lambda x, w, e: (x, x),

@@ -1,12 +1,15 @@
 // Fused float32 element-wise kernels for training on CPU, loaded by MindSpore as Custom (aot) ops.
 //
-// Each kernel is one pass over memory where MindSpore's composed kernels take four to nine, and it is
-// single-threaded: these passes are memory-bound, and a second thread started per call costs more than it saves.
+// Each kernel is one pass over memory where MindSpore's composed kernels take four to nine. The activation kernels
+// are single-threaded: at training sizes a second thread started per call costs more than it saves. The AdamW
+// update splits large parameters over threads.
 // Signature: MindSpore's aot convention, inputs then outputs in `params`; every tensor is contiguous.
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <thread>
 #include <vector>
 
 namespace {
@@ -136,6 +139,40 @@ int RmsNormBackward(int nparam, void **params, int *ndims, int64_t **shapes, con
     for (int64_t j = 0; j < width; ++j) dxi[j] = ri * (gi[j] * w[j] - xi[j] * ri * mean);
   }
   for (int64_t j = 0; j < width; ++j) dw[j] = sums[j];
+  return 0;
+}
+
+// AdamW in place, as torch's: with g = grad * clip_scale,
+//   m = b1 m + (1 - b1) g,  v = b2 v + (1 - b2) g^2,  p = p * keep - step * m / (sqrt(v) + eps)
+// where the caller folds the learning rate, weight decay and bias corrections into keep, step and eps.
+// inputs p, m, v (parameter and moments, written in place), grad [...], hyper [7]: clip_scale, b1, b2, keep, step,
+// eps, threads; output done [1] (MindSpore needs an output; the update is the side effect).
+int AdamWUpdate(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *, void *) {
+  if (not_float32(nparam, dtypes)) return 1;
+  float *p = out(params, 0), *m = out(params, 1), *v = out(params, 2);
+  const float *grad = in(params, 3), *h = in(params, 4);
+  const float scale = h[0], b1 = h[1], b2 = h[2], keep = h[3], step = h[4], eps = h[5];
+  const int64_t n = elements(ndims[0], shapes[0]);
+  auto update = [=](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const float g = grad[i] * scale;
+      const float mi = b1 * m[i] + (1.0f - b1) * g;
+      const float vi = b2 * v[i] + (1.0f - b2) * g * g;
+      m[i] = mi;
+      v[i] = vi;
+      p[i] = p[i] * keep - step * mi / (std::sqrt(vi) + eps);
+    }
+  };
+  // below this many elements starting a thread costs more than the update
+  const int64_t per_thread = 1 << 18;
+  const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(static_cast<int64_t>(h[6]), n / per_thread));
+  const int64_t chunk = ((n + threads - 1) / threads + 15) / 16 * 16;
+  std::vector<std::thread> others;
+  for (int64_t t = 1; t < threads; ++t)
+    others.emplace_back(update, std::min(n, chunk * t), std::min(n, chunk * (t + 1)));
+  update(0, std::min(n, chunk));
+  for (auto &t : others) t.join();
+  out(params, 5)[0] = 0.0f;
   return 0;
 }
 

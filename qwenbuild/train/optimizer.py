@@ -6,13 +6,15 @@ import mindspore as ms
 import numpy as np
 from mindspore import Parameter, Tensor, nn, ops
 
+from qwenbuild.model.fused_kernels import kernels
+
 _adamw = ops.MultitypeFuncGraph("adamw")
 
 
-@_adamw.register(*["Tensor"] * 11)
-def _adamw_update(lr, weight_decay, beta1, beta2, eps, bias1, bias2, param, m, v, grad):
-    """The update spelled out, for parameters the fused kernel does not take (float16)."""
-    grad = ops.cast(grad, ms.float32)
+@_adamw.register(*["Tensor"] * 12)
+def _adamw_update(lr, weight_decay, beta1, beta2, eps, bias1, bias2, scale, param, m, v, grad):
+    """The update spelled out, for parameters the fused kernels do not take (float16)."""
+    grad = ops.cast(grad, ms.float32) * scale
     new_m = beta1 * m + (1.0 - beta1) * grad
     new_v = beta2 * v + (1.0 - beta2) * ops.square(grad)
     decayed = ops.cast(param, ms.float32) * (1.0 - lr * weight_decay)
@@ -35,17 +37,19 @@ def _zeros_like(param: Parameter, prefix: str) -> Parameter:
 
 
 class AdamW(nn.Cell):
-    """One AdamW step per call; the learning rate comes in as an input so the schedule stays outside the graph.
+    """One AdamW step per call on the gradients times `scale` (the clipping factor); the learning rate comes in as an
+    input so the schedule stays outside the graph.
 
-    float32 parameters go through MindSpore's fused kernels instead of a dozen element-wise ones. Large ones are
-    decayed in place first (p -= lr * weight_decay * p, as torch's AdamW does), then take the Adam kernel, which
-    corrects the learning rate by the step's beta powers; its epsilon is scaled by sqrt(c2) to sit where AdamW's
-    does: (m / c1) / (sqrt(v / c2) + eps) = (sqrt(c2) / c1) m / (sqrt(v) + eps sqrt(c2)). Small ones take
+    float32 parameters take qwenbuild's fused AdamW kernel where it built (`fused_kernels`): the whole update,
+    clipping included, in one pass over the parameter, its moments and its gradient. Otherwise MindSpore's kernels:
+    large ones are decayed in place first (p -= lr * weight_decay * p, as torch's AdamW does), then take the Adam
+    kernel, which corrects the learning rate by the step's beta powers; its epsilon is scaled by sqrt(c2) to sit where
+    AdamW's does: (m / c1) / (sqrt(v / c2) + eps) = (sqrt(c2) / c1) m / (sqrt(v) + eps sqrt(c2)). Small ones take
     AdamWeightDecay, which has no bias correction: it is folded into its learning rate, epsilon and decay the same
     way, the decay scaled so that lr * decay stays the recipe's.
     """
 
-    def __init__(self, params, weight_decay=0.01, beta1=0.9, beta2=0.95, eps=1e-8):
+    def __init__(self, params, weight_decay=0.01, beta1=0.9, beta2=0.95, eps=1e-8, fused: bool = True):
         super().__init__(auto_prefix=False)
         self.params = ms.ParameterTuple(params)
         self.moments1 = ms.ParameterTuple(_zeros_like(p, "adam_m") for p in self.params)
@@ -55,17 +59,22 @@ class AdamW(nn.Cell):
         self.beta1 = Tensor(beta1, ms.float32)
         self.beta2 = Tensor(beta2, ms.float32)
         self.eps = Tensor(eps, ms.float32)
+        found = kernels() if fused else None
+        self.fused_update = found.adamw if found else None
+        # the kernel splits a large parameter over as many threads as MindSpore's own kernels use
+        self.threads = Tensor(float(ms.get_context("runtime_num_threads") or 1), ms.float32)
         float32 = [p.dtype == ms.float32 for p in self.params]
         two_kernels = [int(np.prod(p.shape)) >= TWO_KERNELS_FROM for p in self.params]
-        self.decayed_adam = tuple(i for i, f in enumerate(float32) if f and two_kernels[i])
-        self.fused = tuple(i for i, f in enumerate(float32) if f and not two_kernels[i])
+        self.in_place = tuple(i for i, f in enumerate(float32) if f and found)
+        self.decayed_adam = tuple(i for i, f in enumerate(float32) if f and two_kernels[i] and not found)
+        self.adam_weight_decay = tuple(i for i, f in enumerate(float32) if f and not two_kernels[i] and not found)
         self.spelled = tuple(i for i, f in enumerate(float32) if not f)
-        self.fused_update = ops.AdamWeightDecay()
+        self.weight_decay_update = ops.AdamWeightDecay()
         self.adam = ops.Adam()
         self.decay = ops.ApplyGradientDescent()
         self.hyper_map = ops.HyperMap()
 
-    def construct(self, grads, lr):
+    def construct(self, grads, lr, scale):
         step = ops.cast(self.global_step + 1, ms.float32)
         power1, power2 = ops.pow(self.beta1, step), ops.pow(self.beta2, step)
         bias1, bias2 = 1.0 - power1, 1.0 - power2
@@ -73,14 +82,18 @@ class AdamW(nn.Cell):
         fused_lr, fused_eps, fused_decay = lr * root2 / bias1, self.eps * root2, self.weight_decay * bias1 / root2
         lr_decay = lr * self.weight_decay
         done = ()
+        if self.in_place:
+            hyper = ops.stack([scale, self.beta1, self.beta2, 1.0 - lr_decay, fused_lr, fused_eps, self.threads])
+            for i in self.in_place:
+                done += (self.fused_update(self.params[i], self.moments1[i], self.moments2[i], grads[i], hyper),)
         for i in self.decayed_adam:
             # p -= (lr * weight_decay) * p in place: one kernel, where a Mul and an Assign take two passes
             decayed = self.decay(self.params[i], lr_decay, self.params[i])
             done += (self.adam(self.params[i], self.moments1[i], self.moments2[i], power1, power2, lr, self.beta1,
-                               self.beta2, fused_eps, ops.depend(grads[i], decayed))[0],)
-        for i in self.fused:
-            done += (self.fused_update(self.params[i], self.moments1[i], self.moments2[i], fused_lr, self.beta1,
-                                       self.beta2, fused_eps, fused_decay, grads[i])[0],)
+                               self.beta2, fused_eps, ops.depend(grads[i] * scale, decayed))[0],)
+        for i in self.adam_weight_decay:
+            done += (self.weight_decay_update(self.params[i], self.moments1[i], self.moments2[i], fused_lr,
+                                              self.beta1, self.beta2, fused_eps, fused_decay, grads[i] * scale)[0],)
         if self.spelled:
             params, moments1, moments2, spelled_grads = (), (), (), ()
             for i in self.spelled:
@@ -89,5 +102,5 @@ class AdamW(nn.Cell):
                 moments2 += (self.moments2[i],)
                 spelled_grads += (grads[i],)
             done += self.hyper_map(ops.partial(_adamw, lr, self.weight_decay, self.beta1, self.beta2, self.eps,
-                                               bias1, bias2), params, moments1, moments2, spelled_grads)
+                                               bias1, bias2, scale), params, moments1, moments2, spelled_grads)
         return ops.depend(done, ops.assign_add(self.global_step, ops.ones((), ms.int32)))

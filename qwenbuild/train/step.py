@@ -58,6 +58,7 @@ class TrainStep(nn.Cell):
         self.grad_fn = ops.value_and_grad(self.loss, None, self.weights)
         self.clip = grad_clip > 0
         self.grad_clip = Tensor(grad_clip, ms.float32)
+        self.unscaled = Tensor(1.0, ms.float32)
         if self.distributed:
             self.all_reduce = ops.AllReduce(group=group_of(layout, layout.dp_group))
             self.inv_dp = Tensor(1.0 / layout.data_parallel, ms.float32)
@@ -75,10 +76,10 @@ class TrainStep(nn.Cell):
         if self.distributed:
             loss, grads = self.mean_over_processes(loss, grads)
         norm = self.global_norm(grads)
-        if self.clip:
-            scale = ops.minimum(self.grad_clip / (norm + 1e-6), 1.0)
-            grads = tuple(g * scale for g in grads)
-        loss = ops.depend(loss, self.optimizer(grads, lr))
+        # the optimizer applies the clipping factor as it reads each gradient: no pass of its own over them. Through
+        # the norm it waits for every gradient, so no update runs while a kernel still reads the weights
+        scale = ops.minimum(self.grad_clip / (norm + 1e-6), 1.0) if self.clip else ops.depend(self.unscaled, norm)
+        loss = ops.depend(loss, self.optimizer(grads, lr, scale))
         return loss, norm
 
     def global_norm(self, grads):
