@@ -17,8 +17,8 @@ from mindspore.common.initializer import Normal, initializer
 
 from qwenbuild.errors import UserError
 from qwenbuild.model.config import QwenConfig
-from qwenbuild.model.fused_kernels import kernels
 from qwenbuild.model.cpu_kernels import Softmax, add_bias, large, over_columns, over_rows, row_means, silu
+from qwenbuild.model.fused_kernels import kernels
 from qwenbuild.model.params import check_names, is_beside_weights
 from qwenbuild.model.tensor_parallel import Identity, ModelParallel
 
