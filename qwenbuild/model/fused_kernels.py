@@ -13,12 +13,13 @@ import functools
 import hashlib
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
+
+from qwenbuild.processes import run_child
 
 SWITCH = "QWENBUILD_FUSED_KERNELS"
 # -ffast-math lets g++ call the vectorised expf; it is left out of the link, which would turn on flush-to-zero for
@@ -44,16 +45,18 @@ def _cpu_flags() -> str:
         return ""
 
 
-def _run(cmd: list[str]) -> None:
-    done = subprocess.run(cmd, capture_output=True, text=True)
+def _run(cmd: list[str]) -> str:
+    """The command's output; an interruption stops it, a failure is a RuntimeError with its last words."""
+    done = run_child(cmd, capture_output=True, text=True)
     if done.returncode:
         raise RuntimeError(f"`{' '.join(cmd)}` failed: {(done.stderr or done.stdout).strip()[-800:]}")
+    return done.stdout
 
 
 def build_library(compiler: str, directory: Path) -> Path:
     """The compiled library in `directory`, named by what it was built from; compiled there first if missing."""
     code = source().read_bytes()
-    version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=True).stdout
+    version = _run([compiler, "--version"])
     key = hashlib.sha256(b"\0".join(part.encode() if isinstance(part, str) else part for part in
                                     (code, " ".join(COMPILE + LINK), version, _cpu_flags()))).hexdigest()[:16]
     library = directory / f"fused_kernels-{key}.so"
@@ -126,7 +129,7 @@ def kernels() -> Kernels | None:
         return None
     try:
         return _ops(build_library(compiler, cache_dir()))
-    except (OSError, RuntimeError, subprocess.CalledProcessError) as e:
+    except (OSError, RuntimeError) as e:
         print(f"qwenbuild: the fused CPU kernels did not build ({e}); training keeps MindSpore's composed kernels",
               file=sys.stderr, flush=True)
         return None
