@@ -73,6 +73,12 @@ def test_lock_records_artifacts_inputs_and_manifest_slice(built):
     members = entry["artifacts"]["data/mindrecord"]["members"]
     assert set(members) == {"alpaca-messages.mindrecord", "alpaca-messages.mindrecord.db"}
     assert entry["toolchain"]["mindspore"] == "2.9.0"
+    # the manifest's reader, its schema checker and doit are in every task's toolchain, at the locked versions
+    locked = dict(line.split(" ")[0].split("==") for line in (REPO / "requirements.lock").read_text().splitlines()
+                  if "==" in line and not line.startswith((" ", "#")))
+    for package in ("tomlkit", "jsonschema", "doit"):
+        assert entry["toolchain"][package] == locked[package]
+        assert lock(built)["tasks"]["dataset"]["toolchain"][package] == locked[package]
 
 
 def test_editing_one_key_reruns_exactly_the_dependent_tasks(built):

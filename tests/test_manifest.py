@@ -174,3 +174,22 @@ def test_not_utf8_and_missing_file(tmp_path):
         load_manifest(path)
     with pytest.raises(UserError, match="does not exist"):
         load_manifest(tmp_path / "nope.toml")
+
+
+@pytest.mark.parametrize("between", ["", "# a comment\n", "\n"])
+def test_a_key_written_twice_is_named_at_its_second_line(tmp_path, between):
+    text = default_text().replace("num_train = 4000\n", f"num_train = 4000\n{between}num_train = 10\n")
+    second = text.splitlines().index("num_train = 10") + 1
+    [(line, key, message)] = errors(tmp_path, text)
+    assert line == second and "each key may be written once" in message and "cannot" not in message
+
+
+def test_a_table_written_twice_is_named_at_its_second_header(tmp_path):
+    text = default_text() + "\n[train]\nseed = 3\n"
+    [(line, _, message)] = errors(tmp_path, text)
+    assert line == len(text.splitlines()) - 1 and "Cannot declare ('train',) twice" in message
+
+
+def test_a_byte_order_mark_is_named(tmp_path):
+    [(line, _, message)] = errors(tmp_path, "\ufeff" + default_text())
+    assert line == 1 and "byte-order mark" in message

@@ -6,8 +6,10 @@ import dataclasses
 import re
 from pathlib import Path
 
+import tomllib
+
 import tomlkit
-from tomlkit.exceptions import ParseError, TOMLKitError
+from tomlkit.exceptions import TOMLKitError
 
 from qwenbuild import schema
 from qwenbuild.errors import UserError
@@ -102,23 +104,44 @@ def parse_toml(path: Path):
         raise UserError(f"{path} is not UTF-8 text (byte {exc.start})", hint="save the file as UTF-8")
     except PermissionError:
         raise UserError(f"{path} is not readable")
+    if text.startswith("\ufeff"):
+        raise ManifestError([Problem(str(path), 1, "", "the file starts with a UTF-8 byte-order mark, which TOML does "
+                                                       "not allow; save it as UTF-8 without BOM")])
+    try:
+        tomllib.loads(text)  # Python's reader names the line and column of every syntax error and repeated key
+    except tomllib.TOMLDecodeError as exc:
+        raise ManifestError([_syntax_problem(path, text, str(exc))])
     try:
         doc = tomlkit.parse(text)
-        doc.unwrap()  # a key defined twice through dotted keys is only found here
-    except ParseError as exc:
-        reason = _bare_key_problem(text, exc.line) or str(exc).split(" at line ")[0]
-        raise ManifestError([Problem(str(path), exc.line, "", f"TOML syntax error at column {exc.col}: {reason}")])
-    except TOMLKitError as exc:
-        raise ManifestError([Problem(str(path), _repeated_key_line(text, str(exc)), "",
-                                     f"TOML error: {exc} (each key may be written once)")])
+        doc.unwrap()
+    except TOMLKitError as exc:  # what tomllib accepts tomlkit should too: say so rather than guess a line
+        raise ManifestError([Problem(str(path), 1, "", f"TOML error: {exc}")])
     return doc, text
 
 
 _BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
+_POSITION = re.compile(r"(.*) \(at line (\d+), column (\d+)\)", re.S)
+_REPEATED = ("Cannot overwrite", "Cannot declare", "Cannot mutate")
+
+
+def _syntax_problem(path: Path, text: str, message: str) -> Problem:
+    """tomllib's message as file:line, a repeated key called that, a name TOML cannot hold unquoted explained."""
+    found = _POSITION.fullmatch(message)
+    if found:
+        reason, line, where = found.group(1), int(found.group(2)), f" at column {found.group(3)}"
+    else:
+        reason, line, where = message.replace(" (at end of document)", ""), text.count("\n") + 1, " at the end"
+        if reason.startswith(_REPEATED):
+            line = _repeated_key_line(text)
+    if reason.startswith(_REPEATED):
+        return Problem(str(path), line, "", f"TOML error{where}: {reason} (each key may be written once)")
+    if reason.startswith("Invalid initial character for a key part"):
+        reason = _bare_key_problem(text, line) or reason
+    return Problem(str(path), line, "", f"TOML syntax error{where}: {reason}")
 
 
 def _bare_key_problem(text: str, lineno: int) -> str | None:
-    """tomlkit calls a table or key name with characters TOML does not allow unquoted "empty"; say which."""
+    """A table or key name with characters TOML does not allow unquoted: say which."""
     lines = text.splitlines()
     line = lines[lineno - 1].strip() if 0 < lineno <= len(lines) else ""
     name = line.strip("[] ") if line.startswith("[") else line.partition("=")[0].strip()
@@ -128,14 +151,17 @@ def _bare_key_problem(text: str, lineno: int) -> str | None:
             "names are English ([model], [dataset], preset, ...): `qwenbuild init` writes them all, commented")
 
 
-def _repeated_key_line(text: str, message: str) -> int:
-    """Line of the second definition of the key a tomlkit error names, else 1."""
-    name = re.search(r'Key "([^"]+)"', message)
-    if not name:
-        return 1
-    pattern = re.compile(rf"^\s*(?:[\w\"'.-]+\.)?\"?{re.escape(name.group(1))}\"?\s*[=.\]]")
-    hits = [i for i, line in enumerate(text.splitlines(), start=1) if pattern.match(line)]
-    return hits[1] if len(hits) > 1 else (hits[0] if hits else 1)
+def _repeated_key_line(text: str) -> int:
+    """Line of the key tomlkit finds written twice (tomllib names only the end of the document), else 1."""
+    try:
+        tomlkit.parse(text).unwrap()
+    except TOMLKitError as exc:
+        name = re.search(r'Key "([^"]+)"', str(exc))
+        if name:
+            pattern = re.compile(rf"^\s*(?:[\w\"'.-]+\.)?\"?{re.escape(name.group(1))}\"?\s*[=.\]]")
+            hits = [i for i, line in enumerate(text.splitlines(), start=1) if pattern.match(line)]
+            return hits[1] if len(hits) > 1 else (hits[0] if hits else 1)
+    return 1
 
 
 def read_toml(path: Path) -> tuple[dict, dict[str, int], str]:

@@ -19,7 +19,7 @@ class TaskSpec:
     outputs: list[Path] = dataclasses.field(default_factory=list)
     dir_outputs: list[Path] = dataclasses.field(default_factory=list)
     reports: list[Path] = dataclasses.field(default_factory=list)  # written, but timings make them unrepeatable
-    packages: tuple[str, ...] = ()  # libraries whose version the outputs depend on
+    packages: tuple[str, ...] = ()  # libraries whose version the outputs depend on, beyond EVERY_TASK's
 
     @property
     def artifacts(self) -> list[Path]:
@@ -40,10 +40,14 @@ def manifest_slice(manifest, keys: tuple[str, ...]) -> dict:
     return {key: manifest.value(key) for key in keys}
 
 
+# every task reads qwen.toml (tomlkit, jsonschema) and is run by doit
+EVERY_TASK = ("doit", "jsonschema", "tomlkit")
+
+
 def toolchain(packages: tuple[str, ...]) -> dict[str, str]:
     """Versions of the libraries a task's output depends on: a change makes the task out of date."""
-    out = {"python": platform.python_version()} if packages else {}
-    for name in packages:
+    out = {"python": platform.python_version()}
+    for name in sorted(set(EVERY_TASK) | set(packages)):
         try:
             out[name] = importlib.metadata.version(name)
         except importlib.metadata.PackageNotFoundError:
