@@ -120,7 +120,9 @@ def _check_node(args) -> int:
               "needs the build dir at the same path, with the same bytes (a shared filesystem, or identical copies)",
               file=sys.stderr)
         return 2
-    print(f"node_check: node {args.node} sees {len(args.artifacts)} artifacts as qwen.lock records them", flush=True)
+    versions = ", ".join(f"{p} {installed_version(p)}" for p in NODE_PACKAGES)
+    print(f"node_check: {who} sees {len(args.artifacts)} artifacts as qwen.lock records them; {versions} on "
+          f"{sys.executable}", flush=True)
     return 0
 
 
