@@ -150,7 +150,7 @@ def training_memory(cfg: QwenConfig, plan: TrainingPlan, stages: list[range], li
         split_note = f", split over data_parallel {plan.data_parallel} by the parallel optimizer" \
             if any(k > 1 for k in splits) else ""
         components = [
-            Component("weights", sharded * wbytes, plan.weight_dtype, "master weights (param_init_type)" + split_note),
+            Component("weights", sharded * wbytes, plan.weight_dtype, "master weights" + split_note),
             Component("gradients", params * wbytes, plan.weight_dtype,
                       "accumulated over micro batches (accu_grads)" if plan.pipeline_stage > 1 else "one step's"),
             Component("optimizer", sharded * 4 * ADAM_MOMENTS, "float32", "AdamW adam_m and adam_v" + split_note),
