@@ -197,6 +197,14 @@ CASES = [
     ("plan -c {c}/m/floatdp.toml", 2, "parallel.data_parallel", None),
     ("set -c qwen.toml train.learning_rate=1979-05-27", 2, "train.learning_rate", "qwen.toml"),
     ("set -c qwen.toml train.learning_rate=inf", 2, "train.learning_rate", "qwen.toml"),
+    # a manifest string that would end a script's comment line, or is not what its key holds
+    ("set -c qwen.toml 'hardware.nodes[0].host=x\ntouch X; exit 3 #'", 2, "hardware.nodes[0].host: found string "
+     "'x\\ntouch X; exit 3 #', allowed: a host name", "qwen.toml"),
+    ("set -c qwen.toml 'export.predict_data=\"hi\\nrm -rf ~\"'", 2, "export.predict_data: found a string holding a "
+     "line feed", "qwen.toml"),
+    ("set -c qwen.toml hardware.python=/usr/bin/python3.11", 2, "hardware.python", "qwen.toml"),
+    ("set -c qwen.toml hardware.env_script=env.sh", 2, "hardware.env_script: found string 'env.sh', allowed: an "
+     "absolute path", "qwen.toml"),
     ("validate --bogus", 2, "unrecognized arguments", None),
     ("plan -c missing.toml", 2, "missing.toml does not exist", None),
     ("plan -c {c}/m/utf16.toml", 2, "UTF-8", None),

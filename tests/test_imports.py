@@ -153,7 +153,7 @@ LAYERS = [
     ("qwenbuild.model",),
     ("qwenbuild.tokenizer",),
     ("qwenbuild.schema", "qwenbuild.flags", "qwenbuild.build_dir", "qwenbuild.lock", "qwenbuild.store", "qwenbuild.digests",
-     "qwenbuild.dtypes", "qwenbuild.processes", "qwenbuild.errors", "qwenbuild.jsonfile", "qwenbuild"),
+     "qwenbuild.dtypes", "qwenbuild.processes", "qwenbuild.errors", "qwenbuild.jsonfile", "qwenbuild.shell", "qwenbuild"),
 ]
 
 

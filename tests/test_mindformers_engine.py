@@ -66,7 +66,7 @@ def test_mindformers_trains_like_qwenbuild_from_the_same_inputs(project):
     np.testing.assert_allclose(theirs, ours, rtol=0.02)
     assert ours[-1] < ours[0] / 2
     script = (build / "launch" / "node_0.sh").read_text()
-    assert "qwenbuild/train/mindformers_run.py --config" in script and "--run_mode finetune" in script
+    assert "python3 -m qwenbuild.train.mindformers_run --config" in script and "--run_mode finetune" in script
     # MindFormers' own checkpoint, in its own layout, converts back to a Hugging Face model
     meta = json.loads((build / "output" / "checkpoint" / "rank_1" / "meta.json").read_text())
     ckpt = build / "output" / "checkpoint" / "rank_1" / meta["last_ckpt_file"]

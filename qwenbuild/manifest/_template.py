@@ -71,6 +71,9 @@ def render(preset: str) -> str:
               f"devices_per_node = {per_node}" + ("  # CPU worker processes started by msrun" if tiny else ""),
               f"device_memory_gb = {8 if tiny else 64}",
               "master_port = 8118"]
+    if not tiny:
+        lines += ["# python = \"python3\"  # the Python on every node: a name on its PATH, or an absolute path there",
+                  "# env_script = \"/usr/local/Ascend/ascend-toolkit/set_env.sh\"  # sourced on every node first"]
     for n in range(nodes):
         lines += ["", "[[hardware.nodes]]"]
         if tiny:

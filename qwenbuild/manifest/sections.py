@@ -79,6 +79,8 @@ class Hardware:
     device_memory_gb: float
     device_ip_source: str
     master_port: int
+    python: str
+    env_script: str | None
     nodes: tuple[Node, ...]
 
     READS: ClassVar[dict[str, tuple[str, ...]]] = {

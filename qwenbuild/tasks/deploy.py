@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import sys
-from pathlib import Path
 
 from qwenbuild.export.graph_files import GraphDirs
 from qwenbuild.export.lite_ini import write_lite_ini
@@ -21,7 +20,7 @@ from qwenbuild.parallel.reshard import transform_ckpt
 from qwenbuild.parallel.strategy import write_strategy_files
 from qwenbuild.store import write_seal
 from qwenbuild.tasks.context import Context
-from qwenbuild.tasks.distributed import WORKER_MODULE, keyed_dir, module_script, node_devices, rank_table_file
+from qwenbuild.tasks.distributed import WORKER_MODULE, keyed_dir, node_devices, rank_table_file
 from qwenbuild.tasks.train import RUN_CONFIG_KEYS, run_settings
 from qwenbuild.tokenizer.files import ENDOFTEXT, read_vocab, special_ids
 from qwenbuild.train.mindformers_yaml import RunYaml, predict_config, write_yaml
@@ -83,22 +82,29 @@ def _predict(ctx: Context) -> None:
     pad = special_ids(read_vocab(build.tokenizer / "vocab.json"))[ENDOFTEXT]
     run = RunYaml(settings, micro_batch_num=1, vocab_emb_dp=True, use_seq_parallel=False, recompute=False,
                   gradient_aggregation_group=4, vocab_file=str(build.tokenizer / "vocab.json"),
-                  merges_file=str(build.tokenizer / "merges.txt"), pad_token_id=pad, eos_token_id=pad)
+                  merges_file=str(build.tokenizer / "merges.txt"), pad_token_id=pad, eos_token_id=pad,
+                  device_memory_gb=hw.device_memory_gb)
     checkpoint = build.merged_file if ex.checkpoint == "finetuned" else build.converted
     target = "ascend" if hw.device == "ascend" or mp > 1 else "cpu"
     content = predict_config(run, mp, str(checkpoint), ex.seq_length, ex.max_new_tokens, target)
-    prompt = _question(ctx)[0]
-    command = [module_script(WORKER_MODULE["mindformers"]), "--config", build.predict / PREDICT_YAML,
-               "--run_mode", "predict", "--predict_data", prompt, "--use_parallel", str(mp > 1)]
-    node = dict(node_devices(m)[0], device_ids=hw.device_ids(hw.nodes[0])[:mp])
-    scripts = launch_scripts([node], mp, command, device=hw.device, master_port=hw.master_port,
-                             log_dir=str(build.predict / "msrun_log"), env=mode_env("predict", hw.device),
-                             python_bin_dir=Path(sys.executable).parent, workdir=str(build.root),
-                             rank_table_file=build.export_rank_table if hw.device == "ascend" else None)
+    script = predict_script(m, build, _question(ctx)[0])
     with ctx.output_dir(build.predict) as tmp:
         write_yaml(tmp / PREDICT_YAML, run, target, content, "online predict")
-        write_launch_scripts(tmp, {"predict.sh": scripts["node_0.sh"]})
+        write_launch_scripts(tmp, {"predict.sh": script})
     print(f"predict: {PREDICT_YAML} ({target}, dp 1 x mp {mp}) and predict.sh -> {build.predict}", file=sys.stderr)
+
+
+def predict_script(m, build, prompt: str) -> str:
+    """predict.sh: msrun on the export topology's cards of node 0 running MindFormers' predict on the prompt, on the
+    nodes' own Python, with the predict environment."""
+    hw, mp = m.hardware, m.export.model_parallel
+    command = ["-m", WORKER_MODULE["mindformers"], "--config", build.predict / PREDICT_YAML,
+               "--run_mode", "predict", "--predict_data", prompt, "--use_parallel", str(mp > 1)]
+    node = dict(node_devices(m)[0], device_ids=hw.device_ids(hw.nodes[0])[:mp])
+    return launch_scripts([node], mp, command, device=hw.device, master_port=hw.master_port,
+                          log_dir=str(build.predict / "msrun_log"), env=mode_env("predict", hw.device),
+                          python=hw.python, env_script=hw.env_script, workdir=str(build.root),
+                          rank_table_file=build.export_rank_table if hw.device == "ascend" else None)["node_0.sh"]
 
 
 def _question(ctx: Context) -> tuple[str, str | None]:

@@ -30,7 +30,8 @@ from qwenbuild.train.settings import SCHEMA_KEYS, TrainSettings, read_run_json, 
 # the rest of the parallel plan, which only MindFormers' YAML spells out
 YAML_KEYS = ("parallel.micro_batch_num", "parallel.vocab_emb_dp", "parallel.use_seq_parallel", "parallel.recompute",
              "parallel.gradient_aggregation_group", "parallel.offset")
-RUN_CONFIG_KEYS = MODEL_KEYS + tuple(SCHEMA_KEYS.values()) + ("dataset.file_partition", "hardware.device") + YAML_KEYS
+RUN_CONFIG_KEYS = MODEL_KEYS + tuple(SCHEMA_KEYS.values()) + ("dataset.file_partition", "hardware.device",
+                                                              "hardware.device_memory_gb") + YAML_KEYS
 
 
 def run_settings(m, build) -> TrainSettings:
@@ -52,7 +53,7 @@ def _run_config(ctx: Context) -> None:
                   use_seq_parallel=par.use_seq_parallel, recompute=par.recompute,
                   gradient_aggregation_group=par.gradient_aggregation_group, offset=par.stage_offset,
                   vocab_file=str(build.tokenizer / "vocab.json"), merges_file=str(build.tokenizer / "merges.txt"),
-                  pad_token_id=pad, eos_token_id=pad)
+                  pad_token_id=pad, eos_token_id=pad, device_memory_gb=m.hardware.device_memory_gb)
     target = default_target(settings)
     write_yaml(build.mindformers_yaml, run, target)
     print(f"run_config: {build.run_json.name} and {build.mindformers_yaml.name} ({target}) -> {build.root}",

@@ -14,11 +14,14 @@ from pathlib import Path
 import yaml
 
 from qwenbuild.errors import UserError
+from qwenbuild.parallel.memory import max_device_memory_gb
 from qwenbuild.store import atomic_path
 from qwenbuild.tokenizer.files import ENDOFTEXT, QWEN_SPECIAL_IDS
 from qwenbuild.train.settings import TrainSettings
 
 TARGETS = ("ascend", "cpu")
+# MindFormers' master weights: float32 whatever the compute dtype (bfloat16 on Ascend), as the seed's YAML has them
+PARAM_INIT_TYPE = "float32"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,6 +40,7 @@ class RunYaml:
     merges_file: str = ""
     pad_token_id: int = QWEN_SPECIAL_IDS[ENDOFTEXT]
     eos_token_id: int = QWEN_SPECIAL_IDS[ENDOFTEXT]
+    device_memory_gb: float = 64  # hardware.device_memory_gb: the card's memory, of which MindSpore may take a share
 
 
 def _model_config(run: RunYaml, ascend: bool) -> dict:
@@ -66,7 +70,7 @@ def _model_config(run: RunYaml, ascend: bool) -> dict:
         "layernorm_compute_type": "float32",
         "softmax_compute_type": "float32",
         "rotary_dtype": "float32",
-        "param_init_type": "float32",
+        "param_init_type": PARAM_INIT_TYPE,
         "use_past": False,
         "extend_method": "None",
         "use_flash_attention": ascend,
@@ -98,11 +102,12 @@ def _parallel(ascend: bool) -> dict:
     }
 
 
-def _context(ascend: bool) -> dict:
+def _context(ascend: bool, device_memory_gb: float) -> dict:
     context = {"mode": 0, "device_target": "Ascend" if ascend else "CPU", "max_call_depth": 10000,
                "save_graphs": False, "save_graphs_path": "./graph", "device_id": 0}
     if ascend:
-        context.update({"enable_graph_kernel": False, "max_device_memory": "58GB", "runtime_num_threads": 1,
+        context.update({"enable_graph_kernel": False,
+                        "max_device_memory": f"{max_device_memory_gb(device_memory_gb)}GB", "runtime_num_threads": 1,
                         "ascend_config": {"precision_mode": "must_keep_origin_dtype"}})
     return context
 
@@ -202,7 +207,7 @@ def mindformers_config(run: RunYaml, target: str | None = None) -> dict:
             # MindFormers 1.9 reads runner_config.stop_step but never adds the callback that acts on it
             *([{"type": "TrainCallBack", "stop_step": s.steps}] if s.steps else []),
         ],
-        "context": _context(ascend),
+        "context": _context(ascend, run.device_memory_gb),
         "model": {"model_config": _model_config(run, ascend), "arch": {"type": "LlamaForCausalLM"}},
         "processor": {
             "return_tensors": "ms",
