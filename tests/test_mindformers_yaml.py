@@ -13,7 +13,7 @@ from qwenbuild.train.settings import TrainSettings
 from train_data import TINY
 
 SETTINGS = TrainSettings(model=dataclasses.replace(TINY, compute_dtype="bfloat16"), train_data="/data/train.mindrecord", output_dir="/build/output", seq_length=16,
-                         batch_size=2, learning_rate=3e-4, init_checkpoint="/build/output/transformed_checkpoint/qwen",
+                         batch_size=2, learning_rate=3e-4, init_checkpoint="/build/transformed_checkpoint/qwen",
                          workers=1, model_parallel=4, pipeline_stage=2, epochs=3, warmup_ratio=0.05,
                          weight_decay=0.02, beta1=0.8, beta2=0.99, eps=1e-6, lr_end=1e-5, keep_checkpoint_max=3,
                          save_steps=50, seed=11, device_target="Ascend")
