@@ -8,7 +8,7 @@ from qwenbuild.tokenizer.files import QWEN_VOCAB_SIZE
 
 def manifest_problems(m) -> list:
     """Every broken rule as a Problem naming the key to change."""
-    return _plan(m) + _lengths(m) + _nodes(m) + _tokenizer(m) + _data(m)
+    return _plan(m) + _lengths(m) + _nodes(m) + _tokenizer(m) + _data(m) + _prompt(m)
 
 
 def _plan(m) -> list:
@@ -85,4 +85,13 @@ def _data(m) -> list:
                                                f"{par.data_parallel}" + (f" x micro_batch_num {micro}" if micro > 1
                                                                          else "") + "); raise num_train or lower "
                                                "train.batch_size")]
+    return []
+
+
+def _prompt(m) -> list:
+    """export.predict_data goes onto the command lines of predict.sh and lite_infer.sh."""
+    text = m.export.predict_data
+    if text is not None and (not text.strip() or "\0" in text):
+        return [m.problem("export.predict_data", "a prompt needs text other than white space and no NUL character "
+                                                 "(it is an argument of predict.sh and lite_infer.sh)")]
     return []

@@ -8,7 +8,6 @@ import json
 import sys
 from pathlib import Path
 
-from qwenbuild.errors import UserError
 from qwenbuild.export.graph_files import GraphDirs
 from qwenbuild.export.lite_ini import write_lite_ini
 from qwenbuild.export.mindir import export_mindir
@@ -98,7 +97,7 @@ def _predict(ctx: Context) -> None:
                              dtype=export_dtype(m))
     prompt = _question(ctx)[0]
     command = [module_script(WORKER_MODULE["mindformers"]), "--config", build.predict_yaml,
-               "--run_mode", "predict", "--predict_data", checked_prompt(prompt), "--use_parallel", str(mp > 1)]
+               "--run_mode", "predict", "--predict_data", prompt, "--use_parallel", str(mp > 1)]
     scripts = launch_scripts([_export_node(m)], mp, command, device=hw.device, master_port=hw.master_port,
                              log_dir=str(build.predict_output / "msrun_log"), env=mode_env("predict", hw.device),
                              python_bin_dir=Path(sys.executable).parent, workdir=str(build.predict),
@@ -116,14 +115,6 @@ def _export_node(m) -> dict:
     return dict(node_devices(m)[0], device_ids=hw.device_ids(hw.nodes[0])[:m.export.model_parallel])
 
 
-def checked_prompt(prompt: str) -> str:
-    """A prompt written into a generated script: any text, but not empty and without NUL (argv cannot hold it)."""
-    if not prompt.strip() or "\0" in prompt:
-        raise UserError(f"the prompt {prompt!r} cannot be passed on a command line",
-                        hint="set export.predict_data to non-empty text without NUL characters")
-    return prompt
-
-
 def _lite_infer(ctx: Context) -> None:
     """The seed's multi-card MindSpore Lite inference: one process per export rank (msrun on node 0's first
     export.model_parallel cards, the export rank table on Ascend), each running run_qwen1_5_mslite_infer with the
@@ -135,7 +126,7 @@ def _lite_infer(ctx: Context) -> None:
                "--mindir_root_dir", build.export, "--seq_length", str(ex.seq_length),
                "--batch_size", str(ex.batch_size), "--do_sample", "False",
                "--vocab_file", build.tokenizer / "vocab.json", "--merge_file", build.tokenizer / "merges.txt",
-               "--ge_config_path", build.lite_ini, "--predict_data", checked_prompt(_question(ctx)[0]),
+               "--ge_config_path", build.lite_ini, "--predict_data", _question(ctx)[0],
                "--max_new_tokens", str(ex.max_new_tokens), "--backend", "lite" if ascend else "graphcell", "--json"]
     scripts = launch_scripts([_export_node(m)], mp, command, device=hw.device, master_port=hw.master_port,
                              log_dir=str(build.lite_infer / "msrun_log"), env=mode_env("export", hw.device),
