@@ -14,7 +14,8 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 DOIT = [sys.executable, "-m", "doit", "-f", str(REPO / "dodo.py")]
-TEXTS = ["Hello, world!", "帮助我制定一份去上海的旅游攻略", "<|im_start|>user\nRepeat 12 3<|im_end|>\n", "  a\n\nb  "]
+TEXTS = ["Hello, world!", "帮助我制定一份去上海的旅游攻略", "<|im_start|>user\nRepeat 12 3<|im_end|>\n",
+         "  a\n\nb  "]
 
 
 def predict_manifest(directory: Path) -> Path:

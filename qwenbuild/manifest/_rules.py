@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+from qwenbuild.build_dir import BuildDir
 from qwenbuild.parallel.plan_rules import plan_problems
 from qwenbuild.tokenizer.files import QWEN_VOCAB_SIZE
 
 
 def manifest_problems(m) -> list:
     """Every broken rule as a Problem naming the key to change."""
-    return _plan(m) + _lengths(m) + _nodes(m) + _tokenizer(m) + _data(m) + _prompt(m)
+    return _plan(m) + _lengths(m) + _nodes(m) + _tokenizer(m) + _data(m) + _prompt(m) + _strategy_dir(m)
 
 
 def _plan(m) -> list:
@@ -94,4 +95,14 @@ def _prompt(m) -> list:
     if text is not None and (not text.strip() or "\0" in text):
         return [m.problem("export.predict_data", "a prompt needs text other than white space and no NUL character "
                                                  "(it is an argument of predict.sh and lite_infer.sh)")]
+    return []
+
+
+def _strategy_dir(m) -> list:
+    """Compiled strategies read from where the finetune's MindFormers saves its own would be replaced by them."""
+    given, compiled = m.path_of("parallel.strategy_dir"), BuildDir(m.build_dir).compiled_strategy
+    if given is not None and (given == compiled or compiled in given.parents):
+        return [m.problem("parallel.strategy_dir", f"{given} is where MindFormers saves the strategies it compiles "
+                                                   "during the finetune, which replaces them; copy the files to "
+                                                   "another directory and point there")]
     return []
