@@ -207,3 +207,29 @@ def test_the_merge_takes_the_strategies_mindformers_compiled(built, tmp_path):
     differ = sorted(n for n in converted if wrong[n].shape != converted[n].shape
                     or not np.array_equal(wrong[n], converted[n]))
     assert differ == ["lm_head.weight", "model.tok_embeddings.embedding_weight"], differ
+
+
+def test_the_ascend_lite_launcher_starts_one_lite_process_per_export_rank(built):
+    """lite_infer.sh of the 2 x 4 topology: msrun on node 0's first export.model_parallel cards with the export
+    rank table, each rank running the original's run_qwen1_5_mslite_infer flags on MindSpore Lite."""
+    import shlex
+
+    from qwenbuild.build_dir import BuildDir
+
+    _, build_root = built
+    build = BuildDir(build_root)
+    text = build.lite_infer_script.read_text()
+    assert f"export RANK_TABLE_FILE={build.export_rank_table}" in text and "export RANK_SIZE=2" in text
+    argv = shlex.split(next(line for line in text.splitlines() if line.startswith("exec msrun ")))[1:]
+    assert argv[:2] == ["msrun", "--worker_num=2"] and "--local_worker_num=2" in argv
+    assert f"--rank_table_file={build.export_rank_table}" in argv
+    flags = argv[argv.index("run_qwen1_5_mslite_infer") + 1:]
+    assert flags[-1] == "--json"
+    options = dict(zip(flags[:-1:2], flags[1:-1:2]))
+    assert options == {"--mindir_root_dir": str(build.export), "--seq_length": "128", "--batch_size": "1",
+                       "--do_sample": "False", "--vocab_file": str(build.tokenizer / "vocab.json"),
+                       "--merge_file": str(build.tokenizer / "merges.txt"), "--ge_config_path": str(build.lite_ini),
+                       "--predict_data": options["--predict_data"], "--max_new_tokens": "32", "--backend": "lite"}
+    table = json.loads(build.export_rank_table.read_text())
+    assert [d["device_ip"] for d in table["server_list"][0]["device"]] == ["10.1.0.1", "10.1.0.2"]
+    assert f"rank_table_file={build.export_rank_table}" in build.lite_ini.read_text()

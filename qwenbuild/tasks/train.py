@@ -166,7 +166,7 @@ def merge_finetuned(ctx: Context, checkpoints: str) -> None:
     keyed_dir(build, build.merged, {"checkpoints": checkpoints,
                                     "strategy": json_digest({p.name: content_digest(p) for p in strategies})},
               make, "merge")
-    print(f"finetune: {world} rank checkpoint(s) merged by the {which} strategy files into {build.merged_file}",
+    print(f"finetune: {world} rank checkpoint(s) merged into {build.merged_file} (by the {which} strategy files)",
           file=sys.stderr)
 
 
