@@ -187,7 +187,8 @@ def test_external_weights_layout_same_logits_and_digest_covers_them(model, tmp_p
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 def test_the_graphs_hold_the_weights_in_the_deployment_dtype(model, tmp_path, dtype):
-    """export.dtype: the weights go into the graphs cast to it; the graphs still run on CPU, casting on use."""
+    """export.dtype (qwenbuild export --dtype): the weights go into the graphs cast to it; the graphs still run on
+    CPU, casting on use."""
     import dataclasses
 
     import mindspore as ms
@@ -197,8 +198,14 @@ def test_the_graphs_hold_the_weights_in_the_deployment_dtype(model, tmp_path, dt
     from qwenbuild.weights.mindspore_ckpt import read_array, read_tensors
 
     out = tmp_path / dtype
-    export_mindir(dataclasses.replace(model["cfg"], param_dtype=dtype), model["ckpt"], out, batch_size=2,
-                  seq_length=SEQ, progress=None)
+    if dtype == "bfloat16":
+        export_mindir(dataclasses.replace(model["cfg"], param_dtype=dtype), model["ckpt"], out, batch_size=2,
+                      seq_length=SEQ, progress=None)
+    else:  # the command's flag, as convert_weight spells dtypes
+        from qwenbuild.cli import main
+
+        assert main(["export", "--load_checkpoint", str(model["ckpt"]), "--torch_ckpt_dir", str(model["root"] / "hf"),
+                     "--output_dir", str(out), "--seq_length", str(SEQ), "--batch_size", "2", "--dtype", "fp16"]) == 0
     assert json.loads(sidecar_file(out, FULL, 0).read_text())["model"]["param_dtype"] == dtype
     cell = nn.GraphCell(ms.load(str(graph_file(out, FULL, 0))))
     params = cell.parameters_dict()
