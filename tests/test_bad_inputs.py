@@ -47,6 +47,9 @@ def _manifests(good: str) -> dict[str, bytes]:
         "nan.toml": sub(r"^learning_rate = \S+", "learning_rate = nan"),
         "floatdp.toml": sub(r"^data_parallel = \d+", "data_parallel = 2.0"),
         "smallbatch.toml": sub(r"^num_train = \d+", "num_train = 10"),
+        "blankprompt.toml": sub(r"^use_past = true", 'use_past = true\npredict_data = " \\t "'),
+        "compiledstrategy.toml": sub(r"^recompute = false",
+                                     'recompute = false\nstrategy_dir = "build/output/strategy"'),
     }
 
 
@@ -194,6 +197,9 @@ CASES = [
     ("validate -c {c}/m/nan.toml", 2, "train.learning_rate", None),
     ("validate -c {c}/m/floatdp.toml", 2, "parallel.data_parallel", None),
     ("validate -c {c}/m/smallbatch.toml", 2, "dataset.num_train: 10 rows are fewer than one global batch", None),
+    ("validate -c {c}/m/blankprompt.toml", 2, "export.predict_data: a prompt needs text other than white space",
+     None),
+    ("validate -c {c}/m/compiledstrategy.toml", 2, "is where MindFormers saves the strategies it compiles", None),
     ("plan -c {c}/m/floatdp.toml", 2, "parallel.data_parallel", None),
     ("set -c qwen.toml train.learning_rate=1979-05-27", 2, "train.learning_rate", "qwen.toml"),
     ("set -c qwen.toml train.learning_rate=inf", 2, "train.learning_rate", "qwen.toml"),

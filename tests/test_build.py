@@ -219,12 +219,42 @@ def test_a_checkpoint_not_downloaded_yet_stops_only_the_weight_tasks(tmp_path):
     assert not (tmp_path / "build" / "weights").exists()
 
 
-def test_doit_export_builds_the_graphs_and_lite_ini(tmp_path):
+def status(manifest: Path) -> dict[str, str]:
+    """`doit list --status`: task -> R (would run) or U (up to date)."""
+    out = doit(manifest, "list", "--status").stdout
+    return {line.split()[1]: line.split()[0] for line in out.splitlines() if line[:2] in ("R ", "U ", "I ")}
+
+
+@pytest.mark.slow
+def test_doit_export_builds_the_graphs_lite_ini_and_the_lite_launcher(tmp_path):
+    from qwenbuild.parallel.launch_scripts import free_port
+
     manifest = small_manifest(tmp_path)
     manifest.write_text(manifest.read_text().replace('checkpoint = "finetuned"', 'checkpoint = "converted"'))
-    proc = doit(manifest, "export")
-    assert {"mindir", "lite_ini"} <= set(ran(proc))
-    assert (tmp_path / "build" / "lite.ini").is_file()
-    assert (tmp_path / "build" / "output" / "mindir_inc_checkpoint" / "rank_0_graph.mindir").is_file()
+    assert status(manifest)["export"] == "R"
+    proc = doit(manifest, "export", "infer")
+    assert {"mindir", "lite_ini", "lite_infer", "infer"} <= set(ran(proc))
+    build = tmp_path / "build"
+    assert (build / "lite.ini").is_file()
+    assert (build / "export" / "mindir_inc_checkpoint" / "rank_1_graph.mindir").is_file()
     again = doit(manifest, "export")
     assert ran(again) == [] and "export" in skipped(again)
+    assert status(manifest)["export"] == "U"
+    # the original's Lite run, one process per export rank with its flags: here GraphCell, the infer task's tokens
+    script = build / "lite_infer" / "lite_infer.sh"
+    assert "run_qwen1_5_mslite_infer --mindir_root_dir " + str(build / "export") in script.read_text()
+    run = subprocess.run(["bash", str(script)], env=dict(os.environ, MASTER_PORT=str(free_port())),
+                         capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    expected = json.loads((build / "infer" / "answer.json").read_text())
+    for rank in (0, 1):
+        log = (build / "lite_infer" / "msrun_log" / f"worker_{rank}.log").read_text()
+        answer = json.loads(next(line for line in log.splitlines() if line.startswith('{"prompt_ids"')))
+        assert answer["backend"] == "graphcell" and answer["generated_ids"] == expected["generated_ids"], rank
+        assert answer["prompt_ids"] == expected["prompt_ids"] and answer["text"] == expected["text"]
+    # one member out of date: the group is too, and `doit export` runs that member alone
+    (build / "lite.ini").write_text((build / "lite.ini").read_text() + "\n")
+    stale = status(manifest)
+    assert (stale["export"], stale["lite_ini"], stale["mindir"], stale["lite_infer"]) == ("R", "R", "U", "U")
+    assert ran(doit(manifest, "export")) == ["lite_ini"]
+    assert status(manifest)["export"] == "U"

@@ -248,7 +248,7 @@ def test_no_manifest_string_runs_as_a_command_in_a_generated_script(script_manif
             return
         m = load_manifest(path)
         build = BuildDir(m.build_dir)
-        build.root.mkdir(parents=True, exist_ok=True)
+        build.predict.mkdir(parents=True, exist_ok=True)  # predict.sh runs there
         scripts = dict(node_scripts(m, build), **{"predict.sh": predict_script(m, build, m.export.predict_data)})
         bin_dir = _stub_bin(tmp / "stub-bin", tmp / "calls.jsonl")
         hosts = [n.host for n in m.hardware.nodes]
@@ -277,6 +277,58 @@ def test_no_manifest_string_runs_as_a_command_in_a_generated_script(script_manif
                 assert f"--node_rank={k}" in msrun
             else:
                 assert msrun[-3] == m.export.predict_data
+
+
+@pytest.fixture(scope="module")
+def small_tokenizer(tmp_path_factory):
+    from qwenbuild.tokenizer import train_tokenizer
+
+    path = tmp_path_factory.mktemp("tok") / "tokenizer"
+    train_tokenizer(["Repeat the digits 0123456789 please."] * 20, 270, path)
+    return path
+
+
+def _argument_after(script: Path, flag: str) -> str:
+    """The value bash passes after `flag` on the script's exec line (its command swapped for printf)."""
+    text = script.read_bytes().decode("utf-8")  # lines as bash splits them: at \n only
+    line = next(x for x in text.split("\n") if x.startswith("exec "))
+    proc = subprocess.run(["bash", "-c", "printf '%s\\0' " + line[len("exec "):]], capture_output=True,
+                          timeout=30, env=dict(os.environ, MASTER_PORT="1"))
+    args = proc.stdout.decode("utf-8", "surrogateescape").split("\0")
+    return args[args.index(flag) + 1]
+
+
+@fuzz(30)
+@given(prompt=st.text(max_size=24))
+def test_a_generated_prompt_is_refused_or_reaches_the_scripts_as_written(small_tokenizer, prompt):
+    """export.predict_data is validated once, in the manifest, and what passes arrives byte for byte as the
+    --predict_data of predict.sh and lite_infer.sh (bash parsing their quoting)."""
+    from qwenbuild.build_dir import BuildDir
+    from qwenbuild.manifest import load_manifest
+    from qwenbuild.tasks import task_specs
+    from qwenbuild.tasks.context import Context, DeclaredManifest
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        path = tmp / "qwen.toml"
+        value = json.dumps(prompt, ensure_ascii=False)
+        path.write_bytes(BASE_TOML.replace("use_past = true", f"use_past = true\npredict_data = {value}")
+                         .encode("utf-8", "surrogatepass"))
+        rc, err = run_cli(["validate", "-c", str(path)], tmp)
+        check_outcome(rc, err, [str(path)], tmp, {})
+        assert rc in (0, 2), err
+        TALLY["prompts refused" if rc else "prompts written"] += 1
+        if rc:
+            return
+        m = load_manifest(path)
+        assert prompt.strip() and "\0" not in prompt
+        (tmp / "build").mkdir()
+        (tmp / "build" / "tokenizer").symlink_to(small_tokenizer)
+        for spec in task_specs(m):
+            if spec.name in ("predict", "lite_infer"):
+                spec.action(Context(spec.name, DeclaredManifest(m, spec.name, spec.keys), BuildDir(m.build_dir)))
+        for script in (tmp / "build" / "predict" / "predict.sh", tmp / "build" / "lite_infer" / "lite_infer.sh"):
+            assert _argument_after(script, "--predict_data") == prompt, script
 
 
 # ---------------------------------------------------------------- alpaca rows and preprocess

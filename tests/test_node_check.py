@@ -33,10 +33,10 @@ def test_a_node_refuses_a_build_dir_that_differs_from_the_lock(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     build = tmp_path / "build"
     line = _check_line(build / "launch" / "node_0.sh")
-    assert "run.json data/mindrecord output/transformed_checkpoint/qwen" in line
+    assert "run.json data/mindrecord transformed_checkpoint/qwen" in line
     ok = _run(line, build)
     assert ok.returncode == 0 and "node 0 (localhost) sees 3 artifacts" in ok.stdout, ok.stderr
-    shard = build / "output" / "transformed_checkpoint" / "qwen" / "rank_1" / "checkpoint_1.ckpt"
+    shard = build / "transformed_checkpoint" / "qwen" / "rank_1" / "checkpoint_1.ckpt"
     data = bytearray(shard.read_bytes())
     data[-1] ^= 0xFF
     copy = shard.with_name("copy")

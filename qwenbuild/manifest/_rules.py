@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from qwenbuild.build_dir import BuildDir
 from qwenbuild.parallel.memory import GIB, deployment_memory, max_device_memory_gb
 from qwenbuild.parallel.plan_rules import plan_problems
 from qwenbuild.tokenizer.files import QWEN_VOCAB_SIZE
@@ -9,13 +10,13 @@ from qwenbuild.tokenizer.files import QWEN_VOCAB_SIZE
 
 def manifest_problems(m) -> list:
     """Every broken rule as a Problem naming the key to change."""
-    return _plan(m) + _export_fits(m) + _lengths(m) + _nodes(m) + _tokenizer(m) + _data(m)
+    return (_plan(m) + _export_fits(m) + _lengths(m) + _nodes(m) + _tokenizer(m) + _data(m) + _prompt(m)
+            + _strategy_dir(m))
 
 
 def deployment_dtype(m) -> str:
-    """The dtype the export topology's graphs and the predict YAML hold weights in: the model's param dtype on
-    Ascend, float32 on CPU (what the CPU kernels compute in)."""
-    return m.model.param_dtype if m.hardware.device == "ascend" else "float32"
+    """The dtype the export topology's graphs and the predict YAML hold weights in (export.dtype's rule)."""
+    return m.export.dtype_on(m.hardware.device, m.model.param_dtype)
 
 
 def device_limit(m) -> float:
@@ -131,4 +132,23 @@ def _data(m) -> list:
                                                f"{par.data_parallel}" + (f" x micro_batch_num {micro}" if micro > 1
                                                                          else "") + "); raise num_train or lower "
                                                "train.batch_size")]
+    return []
+
+
+def _prompt(m) -> list:
+    """export.predict_data goes onto the command lines of predict.sh and lite_infer.sh."""
+    text = m.export.predict_data
+    if text is not None and (not text.strip() or "\0" in text):
+        return [m.problem("export.predict_data", "a prompt needs text other than white space and no NUL character "
+                                                 "(it is an argument of predict.sh and lite_infer.sh)")]
+    return []
+
+
+def _strategy_dir(m) -> list:
+    """Compiled strategies read from where the finetune's MindFormers saves its own would be replaced by them."""
+    given, compiled = m.path_of("parallel.strategy_dir"), BuildDir(m.build_dir).compiled_strategy
+    if given is not None and (given == compiled or compiled in given.parents):
+        return [m.problem("parallel.strategy_dir", f"{given} is where MindFormers saves the strategies it compiles "
+                                                   "during the finetune, which replaces them; copy the files to "
+                                                   "another directory and point there")]
     return []

@@ -151,13 +151,21 @@ class Train:
 
 @dataclasses.dataclass(frozen=True)
 class Export:
+    READS: ClassVar[dict[str, tuple[str, ...]]] = {"dtype_on": ("dtype",)}
+
     checkpoint: str
     seq_length: int
     batch_size: int
     model_parallel: int
     use_past: bool
+    dtype: str | None
     predict_data: str | None
     max_new_tokens: int
+
+    def dtype_on(self, device: str, param_dtype: str) -> str:
+        """The exported weights' dtype on this device: export.dtype, else the model's on Ascend (as the original
+        deploys) and float32 on CPU."""
+        return self.dtype or (param_dtype if device == "ascend" else "float32")
 
 
 @dataclasses.dataclass(frozen=True)

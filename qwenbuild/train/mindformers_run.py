@@ -25,6 +25,7 @@ import numpy as np
 from qwenbuild.errors import UserError
 from qwenbuild.flags import str2bool
 from qwenbuild.processes import follow_parent
+from qwenbuild.train.mindformers_tokenizer import register_qwen2_tokenizer
 from qwenbuild.train.worker import exit_code
 
 RUN_MODES = ("train", "finetune", "predict")
@@ -144,6 +145,8 @@ def run(args: argparse.Namespace) -> None:
     host_limits(config)
     if config.context.device_target == "CPU":
         cpu_substitutions(config)
+    # the YAML's processor.tokenizer names it; MindFormers 1.9 has none of that name
+    register_qwen2_tokenizer()
     build_context(config)
     if args.run_mode == "predict":
         _predict(config, args)

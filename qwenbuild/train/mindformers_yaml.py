@@ -223,10 +223,11 @@ def mindformers_config(run: RunYaml, target: str | None = None) -> dict:
 
 
 def predict_config(run: RunYaml, model_parallel: int, checkpoint: str, seq_length: int, max_decode_length: int,
-                   target: str | None = None) -> dict:
+                   target: str | None = None, dtype: str = "float32") -> dict:
     """The online-predict YAML (run_qwen1_5_72b_infer.yaml's settings) for `model_parallel` cards of one node:
     use_past, dp 1 x mp model_parallel x pp 1 with the embedding whole, the complete checkpoint resharded by
-    MindFormers itself (auto_trans_ckpt), the tokenizer files, greedy decoding."""
+    MindFormers itself (auto_trans_ckpt), the tokenizer files, greedy decoding; on Ascend the weights are held in
+    `dtype` (the deployment's, export.dtype) and, when it is 16-bit, computed in it; on CPU all is float32."""
     s = dataclasses.replace(run.settings, workers=1, model_parallel=model_parallel, pipeline_stage=1,
                             seq_length=seq_length)
     config = mindformers_config(dataclasses.replace(run, settings=s, micro_batch_num=1, vocab_emb_dp=True), target)
@@ -238,6 +239,11 @@ def predict_config(run: RunYaml, model_parallel: int, checkpoint: str, seq_lengt
     config["parallel"]["strategy_ckpt_config"] = {"save_file": "./ckpt_strategy.ckpt", "only_trainable_params": False}
     config["model"]["model_config"].update(batch_size=1, use_past=True, max_decode_length=max_decode_length,
                                            do_sample=False, top_k=0, top_p=0.8, repetition_penalty=1)
+    if (target or default_target(s)) == "ascend":
+        # float32 weights keep the model's 16-bit compute, as the original's note on param_init_type says: with
+        # use_past the rotary kernel (ApplyRotaryPosEmb) takes float16 or bfloat16 inputs only
+        config["model"]["model_config"].update(param_init_type=dtype,
+                                               **({"compute_dtype": dtype} if dtype != "float32" else {}))
     for key in ("train_dataset", "train_dataset_task", "lr_schedule", "optimizer"):
         config.pop(key)
     return config
