@@ -47,7 +47,7 @@ def _manifests(good: str) -> dict[str, bytes]:
         "nan.toml": sub(r"^learning_rate = \S+", "learning_rate = nan"),
         "floatdp.toml": sub(r"^data_parallel = \d+", "data_parallel = 2.0"),
         "smallbatch.toml": sub(r"^num_train = \d+", "num_train = 10"),
-        "blankprompt.toml": sub(r"^use_past = true", 'use_past = true\npredict_data = " \\t "'),
+        "blankprompt.toml": sub(r"^use_past = true", 'use_past = true\npredict_data = "   "'),
         "compiledstrategy.toml": sub(r"^recompute = false",
                                      'recompute = false\nstrategy_dir = "build/output/strategy"'),
     }

@@ -220,8 +220,9 @@ def test_the_ascend_lite_launcher_starts_one_lite_process_per_export_rank(built)
     build = BuildDir(build_root)
     text = build.lite_infer_script.read_text()
     assert f"export RANK_TABLE_FILE={build.export_rank_table}" in text and "export RANK_SIZE=2" in text
-    argv = shlex.split(next(line for line in text.splitlines() if line.startswith("exec msrun ")))[1:]
-    assert argv[:2] == ["msrun", "--worker_num=2"] and "--local_worker_num=2" in argv
+    argv = shlex.split(next(line for line in text.splitlines() if line.startswith("exec ")))[1:]
+    assert argv[:4] == ["python3", "-m", "mindspore.parallel.cluster.run", "--worker_num=2"]
+    assert "--local_worker_num=2" in argv
     assert f"--rank_table_file={build.export_rank_table}" in argv
     flags = argv[argv.index("run_qwen1_5_mslite_infer") + 1:]
     assert flags[-1] == "--json"

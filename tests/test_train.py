@@ -153,8 +153,9 @@ def test_training_step_equals_torch_with_and_without_clipping(tmp_path, clip):
         assert float(loss.asnumpy()) == pytest.approx(float(their_loss.detach()), abs=1e-5)
         assert float(norm.asnumpy()) == pytest.approx(their_norm, rel=1e-4)
     hf_params = dict(hf.named_parameters())
+    # Adam divides by sqrt(v): on a near-zero gradient float32 rounding moves a weight by up to 1% of a 1e-3 step
     for w in net.trainable_params():
-        np.testing.assert_allclose(w.asnumpy(), hf_params[ms_to_hf(w.name)].detach().numpy(), atol=2e-6, rtol=1e-4,
+        np.testing.assert_allclose(w.asnumpy(), hf_params[ms_to_hf(w.name)].detach().numpy(), atol=1e-5, rtol=1e-4,
                                    err_msg=w.name)
 
 
