@@ -180,6 +180,7 @@ def _assert_resumed(build: Path, proc) -> None:
     assert _leftovers(build) == []
 
 
+@pytest.mark.slow
 def test_doit_mindrecord_with_a_file_size_limit(tmp_path):
     build = tmp_path / "build"
     manifest = _small_manifest(tmp_path, build)
@@ -187,6 +188,7 @@ def test_doit_mindrecord_with_a_file_size_limit(tmp_path):
     _assert_resumed(build, _doit(manifest, tmp_path))
 
 
+@pytest.mark.slow
 def test_doit_mindrecord_on_a_small_tmpfs(tmp_path):
     with small_disk(tmp_path / "build", "256k") as build:
         manifest = _small_manifest(tmp_path, build)

@@ -8,8 +8,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 DOIT = [sys.executable, "-m", "doit", "-f", str(REPO / "dodo.py")]
+
+pytestmark = pytest.mark.slow  # builds the data chain, shards and launch scripts through doit
 
 
 def _check_line(script: Path) -> str:
