@@ -13,6 +13,7 @@ from qwenbuild.train import checkpoint, data
 from qwenbuild.train.progress import STEP_LINE, step_line
 from qwenbuild.train.schedule import cosine_with_warmup, schedule
 from qwenbuild.train.settings import read_run_json, settings_from_dict, write_run_json
+import tb_events
 from train_data import SEQ, TINY, progression_rows, settings, write_mindrecord
 
 
@@ -243,6 +244,31 @@ def test_mindrecord_with_other_seq_length_is_refused(tmp_path):
         data.check_mindrecord(path, 32)
 
 
+def test_event_files_read_back_and_a_new_run_replaces_the_old_curves(tmp_path):
+    from qwenbuild.train import events
+
+    with events.EventLog(events.rank_dir(tmp_path, 0)) as log:
+        log.scalars(1, {"loss": 2.5, "learning-rate": 1e-3})
+        log.scalars(2, {"loss": 1.25})
+    assert tb_events.scalars(tmp_path / "tensorboard" / "rank_0") == {"loss": {1: 2.5, 2: 1.25},
+                                                                      "learning-rate": {1: np.float32(1e-3)}}
+    mine = tmp_path / "tensorboard" / "rank_1" / "notes.txt"
+    mine.parent.mkdir()
+    mine.write_text("kept")
+    events.clear(tmp_path)
+    assert list((tmp_path / "tensorboard").rglob("events.out.tfevents.*")) == [] and mine.read_text() == "kept"
+
+
+def test_the_event_writer_does_not_load_torch():
+    import subprocess
+    import sys
+
+    probe = ("import sys; from qwenbuild.train.events import summary_writer_class; summary_writer_class(); "
+             "print('tensorboardX' in sys.modules, 'torch' in sys.modules); import torch")
+    proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and proc.stdout == "True False\n", proc.stderr
+
+
 @pytest.mark.slow
 def test_loss_decreases_and_results_are_written(tmp_path):
     from qwenbuild.train.finetune import finetune
@@ -256,6 +282,13 @@ def test_loss_decreases_and_results_are_written(tmp_path):
     written = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert written["loss"] == losses and written["tokens_per_s"] > 0 and written["wall_s"] > 0
     assert (tmp_path / "out" / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # TensorBoard's curves are the run's own values, step by step (as float32, the events' scalar type)
+    logged = tb_events.scalars(tmp_path / "out" / "tensorboard" / "rank_0")
+    steps = list(range(1, 41))
+    assert logged["loss"] == dict(zip(steps, np.float32(losses).tolist()))
+    assert logged["learning-rate"] == dict(zip(steps, np.float32(metrics["learning_rate"]).tolist()))
+    assert logged["grad-norm"] == dict(zip(steps, np.float32(metrics["grad_norm"]).tolist()))
+    assert sorted(logged["tokens-per-second"]) == steps and min(logged["tokens-per-second"].values()) > 0
     rank0 = tmp_path / "out" / "checkpoint" / "rank_0"
     assert sorted(p.name for p in rank0.glob("*.ckpt")) == ["qwen2_rank_0-2_4.ckpt", "qwen2_rank_0-3_8.ckpt"]
     meta = json.loads((rank0 / "meta.json").read_text())

@@ -16,6 +16,7 @@ import yaml
 from qwenbuild.errors import UserError
 from qwenbuild.store import atomic_path
 from qwenbuild.tokenizer.files import ENDOFTEXT, QWEN_SPECIAL_IDS
+from qwenbuild.train.events import tensorboard_dir
 from qwenbuild.train.settings import TrainSettings
 
 TARGETS = ("ascend", "cpu")
@@ -202,6 +203,9 @@ def mindformers_config(run: RunYaml, target: str | None = None) -> dict:
             # MindFormers 1.9 reads runner_config.stop_step but never adds the callback that acts on it
             *([{"type": "TrainCallBack", "stop_step": s.steps}] if s.steps else []),
         ],
+        # TensorBoard event files of each rank in <tensorboard_dir>/rank_N, beside qwenbuild's own engine's
+        "tensorboard": {"tensorboard_dir": str(tensorboard_dir(s.output_dir)), "tensorboard_queue_size": 10,
+                        "log_loss_scale_to_tensorboard": True, "log_timers_to_tensorboard": True},
         "context": _context(ascend),
         "model": {"model_config": _model_config(run, ascend), "arch": {"type": "LlamaForCausalLM"}},
         "processor": {
@@ -233,7 +237,7 @@ def predict_config(run: RunYaml, model_parallel: int, checkpoint: str, seq_lengt
     config["parallel"]["strategy_ckpt_config"] = {"save_file": "./ckpt_strategy.ckpt", "only_trainable_params": False}
     config["model"]["model_config"].update(batch_size=1, use_past=True, max_decode_length=max_decode_length,
                                            do_sample=False, top_k=0, top_p=0.8, repetition_penalty=1)
-    for key in ("train_dataset", "train_dataset_task", "lr_schedule", "optimizer"):
+    for key in ("train_dataset", "train_dataset_task", "lr_schedule", "optimizer", "tensorboard"):
         config.pop(key)
     return config
 
