@@ -30,12 +30,14 @@ def test_schedule_matches_mindformers_cosine_with_warmup():
     assert cosine_with_warmup(50, 50, 2e-3, 0.1) == 0.0
 
 
+@pytest.mark.parametrize("decayed", [(False, True, False), (True, False, True)], ids=["w-big-undecayed", "b-undecayed"])
 @pytest.mark.parametrize("fused", [True, False])
 @pytest.mark.parametrize("mode", ["GRAPH_MODE", "PYNATIVE_MODE"])
-def test_adamw_matches_torch_adamw(mode, fused):
+def test_adamw_matches_torch_adamw(mode, fused, decayed):
     """float32 parameters take the fused in-place kernel, or without it: small ones AdamWeightDecay (bias correction
     folded into its inputs), large ones an in-place decay and the Adam kernel; float16 ones the update spelled out;
-    all as torch's AdamW on the gradients times the clipping factor. The large one is split over threads."""
+    all as torch's AdamW on the gradients times the clipping factor, each path with and without weight decay (torch's
+    parameter groups). The large one is split over threads."""
     import mindspore as ms
     import torch
 
@@ -50,13 +52,15 @@ def test_adamw_matches_torch_adamw(mode, fused):
     params = [ms.Parameter(ms.Tensor(starts[0]), name="w"),
               ms.Parameter(ms.Tensor(starts[1], ms.float16), name="b"),
               ms.Parameter(ms.Tensor(starts[2]), name="big")]
-    ours = AdamW(params, weight_decay=0.1, fused=fused)
+    ours = AdamW(params, weight_decay=0.1, fused=fused, decayed=decayed)
     kernels = (ours.in_place, ours.adam_weight_decay, ours.spelled, ours.decayed_adam)
     assert kernels == (((0, 2), (), (1,), ()) if fused else ((), (0,), (1,), (2,)))
     refs = [torch.nn.Parameter(torch.tensor(starts[0])),
             torch.nn.Parameter(torch.tensor(starts[1]).half().float()),
             torch.nn.Parameter(torch.tensor(starts[2]))]
-    theirs = torch.optim.AdamW(refs, lr=1e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
+    groups = [{"params": [r for r, d in zip(refs, decayed) if d == on], "weight_decay": 0.1 if on else 0.0}
+              for on in (True, False)]
+    theirs = torch.optim.AdamW(groups, lr=1e-2, betas=(0.9, 0.95), eps=1e-8)
     for step_grads, scale in zip(grads, scales):
         ours(tuple(ms.Tensor(g) for g in step_grads), ms.Tensor(np.float32(1e-2)), ms.Tensor(np.float32(scale)))
         for ref, g in zip(refs, step_grads):

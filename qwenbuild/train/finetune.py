@@ -61,11 +61,13 @@ def build(settings: TrainSettings, layout: ProcessLayout | None = None):
     # the network loads mindspore (seconds): imported only when this runs
     from qwenbuild.model.network import QwenForCausalLM
     from qwenbuild.model.tensor_parallel import ModelParallel
-    from qwenbuild.train.optimizer import AdamW
+    from qwenbuild.train.optimizer import AdamW, decays
     from qwenbuild.train.step import TrainStep
 
     net = QwenForCausalLM(settings.model, ModelParallel(layout))
-    optimizer = AdamW(net.trainable_params(), settings.weight_decay, settings.beta1, settings.beta2, settings.eps)
+    params = net.trainable_params()
+    optimizer = AdamW(params, settings.weight_decay, settings.beta1, settings.beta2, settings.eps,
+                      decayed=[decays(p) for p in params])
     return net, TrainStep(net, optimizer, settings.grad_clip, layout)
 
 
