@@ -8,10 +8,6 @@ workers). Each such start appends one line to the file named by $QWENBUILD_TEST_
 marker that has a line.
 """
 
-from __future__ import annotations
-
-import functools
-import importlib.abc
 import os
 import sys
 
@@ -45,7 +41,10 @@ def record(what: str) -> None:
         os.close(fd)
 
 
-def _watched(original, what: str | None):
+def _watched(original, what):
+    # loaded when a watched module is, not at every interpreter's start (see watch)
+    import functools
+
     @functools.wraps(original)
     def watched(*args, **kwargs):
         if what is None:
@@ -71,7 +70,7 @@ def _wrap(module) -> None:
             setattr(holder, attr, _watched(original, what))
 
 
-class _Loader(importlib.abc.Loader):
+class _Loader:
     """The module's own loader, then the entries wrapped before anyone imports them by name."""
 
     def __init__(self, loader):
@@ -88,7 +87,7 @@ class _Loader(importlib.abc.Loader):
         return getattr(self._loader, name)
 
 
-class _Finder(importlib.abc.MetaPathFinder):
+class _Finder:
     # the test process may load this module under two names (sitecustomize's and the plugin's): one finder is enough
     slow_work_finder = True
 
@@ -107,7 +106,8 @@ class _Finder(importlib.abc.MetaPathFinder):
 
 
 def watch() -> None:
-    """Record slow work in this process from now on (idempotent)."""
+    """Record slow work in this process from now on (idempotent). Every Python process a test starts runs this
+    first, so it imports nothing: a signal sent at a process's start must find it past its start-up as before."""
     if any(getattr(f, "slow_work_finder", False) for f in sys.meta_path):
         return
     sys.meta_path.insert(0, _Finder())
