@@ -3,7 +3,7 @@ MindFormers' entry) or a doit build (doit running one of qwenbuild's tasks).
 
 conftest calls watch() in the test process and puts this folder on PYTHONPATH, so that sitecustomize.py beside it
 calls watch() in every Python process the test starts (doit, qwenbuild, bash scripts' children, msrun and its
-workers). Each such start appends one line to the file named by $QWENBUILD_TEST_SLOW_RECORD, naming the test
+workers). Each such call appends one line to the file named by $QWENBUILD_TEST_SLOW_RECORD, naming the test
 ($QWENBUILD_TEST_NODEID) that was running when the process started; conftest fails a test without the `slow`
 marker that has a line.
 """
