@@ -6,8 +6,11 @@ from __future__ import annotations
 import struct
 from pathlib import Path
 
+from qwenbuild.train.events import summary_writer_class
+
 
 def _masked_crc(data: bytes) -> int:
+    summary_writer_class()  # tensorboardX loaded as the project loads it (mindspore still imports after it)
     from tensorboardX.crc32c import crc32c
 
     crc = crc32c(data)
@@ -31,6 +34,7 @@ def records(path: Path) -> list[bytes]:
 
 def scalars(directory: Path) -> dict[str, dict[int, float]]:
     """{tag: {step: value}} over every event file in `directory`, later files winning (as TensorBoard shows)."""
+    summary_writer_class()  # tensorboardX loaded as the project loads it (mindspore still imports after it)
     from tensorboardX.proto.event_pb2 import Event
 
     out: dict[str, dict[int, float]] = {}

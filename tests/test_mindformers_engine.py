@@ -72,6 +72,8 @@ def test_mindformers_trains_like_qwenbuild_from_the_same_inputs(project):
     # MindFormers' own TensorBoard events (the YAML's tensorboard block), one directory per rank, hold the losses
     # it printed (to the 6 decimals printed), a grad norm and our tokens/s per step
     assert sorted(p.name for p in tensorboard.iterdir()) == ["rank_0", "rank_1"]
+    # qwenbuild's run's file was removed when this one started: one file per rank, MindFormers' own
+    assert len(list((tensorboard / "rank_0").glob("events.out.tfevents.*"))) == 1
     logged = tb_events.scalars(tensorboard / "rank_0")
     assert sorted(logged["loss"]) == list(range(1, 21))
     theirs = [logged["loss"][step] for step in range(1, 21)]

@@ -263,12 +263,12 @@ def test_event_files_read_back_and_a_new_run_replaces_the_old_curves(tmp_path):
     assert list((tmp_path / "tensorboard").rglob("events.out.tfevents.*")) == [] and mine.read_text() == "kept"
 
 
-def test_the_event_writer_does_not_load_torch():
+def test_the_event_writer_does_not_load_torch_and_mindspore_still_loads_after_it():
     import subprocess
     import sys
 
     probe = ("import sys; from qwenbuild.train.events import summary_writer_class; summary_writer_class(); "
-             "print('tensorboardX' in sys.modules, 'torch' in sys.modules); import torch")
+             "print('tensorboardX' in sys.modules, 'torch' in sys.modules); import torch, mindspore")
     proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0 and proc.stdout == "True False\n", proc.stderr
 

@@ -3,6 +3,7 @@ per rank under <output_dir>/tensorboard, MindFormers' tags where it has one (los
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -35,6 +36,9 @@ def clear(output_dir: str | Path) -> None:
 def summary_writer_class():
     """tensorboardX's SummaryWriter. tensorboardX imports torch, when it is installed, only to accept torch tensors,
     which no run passes: in a training worker that cost seconds and 180 MB, so torch is hidden while it loads."""
+    # MindSpore's generated protobuf modules load only under protobuf's pure-Python implementation, which MindSpore
+    # chooses when it is imported first: choose it here too, or mindspore fails to import after tensorboardX
+    os.environ.setdefault("PROTOCOL_BUFFERS_PYTHON_IMPLEMENTATION", "python")
     if "torch" in sys.modules or "tensorboardX" in sys.modules:
         # tensorboardX loads protobuf: imported only when a run logs
         from tensorboardX import SummaryWriter
