@@ -55,11 +55,13 @@ def lock(manifest: Path) -> dict:
     return json.loads((manifest.parent / "build" / "qwen.lock").read_text())
 
 
+@pytest.mark.slow
 def test_noop_run_executes_nothing(built):
     again = doit(built, "mindrecord")
     assert ran(again) == [] and skipped(again) == DATA_CHAIN
 
 
+@pytest.mark.slow
 def test_lock_records_artifacts_inputs_and_manifest_slice(built):
     entry = lock(built)["tasks"]["mindrecord"]
     from qwenbuild.manifest import load_manifest
@@ -81,6 +83,7 @@ def test_lock_records_artifacts_inputs_and_manifest_slice(built):
         assert lock(built)["tasks"]["dataset"]["toolchain"][package] == locked[package]
 
 
+@pytest.mark.slow
 def test_editing_one_key_reruns_exactly_the_dependent_tasks(built):
     from qwenbuild.manifest.edit import set_keys
 
@@ -90,6 +93,7 @@ def test_editing_one_key_reruns_exactly_the_dependent_tasks(built):
     assert ran(doit(built, "mindrecord")) == ["tokenizer", "mindrecord"]
 
 
+@pytest.mark.slow
 def test_corrupted_artifact_is_rebuilt_and_identical(built):
     target = built.parent / "build" / "data" / "alpaca-messages.json"
     good = target.read_bytes()
@@ -102,6 +106,7 @@ def test_corrupted_artifact_is_rebuilt_and_identical(built):
     assert target.read_bytes() == good
 
 
+@pytest.mark.slow
 def test_a_write_that_puts_the_mtime_back_is_still_seen(built):
     target = built.parent / "build" / "data" / "alpaca-messages.json"
     good, before = target.read_bytes(), target.stat()
@@ -114,6 +119,7 @@ def test_a_write_that_puts_the_mtime_back_is_still_seen(built):
     assert target.read_bytes() == good
 
 
+@pytest.mark.slow
 def test_an_identical_copy_is_hashed_once_then_trusted_again(built):
     target = built.parent / "build" / "data" / "alpaca-messages.json"
     copy = target.with_name("copy.json")
@@ -126,6 +132,7 @@ def test_an_identical_copy_is_hashed_once_then_trusted_again(built):
     assert json.loads(stats_file.read_text())[str(target)][3] == target.stat().st_ino
 
 
+@pytest.mark.slow
 def test_corrupted_member_of_a_directory_artifact_is_rebuilt(built):
     target = built.parent / "build" / "tokenizer" / "merges.txt"
     good = target.read_bytes()
@@ -134,6 +141,7 @@ def test_corrupted_member_of_a_directory_artifact_is_rebuilt(built):
     assert target.read_bytes() == good
 
 
+@pytest.mark.slow
 def test_kill_9_during_a_task_leaves_no_artifact_and_the_next_run_completes(tmp_path):
     manifest = small_manifest(tmp_path)
     doit(manifest, "tokenizer")
@@ -153,6 +161,7 @@ def test_kill_9_during_a_task_leaves_no_artifact_and_the_next_run_completes(tmp_
     assert not list(mindrecord.parent.glob(".mindrecord.tmp-*"))
 
 
+@pytest.mark.slow
 def test_two_concurrent_builds_are_safe(tmp_path):
     manifest = small_manifest(tmp_path)
     procs = [subprocess.Popen(DOIT + [f"manifest={manifest}", "mindrecord"], cwd=tmp_path, stdout=subprocess.PIPE,
@@ -166,6 +175,7 @@ def test_two_concurrent_builds_are_safe(tmp_path):
     assert ran(doit(manifest, "mindrecord")) == []
 
 
+@pytest.mark.slow
 def test_plan_reports_why_tasks_are_out_of_date(built):
     from qwenbuild.manifest import load_manifest
     from qwenbuild.manifest.edit import set_keys
@@ -187,6 +197,7 @@ def test_bad_manifest_stops_doit_with_the_error(tmp_path):
     assert "parallel.data_parallel" in proc.stderr and "Traceback" not in proc.stderr
 
 
+@pytest.mark.slow
 def test_sharded_mindrecord_is_what_run_json_and_the_yaml_train_on(tmp_path):
     import mindspore.dataset as ds
     import yaml
@@ -205,6 +216,7 @@ def test_sharded_mindrecord_is_what_run_json_and_the_yaml_train_on(tmp_path):
     assert ds.MindDataset(run["train_data"], shuffle=False).get_dataset_size() == 300
 
 
+@pytest.mark.slow
 def test_a_checkpoint_not_downloaded_yet_stops_only_the_weight_tasks(tmp_path):
     manifest = small_manifest(tmp_path)
     manifest.write_text(manifest.read_text().replace('init = "random"', 'hf_dir = "models/Qwen1.5-tiny"'))

@@ -43,7 +43,13 @@ def test_init_then_validate(tmp_path):
     (hf / "config.json").write_text(json.dumps(QwenConfig(**dims).to_hf_dict()))
     proc = run("validate", "-c", "q.toml", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
-    assert "72.3" in proc.stdout or "72,28" in proc.stdout or "valid" in proc.stdout
+    # the parameter count of transformers' own Qwen2 built from that config.json (on the meta device: no memory)
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    with torch.device("meta"):
+        reference = sum(p.numel() for p in Qwen2ForCausalLM(Qwen2Config.from_pretrained(hf)).parameters())
+    assert proc.stdout == f"{tmp_path / 'q.toml'}: valid; {reference / 1e6:,.1f}M parameters, 32 ascend devices\n"
     again = run("init", "-o", "q.toml", cwd=tmp_path)
     assert again.returncode == 2 and "already exists" in again.stderr
 

@@ -8,7 +8,9 @@ import ast
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "qwenbuild"
-HEAVY = ("mindspore", "mindformers", "torch", "transformers", "tokenizers", "matplotlib", "doit", "google.protobuf")
+# tensorboardX loads google.protobuf (and torch, where installed)
+HEAVY = ("mindspore", "mindformers", "torch", "transformers", "tokenizers", "matplotlib", "doit", "google.protobuf",
+         "tensorboardX")
 
 
 def module_name(path: Path) -> str:

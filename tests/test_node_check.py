@@ -10,8 +10,12 @@ import sys
 from pathlib import Path
 from shlex import join as shlex_join
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 DOIT = [sys.executable, "-m", "doit", "-f", str(REPO / "dodo.py")]
+
+pytestmark = pytest.mark.slow  # builds the data chain, shards and launch scripts through doit
 
 
 def _check_line(script: Path) -> str:

@@ -156,6 +156,7 @@ def _cmdline(pid: int) -> bytes:
         return b""
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig,whole_group", [(signal.SIGINT, True), (signal.SIGTERM, False)],
                          ids=["ctrl-c-group", "sigterm"])
 def test_doit_finetune_stops_msrun_and_its_workers(tmp_path, sig, whole_group):

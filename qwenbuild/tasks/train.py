@@ -21,6 +21,7 @@ from qwenbuild.tasks.distributed import keyed_dir, workers_per_node
 from qwenbuild.tasks.spec import TaskSpec
 from qwenbuild.tasks.weights import MODEL_KEYS
 from qwenbuild.tokenizer.files import ENDOFTEXT, read_vocab, special_ids
+from qwenbuild.train import events
 from qwenbuild.train.checkpoint import finished_checkpoint
 from qwenbuild.train.data import check_mindrecord
 from qwenbuild.train.evaluate import evaluate_heldout
@@ -108,10 +109,11 @@ def _finetune(ctx: Context) -> None:
     m, build = ctx.manifest, ctx.build
     settings = read_run_json(build.run_json)  # refuses model/pipeline parallel on CPU with the reason
     # too few rows for one global batch is found here, before msrun starts workers that compile the graph
-    total_steps(settings, check_mindrecord(settings.train_data, settings.seq_length))
+    steps = total_steps(settings, check_mindrecord(settings.train_data, settings.seq_length))
     if m.train.engine_on(m.hardware.device) == "mindformers":
         # MindFormers starts from the shards each time: nothing of another run may be taken for its result
         clear_checkpoints(build.checkpoint)
+        events.clear(build.output)
     drop_damaged_checkpoints(build)
     clear_compiled_strategies(build.compiled_strategy)
     # unsealed while training: a killed run is resumed, never taken as complete
@@ -134,7 +136,7 @@ def _finetune(ctx: Context) -> None:
     write_seal(build.compiled_strategy)
     merge_finetuned(ctx, checkpoints)
     if m.hardware.device == "cpu" and m.dataset.source == "builtin" and m.dataset.num_heldout:
-        _evaluate(ctx)
+        _evaluate(ctx, steps)
 
 
 def finetune_strategies(build, world: int) -> tuple[list[Path], str]:
@@ -171,12 +173,14 @@ def merge_finetuned(ctx: Context, checkpoints: str) -> None:
           file=sys.stderr)
 
 
-def _evaluate(ctx: Context) -> None:
+def _evaluate(ctx: Context, steps: int) -> None:
     build = ctx.build
     result = evaluate_heldout(build.merged_file, ctx.manifest.model.config, build.tokenizer,
                               build.heldout, metrics_path=build.metrics,
                               max_new_tokens=ctx.manifest.train.eval_max_new_tokens,
                               samples_path=build.output / "heldout_answers.jsonl")
+    with events.EventLog(events.rank_dir(build.output, 0)) as log:
+        log.scalars(steps, {events.HELDOUT_ACCURACY: result["heldout_accuracy"]})
     print(f"finetune: held-out accuracy {result['heldout_accuracy']:.1%} ({result['heldout_correct']}/"
           f"{result['heldout_total']})", file=sys.stderr)
 
@@ -195,6 +199,7 @@ def specs(m, build) -> list[TaskSpec]:
                        "hardware.devices_per_node", "parallel.data_parallel", "parallel.model_parallel",
                        "parallel.pipeline_stage",
                        "dataset.source", "dataset.num_heldout") + MODEL_KEYS,
-                 dir_outputs=[build.checkpoint, build.compiled_strategy, build.merged], reports=[build.metrics],
+                 dir_outputs=[build.checkpoint, build.compiled_strategy, build.merged],
+                 reports=[build.metrics, events.tensorboard_dir(build.output)],
                  packages=("mindspore", "numpy")),
     ]

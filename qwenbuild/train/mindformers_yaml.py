@@ -17,6 +17,7 @@ from qwenbuild.errors import UserError
 from qwenbuild.parallel.memory import max_device_memory_gb
 from qwenbuild.store import atomic_path
 from qwenbuild.tokenizer.files import ENDOFTEXT, QWEN_SPECIAL_IDS
+from qwenbuild.train.events import tensorboard_dir
 from qwenbuild.train.settings import TrainSettings
 
 TARGETS = ("ascend", "cpu")
@@ -207,6 +208,9 @@ def mindformers_config(run: RunYaml, target: str | None = None) -> dict:
             # MindFormers 1.9 reads runner_config.stop_step but never adds the callback that acts on it
             *([{"type": "TrainCallBack", "stop_step": s.steps}] if s.steps else []),
         ],
+        # TensorBoard event files of each rank in <tensorboard_dir>/rank_N, beside qwenbuild's own engine's
+        "tensorboard": {"tensorboard_dir": str(tensorboard_dir(s.output_dir)), "tensorboard_queue_size": 10,
+                        "log_loss_scale_to_tensorboard": True, "log_timers_to_tensorboard": True},
         "context": _context(ascend, run.device_memory_gb),
         "model": {"model_config": _model_config(run, ascend), "arch": {"type": "LlamaForCausalLM"}},
         "processor": {
@@ -244,7 +248,7 @@ def predict_config(run: RunYaml, model_parallel: int, checkpoint: str, seq_lengt
         # use_past the rotary kernel (ApplyRotaryPosEmb) takes float16 or bfloat16 inputs only
         config["model"]["model_config"].update(param_init_type=dtype,
                                                **({"compute_dtype": dtype} if dtype != "float32" else {}))
-    for key in ("train_dataset", "train_dataset_task", "lr_schedule", "optimizer"):
+    for key in ("train_dataset", "train_dataset_task", "lr_schedule", "optimizer", "tensorboard"):
         config.pop(key)
     return config
 
