@@ -151,6 +151,13 @@ def _evaluate(ctx: Context) -> None:
           f"{result['heldout_total']})", file=sys.stderr)
 
 
+def _machine(m) -> tuple[str, ...]:
+    """Training on CPU computes with this machine's kernels, qwenbuild's engine with the fused ones too."""
+    if m.hardware.device != "cpu":
+        return ()
+    return ("cpu", "fused_kernels") if m.train.engine_on("cpu") == "qwenbuild" else ("cpu",)
+
+
 def specs(m, build) -> list[TaskSpec]:
     builtin = m.dataset.source == "builtin"
     return [
@@ -166,5 +173,5 @@ def specs(m, build) -> list[TaskSpec]:
                        "parallel.pipeline_stage",
                        "dataset.source", "dataset.num_heldout") + MODEL_KEYS,
                  dir_outputs=[build.checkpoint, build.merged], reports=[build.metrics],
-                 packages=("mindspore", "numpy")),
+                 packages=("mindspore", "numpy"), machine=_machine(m)),
     ]
