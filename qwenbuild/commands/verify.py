@@ -26,8 +26,8 @@ def main(args):
         elsewhere = sorted({d.task for d in diffs if d.machine})
         if elsewhere:
             print(f"verify: {', '.join(elsewhere)} {'was' if len(elsewhere) == 1 else 'were'} recorded on another "
-                  "machine (see above), whose CPU and kernel build its numbers follow: rebuild there, or here from "
-                  "scratch, to compare like with like")
+                  "machine (see above): a task's numbers follow the CPU and kernel build it ran on, so verify on "
+                  "that machine to compare like with like")
         return 1
     print(f"verify: all {count} artifacts identical to {m.build_dir / 'qwen.lock'}")
     return 0
