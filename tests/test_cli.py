@@ -78,7 +78,8 @@ def test_set_keeps_comments_and_refuses_rejected_values(tmp_path):
     assert "# per data-parallel rank and micro batch" in after
     refused = run("set", "parallel.data_parallel=3", cwd=tmp_path)
     assert refused.returncode == 2 and "data_parallel 3 x model_parallel 1" in refused.stderr
-    assert "qwen.toml:36: parallel.data_parallel" in refused.stderr and ".tmp-" not in refused.stderr
+    line = after.splitlines().index("data_parallel = 2") + 1
+    assert f"qwen.toml:{line}: parallel.data_parallel" in refused.stderr and ".tmp-" not in refused.stderr
     assert path.read_text() == after
     assert not list(tmp_path.glob(".qwen.toml.*"))
 

@@ -154,8 +154,9 @@ LAYERS = [
     ("qwenbuild.weights",),
     ("qwenbuild.model",),
     ("qwenbuild.tokenizer",),
-    ("qwenbuild.schema", "qwenbuild.flags", "qwenbuild.build_dir", "qwenbuild.lock", "qwenbuild.store", "qwenbuild.digests",
-     "qwenbuild.dtypes", "qwenbuild.processes", "qwenbuild.errors", "qwenbuild.jsonfile", "qwenbuild.shell", "qwenbuild"),
+    ("qwenbuild.schema", "qwenbuild.flags", "qwenbuild.build_dir", "qwenbuild.lock", "qwenbuild.machine",
+     "qwenbuild.store", "qwenbuild.digests", "qwenbuild.dtypes", "qwenbuild.processes", "qwenbuild.errors",
+     "qwenbuild.jsonfile", "qwenbuild.shell", "qwenbuild"),
 ]
 
 

@@ -39,6 +39,8 @@ def render(preset: str) -> str:
     if tiny:
         lines += ["init = \"random\"  # starting weights drawn from init_seed; \"hf\" converts hf_dir instead",
                   "init_seed = 0",
+                  f"init_std = {round(dims['hidden_size'] ** -0.5, 3)}  # 1/sqrt(hidden_size); at 0.02 (Qwen1.5's) a "
+                  "model this narrow starts learning late and erratically",
                   "# hf_dir = \"path/to/Qwen1.5-7B\"  # with init = \"hf\": the checkpoint to convert (and its dimensions)"]
     else:
         lines += [f"hf_dir = \"models/Qwen1.5-{preset.split('-')[1].upper()}\"  # Hugging Face checkpoint to convert"]

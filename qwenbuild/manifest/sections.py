@@ -21,6 +21,7 @@ class Model:
     init: str
     hf_dir: str | None
     init_seed: int
+    init_std: float
     hidden_size: int
     num_layers: int
     num_heads: int

@@ -184,7 +184,7 @@ def specs(m, build) -> list[TaskSpec]:
                  inputs=[build.mindir_full, build.mindir_inc, build.tokenizer] + ([build.dataset]
                                                                                   if heldout_question else []),
                  outputs=[build.infer],
-                 packages=("mindspore", "numpy", "tokenizers", "transformers")),
+                 packages=("mindspore", "numpy", "tokenizers", "transformers"), machine=() if ascend else ("cpu",)),
     ]
 
 

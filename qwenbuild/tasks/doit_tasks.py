@@ -14,7 +14,7 @@ from qwenbuild.processes import interrupted_line, interruption
 from qwenbuild.store import seal_path
 from qwenbuild.tasks import task_groups, task_specs
 from qwenbuild.tasks.context import Context, DeclaredManifest
-from qwenbuild.tasks.spec import TaskSpec, manifest_slice, toolchain
+from qwenbuild.tasks.spec import TaskSpec, machine, manifest_slice, toolchain
 from qwenbuild.tasks.staleness import input_digests, producers, stale_reasons, task_status, upstream
 
 
@@ -51,7 +51,7 @@ def _run(spec: TaskSpec, manifest, build: BuildDir):
     if absent:
         return TaskFailed(f"{spec.name} did not produce {', '.join(map(str, absent))}")
     lock.record(spec.name, spec.artifacts, inputs, manifest_slice(manifest, spec.keys), toolchain(spec.packages),
-                build.root, input_stats)
+                build.root, input_stats, machine(spec.machine))
     print(f"qwenbuild {spec.name}: done in {time.monotonic() - started:.1f} s", file=sys.stderr)
     return None
 

@@ -185,6 +185,13 @@ def _evaluate(ctx: Context, steps: int) -> None:
           f"{result['heldout_total']})", file=sys.stderr)
 
 
+def _machine(m) -> tuple[str, ...]:
+    """Training on CPU computes with this machine's kernels, qwenbuild's engine with the fused ones too."""
+    if m.hardware.device != "cpu":
+        return ()
+    return ("cpu", "fused_kernels") if m.train.engine_on("cpu") == "qwenbuild" else ("cpu",)
+
+
 def specs(m, build) -> list[TaskSpec]:
     builtin = m.dataset.source == "builtin"
     return [
@@ -201,5 +208,5 @@ def specs(m, build) -> list[TaskSpec]:
                        "dataset.source", "dataset.num_heldout") + MODEL_KEYS,
                  dir_outputs=[build.checkpoint, build.compiled_strategy, build.merged],
                  reports=[build.metrics, events.tensorboard_dir(build.output)],
-                 packages=("mindspore", "numpy")),
+                 packages=("mindspore", "numpy"), machine=_machine(m)),
     ]
