@@ -19,13 +19,13 @@ from typing import Iterator
 
 import numpy as np
 
-from qwenbuild.data.chatml import message_problem, render
+from qwenbuild.data.chatml import message_problem, render, render_message
 from qwenbuild.data.mindrecord import write_mindrecord
 from qwenbuild.data.mindrecord_format import EncodedRows, encode_rows
 from qwenbuild.errors import UserError
 from qwenbuild.jsonfile import BadJSON, parse_json
 from qwenbuild.processes import worker_pool
-from qwenbuild.tokenizer.files import ENDOFTEXT, read_vocab, special_ids
+from qwenbuild.tokenizer.files import ENDOFTEXT, IM_START, read_vocab, special_ids
 from qwenbuild.tokenizer.load import bpe_pipeline
 
 IGNORE_TOKEN_ID = -100
@@ -203,8 +203,8 @@ def _trained_tokens(messages: list[dict], encoding, row_length: int) -> np.ndarr
     starts = np.array([s for s, _ in encoding.offsets[:row_length]], dtype=np.int64)
     spans, pos = [], 0
     for m in messages:
-        header = len("<|im_start|>") + len(m["role"]) + 1
-        end = pos + header + len(m["content"]) + len("<|im_end|>") + 1
+        header = len(IM_START) + len(m["role"]) + 1
+        end = pos + len(render_message(m["role"], m["content"]))
         if m["role"] == TRAINED_ROLE:
             spans.append((pos + header, end))
         pos = end

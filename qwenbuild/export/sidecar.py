@@ -6,14 +6,17 @@ import json
 import re
 from pathlib import Path
 
-from qwenbuild.data.chatml import SYSTEM_PROMPT
+from qwenbuild.data.chatml import SYSTEM_PROMPT, prompt
 from qwenbuild.errors import UserError
 from qwenbuild.export.graph_files import FULL, GRAPH_DIRS, INC
 from qwenbuild.jsonfile import read_json
 from qwenbuild.model.config import QwenConfig
 from qwenbuild.model.params import CACHE_NAMES, cache_name
+from qwenbuild.tokenizer.files import ENDOFTEXT, IM_END, IM_START
 
 FORMAT = "qwenbuild-mindir-graph/2"
+# the prompt a chat client renders, with placeholders where its system prompt and user message go
+_PROMPT_TEMPLATE = prompt([{"role": "system", "content": "{system}"}, {"role": "user", "content": "{prompt}"}])
 
 
 def _tensor(name: str, dtype: str, shape: list, meaning: str) -> dict:
@@ -89,11 +92,10 @@ def sidecar(kind: str, cfg: QwenConfig, *, rank: int, batch_size: int, seq_lengt
         "pad_token_id": pad_token_id,
         "tokenizer": {
             "class": "Qwen2Tokenizer (byte-level BPE: vocab.json, merges.txt, tokenizer_config.json)",
-            "special_tokens": {"<|endoftext|>": "eos, pad", "<|im_start|>": "ChatML turn start",
-                               "<|im_end|>": "ChatML turn end, eos of chat replies"},
+            "special_tokens": {ENDOFTEXT: "eos, pad", IM_START: "ChatML turn start",
+                               IM_END: "ChatML turn end, eos of chat replies"},
             "max_token_id": cfg.vocab_size - 1,
-            "chat_template": "ChatML: <|im_start|>system\\n{system}<|im_end|>\\n<|im_start|>user\\n{prompt}"
-                             "<|im_end|>\\n<|im_start|>assistant\\n",
+            "chat_template": "ChatML: " + _PROMPT_TEMPLATE.replace("\n", "\\n"),
             "system_prompt": SYSTEM_PROMPT,
         },
         "source_checkpoint": source_checkpoint,

@@ -16,7 +16,7 @@ import yaml
 from qwenbuild.errors import UserError
 from qwenbuild.parallel.memory import max_device_memory_gb
 from qwenbuild.store import atomic_path
-from qwenbuild.tokenizer.files import ENDOFTEXT, QWEN_SPECIAL_IDS
+from qwenbuild.tokenizer.files import ENDOFTEXT, MODEL_MAX_LENGTH, QWEN_SPECIAL_IDS
 from qwenbuild.train.events import tensorboard_dir
 from qwenbuild.train.settings import TrainSettings
 
@@ -215,8 +215,8 @@ def mindformers_config(run: RunYaml, target: str | None = None) -> dict:
         "model": {"model_config": _model_config(run, ascend), "arch": {"type": "LlamaForCausalLM"}},
         "processor": {
             "return_tensors": "ms",
-            "tokenizer": {"model_max_length": 32768, "vocab_file": run.vocab_file, "merges_file": run.merges_file,
-                          "unk_token": "<|endoftext|>", "eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>",
+            "tokenizer": {"model_max_length": MODEL_MAX_LENGTH, "vocab_file": run.vocab_file, "merges_file": run.merges_file,
+                          "unk_token": ENDOFTEXT, "eos_token": ENDOFTEXT, "pad_token": ENDOFTEXT,
                           "type": "Qwen2Tokenizer"},
             "type": "Qwen2Processor",
         },
