@@ -25,7 +25,7 @@ from qwenbuild.data.mindrecord_format import EncodedRows, encode_rows
 from qwenbuild.errors import UserError
 from qwenbuild.jsonfile import BadJSON, parse_json
 from qwenbuild.processes import worker_pool
-from qwenbuild.tokenizer.files import ENDOFTEXT, IM_START, read_vocab, special_ids
+from qwenbuild.tokenizer.files import IM_START, pad_token_id, read_vocab
 from qwenbuild.tokenizer.load import bpe_pipeline
 
 IGNORE_TOKEN_ID = -100
@@ -267,7 +267,7 @@ def preprocess(input_glob: str, vocab_file: str | os.PathLike, merges_file: str 
     if not 1 <= file_partition <= 1000:
         raise UserError(f"--file_partition must be between 1 and 1000 (MindRecord's limit), found {file_partition}")
     files = input_files(input_glob)
-    pad_id = special_ids(read_vocab(vocab_file))[ENDOFTEXT]
+    pad_id = pad_token_id(read_vocab(vocab_file))
     row_length = seq_length + 1
     workers = default_workers(files) if workers is None else workers
     if workers < 0:

@@ -20,7 +20,7 @@ from qwenbuild.tasks.context import Context
 from qwenbuild.tasks.distributed import keyed_dir, workers_per_node
 from qwenbuild.tasks.spec import TaskSpec
 from qwenbuild.tasks.weights import MODEL_KEYS
-from qwenbuild.tokenizer.files import ENDOFTEXT, read_vocab, special_ids
+from qwenbuild.tokenizer.files import pad_token_id, read_vocab
 from qwenbuild.train import events
 from qwenbuild.train.checkpoint import finished_checkpoint
 from qwenbuild.train.data import check_mindrecord
@@ -51,7 +51,7 @@ def _run_config(ctx: Context) -> None:
     m, build, par = ctx.manifest, ctx.build, ctx.manifest.parallel
     settings = run_settings(m, build)
     write_run_json(build.run_json, settings)
-    pad = special_ids(read_vocab(build.tokenizer / "vocab.json"))[ENDOFTEXT]
+    pad = pad_token_id(read_vocab(build.tokenizer / "vocab.json"))
     run = RunYaml(settings, micro_batch_num=par.micro_batch_num, vocab_emb_dp=par.vocab_emb_dp,
                   use_seq_parallel=par.use_seq_parallel, recompute=par.recompute,
                   gradient_aggregation_group=par.gradient_aggregation_group, offset=par.stage_offset,

@@ -88,6 +88,11 @@ def special_ids(vocab: dict[str, int]) -> dict[str, int]:
     return ids
 
 
+def pad_token_id(vocab: dict[str, int]) -> int:
+    """The id rows are padded with: <|endoftext|>, Qwen1.5's pad and eos token."""
+    return special_ids(vocab)[ENDOFTEXT]
+
+
 def read_merges(merges_file: str | os.PathLike) -> list[tuple[str, str]]:
     """Merges in rank order; empty lines and '#' lines (the version header) are skipped like Qwen2Tokenizer does."""
     path = Path(merges_file)

@@ -10,8 +10,8 @@ from pathlib import Path
 
 from qwenbuild.errors import UserError
 from qwenbuild.tokenizer.files import (CONFIG_FILE, ENDOFTEXT, IM_END, MERGES_FILE, PRETOKENIZE_PATTERN,
-                                       SPECIAL_TOKENS, VOCAB_FILE, read_merges, read_vocab, special_ids,
-                                       tokenizer_config)
+                                       SPECIAL_TOKENS, VOCAB_FILE, pad_token_id, read_merges, read_vocab,
+                                       special_ids, tokenizer_config)
 
 
 def load_tokenizer(tokenizer_dir: str | os.PathLike):
@@ -89,4 +89,4 @@ def stop_ids(tokenizer) -> list[int]:
 
 
 def pad_id(tokenizer) -> int:
-    return tokenizer.get_vocab()[ENDOFTEXT]
+    return pad_token_id(tokenizer.get_vocab())
