@@ -23,9 +23,8 @@ from qwenbuild.parallel.strategy import write_strategy_files
 from qwenbuild.store import write_seal
 from qwenbuild.tasks.context import Context
 from qwenbuild.tasks.distributed import WORKER_MODULE, keyed_dir, node_devices, rank_table_file
-from qwenbuild.tasks.train import RUN_CONFIG_KEYS, run_settings
-from qwenbuild.tokenizer.files import pad_token_id, read_vocab
-from qwenbuild.train.mindformers_yaml import RunYaml, predict_config, write_yaml
+from qwenbuild.tasks.train import RUN_CONFIG_KEYS, run_settings, run_yaml
+from qwenbuild.train.mindformers_yaml import predict_config, write_yaml
 from qwenbuild.tasks.spec import Group, TaskSpec
 from qwenbuild.tasks.weights import MODEL_KEYS
 from qwenbuild.train.evaluate import read_heldout
@@ -82,11 +81,8 @@ def _predict(ctx: Context) -> None:
     m, build, ex = ctx.manifest, ctx.build, ctx.manifest.export
     hw, mp = m.hardware, ex.model_parallel
     settings = dataclasses.replace(run_settings(m, build), output_dir=str(build.predict_output))
-    pad = pad_token_id(read_vocab(build.tokenizer / "vocab.json"))
-    run = RunYaml(settings, micro_batch_num=1, vocab_emb_dp=True, use_seq_parallel=False, recompute=False,
-                  gradient_aggregation_group=4, vocab_file=str(build.tokenizer / "vocab.json"),
-                  merges_file=str(build.tokenizer / "merges.txt"), pad_token_id=pad, eos_token_id=pad,
-                  device_memory_gb=hw.device_memory_gb)
+    run = run_yaml(m, build, settings, micro_batch_num=1, vocab_emb_dp=True, use_seq_parallel=False,
+                   recompute=False, gradient_aggregation_group=4)
     checkpoint = build.merged_file if ex.checkpoint == "finetuned" else build.converted
     target = "ascend" if hw.device == "ascend" or mp > 1 else "cpu"
     content = predict_config(run, mp, str(checkpoint), ex.seq_length, ex.max_new_tokens, target,

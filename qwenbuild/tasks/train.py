@@ -20,7 +20,7 @@ from qwenbuild.tasks.context import Context
 from qwenbuild.tasks.distributed import keyed_dir, workers_per_node
 from qwenbuild.tasks.spec import TaskSpec
 from qwenbuild.tasks.weights import MODEL_KEYS
-from qwenbuild.tokenizer.files import pad_token_id, read_vocab
+from qwenbuild.tokenizer.files import MERGES_FILE, VOCAB_FILE, pad_token_id, read_vocab
 from qwenbuild.train import events
 from qwenbuild.train.checkpoint import finished_checkpoint
 from qwenbuild.train.data import check_mindrecord
@@ -47,16 +47,21 @@ def run_settings(m, build) -> TrainSettings:
                          **{name: m.value(key) for name, key in SCHEMA_KEYS.items()})
 
 
+def run_yaml(m, build, settings: TrainSettings, **plan) -> RunYaml:
+    """The YAML's view of a run: its settings, the rest of its parallel plan and the build's tokenizer files."""
+    pad = pad_token_id(read_vocab(build.tokenizer / VOCAB_FILE))
+    return RunYaml(settings, vocab_file=str(build.tokenizer / VOCAB_FILE),
+                   merges_file=str(build.tokenizer / MERGES_FILE), pad_token_id=pad, eos_token_id=pad,
+                   device_memory_gb=m.hardware.device_memory_gb, **plan)
+
+
 def _run_config(ctx: Context) -> None:
     m, build, par = ctx.manifest, ctx.build, ctx.manifest.parallel
     settings = run_settings(m, build)
     write_run_json(build.run_json, settings)
-    pad = pad_token_id(read_vocab(build.tokenizer / "vocab.json"))
-    run = RunYaml(settings, micro_batch_num=par.micro_batch_num, vocab_emb_dp=par.vocab_emb_dp,
-                  use_seq_parallel=par.use_seq_parallel, recompute=par.recompute,
-                  gradient_aggregation_group=par.gradient_aggregation_group, offset=par.stage_offset,
-                  vocab_file=str(build.tokenizer / "vocab.json"), merges_file=str(build.tokenizer / "merges.txt"),
-                  pad_token_id=pad, eos_token_id=pad, device_memory_gb=m.hardware.device_memory_gb)
+    run = run_yaml(m, build, settings, micro_batch_num=par.micro_batch_num, vocab_emb_dp=par.vocab_emb_dp,
+                   use_seq_parallel=par.use_seq_parallel, recompute=par.recompute,
+                   gradient_aggregation_group=par.gradient_aggregation_group, offset=par.stage_offset)
     target = default_target(settings)
     write_yaml(build.mindformers_yaml, run, target)
     print(f"run_config: {build.run_json.name} and {build.mindformers_yaml.name} ({target}) -> {build.root}",
