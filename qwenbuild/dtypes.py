@@ -10,8 +10,9 @@ ITEMSIZE = {"float32": 4, "bfloat16": 2, "float16": 2}
 DTYPES = tuple(ITEMSIZE)
 SAFETENSORS = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}
 MINDSPORE = {"float32": "Float32", "bfloat16": "BFloat16", "float16": "Float16"}
-USER = {"fp32": "float32", "float32": "float32", "bf16": "bfloat16", "bfloat16": "bfloat16",
-        "fp16": "float16", "float16": "float16"}
+# the short names of --dtype flags
+SHORT = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
+USER = {**{name: name for name in DTYPES}, **{short: name for name, short in SHORT.items()}}
 
 
 def from_safetensors(code: str, where: str) -> str:

@@ -5,13 +5,14 @@ executing pickled code), checks every tensor against config.json, and streams te
 small whatever the model size. Tensors keep their dtype unless --dtype is given. Nothing is written on any error.
 """
 
+from qwenbuild.dtypes import SHORT
 from qwenbuild.weights.convert import convert_weight
 
 
 def add_arguments(parser):
     parser.add_argument("--torch_ckpt_dir", required=True, help="Hugging Face model directory (with config.json)")
     parser.add_argument("--mindspore_ckpt_path", default="transform.ckpt", help="output .ckpt (default: %(default)s)")
-    parser.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default=None,
+    parser.add_argument("--dtype", choices=sorted(SHORT.values()), default=None,
                         help="cast every tensor to this dtype (default: keep the source dtype)")
 
 

@@ -15,6 +15,7 @@ import numpy as np
 from mindspore import Parameter, Tensor, nn, ops
 from mindspore.common.initializer import Normal, initializer
 
+from qwenbuild.dtypes import DTYPES
 from qwenbuild.errors import UserError
 from qwenbuild.model.config import QwenConfig
 from qwenbuild.model.cpu_kernels import Softmax, add_bias, large, over_columns, over_rows, row_means, silu
@@ -23,7 +24,7 @@ from qwenbuild.model.params import check_names, is_beside_weights
 from qwenbuild.model.tensor_parallel import Identity, ModelParallel
 
 F32 = ms.float32
-MS_DTYPES = {"float32": ms.float32, "bfloat16": ms.bfloat16, "float16": ms.float16}
+MS_DTYPES = {name: getattr(ms, name) for name in DTYPES}
 # additive attention bias for masked positions: exp() underflows to exactly 0 in float32
 MASKED = -1.0e30
 

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
+from qwenbuild.dtypes import MINDSPORE
 from qwenbuild.errors import UserError
 from qwenbuild.store import atomic_path, write_seal
 from qwenbuild.weights.mindspore_ckpt import NUMPY_TYPES, CkptTensor, read_array, read_tensors, read_text
@@ -185,7 +186,7 @@ class _RankWriter:
         # tensors outside the layouts (step counters, loss scale) are copied from the matching source rank
         key = rank % self.src_per_stage
         p = ms.Parameter(ms.Tensor(data[key]), name, True, False)
-        if types[key] == "BFloat16":
+        if types[key] == MINDSPORE["bfloat16"]:
             p.set_dtype(ms.bfloat16)
         return {"name": name, "data": p}
 

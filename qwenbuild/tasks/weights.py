@@ -13,7 +13,6 @@ from qwenbuild.weights import convert_weight, write_random_hf_model
 # the resolved network: every QwenConfig field, as [model] holds it once the preset or hf_dir is applied
 MODEL_KEYS = tuple(f"model.{name}" for name in Model.READS["config"])
 
-_DTYPE_FLAG = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 HF_FILES = ("config.json", "*.safetensors", "model.safetensors.index.json", "pytorch_model*.bin",
             "pytorch_model.bin.index.json")
 
@@ -35,7 +34,7 @@ def _convert(ctx: Context) -> None:
         raise UserError(f"model.hf_dir {source} holds no config.json: the checkpoint to convert is not there",
                         hint="download the Hugging Face checkpoint into that directory (or fix model.hf_dir); "
                              "tasks that need no weights (rank_table, strategy, launch, run_config) build without it")
-    convert_weight(source, ctx.build.converted, dtype=_DTYPE_FLAG[ctx.manifest.model.param_dtype])
+    convert_weight(source, ctx.build.converted, dtype=ctx.manifest.model.param_dtype)
 
 
 def hf_files(directory: Path) -> list[Path]:

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 from typing import Callable
 
+from qwenbuild.dtypes import DTYPES
 from qwenbuild.model.config import QwenConfig
 from qwenbuild.weights import safetensors_file
 from qwenbuild.weights.safetensors_file import TensorToWrite
@@ -59,7 +60,7 @@ def write_torch_bin(path: Path, tensors: list[TensorToWrite], progress: Callable
     # torch takes seconds to load: imported only for this output
     import torch
 
-    kinds = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    kinds = {name: getattr(torch, name) for name in DTYPES}
     state = {}
     for t in tensors:
         data = bytearray(b"".join(t.chunks()))

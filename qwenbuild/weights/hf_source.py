@@ -11,11 +11,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
+from qwenbuild.dtypes import DTYPES
 from qwenbuild.errors import UserError
 from qwenbuild.jsonfile import read_json
 from qwenbuild.weights import safetensors_file
 
-TORCH_DTYPES = {"torch.float32": "float32", "torch.bfloat16": "bfloat16", "torch.float16": "float16"}
+TORCH_DTYPES = {f"torch.{name}": name for name in DTYPES}
 
 
 @dataclass(frozen=True)

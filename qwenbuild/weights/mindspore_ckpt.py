@@ -304,7 +304,7 @@ def read_array(tensor: CkptTensor) -> np.ndarray:
         raw[done:done + len(chunk)] = np.frombuffer(chunk, np.uint8)
         done += len(chunk)
     data = raw.view(NUMPY_TYPES[tensor.type_name]).reshape(tensor.shape)
-    if tensor.type_name == "BFloat16":
+    if tensor.type_name == dtypes.MINDSPORE["bfloat16"]:
         return (data.astype(np.uint32) << 16).view(np.float32)
     return data
 
