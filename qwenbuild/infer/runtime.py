@@ -295,6 +295,3 @@ def join_ranks() -> int:
     init()
     return get_rank()
 
-
-def print_progress(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)

@@ -15,7 +15,8 @@ if __name__ == "__main__" and sys.path and Path(sys.path[0]).resolve() == Path(_
     sys.path.pop(0)
 
 from qwenbuild.errors import UserError  # noqa: E402
-from qwenbuild.infer.runtime import generate, join_ranks, print_progress  # noqa: E402
+from qwenbuild.infer.runtime import generate, join_ranks  # noqa: E402
+from qwenbuild.logs import stderr_progress  # noqa: E402
 from qwenbuild.processes import follow_parent  # noqa: E402
 
 ERROR_MARK = "qwenbuild infer error:"
@@ -27,7 +28,7 @@ def main(argv: list[str]) -> int:
     rank = join_ranks()
     try:
         result = generate(spec["mindir_root_dir"], spec["tokenizer"], spec["prompts"], rank=rank,
-                          progress=print_progress if rank == 0 else None, **spec["options"])
+                          progress=stderr_progress if rank == 0 else None, **spec["options"])
     except UserError as exc:
         print(f"{ERROR_MARK} {exc}", file=sys.stderr, flush=True)
         if rank == 0:

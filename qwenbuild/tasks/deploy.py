@@ -12,9 +12,10 @@ from qwenbuild.export.lite_ini import write_lite_ini
 from qwenbuild.export.mindir import export_mindir
 from qwenbuild.data.alpaca import user_text
 from qwenbuild.infer.prompt import SEED_PROMPT
-from qwenbuild.infer.runtime import generate_on_ranks, print_progress
+from qwenbuild.infer.runtime import generate_on_ranks
 from qwenbuild.jsonfile import read_json
 from qwenbuild.lock import Lock
+from qwenbuild.logs import stderr_progress
 from qwenbuild.manifest import deployment_dtype
 from qwenbuild.parallel.launch_scripts import launch_scripts, mode_env, write_launch_scripts
 from qwenbuild.parallel.rank_table import first_devices, write_rank_table
@@ -147,7 +148,7 @@ def _infer(ctx: Context) -> None:
     prompt, expected = _question(ctx)
     result = generate_on_ranks(build.export, build.tokenizer, prompt, max_new_tokens=ex.max_new_tokens,
                                backend="graphcell", batch_size=ex.batch_size, seq_length=ex.seq_length,
-                               progress=print_progress)
+                               progress=stderr_progress)
     doc = result.to_json()
     answer = {"prompt": prompt, "text": doc["text"][0], "prompt_ids": doc["prompt_ids"][0],
               "generated_ids": doc["generated_ids"][0], **({"expected": expected} if expected is not None else {})}

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,6 +11,7 @@ from typing import Callable
 
 from qwenbuild import dtypes
 from qwenbuild.dtypes import ITEMSIZE
+from qwenbuild.logs import stderr_progress
 from qwenbuild.model.config import QwenConfig
 from qwenbuild.model.params import CONFIG_ENTRY, check_names, hf_to_ms, ms_to_hf, parameter_shapes
 from qwenbuild.store import atomic_path
@@ -38,10 +38,6 @@ class OutputTensor:
     def chunks(self):
         for chunk in self.source.chunks():
             yield dtypes.cast_bytes(chunk, self.source.dtype, self.dtype)
-
-
-def stderr_progress(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
 
 
 def conversion_tensors(torch_ckpt_dir, dtype: str | None = None) -> tuple[QwenConfig, list, list[str]]:

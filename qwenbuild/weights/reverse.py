@@ -11,11 +11,11 @@ from typing import Callable
 from qwenbuild import dtypes
 from qwenbuild.errors import UserError
 from qwenbuild.jsonfile import read_json
+from qwenbuild.logs import stderr_progress
 from qwenbuild.model.config import QwenConfig
 from qwenbuild.model.params import CONFIG_ENTRY, check_names, is_beside_weights, ms_to_hf, parameter_shapes, split_layer_name
 from qwenbuild.store import atomic_path
 from qwenbuild.weights import hf_output, mindspore_ckpt
-from qwenbuild.weights.convert import stderr_progress
 from qwenbuild.weights.safetensors_file import TensorToWrite
 
 # hidden_size -> (num_heads, rope_theta) of the published Qwen1.5 sizes: head count is not visible in tensor shapes
