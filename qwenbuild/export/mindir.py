@@ -54,10 +54,10 @@ def _check_args(cfg: QwenConfig, ckpt_path: Path, rank: int, batch_size: int, se
 
 def _worker_argv(spec: dict, work: Path) -> list[str]:
     """One fresh interpreter; a tensor-parallel export one per rank under msrun."""
-    script = str(Path(worker.__file__).resolve())
+    module = ["-m", worker.__name__, str(work / "spec.json")]
     if spec["model_parallel"] == 1:
-        return [sys.executable, script, str(work / "spec.json")]
-    return local_msrun(spec["model_parallel"], work / "logs", [script, str(work / "spec.json")],
+        return [sys.executable] + module
+    return local_msrun(spec["model_parallel"], work / "logs", module,
                        Path(sys.executable).parent)
 
 

@@ -15,17 +15,12 @@ import sys
 import time
 from pathlib import Path
 
-if __name__ == "__main__" and sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
-    # msrun runs this file as a script: its folder must not shadow top-level modules
-    sys.path.pop(0)
-
-
-from qwenbuild.errors import UserError  # noqa: E402
-from qwenbuild.model.config import QwenConfig  # noqa: E402
-from qwenbuild.model.params import num_parameters  # noqa: E402
-from qwenbuild.parallel.rank_layout import process_layout  # noqa: E402
-from qwenbuild.processes import follow_parent  # noqa: E402
-from qwenbuild.weights.mindspore_ckpt import load_with_crc  # noqa: E402
+from qwenbuild.errors import UserError
+from qwenbuild.model.config import QwenConfig
+from qwenbuild.model.params import num_parameters
+from qwenbuild.parallel.rank_layout import process_layout
+from qwenbuild.processes import follow_parent
+from qwenbuild.weights.mindspore_ckpt import load_with_crc
 
 VERBOSE = True
 

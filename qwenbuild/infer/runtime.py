@@ -23,6 +23,9 @@ from qwenbuild.parallel.launch_scripts import local_msrun
 from qwenbuild.processes import run_child
 from qwenbuild.tokenizer import load_tokenizer, pad_id, stop_ids
 
+# one rank of a tensor-parallel generation under msrun (it imports this module: named, not imported)
+WORKER_MODULE = "qwenbuild.infer.worker"
+
 
 @dataclasses.dataclass
 class ExportInfo:
@@ -262,9 +265,7 @@ def generate_on_ranks(mindir_root_dir, tokenizer, prompts, *, progress=None, **o
         (work / "spec.json").write_text(json.dumps(spec, ensure_ascii=False))
         if progress:
             progress(f"infer: {info.model_parallel} tensor-parallel ranks under msrun")
-        # the worker script beside this module (msrun starts a script file, which imports this module)
-        script = Path(__file__).resolve().with_name("worker.py")
-        argv = local_msrun(info.model_parallel, work / "logs", [str(script), str(work / "spec.json")],
+        argv = local_msrun(info.model_parallel, work / "logs", ["-m", WORKER_MODULE, str(work / "spec.json")],
                            Path(sys.executable).parent)
         env = dict(os.environ, PATH=str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", ""))
         proc = run_child(argv, cwd=work, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, env=env)

@@ -1,4 +1,4 @@
-"""One rank of a tensor-parallel generation under msrun: `python qwenbuild/infer/worker.py SPEC.json`.
+"""One rank of a tensor-parallel generation under msrun: `python -m qwenbuild.infer.worker SPEC.json`.
 
 Every rank runs its own graphs (their all-reduces join the ranks' slices, so every rank sees the same logits and
 picks the same tokens); rank 0 reports progress and writes the result to SPEC's result_file.
@@ -10,14 +10,10 @@ import json
 import sys
 from pathlib import Path
 
-if __name__ == "__main__" and sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
-    # msrun runs this file as a script: its folder must not shadow top-level modules
-    sys.path.pop(0)
-
-from qwenbuild.errors import UserError  # noqa: E402
-from qwenbuild.infer.runtime import generate, join_ranks  # noqa: E402
-from qwenbuild.logs import stderr_progress  # noqa: E402
-from qwenbuild.processes import follow_parent  # noqa: E402
+from qwenbuild.errors import UserError
+from qwenbuild.infer.runtime import generate, join_ranks
+from qwenbuild.logs import stderr_progress
+from qwenbuild.processes import follow_parent
 
 ERROR_MARK = "qwenbuild infer error:"
 

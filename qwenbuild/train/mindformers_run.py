@@ -1,7 +1,7 @@
 """MindFormers' own Trainer on a generated YAML, with the flags of the original run_qwen1_5.py.
 
-  python mindformers_run.py --config run_qwen1_5.yaml --run_mode finetune --load_checkpoint DIR
-                            --auto_trans_ckpt False --train_data FILE.mindrecord --use_parallel True
+  python -m qwenbuild.train.mindformers_run --config run_qwen1_5.yaml --run_mode finetune --load_checkpoint DIR
+                                            --auto_trans_ckpt False --train_data FILE.mindrecord --use_parallel True
 
 msrun starts it on every worker of a node (the launch scripts do). The YAML decides everything else. On a CPU
 device the entry first applies the substitutions MindFormers 1.9 needs there, and logs each one it makes: float32
@@ -16,10 +16,6 @@ import os
 import sys
 import time
 from pathlib import Path
-
-if __name__ == "__main__" and sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
-    # run as a script by msrun: this folder (data.py, ...) must not shadow top-level modules
-    sys.path.pop(0)
 
 import numpy as np
 

@@ -9,12 +9,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from pathlib import Path
 from typing import Callable
-
-if __name__ == "__main__" and sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
-    # msrun runs this file as a script: its folder (data.py, schedule.py, ...) must not shadow top-level modules
-    sys.path.pop(0)
 
 from qwenbuild.errors import UserError
 from qwenbuild.processes import follow_parent
