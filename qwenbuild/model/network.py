@@ -20,7 +20,7 @@ from qwenbuild.errors import UserError
 from qwenbuild.model.config import QwenConfig
 from qwenbuild.model.cpu_kernels import Softmax, add_bias, large, over_columns, over_rows, row_means, silu
 from qwenbuild.model.fused_kernels import kernels
-from qwenbuild.model.params import check_names, is_beside_weights
+from qwenbuild.model.params import EMBEDDING, check_names, is_beside_weights
 from qwenbuild.model.tensor_parallel import Identity, ModelParallel
 
 F32 = ms.float32
@@ -147,9 +147,6 @@ class Split(nn.Cell):
 
     def bprop(self, x, out, dout):
         return (ops.concat(dout, self.axis),)
-
-
-EMBEDDING = "model.tok_embeddings.embedding_weight"
 
 
 def _split(parallel: ModelParallel, names: list[str], allowed: tuple) -> int | None:

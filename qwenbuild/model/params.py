@@ -19,8 +19,10 @@ _LAYER_NAMES = [
     ("input_layernorm.", "attention_norm."),
     ("post_attention_layernorm.", "ffn_norm."),
 ]
+# the vocabulary table: the input embedding, and the output projection too when tie_word_embeddings
+EMBEDDING = "model.tok_embeddings.embedding_weight"
 _TOP_NAMES = [
-    ("model.embed_tokens.weight", "model.tok_embeddings.embedding_weight"),
+    ("model.embed_tokens.weight", EMBEDDING),
     ("model.norm.weight", "model.norm_out.weight"),
     ("lm_head.weight", "lm_head.weight"),
 ]
@@ -80,7 +82,7 @@ def parameter_shapes(cfg: QwenConfig) -> dict[str, tuple[int, ...]]:
 
     A tied model has no lm_head.weight: the output projection reuses the embedding table.
     """
-    shapes = {"model.tok_embeddings.embedding_weight": (cfg.vocab_size, cfg.hidden_size)}
+    shapes = {EMBEDDING: (cfg.vocab_size, cfg.hidden_size)}
     for i in range(cfg.num_layers):
         shapes.update(layer_parameter_shapes(cfg, i))
     shapes["model.norm_out.weight"] = (cfg.hidden_size,)

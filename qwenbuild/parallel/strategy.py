@@ -13,7 +13,7 @@ from pathlib import Path
 
 from qwenbuild.errors import UserError
 from qwenbuild.model.config import QwenConfig
-from qwenbuild.model.params import parameter_shapes, split_layer_name
+from qwenbuild.model.params import EMBEDDING, parameter_shapes, split_layer_name
 from qwenbuild.parallel.plan_rules import check_plan, stage_layers
 from qwenbuild.store import atomic_path
 
@@ -25,7 +25,7 @@ _SPLIT_IN = ("attention.wo.", "feed_forward.w2.")
 
 def split_dim(name: str, vocab_emb_dp: bool) -> int | None:
     """Dimension of a parameter split by model_parallel, or None when every rank holds it whole."""
-    if name in ("model.tok_embeddings.embedding_weight", "lm_head.weight"):
+    if name in (EMBEDDING, "lm_head.weight"):
         return None if vocab_emb_dp else 0
     layer = split_layer_name(name)
     rest = layer[1] if layer else ""
@@ -50,7 +50,7 @@ def shard_shape(shape, dev_matrix, tensor_map) -> list[int]:
 
 def top_parameter_stages(name: str, last: int, tied: bool) -> list[int]:
     """Pipeline stages holding a parameter outside the layers: embedding first, norm_out and lm_head last."""
-    if name == "model.tok_embeddings.embedding_weight":
+    if name == EMBEDDING:
         # a tied lm_head reads the embedding table on the last stage too
         return sorted({0, last}) if tied else [0]
     return [last]
@@ -69,7 +69,7 @@ def parameter_stages(cfg: QwenConfig, stages: list[range]) -> dict[str, list[int
 
 def _op_strategy(name: str, dim: int | None, dp: int, mp: int, vocab_emb_dp: bool) -> tuple[str, list]:
     cell = name.rsplit(".", 1)[0]
-    if name == "model.tok_embeddings.embedding_weight":
+    if name == EMBEDDING:
         return f"{cell}/Gather", [[1 if vocab_emb_dp else mp, 1], [dp, 1]]
     if dim == 0:
         if name.endswith(".bias"):

@@ -13,7 +13,8 @@ from qwenbuild.errors import UserError
 from qwenbuild.jsonfile import read_json
 from qwenbuild.logs import stderr_progress
 from qwenbuild.model.config import QwenConfig
-from qwenbuild.model.params import CONFIG_ENTRY, check_names, is_beside_weights, ms_to_hf, parameter_shapes, split_layer_name
+from qwenbuild.model.params import (CONFIG_ENTRY, EMBEDDING, check_names, is_beside_weights, ms_to_hf,
+                                      parameter_shapes, split_layer_name)
 from qwenbuild.store import atomic_path
 from qwenbuild.weights import hf_output, mindspore_ckpt
 from qwenbuild.weights.safetensors_file import TensorToWrite
@@ -26,7 +27,7 @@ QWEN1_5_SIZES = {1024: (16, 1e6), 2048: (16, 1e6), 2560: (20, 5e6), 4096: (32, 1
 def infer_config(shapes: dict[str, tuple[int, ...]], where) -> QwenConfig:
     """Dimensions read from tensor shapes; head count and rope_theta from the published Qwen1.5 size of hidden."""
     try:
-        vocab, hidden = shapes["model.tok_embeddings.embedding_weight"]
+        vocab, hidden = shapes[EMBEDDING]
         q_out = shapes["model.layers.0.attention.wq.weight"][0]
         kv_out = shapes["model.layers.0.attention.wk.weight"][0]
         intermediate = shapes["model.layers.0.feed_forward.w1.weight"][0]
