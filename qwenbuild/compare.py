@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from qwenbuild.errors import UserError
 from qwenbuild.weights.mindspore_ckpt import read_tensors
 
 
@@ -47,12 +48,15 @@ def _mindrecord(a: Path, b: Path) -> str | None:
     # mindspore takes seconds to load: imported only when this runs
     import mindspore.dataset as ds
 
-    rows_a = ds.MindDataset(str(a), shuffle=False).create_dict_iterator(output_numpy=True, num_epochs=1)
-    rows_b = ds.MindDataset(str(b), shuffle=False).create_dict_iterator(output_numpy=True, num_epochs=1)
-    for i, (x, y) in enumerate(zip(rows_a, rows_b)):
-        for column in sorted(set(x) | set(y)):
-            if column not in x or column not in y or x[column].tolist() != y[column].tolist():
-                return f"row {i}, column {column}"
+    try:
+        rows_a = ds.MindDataset(str(a), shuffle=False).create_dict_iterator(output_numpy=True, num_epochs=1)
+        rows_b = ds.MindDataset(str(b), shuffle=False).create_dict_iterator(output_numpy=True, num_epochs=1)
+        for i, (x, y) in enumerate(zip(rows_a, rows_b)):
+            for column in sorted(set(x) | set(y)):
+                if column not in x or column not in y or x[column].tolist() != y[column].tolist():
+                    return f"row {i}, column {column}"
+    except RuntimeError as exc:  # MindSpore's reader on a damaged or partial MindRecord
+        raise UserError(f"{a.name}: {exc}") from None
     return None
 
 
@@ -75,12 +79,12 @@ def first_difference(a: Path, b: Path) -> str:
         elif a.suffix == ".json":
             try:
                 found = _first_json_difference(json.loads(a.read_text()), json.loads(b.read_text()))
-            except json.JSONDecodeError:
+            except (json.JSONDecodeError, UnicodeDecodeError):
                 found = _lines(a, b)
         elif a.suffix == ".mindir":
             found = "graph differs after normalisation (compile_phase and primitive order ignored)"
         else:
             found = _lines(a, b)
-    except Exception as exc:  # a damaged file is itself the difference
+    except (OSError, UserError) as exc:  # a missing or damaged file is itself the difference
         found = f"unreadable: {exc}"
     return found or "bytes differ"
