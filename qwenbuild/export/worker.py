@@ -55,10 +55,14 @@ def _export(cell, inputs, target: Path, external_weights: bool) -> Path:
     from mindspore.train import serialization
 
     prefix = target.name[: -len("_graph.mindir")]
+    total_save = serialization.TOTAL_SAVE
     if external_weights:
         # MindSpore splits weights out above TOTAL_SAVE KiB; 0 forces the original's rank_N_variables/ directory
         serialization.TOTAL_SAVE = 0
-    ms.export(cell, *inputs, file_name=str(target.parent / prefix), file_format="MINDIR")
+    try:
+        ms.export(cell, *inputs, file_name=str(target.parent / prefix), file_format="MINDIR")
+    finally:
+        serialization.TOTAL_SAVE = total_save
     together = target.parent / f"{prefix}.mindir"
     if together.exists():
         together.rename(target)
