@@ -57,7 +57,7 @@ def compare(args, work: Path) -> int:
         transform_ckpt("", work / tag / "strategy", work / "init.ckpt", work / tag / "shards", progress=None)
         settings = TrainSettings(model=cfg, train_data=records, output_dir=str(work / tag / "out"),
                                  seq_length=args.seq, batch_size=args.batch // dp, learning_rate=3e-3,
-                                 steps=args.steps, save_steps=args.steps, workers=dp, model_parallel=mp,
+                                 steps=args.steps, save_steps=args.steps, data_parallel=dp, model_parallel=mp,
                                  init_checkpoint=str(work / tag / "shards"), strategy_dir=str(work / tag / "strategy"))
         write_run_json(work / tag / "run.json", settings)
         run_msrun(dp * mp, work / tag / "run.json", work / tag / "logs")

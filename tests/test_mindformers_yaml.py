@@ -14,7 +14,7 @@ from train_data import TINY
 
 SETTINGS = TrainSettings(model=dataclasses.replace(TINY, compute_dtype="bfloat16"), train_data="/data/train.mindrecord", output_dir="/build/output", seq_length=16,
                          batch_size=2, learning_rate=3e-4, init_checkpoint="/build/transformed_checkpoint/qwen",
-                         workers=1, model_parallel=4, pipeline_stage=2, epochs=3, warmup_ratio=0.05,
+                         data_parallel=1, model_parallel=4, pipeline_stage=2, epochs=3, warmup_ratio=0.05,
                          weight_decay=0.02, beta1=0.8, beta2=0.99, eps=1e-6, lr_end=1e-5, keep_checkpoint_max=3,
                          save_steps=50, seed=11, device_target="Ascend")
 PLAN = dict(micro_batch_num=8, vocab_emb_dp=False, use_seq_parallel=True, recompute=True, gradient_aggregation_group=4)
@@ -84,7 +84,8 @@ def test_cpu_yaml_builds_llama_that_matches_our_network(tmp_path):
     from qwenbuild.train.mindformers_yaml import llama_from_yaml
 
     ms.set_context(mode=ms.GRAPH_MODE, device_target="CPU")
-    cpu = RunYaml(dataclasses.replace(SETTINGS, model_parallel=1, pipeline_stage=1, workers=2, device_target="CPU"),
+    cpu = RunYaml(dataclasses.replace(SETTINGS, model_parallel=1, pipeline_stage=1, data_parallel=2,
+                                      device_target="CPU"),
                   **dict(PLAN, micro_batch_num=1, use_seq_parallel=False, recompute=False))
     path = write_yaml(tmp_path / "run_cpu.yaml", cpu)
     ms.set_seed(3)

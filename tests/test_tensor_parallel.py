@@ -106,7 +106,7 @@ def test_doit_finetune_model_parallel_equals_one_device(tmp_path):
         assert run.returncode == 0, name + run.stdout + run.stderr[-4000:]
         assert f"merged into {build / 'output' / 'merged_checkpoint'}" in run.stderr
         metrics = json.loads((build / "output" / "metrics.json").read_text())
-        assert metrics["workers"] == dp and len(metrics["loss"]) == STEPS
+        assert metrics["data_parallel"] == dp and len(metrics["loss"]) == STEPS
         losses[name] = metrics["loss"]
         # TensorBoard's curves are this run's alone (the earlier layout's files were removed): its losses and the
         # held-out accuracy measured after it, one event file from training and one from the evaluation
@@ -171,7 +171,7 @@ def test_dp2_mp2_equals_one_process_when_rows_hold_as_many_targets(tmp_path):
                        progress=None)
         settings = TrainSettings(model=cfg, train_data=records, output_dir=str(tmp_path / tag / "out"),
                                  seq_length=24, batch_size=8 // dp, learning_rate=3e-3, steps=STEPS,
-                                 save_steps=STEPS, workers=dp, model_parallel=mp,
+                                 save_steps=STEPS, data_parallel=dp, model_parallel=mp,
                                  init_checkpoint=str(tmp_path / tag / "shards"),
                                  strategy_dir=str(tmp_path / tag / "strategy"))
         write_run_json(tmp_path / tag / "run.json", settings)

@@ -35,7 +35,7 @@ def test_two_workers_agree_and_match_one_worker_with_the_same_global_batch(tmp_p
     from qwenbuild.train.msrun import run_msrun
 
     path = write_mindrecord(tmp_path / "d.mindrecord", progression_rows(40))
-    two = settings(path, tmp_path / "two", batch_size=2, workers=2, steps=12, save_steps=6)
+    two = settings(path, tmp_path / "two", batch_size=2, data_parallel=2, steps=12, save_steps=6)
     write_run_json(tmp_path / "two.json", two)
     run_msrun(2, tmp_path / "two.json", tmp_path / "logs")
     rank0, rank1 = params_of(last_checkpoint(two.output_dir, 0)), params_of(last_checkpoint(two.output_dir, 1))
@@ -43,7 +43,7 @@ def test_two_workers_agree_and_match_one_worker_with_the_same_global_batch(tmp_p
     for name in rank0:
         np.testing.assert_array_equal(rank0[name], rank1[name], err_msg=name)
 
-    one = finetune(settings(path, tmp_path / "one", batch_size=4, workers=1, steps=12, save_steps=6))
+    one = finetune(settings(path, tmp_path / "one", batch_size=4, data_parallel=1, steps=12, save_steps=6))
     alone = params_of(one["checkpoint"])
     for name in rank0:
         np.testing.assert_allclose(rank0[name], alone[name], rtol=1e-4, atol=2e-5, err_msg=name)
@@ -55,7 +55,7 @@ def test_two_workers_agree_and_match_one_worker_with_the_same_global_batch(tmp_p
 def test_failed_worker_reports_its_log(tmp_path):
     from qwenbuild.train.msrun import run_msrun
 
-    s = settings(tmp_path / "missing.mindrecord", tmp_path / "out", batch_size=2, workers=2)
+    s = settings(tmp_path / "missing.mindrecord", tmp_path / "out", batch_size=2, data_parallel=2)
     write_run_json(tmp_path / "run.json", s)
     with pytest.raises(UserError, match=r"rank \d failed[\s\S]*missing.mindrecord: MindRecord file"):
         run_msrun(2, tmp_path / "run.json", tmp_path / "logs")

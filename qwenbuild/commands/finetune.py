@@ -2,8 +2,8 @@
 
 run.json holds plain settings (model dims, train_data, init_checkpoint, output_dir, seq_length, batch_size per
 data-parallel rank, learning_rate, warmup_ratio, weight_decay, epochs or steps, grad_clip, seed, save_steps,
-workers = data_parallel, model_parallel, pipeline_stage, strategy_dir). msrun starts workers x model_parallel
-processes; with model or pipeline parallel each takes its slice from the strategy files in strategy_dir and its
+data_parallel, model_parallel, pipeline_stage, strategy_dir). msrun starts data_parallel x model_parallel
+workers; with model or pipeline parallel each takes its slice from the strategy files in strategy_dir and its
 shards from init_checkpoint/rank_N/. Checkpoints go to <output_dir>/checkpoint/rank_N/; a rerun resumes from the
 last one the workers all saved.
 """

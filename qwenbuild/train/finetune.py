@@ -42,7 +42,8 @@ def total_steps(settings: TrainSettings, num_rows: int) -> int:
     per_epoch = data.steps_per_epoch(num_rows, settings.global_batch_size)
     if per_epoch == 0:
         raise UserError(f"{settings.train_data} has {num_rows} rows, fewer than one global batch of "
-                        f"{settings.global_batch_size} ({settings.rows_per_step} per data-parallel rank x {settings.workers})",
+                        f"{settings.global_batch_size} ({settings.rows_per_step} per data-parallel rank x "
+                        f"{settings.data_parallel})",
                         hint="lower train.batch_size in qwen.toml (batch_size in run.json), or add training rows")
     return settings.steps or settings.epochs * per_epoch
 
@@ -107,8 +108,8 @@ def finetune(settings: TrainSettings, process: int = 0, processes: int = 1, prog
 
     check_parallel(settings)
     if processes != settings.processes:
-        raise UserError(f"run.json says workers = {settings.workers} x model_parallel = {settings.model_parallel}, "
-                        f"{settings.processes} processes, but {processes} worker process(es) started",
+        raise UserError(f"run.json says data_parallel = {settings.data_parallel} x model_parallel = "
+                        f"{settings.model_parallel}, {settings.processes} processes, but {processes} worker process(es) started",
                         hint="start data_parallel x model_parallel msrun workers")
     began = time.monotonic()
     set_context(settings, processes)
@@ -199,7 +200,7 @@ def _metrics(settings, losses, lrs, norms, times, first, total, wall, per_epoch)
         "resumed_from_step": first,
         "global_batch_size": settings.global_batch_size,
         "seq_length": settings.seq_length,
-        "workers": settings.workers,
+        "data_parallel": settings.data_parallel,
         "final_loss": losses[-1] if losses else None,
         "checkpoint": str(checkpoint.rank_dir(settings.output_dir, 0) / name),
     }

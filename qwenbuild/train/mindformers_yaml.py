@@ -186,10 +186,10 @@ def mindformers_config(run: RunYaml, target: str | None = None) -> dict:
                         "warmup_ratio": s.warmup_ratio, "total_steps": s.steps or -1},
         "train_dataset": _dataset(run, shuffle=True),
         "train_dataset_task": {"type": "CausalLanguageModelDataset"},
-        "use_parallel": s.workers * s.model_parallel * s.pipeline_stage > 1,
+        "use_parallel": s.data_parallel * s.model_parallel * s.pipeline_stage > 1,
         "parallel": _parallel(ascend),
         "parallel_config": {
-            "data_parallel": s.workers,
+            "data_parallel": s.data_parallel,
             "model_parallel": s.model_parallel,
             "pipeline_stage": s.pipeline_stage,
             "use_seq_parallel": run.use_seq_parallel,
@@ -232,7 +232,7 @@ def predict_config(run: RunYaml, model_parallel: int, checkpoint: str, seq_lengt
     use_past, dp 1 x mp model_parallel x pp 1 with the embedding whole, the complete checkpoint resharded by
     MindFormers itself (auto_trans_ckpt), the tokenizer files, greedy decoding; on Ascend the weights are held in
     `dtype` (the deployment's, export.dtype) and, when it is 16-bit, computed in it; on CPU all is float32."""
-    s = dataclasses.replace(run.settings, workers=1, model_parallel=model_parallel, pipeline_stage=1,
+    s = dataclasses.replace(run.settings, data_parallel=1, model_parallel=model_parallel, pipeline_stage=1,
                             seq_length=seq_length)
     config = mindformers_config(dataclasses.replace(run, settings=s, micro_batch_num=1, vocab_emb_dp=True), target)
     config.update(load_checkpoint=checkpoint, auto_trans_ckpt=model_parallel > 1, run_mode="predict",

@@ -23,7 +23,7 @@ class TrainSettings:
     batch_size: int  # per data-parallel rank, as MindFormers runner_config.batch_size
     learning_rate: float
     init_checkpoint: str | None = None
-    workers: int = 1
+    data_parallel: int = 1
     warmup_ratio: float = 0.01
     lr_end: float = 0.0
     weight_decay: float = 0.01
@@ -51,12 +51,12 @@ class TrainSettings:
 
     @property
     def global_batch_size(self) -> int:
-        return self.rows_per_step * self.workers
+        return self.rows_per_step * self.data_parallel
 
     @property
     def processes(self) -> int:
         """Worker processes of the run: data_parallel x model_parallel (a CPU process runs every pipeline stage)."""
-        return self.workers * self.model_parallel
+        return self.data_parallel * self.model_parallel
 
     def result_digest(self) -> str:
         """Digest of everything that changes the trained parameters (not paths to outputs or save cadence)."""
@@ -93,7 +93,7 @@ SCHEMA_KEYS = {
     **{name: f"train.{name}" for name in ("learning_rate", "warmup_ratio", "weight_decay", "beta1", "beta2", "eps",
                                           "grad_clip", "epochs", "steps", "batch_size", "seed", "save_steps")},
     "seq_length": "dataset.seq_length",
-    "workers": "parallel.data_parallel",
+    "data_parallel": "parallel.data_parallel",
     "model_parallel": "parallel.model_parallel",
     "pipeline_stage": "parallel.pipeline_stage",
     "micro_batch_num": "parallel.micro_batch_num",
