@@ -6,7 +6,7 @@ process tree; also peak RSS of qwenbuild's process tree, and the first rows of b
 shared with other work, wall-clock ratios understate a multi-process program; the CPU-per-row ratio and the printed
 CPU pressure say how much.
 
-  python bench/bench_preprocess.py [--rows 52002] [--baseline_rows 1500] [--workers N] [--keep DIR]
+  python bench/bench_preprocess.py [--rows 52002] [--baseline_rows 1500] [--processes N] [--keep DIR]
 
 The original runs on its first --baseline_rows rows; its whole command at --rows is that run plus its row loop
 extrapolated linearly (it is linear: one row at a time). --baseline_rows equal to --rows runs it on every row.
@@ -160,7 +160,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=52_002, help="the Stanford alpaca set's size")
     parser.add_argument("--baseline_rows", type=int, default=1_500)
-    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1,
+    parser.add_argument("--processes", type=int, default=os.cpu_count() or 1,
                         help="encoding processes besides the writing one (preprocess's default for large inputs)")
     parser.add_argument("--keep", type=Path, default=None, help="keep the generated files in this directory")
     args = parser.parse_args()
@@ -185,7 +185,7 @@ def compare(args, work: Path) -> None:
                 work / "original.mindrecord", baseline_rows, SEQ_LENGTH], work)
     ours = run([sys.executable, "-m", "qwenbuild", "preprocess", "--input_glob", work / "chatml.jsonl",
                 "--vocab_file", work / "tokenizer" / "vocab.json", "--merges_file", work / "tokenizer" / "merges.txt",
-                "--seq_length", SEQ_LENGTH, "--output_file", work / "ours.mindrecord", "--workers", args.workers], work)
+                "--seq_length", SEQ_LENGTH, "--output_file", work / "ours.mindrecord", "--processes", args.processes], work)
     # the original's whole command at --rows: its startup as measured, its row loop scaled
     scale = args.rows / baseline_rows - 1
     base_wall, base_cpu = base.wall + base.loop[0] * scale, base.cpu + base.loop[1] * scale
@@ -195,7 +195,7 @@ def compare(args, work: Path) -> None:
     print(f"original algorithm, whole command: {baseline_rows:,} rows in {base.wall:.1f} s (row loop "
           f"{base.loop[0]:.1f} s = {baseline_rows / base.loop[0]:,.0f} rows/s); at {args.rows:,} rows "
           f"{base_wall:,.1f} s, {1000 * base_cpu / args.rows:.2f} CPU ms/row")
-    print(f"qwenbuild preprocess, whole command, {args.workers} workers: {args.rows:,} rows in {ours.wall:.1f} s = "
+    print(f"qwenbuild preprocess, whole command, {args.processes} processes: {args.rows:,} rows in {ours.wall:.1f} s = "
           f"{args.rows / ours.wall:,.0f} rows/s, {1000 * ours.cpu / args.rows:.2f} CPU ms/row, peak RSS "
           f"{ours.peak_mb:,.0f} MB (process tree), output {size:,.0f} MiB")
     print(f"speed-up, whole commands: {base_wall / ours.wall:.1f}x wall, {base_cpu / ours.cpu:.1f}x CPU; first "

@@ -381,7 +381,7 @@ CASES = [
     ("preprocess --input_glob {c}/chat.jsonl --vocab_file {c}/tok/vocab.json --merges_file {c}/tok/merges.txt "
      "--file_partition 1000000 --output_file out.mindrecord", 2, "--file_partition", None),
     ("preprocess --input_glob {c}/chat.jsonl --vocab_file {c}/tok/vocab.json --merges_file {c}/tok/merges.txt "
-     "--workers -1 --output_file out.mindrecord", 2, "--workers", None),
+     "--processes -1 --output_file out.mindrecord", 2, "--processes", None),
     ("preprocess --input_glob {c}/chat.jsonl --vocab_file {c}/tok/vocab.json --merges_file {c}/tok/merges.txt "
      "--output_file {c}/file.txt/out.mindrecord", 1, "file.txt", None),
     ("preprocess --input_glob {c}/chat.jsonl --vocab_file {c}/tok/vocab.json --merges_file {c}/tok/merges.txt "

@@ -94,7 +94,7 @@ WRITERS = [
     ("tokenizer", ["tokenizer", "--output_dir", "{o}/tok", "--train_from", "{i}/alpaca.json", "--vocab_size", "300"],
      "tok", 2_000),
     ("preprocess", ["preprocess", "--input_glob", "{i}/chat.jsonl", "--vocab_file", "{i}/tok/vocab.json",
-                    "--merges_file", "{i}/tok/merges.txt", "--seq_length", "64", "--workers", "0",
+                    "--merges_file", "{i}/tok/merges.txt", "--seq_length", "64", "--processes", "0",
                     "--output_file", "{o}/data.mindrecord"], "data.mindrecord", 20_000),
     ("alpaca_converter", ["alpaca_converter", "--data_path", "{i}/alpaca.json", "--output_path", "{o}/chat.jsonl"],
      "chat.jsonl", 4_000),

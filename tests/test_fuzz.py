@@ -391,7 +391,7 @@ def test_generated_alpaca_rows_convert_and_preprocess_cleanly(qwen_vocab, data, 
         record.write_bytes(SENTINEL)
         argv = ["preprocess", "--input_glob", str(out), "--vocab_file", str(qwen_vocab / "vocab.json"),
                 "--merges_file", str(qwen_vocab / "merges.txt"), "--seq_length", str(seq_length),
-                "--output_file", str(record), "--workers", "0"] + (["--mask_prompt"] if mask else [])
+                "--output_file", str(record), "--processes", "0"] + (["--mask_prompt"] if mask else [])
         rc, err = run_cli(argv, tmp)
         check_outcome(rc, err, ["chat.jsonl", "seq_length"], tmp, {record: SENTINEL})
         TALLY["preprocessed" if rc == 0 else "preprocess refused"] += 1

@@ -76,7 +76,7 @@ def original_rows(chatml, tok_dir, seq_length):
 
 
 def test_rows_equal_the_original_algorithm_with_the_real_tokenizer(edge_chatml, qwen_dir, tmp_path):
-    stats = run(edge_chatml, qwen_dir, tmp_path / "out.mindrecord", workers=1)
+    stats = run(edge_chatml, qwen_dir, tmp_path / "out.mindrecord", processes=1)
     got = read_back(tmp_path / "out.mindrecord")
     expected, messages, tok = original_rows(edge_chatml, qwen_dir, SEQ)
     for c in COLUMNS:
@@ -103,11 +103,11 @@ def test_small_tokenizer_rows_equal_the_original_and_use_its_pad_id(dataset_chat
     assert not (got["input_ids"] == 151643).any()
 
 
-def test_bytes_identical_across_runs_and_worker_counts(dataset_chatml, small_dir, tmp_path):
+def test_bytes_identical_across_runs_and_process_counts(dataset_chatml, small_dir, tmp_path):
     outputs = []
-    for i, workers in enumerate((0, 1, 2)):
+    for i, processes in enumerate((0, 1, 2)):
         out = tmp_path / f"run{i}" / "data.mindrecord"
-        run(dataset_chatml, small_dir, out, workers=workers)
+        run(dataset_chatml, small_dir, out, processes=processes)
         outputs.append((out.read_bytes(), (out.parent / "data.mindrecord.db").read_bytes()))
         assert sorted(p.name for p in out.parent.iterdir()) == ["data.mindrecord", "data.mindrecord.db"]
     assert outputs[0] == outputs[1] == outputs[2]
@@ -117,8 +117,8 @@ def test_bytes_identical_across_runs_and_worker_counts(dataset_chatml, small_dir
 def test_mask_prompt_trains_only_assistant_replies(dataset_chatml, small_dir, tmp_path):
     from qwenbuild.tokenizer import load_tokenizer
 
-    run(dataset_chatml, small_dir, tmp_path / "plain.mindrecord", workers=0)
-    run(dataset_chatml, small_dir, tmp_path / "masked.mindrecord", workers=2, mask_prompt=True)
+    run(dataset_chatml, small_dir, tmp_path / "plain.mindrecord", processes=0)
+    run(dataset_chatml, small_dir, tmp_path / "masked.mindrecord", processes=2, mask_prompt=True)
     plain, masked = read_back(tmp_path / "plain.mindrecord"), read_back(tmp_path / "masked.mindrecord")
     np.testing.assert_array_equal(plain["input_ids"], masked["input_ids"])
     np.testing.assert_array_equal(plain["attention_mask"], masked["attention_mask"])
@@ -156,11 +156,11 @@ BAD_LINES = [
 
 @pytest.mark.parametrize("line,message", BAD_LINES)
 def test_each_bad_line_is_named_and_nothing_is_written(small_dir, tmp_path, line, message):
-    workers = 1 if message == "not valid JSON" else 0  # one case through the worker processes
+    processes = 1 if message == "not valid JSON" else 0  # one case through the worker processes
     src = tmp_path / "in.jsonl"
     src.write_bytes(b"\n".join([GOOD] * 300 + [line] + [GOOD] * 5) + b"\n")
     with pytest.raises(UserError) as exc:
-        run(src, small_dir, tmp_path / "out" / "data.mindrecord", workers=workers)
+        run(src, small_dir, tmp_path / "out" / "data.mindrecord", processes=processes)
     assert f"{src} line 301: {message}" in str(exc.value)
     assert list((tmp_path / "out").iterdir()) == []
 

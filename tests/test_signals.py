@@ -127,7 +127,7 @@ def test_preprocess_stops_its_workers_and_keeps_nothing_half_written(chatml, qwe
             path.write_bytes(SENTINEL)
     proc = start([str(Path(sys.executable).parent / "qwenbuild"), "preprocess", "--input_glob", str(chatml),
                   "--vocab_file", str(qwen_dir / "vocab.json"), "--merges_file", str(qwen_dir / "merges.txt"),
-                  "--seq_length", "64", "--output_file", str(output), "--workers", "2"], tmp_path)
+                  "--seq_length", "64", "--output_file", str(output), "--processes", "2"], tmp_path)
     wait_until(proc, lambda: staged_bytes(out_dir) > 1 << 20, "rows written")
     below, out, err = interrupt(proc, sig, whole_group)
 

@@ -5,7 +5,7 @@ cut or right-padded with <|endoftext|> to seq_length + 1 tokens, and stored as i
 attention_mask (int32). target_ids is -100 on padding, and with --mask_prompt also on everything but the assistant
 replies. Without --mask_prompt the rows equal those of MindFormers' qwen1_5_preprocess.py. Special-token ids come
 from the vocab file, so a small trained tokenizer works too. The output bytes (the same MindSpore's FileWriter
-writes) depend only on the input: never on --workers, also with --file_partition > 1, where each batch of rows is
+writes) depend only on the input: never on --processes, also with --file_partition > 1, where each batch of rows is
 split over the shards in order.
 """
 
@@ -22,12 +22,12 @@ def add_arguments(parser) -> None:
     parser.add_argument("--output_file", default="./alpaca-fastchat-qwen.mindrecord")
     parser.add_argument("--file_partition", type=int, default=1, help="number of MindRecord shard files")
     parser.add_argument("--mask_prompt", action="store_true", help="train on assistant replies only")
-    parser.add_argument("--workers", type=int, default=None,
+    parser.add_argument("--processes", type=int, default=None,
                         help="processes that tokenize and encode rows besides the writing one; 0 does it all in the "
                              "writing process (default: one per CPU, or 0 for inputs under 4 MiB)")
 
 
 def main(args) -> int:
     preprocess(args.input_glob, args.vocab_file, args.merges_file, args.seq_length, args.output_file,
-               file_partition=args.file_partition, mask_prompt=args.mask_prompt, workers=args.workers)
+               file_partition=args.file_partition, mask_prompt=args.mask_prompt, processes=args.processes)
     return 0

@@ -2,7 +2,7 @@
 
 The input is streamed in fixed chunks of lines; worker processes tokenize each chunk, pad it into rows and encode
 the rows as MindRecord stores them, and the parent places the finished records in pages in input order, so the
-output bytes depend only on the input, never on the number of workers.
+output bytes depend only on the input, never on the number of processes.
 """
 
 from __future__ import annotations
@@ -96,7 +96,7 @@ def input_files(input_glob: str) -> list[Path]:
     return [Path(p) for p in matches]
 
 
-def default_workers(files: list[Path]) -> int:
+def default_processes(files: list[Path]) -> int:
     """One encoding process per core (the writing process only places finished rows); none for small inputs,
     where starting them costs more."""
     if sum(p.stat().st_size for p in files) < SMALL_INPUT_BYTES:
@@ -233,17 +233,17 @@ def chunk_rows(result: TokenizedChunk, row_length: int, pad_id: int) -> dict[str
 
 
 @contextlib.contextmanager
-def _tokenizing_pool(workers: int, init_args: tuple):
-    """Worker processes (None for workers=0); they start loading while the parent imports MindSpore."""
-    if workers == 0:
+def _tokenizing_pool(processes: int, init_args: tuple):
+    """Worker processes (None for processes=0); they start loading while the parent imports MindSpore."""
+    if processes == 0:
         init_worker(*init_args, threads=True)
         yield None
         return
-    with worker_pool(workers, init_worker, (*init_args, False)) as pool:
+    with worker_pool(processes, init_worker, (*init_args, False)) as pool:
         yield pool
 
 
-def _encoded(chunks: Iterator[Chunk], pool, workers: int) -> Iterator[EncodedChunk]:
+def _encoded(chunks: Iterator[Chunk], pool, processes: int) -> Iterator[EncodedChunk]:
     """Results in input order; at most 2 chunks per worker are in flight, so memory stays flat."""
     if pool is None:
         yield from map(encode_chunk, chunks)
@@ -251,7 +251,7 @@ def _encoded(chunks: Iterator[Chunk], pool, workers: int) -> Iterator[EncodedChu
     pending = collections.deque()
     for chunk in chunks:
         pending.append(pool.apply_async(encode_chunk, (chunk,)))
-        if len(pending) > 2 * workers:
+        if len(pending) > 2 * processes:
             yield pending.popleft().get()
     while pending:
         yield pending.popleft().get()
@@ -259,7 +259,7 @@ def _encoded(chunks: Iterator[Chunk], pool, workers: int) -> Iterator[EncodedChu
 
 def preprocess(input_glob: str, vocab_file: str | os.PathLike, merges_file: str | os.PathLike, seq_length: int,
                output_file: str | os.PathLike, file_partition: int = 1, mask_prompt: bool = False,
-               workers: int | None = None) -> PreprocessStats:
+               processes: int | None = None) -> PreprocessStats:
     """Tokenize ChatML conversations into a MindRecord of input_ids/target_ids/attention_mask rows."""
     if not 1 <= seq_length <= MAX_SEQ_LENGTH:
         raise UserError(f"--seq_length must be between 1 and {MAX_SEQ_LENGTH:,}, found {seq_length:,}",
@@ -269,14 +269,14 @@ def preprocess(input_glob: str, vocab_file: str | os.PathLike, merges_file: str 
     files = input_files(input_glob)
     pad_id = pad_token_id(read_vocab(vocab_file))
     row_length = seq_length + 1
-    workers = default_workers(files) if workers is None else workers
-    if workers < 0:
-        raise UserError(f"--workers must be 0 (tokenize in the writing process) or more, found {workers}")
+    processes = default_processes(files) if processes is None else processes
+    if processes < 0:
+        raise UserError(f"--processes must be 0 (tokenize in the writing process) or more, found {processes}")
     stats, start = PreprocessStats(), time.perf_counter()
 
     def batches(pool):
         last_report = start
-        for result in _encoded(read_chunks(files), pool, workers):
+        for result in _encoded(read_chunks(files), pool, processes):
             if result.error:
                 raise UserError(result.error, hint="each line must be one JSON object with a \"messages\" list of "
                                 "{\"role\", \"content\"} strings")
@@ -293,7 +293,7 @@ def preprocess(input_glob: str, vocab_file: str | os.PathLike, merges_file: str 
     if lines == len(files) and not any(p.stat().st_size for p in files):
         raise UserError(f"{', '.join(map(str, files))}: empty, no conversations to write",
                         hint="pass the JSON Lines file written by `qwenbuild alpaca_converter`")
-    with _tokenizing_pool(workers, init_args) as pool:
+    with _tokenizing_pool(processes, init_args) as pool:
         write_mindrecord(output_file, batches(pool), row_length, lines, file_partition)
     stats.seconds = time.perf_counter() - start
     print(f"preprocess: {stats.summary(row_length)} -> {output_file}", file=sys.stderr)
