@@ -59,7 +59,7 @@ def _write(path: Path, data: bytes | str) -> None:
 
 
 def _build_corpus(c: Path) -> None:
-    from qwenbuild.manifest._template import render
+    from qwenbuild.manifest._template import manifest_text
     from qwenbuild.model.config import QwenConfig
     from qwenbuild.weights.random_init import write_random_hf_model
 
@@ -148,7 +148,7 @@ def _build_corpus(c: Path) -> None:
                   "run_model.json": json.dumps({**run, "model": {**run["model"], "num_heads": 0}}),
                   "run_modeltype.json": json.dumps({**run, "model": 5})})
     files["hf_cfgdir/config.json/.keep"] = ""
-    for name, data in _manifests(render("tiny")).items():
+    for name, data in _manifests(manifest_text("tiny")).items():
         files[f"m/{name}"] = data
     for name, data in files.items():
         _write(c / name, data)

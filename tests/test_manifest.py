@@ -8,7 +8,7 @@ import pytest
 
 from qwenbuild.manifest import ManifestError, load_manifest
 from qwenbuild.manifest._presets import MODELS
-from qwenbuild.manifest._template import render
+from qwenbuild.manifest._template import manifest_text
 REPO = __import__("pathlib").Path(__file__).resolve().parents[1]
 
 
@@ -29,7 +29,7 @@ def default_text() -> str:
 
 
 def test_embedded_default_is_the_tiny_template():
-    assert default_text() == render("tiny")
+    assert default_text() == manifest_text("tiny")
 
 
 def test_embedded_default_validates_with_defaults_filled(tmp_path):
@@ -41,12 +41,12 @@ def test_embedded_default_validates_with_defaults_filled(tmp_path):
 
 @pytest.mark.parametrize("preset", list(MODELS))
 def test_every_preset_validates(tmp_path, preset):
-    m = load_manifest(write(tmp_path, render(preset)))
+    m = load_manifest(write(tmp_path, manifest_text(preset)))
     assert m.model.num_layers == MODELS[preset]["num_layers"]
 
 
 def test_72b_preset_reproduces_the_original_setup(tmp_path):
-    m = load_manifest(write(tmp_path, render("qwen1.5-72b")))
+    m = load_manifest(write(tmp_path, manifest_text("qwen1.5-72b")))
     par = m.parallel
     assert (par.data_parallel, par.model_parallel, par.pipeline_stage, par.micro_batch_num) == (1, 8, 4, 48)
     assert len(m.hardware.nodes) == 4 and m.hardware.devices_per_node == 8
@@ -55,7 +55,7 @@ def test_72b_preset_reproduces_the_original_setup(tmp_path):
 
 
 def test_72b_with_data_parallel_2_names_the_device_product(tmp_path):
-    text = render("qwen1.5-72b").replace("data_parallel = 1", "data_parallel = 2")
+    text = manifest_text("qwen1.5-72b").replace("data_parallel = 1", "data_parallel = 2")
     [(line, key, message)] = errors(tmp_path, text)
     assert key == "parallel.data_parallel"
     assert text.splitlines()[line - 1].startswith("data_parallel = 2")

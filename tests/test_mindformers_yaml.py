@@ -54,7 +54,7 @@ def test_the_predict_yaml_holds_the_deployment_dtype(tmp_path):
     """predict_config: param_init_type is export.dtype on Ascend, compute_dtype too when 16-bit (use_past's rotary
     kernel takes 16-bit inputs only); the CPU YAML is float32 throughout; the default dtype follows the device."""
     from qwenbuild.manifest import load_manifest
-    from qwenbuild.manifest._template import render
+    from qwenbuild.manifest._template import manifest_text
     from qwenbuild.train.mindformers_yaml import predict_config
 
     for dtype, compute in (("bfloat16", "bfloat16"), ("float16", "float16"), ("float32", "bfloat16")):
@@ -64,7 +64,7 @@ def test_the_predict_yaml_holds_the_deployment_dtype(tmp_path):
                                                                 device_target="CPU"))
     model = predict_config(cpu, 1, "/build/weights/qwen.ckpt", 64, 16, "cpu", dtype="bfloat16")["model"]
     assert (model["model_config"]["param_init_type"], model["model_config"]["compute_dtype"]) == ("float32",) * 2
-    (tmp_path / "qwen.toml").write_text(render("qwen1.5-72b"))
+    (tmp_path / "qwen.toml").write_text(manifest_text("qwen1.5-72b"))
     seed = load_manifest(tmp_path / "qwen.toml")
     assert (seed.hardware.device, seed.model.param_dtype, seed.export.dtype) == ("ascend", "bfloat16", None)
     assert seed.export.dtype_on(seed.hardware.device, seed.model.param_dtype) == "bfloat16"

@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from qwenbuild.manifest import load_manifest
-from qwenbuild.manifest._template import render
+from qwenbuild.manifest._template import manifest_text
 from qwenbuild.model.params import parameter_shapes
 from qwenbuild.parallel.plan_rules import stage_layers
 from qwenbuild.weights.mindspore_ckpt import read_tensors
@@ -111,7 +111,7 @@ def test_72b_yaml_and_strategy_follow_the_manifest(tmp_path, qwen_dir):
     from qwenbuild.tasks import task_specs
     from qwenbuild.tasks.context import Context, DeclaredManifest
 
-    text = render("qwen1.5-72b")
+    text = manifest_text("qwen1.5-72b")
     for flip in ({}, {"vocab_emb_dp": "false", "recompute": "false", "use_seq_parallel": "false"}):
         manifest = tmp_path / "qwen.toml"
         manifest.write_text(_set(text, **flip), encoding="utf-8")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from qwenbuild.manifest.reference import BEGIN, END, render
+from qwenbuild.manifest.reference import BEGIN, END, reference_section
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -17,7 +17,7 @@ def readme() -> str:
 def test_reference_section_is_generated_from_the_schema():
     text = readme()
     section = text[text.index(BEGIN):text.index(END) + len(END)]
-    assert section == render(), "run `python -m qwenbuild.manifest.reference` to refresh README.md"
+    assert section == reference_section(), "run `python -m qwenbuild.manifest.reference` to refresh README.md"
 
 
 def test_every_schema_key_is_documented():

@@ -13,7 +13,7 @@ from qwenbuild import schema
 from qwenbuild.build_dir import BuildDir
 from qwenbuild.lock import Lock
 from qwenbuild.manifest import load_manifest
-from qwenbuild.manifest._template import render
+from qwenbuild.manifest._template import manifest_text
 from qwenbuild.manifest.sections import SECTIONS
 from qwenbuild.tasks import task_specs
 from qwenbuild.tasks.context import Context, DeclaredManifest, UndeclaredKey
@@ -48,7 +48,7 @@ def manifests(tmp_path) -> dict[str, Path]:
     (tmp_path / "alpaca.json").write_text("[]")
     alpaca = default.replace('source = "builtin"', 'source = "alpaca"\npath = "alpaca.json"')
     texts = {"default": default, "ascend": ascend, "alpaca": alpaca,
-             **{preset: render(preset) for preset in ("qwen1.5-7b", "qwen1.5-72b")}}
+             **{preset: manifest_text(preset) for preset in ("qwen1.5-7b", "qwen1.5-72b")}}
     out = {}
     for name, text in texts.items():
         (tmp_path / name).mkdir()

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from qwenbuild.errors import UserError
 from qwenbuild.manifest._presets import MODELS
-from qwenbuild.manifest._template import render
+from qwenbuild.manifest._template import manifest_text
 from qwenbuild.store import atomic_path
 
 # the dodo.py `qwenbuild init` writes beside a qwen.toml (the repository's own dodo.py is the same file)
@@ -39,7 +39,7 @@ def main(args):
         raise UserError(f"{dodo} already exists and is not qwenbuild's", hint="pass --force to replace it, or "
                                                                               "-o a path in another directory")
     with atomic_path(out) as tmp:
-        tmp.write_text(render(args.preset), encoding="utf-8")
+        tmp.write_text(manifest_text(args.preset), encoding="utf-8")
     with atomic_path(dodo) as tmp:
         tmp.write_text(DODO_TEXT, encoding="utf-8")
     manifest = "" if out.name == "qwen.toml" else f" manifest={out.name}"

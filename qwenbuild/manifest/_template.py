@@ -24,7 +24,7 @@ def _toml(value) -> str:
     return str(value)
 
 
-def render(preset: str) -> str:
+def manifest_text(preset: str) -> str:
     dims = MODELS[preset]
     nodes, per_node, dp, mp, pp, micro, seq = PLANS[preset]
     tiny = preset == "tiny"

@@ -35,7 +35,7 @@ def _rows(prefix: str, node: dict, required: set[str]) -> list[str]:
     return rows
 
 
-def render() -> str:
+def reference_section() -> str:
     s = schema()
     out = [BEGIN, ""]
     for name, sec in s["properties"].items():
@@ -52,7 +52,7 @@ def update_readme(path) -> bool:
     """Rewrite the generated section of README.md; True when it changed."""
     text = path.read_text(encoding="utf-8")
     start, end = text.index(BEGIN), text.index(END) + len(END)
-    new = text[:start] + render() + text[end:]
+    new = text[:start] + reference_section() + text[end:]
     if new != text:
         path.write_text(new, encoding="utf-8")
     return new != text
