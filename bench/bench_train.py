@@ -91,9 +91,9 @@ def qwenbuild_steps(settings, rows_by_epoch, lrs):
     import mindspore as ms
 
     from qwenbuild.train import checkpoint, data
-    from qwenbuild.train.finetune import build, set_context
+    from qwenbuild.train.finetune import build, start_mindspore
 
-    set_context(settings, 1)
+    start_mindspore(settings, 1)
     _, train_step = build(settings)
     checkpoint.load_into(train_step, checkpoint.init_checkpoint_file(settings.init_checkpoint, 0),
                          [p.name for p in train_step.weights])

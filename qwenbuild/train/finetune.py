@@ -26,7 +26,8 @@ def create_groups(layout: ProcessLayout) -> None:
     create(layout)
 
 
-def set_context(settings: TrainSettings, world_size: int) -> None:
+def start_mindspore(settings: TrainSettings, world_size: int) -> None:
+    """Graph mode on the run's device, its CPU threads shared among the processes, and the run's seed."""
     # mindspore takes seconds to load: imported only when this runs
     import mindspore as ms
 
@@ -112,7 +113,7 @@ def finetune(settings: TrainSettings, process: int = 0, processes: int = 1, prog
                         f"{settings.model_parallel}, {settings.processes} processes, but {processes} worker process(es) started",
                         hint="start data_parallel x model_parallel msrun workers")
     began = time.monotonic()
-    set_context(settings, processes)
+    start_mindspore(settings, processes)
     layout = layout_of(settings, process)
     if processes > 1:
         # the network's collectives name these groups
