@@ -155,8 +155,8 @@ LAYERS = [
     ("qwenbuild.model",),
     ("qwenbuild.tokenizer",),
     ("qwenbuild.schema", "qwenbuild.flags", "qwenbuild.build_dir", "qwenbuild.lock", "qwenbuild.machine",
-     "qwenbuild.store", "qwenbuild.digests", "qwenbuild.dtypes", "qwenbuild.processes", "qwenbuild.errors",
-     "qwenbuild.jsonfile", "qwenbuild.shell", "qwenbuild"),
+     "qwenbuild.store", "qwenbuild.digests", "qwenbuild.dtypes", "qwenbuild.logs", "qwenbuild.processes",
+     "qwenbuild.errors", "qwenbuild.jsonfile", "qwenbuild.shell", "qwenbuild"),
 ]
 
 
