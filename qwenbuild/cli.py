@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import os
 import sys
 
 from qwenbuild import __version__
 from qwenbuild.errors import UserError, os_error_text
+from qwenbuild.logs import ENV, configure
 from qwenbuild.processes import interrupted_line, interruption, stop_on_signals
 
 # name -> (module, one-line help); modules define add_arguments(parser) and main(args) -> int | None
@@ -41,11 +43,24 @@ qwenbuild builds everything Qwen1.5 fine-tuning and deployment on MindSpore need
 Build with doit (`doit finetune`, `doit export`, `doit list`); the subcommands below run single steps by hand,
 with the flags of the original MindFormers scripts."""
 
+# -v / -q, before the command or among its flags: the level of the lines on stderr (the command's result on stdout
+# is never affected)
+_LEVEL_FLAGS = {"-v": "debug", "--verbose": "debug", "-q": "warning", "--quiet": "warning"}
+
+
+def add_level_flags(parser) -> None:
+    group = parser.add_argument_group("output").add_mutually_exclusive_group()
+    group.add_argument("-v", "--verbose", dest="log_level", action="store_const", const="debug",
+                       help="also show debug lines on stderr")
+    group.add_argument("-q", "--quiet", dest="log_level", action="store_const", const="warning",
+                       help="show only warnings and errors on stderr")
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qwenbuild", description=DESCRIPTION,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"qwenbuild {__version__}")
+    add_level_flags(parser)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module, help_) in COMMANDS.items():
         sub.add_parser(name, help=help_, add_help=False)
@@ -58,11 +73,30 @@ def _command_parser(name: str):
     parser = argparse.ArgumentParser(prog=f"qwenbuild {name}", description=getattr(module, "__doc__", None) or help_,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     module.add_arguments(parser)
+    add_level_flags(parser)
     return module, parser
+
+
+@contextlib.contextmanager
+def logging_at(level: str | None):
+    """Lines on stderr at `level` (default: $QWENBUILD_LOG, else info), also in the processes the command starts."""
+    chosen = configure(level)
+    before = os.environ.get(ENV)
+    os.environ[ENV] = chosen
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(ENV, None)
+        else:
+            os.environ[ENV] = before
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    leading = None
+    while argv and argv[0] in _LEVEL_FLAGS:
+        leading, argv = _LEVEL_FLAGS[argv[0]], argv[1:]
     if not argv or argv[0] not in COMMANDS:
         parser = build_parser()
         if not argv:
@@ -74,7 +108,9 @@ def main(argv: list[str] | None = None) -> int:
     stop_on_signals(name)
     try:
         module, parser = _command_parser(argv[0])
-        rc = module.main(parser.parse_args(argv[1:]))
+        args = parser.parse_args(argv[1:])
+        with logging_at(args.log_level or leading):
+            rc = module.main(args)
     except BaseException as exc:
         return _reported(name, exc)
     return int(rc or 0)

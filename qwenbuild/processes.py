@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import logging
 import multiprocessing
 import multiprocessing.context
 import multiprocessing.pool
@@ -21,6 +22,8 @@ import threading
 from multiprocessing import resource_tracker
 from pathlib import Path
 from typing import Callable, Iterator
+
+logger = logging.getLogger(__name__)
 
 _PR_SET_PDEATHSIG = 1
 try:
@@ -123,7 +126,7 @@ class _ExceptHook:
         stop = interruption(exc)
         if stop is None:
             return self.fallback(kind, exc, tb)
-        print(interrupted_line(self.what), file=sys.stderr)
+        logger.warning(interrupted_line(self.what))
         sys.stdout.flush()
         sys.stderr.flush()
         # every `finally` has run; an unhandled exception would otherwise end with exit code 1

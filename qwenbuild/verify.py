@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import shutil
 import sys
@@ -15,6 +16,8 @@ from qwenbuild.errors import UserError
 from qwenbuild.lock import Lock
 from qwenbuild.processes import run_child
 from qwenbuild.tasks.staleness import task_status
+
+logger = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
@@ -143,7 +146,7 @@ def verify(manifest, keep: bool = False) -> tuple[list[Difference], int]:
                         "qwen.toml:\n  " + "\n  ".join(stale), hint=f"rebuild first: doit {' '.join(n for n, _ in status)}")
     tasks = [name for name, _ in status]
     scratch = Path(tempfile.mkdtemp(prefix="qwenbuild-verify-", dir=os.environ.get("QWENBUILD_VERIFY_DIR")))
-    print(f"verify: rebuilding {', '.join(tasks)} into {scratch}", file=sys.stderr, flush=True)
+    logger.info(f"verify: rebuilding {', '.join(tasks)} into {scratch}")
     try:
         rebuild(manifest.path, scratch, tasks)
         return compare_locks(original.root, scratch)

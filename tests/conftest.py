@@ -28,6 +28,14 @@ def qwen_dir(tmp_path_factory):
 
 
 @pytest.fixture(autouse=True)
+def _log_lines():
+    """qwenbuild's lines on stderr, as the command line shows them, whatever level a test before set."""
+    from qwenbuild.logs import configure
+
+    configure()
+
+
+@pytest.fixture(autouse=True)
 def _in_tmp_cwd(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     # msrun and doit subprocesses find this interpreter's tools first

@@ -176,3 +176,27 @@ def test_cli_names_and_errors(dataset_chatml, small_dir, tmp_path, capsys):
                  "--output_file", str(tmp_path / "b.mindrecord")]) == 2
     err = capsys.readouterr().err
     assert "no input file matches" in err and "Traceback" not in err
+
+
+def test_quiet_and_verbose(dataset_chatml, small_dir, tmp_path, capsys):
+    from qwenbuild.cli import main
+
+    args = ["--input_glob", str(dataset_chatml), "--vocab_file", str(small_dir / "vocab.json"),
+            "--merges_file", str(small_dir / "merges.txt"), "--seq_length", "32", "--processes", "0"]
+    summary = "preprocess: 600 rows of 33 tokens"
+    debug = "preprocess: 1 input file(s), 0 tokenizing process(es), rows of 33 tokens\n"
+    assert main(["preprocess", *args, "--output_file", str(tmp_path / "a.mindrecord")]) == 0
+    default = capsys.readouterr()
+    assert default.err.startswith(summary) and debug not in default.err and default.out == ""
+    for i, flags in enumerate((["-q", "preprocess"], ["preprocess", "--quiet"])):
+        assert main([*flags, *args, "--output_file", str(tmp_path / f"q{i}.mindrecord")]) == 0
+        assert capsys.readouterr() == ("", "")
+    assert main(["-v", "preprocess", *args, "--output_file", str(tmp_path / "v.mindrecord")]) == 0
+    err = capsys.readouterr().err
+    assert err.startswith(debug) and err[len(debug):].startswith(summary)
+    # a bad row is an error, shown also under -q
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("{}\n")
+    assert main(["preprocess", "-q", *args[2:], "--input_glob", str(bad), "--output_file",
+                 str(tmp_path / "b.mindrecord")]) == 2
+    assert f"{bad} line 1: " in capsys.readouterr().err

@@ -5,9 +5,11 @@ address (refused when it is a 127.x loopback address). Merge the per-node files 
 
 from __future__ import annotations
 
-import sys
+import logging
 
 from qwenbuild.parallel import rank_table as rt
+
+logger = logging.getLogger(__name__)
 
 
 def add_arguments(parser):
@@ -28,5 +30,5 @@ def main(args):
     ips = [rt.discover_device_ip(d, args.hccn_conf) for d in devices]
     table = rt.node_rank_table(server, list(zip(devices, ips)))
     path = rt.write_rank_table(table, args.output or rt.node_file_name(table))
-    print(f"wrote {path}: {len(devices)} devices on server {server}", file=sys.stderr)
+    logger.info(f"wrote {path}: {len(devices)} devices on server {server}")
     print(path)

@@ -15,6 +15,7 @@ The flags of the original run_qwen1_5_mslite_infer.py work as written: --mindir_
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 
@@ -23,10 +24,11 @@ from qwenbuild.errors import UserError
 from qwenbuild.flags import str2bool
 from qwenbuild.infer.backends import resolve_backend
 from qwenbuild.infer.runtime import generate, generate_on_ranks, join_ranks
-from qwenbuild.logs import stderr_progress
 from qwenbuild.manifest import load_manifest
 from qwenbuild.processes import follow_parent
 from qwenbuild.tokenizer.load import load_tokenizer_files
+
+logger = logging.getLogger(__name__)
 
 
 def add_arguments(parser):
@@ -99,7 +101,7 @@ def main(args):
                  top_p=args.top_p, temperature=args.temperature, repetition_penalty=args.repetition_penalty,
                  seed=args.seed, raw=args.raw, backend=args.backend, ge_config_path=args.ge_config_path,
                  batch_size=args.batch_size, seq_length=args.seq_length, rank=args.rank,
-                 device_id=args.device_id, progress=None if args.json else stderr_progress)
+                 device_id=args.device_id, progress=None if args.json else logger.info)
     if args.json:
         doc = result.to_json()
         doc.update(prompt_ids=doc["prompt_ids"][0], generated_ids=doc["generated_ids"][0], text=doc["text"][0])

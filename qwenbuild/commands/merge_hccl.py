@@ -4,9 +4,11 @@ Copy the merged file to every node."""
 
 from __future__ import annotations
 
-import sys
+import logging
 
 from qwenbuild.parallel import rank_table as rt
+
+logger = logging.getLogger(__name__)
 
 
 def add_arguments(parser):
@@ -18,5 +20,5 @@ def main(args):
     merged = rt.merge_rank_tables([rt.read_rank_table(f) for f in args.files], args.files)
     path = rt.write_rank_table(merged, args.output or rt.merged_file_name(merged))
     ranks = sum(len(s["device"]) for s in merged["server_list"])
-    print(f"wrote {path}: {merged['server_count']} servers, {ranks} ranks", file=sys.stderr)
+    logger.info(f"wrote {path}: {merged['server_count']} servers, {ranks} ranks")
     print(path)

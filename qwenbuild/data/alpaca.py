@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
-import sys
 from pathlib import Path
 from typing import Iterator
 
@@ -13,6 +13,8 @@ from qwenbuild.data.chatml import _kind, conversation, message_problem, render
 from qwenbuild.errors import UserError
 from qwenbuild.jsonfile import BadJSON, parse_json
 from qwenbuild.store import atomic_path
+
+logger = logging.getLogger(__name__)
 
 _SHOWN_PROBLEMS = 10
 
@@ -138,9 +140,9 @@ def convert_alpaca(data_path: str | os.PathLike, output_path: str | os.PathLike,
                             '"instruction", optional "input" and "output" strings')
     stats.skipped = len(problems)
     if problems:
-        print(_problem_report(data_path, problems, verb="skipped"), file=sys.stderr)
-    print(f"alpaca_converter: {stats.rows} conversations -> {output_path}"
-          + (f" ({stats.skipped} bad rows skipped)" if stats.skipped else ""), file=sys.stderr)
+        logger.warning(_problem_report(data_path, problems, verb="skipped"))
+    logger.info(f"alpaca_converter: {stats.rows} conversations -> {output_path}"
+                + (f" ({stats.skipped} bad rows skipped)" if stats.skipped else ""))
     return stats
 
 

@@ -11,15 +11,17 @@ token is the very token it copies from the prompt (the tokenizer of the default 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
-import sys
 from pathlib import Path
 from typing import Callable
 
 from qwenbuild.data.alpaca import user_text
 from qwenbuild.data.chatml import SYSTEM_PROMPT, prompt, render
 from qwenbuild.store import atomic_path
+
+logger = logging.getLogger(__name__)
 
 TRAIN_FILE, HELDOUT_FILE = "train.json", "heldout.json"
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
@@ -159,8 +161,8 @@ def write_instruction_dataset(output_dir: str | os.PathLike, seed: int = 0, num_
     paths = output_dir / TRAIN_FILE, output_dir / HELDOUT_FILE
     for path, rows in zip(paths, (train, heldout)):
         _write_rows(path, rows)
-    print(f"instructions: {len(train)} train + {len(heldout)} held-out rows, {len(TASKS)} tasks, seed {seed} "
-          f"-> {output_dir}", file=sys.stderr)
+    logger.info(f"instructions: {len(train)} train + {len(heldout)} held-out rows, {len(TASKS)} tasks, seed {seed} "
+                f"-> {output_dir}")
     return paths
 
 

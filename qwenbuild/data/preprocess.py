@@ -11,8 +11,8 @@ import collections
 import contextlib
 import dataclasses
 import glob
+import logging
 import os
-import sys
 import time
 from pathlib import Path
 from typing import Iterator
@@ -27,6 +27,8 @@ from qwenbuild.jsonfile import BadJSON, parse_json
 from qwenbuild.processes import worker_pool
 from qwenbuild.tokenizer.files import IM_START, pad_token_id, read_vocab
 from qwenbuild.tokenizer.load import bpe_pipeline
+
+logger = logging.getLogger(__name__)
 
 IGNORE_TOKEN_ID = -100
 TRAINED_ROLE = "assistant"
@@ -273,6 +275,8 @@ def preprocess(input_glob: str, vocab_file: str | os.PathLike, merges_file: str 
     if processes < 0:
         raise UserError(f"--processes must be 0 (tokenize in the writing process) or more, found {processes}")
     stats, start = PreprocessStats(), time.perf_counter()
+    logger.debug(f"preprocess: {len(files)} input file(s), {processes} tokenizing process(es), rows of {row_length} "
+                 "tokens")
 
     def batches(pool):
         last_report = start
@@ -284,8 +288,7 @@ def preprocess(input_glob: str, vocab_file: str | os.PathLike, merges_file: str 
             yield result.rows
             if time.perf_counter() - last_report > _PROGRESS_SECONDS:
                 last_report = time.perf_counter()
-                print(f"preprocess: {stats.rows:,} rows, {stats.rows / (last_report - start):,.0f} rows/s",
-                      file=sys.stderr)
+                logger.info(f"preprocess: {stats.rows:,} rows, {stats.rows / (last_report - start):,.0f} rows/s")
         refuse_untrainable(stats, seq_length, mask_prompt)  # inside the row stream: the output is dropped
 
     init_args = (str(vocab_file), str(merges_file), row_length, mask_prompt, pad_id)
@@ -296,7 +299,7 @@ def preprocess(input_glob: str, vocab_file: str | os.PathLike, merges_file: str 
     with _tokenizing_pool(processes, init_args) as pool:
         write_mindrecord(output_file, batches(pool), row_length, lines, file_partition)
     stats.seconds = time.perf_counter() - start
-    print(f"preprocess: {stats.summary(row_length)} -> {output_file}", file=sys.stderr)
+    logger.info(f"preprocess: {stats.summary(row_length)} -> {output_file}")
     return stats
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -17,7 +18,6 @@ from qwenbuild.digests import mindir_digest
 from qwenbuild.errors import UserError
 from qwenbuild.export.graph_files import FULL, KINDS, GraphDirs
 from qwenbuild.export.sidecar import dump, sidecar
-from qwenbuild.logs import stderr_progress
 from qwenbuild.model.config import QwenConfig
 from qwenbuild.export import worker
 from qwenbuild.parallel.launch_scripts import local_msrun
@@ -25,6 +25,8 @@ from qwenbuild.processes import run_child
 from qwenbuild.store import atomic_path, promote, remove
 from qwenbuild.tokenizer import load_tokenizer, pad_id, stop_ids
 from qwenbuild.tokenizer.files import ENDOFTEXT, IM_END, QWEN_SPECIAL_IDS
+
+logger = logging.getLogger(__name__)
 
 MAX_BATCH_SIZE = 4096  # the graphs' inputs and KV cache are allocated for the whole batch at export time
 
@@ -113,7 +115,7 @@ def _missing_dirs(paths) -> list[Path]:
 
 def export_mindir(cfg: QwenConfig, ckpt_path, out_root: str | Path | GraphDirs, rank: int = 0, batch_size: int = 1,
                   seq_length: int = 2048, *, tokenizer_dir=None, external_weights: bool = False,
-                  model_parallel: int = 1, strategy_dir=None, progress=stderr_progress) -> dict:
+                  model_parallel: int = 1, strategy_dir=None, progress=logger.info) -> dict:
     """Write out_root/mindir_{full,inc}_checkpoint/rank_N_graph.{mindir,json} (+ rank_N_variables/).
 
     out_root: the export root, or GraphDirs naming the full and inc directories themselves.

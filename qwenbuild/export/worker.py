@@ -11,23 +11,27 @@ from __future__ import annotations
 
 import errno
 import json
+import logging
 import sys
 import time
 from pathlib import Path
 
 from qwenbuild.errors import UserError
+from qwenbuild.logs import configure
 from qwenbuild.model.config import QwenConfig
 from qwenbuild.model.params import num_parameters
 from qwenbuild.parallel.rank_layout import process_layout
 from qwenbuild.processes import follow_parent
 from qwenbuild.weights.mindspore_ckpt import load_with_crc
 
+logger = logging.getLogger(__name__)
+
 VERBOSE = True
 
 
 def _log(message: str) -> None:
     if VERBOSE:
-        print(f"export: {message}", file=sys.stderr, flush=True)
+        logger.info(f"export: {message}")
 
 
 def _network(cfg, ckpt_path: str, layout):
@@ -141,4 +145,5 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
+    configure()  # this process's lines in its msrun log, at the level QWENBUILD_LOG asks for
     sys.exit(main(sys.argv[1:]))

@@ -7,13 +7,16 @@ picks the same tokens); rank 0 reports progress and writes the result to SPEC's 
 from __future__ import annotations
 
 import json
+import logging
 import sys
 from pathlib import Path
 
 from qwenbuild.errors import UserError
 from qwenbuild.infer.runtime import generate, join_ranks
-from qwenbuild.logs import stderr_progress
+from qwenbuild.logs import configure
 from qwenbuild.processes import follow_parent
+
+logger = logging.getLogger(__name__)
 
 ERROR_MARK = "qwenbuild infer error:"
 
@@ -24,9 +27,9 @@ def main(argv: list[str]) -> int:
     rank = join_ranks()
     try:
         result = generate(spec["mindir_root_dir"], spec["tokenizer"], spec["prompts"], rank=rank,
-                          progress=stderr_progress if rank == 0 else None, **spec["options"])
+                          progress=logger.info if rank == 0 else None, **spec["options"])
     except UserError as exc:
-        print(f"{ERROR_MARK} {exc}", file=sys.stderr, flush=True)
+        logger.error(f"{ERROR_MARK} {exc}")
         if rank == 0:
             Path(spec["error_file"]).write_text(str(exc))
         return 2
@@ -36,4 +39,5 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
+    configure()  # this process's lines in its msrun log, at the level QWENBUILD_LOG asks for
     sys.exit(main(sys.argv[1:]))

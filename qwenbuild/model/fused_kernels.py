@@ -11,15 +11,17 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import logging
 import os
 import shutil
-import sys
 import tempfile
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
 from qwenbuild.processes import run_child
+
+logger = logging.getLogger(__name__)
 
 SWITCH = "QWENBUILD_FUSED_KERNELS"
 # -ffast-math lets g++ call the vectorised expf; it is left out of the link, which would turn on flush-to-zero for
@@ -145,12 +147,12 @@ def kernels() -> Kernels | None:
         return None
     compiler = compiler_path()
     if not compiler:
-        print("qwenbuild: no C++ compiler (g++) found: training runs SwiGLU, RoPE and RMSNorm as MindSpore's "
-              "composed kernels, which are slower; install g++ to have them fused", file=sys.stderr, flush=True)
+        logger.warning("qwenbuild: no C++ compiler (g++) found: training runs SwiGLU, RoPE and RMSNorm as MindSpore's "
+                       "composed kernels, which are slower; install g++ to have them fused")
         return None
     try:
         return _ops(build_library(compiler, cache_dir()))
     except (OSError, RuntimeError) as e:
-        print(f"qwenbuild: the fused CPU kernels did not build ({e}); training keeps MindSpore's composed kernels",
-              file=sys.stderr, flush=True)
+        logger.warning(f"qwenbuild: the fused CPU kernels did not build ({e}); training keeps MindSpore's composed "
+                       "kernels")
         return None

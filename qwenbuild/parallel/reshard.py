@@ -7,6 +7,7 @@ shard plus one source tensor, and the bytes written are those MindSpore would wr
 
 from __future__ import annotations
 
+import logging
 import shutil
 import tempfile
 import time
@@ -15,9 +16,10 @@ from typing import Callable
 
 from qwenbuild.dtypes import MINDSPORE
 from qwenbuild.errors import UserError
-from qwenbuild.logs import stderr_progress
 from qwenbuild.store import atomic_path, write_seal
 from qwenbuild.weights.mindspore_ckpt import NUMPY_TYPES, CkptTensor, read_array, read_tensors, read_text
+
+logger = logging.getLogger(__name__)
 
 _EMPTY = ("", "none", "null")
 
@@ -206,7 +208,7 @@ def _stale_ranks(dst: Path, world: int) -> list[str]:
 
 
 def transform_ckpt(src_ckpt_strategy, dst_ckpt_strategy, src_ckpt_dir, dst_ckpt_dir, prefix: str = "checkpoint_",
-                   progress: Callable[[str], None] | None = stderr_progress, keep: Callable[[str], bool] | None = None,
+                   progress: Callable[[str], None] | None = logger.info, keep: Callable[[str], bool] | None = None,
                    seal: bool = True) -> dict:
     """Write dst_ckpt_dir/rank_N/<prefix>N.ckpt for every rank of the destination strategy.
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import sys
+import logging
 
 from qwenbuild.export.graph_files import GraphDirs
 from qwenbuild.export.lite_ini import write_lite_ini
@@ -15,7 +15,6 @@ from qwenbuild.infer.prompt import SEED_PROMPT
 from qwenbuild.infer.runtime import generate_on_ranks
 from qwenbuild.jsonfile import read_json
 from qwenbuild.lock import Lock
-from qwenbuild.logs import stderr_progress
 from qwenbuild.manifest import deployment_dtype
 from qwenbuild.parallel.launch_scripts import launch_scripts, mode_env, write_launch_scripts
 from qwenbuild.parallel.rank_table import first_devices, write_rank_table
@@ -29,6 +28,8 @@ from qwenbuild.train.mindformers_yaml import predict_config, write_yaml
 from qwenbuild.tasks.spec import Group, TaskSpec
 from qwenbuild.tasks.weights import MODEL_KEYS
 from qwenbuild.train.evaluate import read_heldout
+
+logger = logging.getLogger(__name__)
 
 EXPORT_KEYS = ("export.checkpoint", "export.seq_length", "export.batch_size", "export.use_past",
                "export.model_parallel", "export.dtype", "parallel.vocab_emb_dp", "hardware.device")
@@ -92,8 +93,8 @@ def _predict(ctx: Context) -> None:
     # two files, not the directory: predict/output/ beside them is MindFormers' and stays
     write_yaml(build.predict_yaml, run, target, content, "online predict")
     write_launch_scripts(build.predict, {build.predict_script.name: script})
-    print(f"predict: {build.predict_yaml.name} ({target}, dp 1 x mp {mp}) and {build.predict_script.name} -> "
-          f"{build.predict}", file=sys.stderr)
+    logger.info(f"predict: {build.predict_yaml.name} ({target}, dp 1 x mp {mp}) and {build.predict_script.name} -> "
+                f"{build.predict}")
 
 
 def predict_script(m, build, prompt: str) -> str:
@@ -128,8 +129,8 @@ def _lite_infer(ctx: Context) -> None:
                "--max_new_tokens", str(ex.max_new_tokens), "--backend", "lite" if ascend else "graphcell", "--json"]
     script = _export_topology_script(m, build, command, build.lite_infer / "msrun_log", build.lite_infer, "export")
     write_launch_scripts(build.lite_infer, {build.lite_infer_script.name: script})
-    print(f"lite_infer: {build.lite_infer_script} ({ex.model_parallel} rank(s), {'lite' if ascend else 'graphcell'})",
-          file=sys.stderr)
+    logger.info(f"lite_infer: {build.lite_infer_script} ({ex.model_parallel} rank(s), "
+                f"{'lite' if ascend else 'graphcell'})")
 
 
 def _question(ctx: Context) -> tuple[str, str | None]:
@@ -148,14 +149,14 @@ def _infer(ctx: Context) -> None:
     prompt, expected = _question(ctx)
     result = generate_on_ranks(build.export, build.tokenizer, prompt, max_new_tokens=ex.max_new_tokens,
                                backend="graphcell", batch_size=ex.batch_size, seq_length=ex.seq_length,
-                               progress=stderr_progress)
+                               progress=logger.info)
     doc = result.to_json()
     answer = {"prompt": prompt, "text": doc["text"][0], "prompt_ids": doc["prompt_ids"][0],
               "generated_ids": doc["generated_ids"][0], **({"expected": expected} if expected is not None else {})}
     with ctx.output_file(build.infer) as tmp:
         tmp.write_text(json.dumps(answer, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
     beside = "" if expected is None else f" (expected {expected!r})"
-    print(f"infer: {prompt!r} -> {answer['text']!r}{beside}", file=sys.stderr)
+    logger.info(f"infer: {prompt!r} -> {answer['text']!r}{beside}")
 
 
 def specs(m, build) -> list[TaskSpec]:

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
-import sys
 from pathlib import Path
 
 from qwenbuild.digests import json_digest
@@ -18,6 +18,8 @@ from qwenbuild.tasks.context import Context
 from qwenbuild.tasks.spec import TaskSpec
 from qwenbuild.tasks.weights import MODEL_KEYS
 from qwenbuild.train.msrun import no_tail
+
+logger = logging.getLogger(__name__)
 
 PLAN_KEYS = ("parallel.data_parallel", "parallel.model_parallel", "parallel.pipeline_stage",
              "parallel.vocab_emb_dp", "parallel.offset", "parallel.strategy_dir")
@@ -54,7 +56,7 @@ def _rank_table(ctx: Context) -> None:
         for table in tables:
             (tmp / node_file_name(table)).write_text(dumps(table), encoding="utf-8")
         (tmp / rank_table_file(m, ctx.build).name).write_text(dumps(merged), encoding="utf-8")
-    print(f"rank_table: {len(tables)} node table(s) + merged {rank_table_file(m, ctx.build).name}", file=sys.stderr)
+    logger.info(f"rank_table: {len(tables)} node table(s) + merged {rank_table_file(m, ctx.build).name}")
 
 
 def _strategy(ctx: Context) -> None:
@@ -69,7 +71,7 @@ def _strategy(ctx: Context) -> None:
                                    par.vocab_emb_dp, par.stage_offset)
             for name, text in files.items():
                 (tmp / name).write_text(text, encoding="utf-8")
-    print(f"strategy: {par.world_size} strategy file(s) -> {ctx.build.strategy}", file=sys.stderr)
+    logger.info(f"strategy: {par.world_size} strategy file(s) -> {ctx.build.strategy}")
 
 
 def keyed_dir(build, link: Path, sources: dict, make, label: str) -> None:
@@ -77,7 +79,7 @@ def keyed_dir(build, link: Path, sources: dict, make, label: str) -> None:
     earlier layout stays reusable. `make(tmp)` fills a new one; `sources` maps names to digests."""
     keyed = link.with_name(f"{link.name}-{json_digest(sources)[7:19]}")
     if check_sealed(keyed, Lock(build.lock).read_stats()) is None:
-        print(f"{label}: reusing {keyed.name} (same inputs)", file=sys.stderr)
+        logger.info(f"{label}: reusing {keyed.name} (same inputs)")
     else:
         with atomic_path(keyed, directory=True) as tmp:
             make(tmp)
@@ -125,7 +127,7 @@ def _launch(ctx: Context) -> None:
     scripts = node_scripts(ctx.manifest, build)
     with ctx.output_dir(build.launch) as tmp:
         write_launch_scripts(tmp, scripts)
-    print(f"launch: {', '.join(sorted(scripts))} -> {build.launch}", file=sys.stderr)
+    logger.info(f"launch: {', '.join(sorted(scripts))} -> {build.launch}")
 
 
 def specs(m, build) -> list[TaskSpec]:
@@ -137,8 +139,8 @@ def specs(m, build) -> list[TaskSpec]:
                             _rank_table, keys=HARDWARE_KEYS, inputs=node_tables, dir_outputs=[build.rank_table]))
     else:
         out.append(TaskSpec("rank_table", "RANK_TABLE_FILE for Ascend topologies (a CPU topology needs none)",
-                            lambda ctx: print("rank_table: a CPU topology needs no rank table; msrun uses "
-                                              "--master_addr", file=sys.stderr),
+                            lambda ctx: logger.info("rank_table: a CPU topology needs no rank table; msrun uses "
+                                                    "--master_addr"),
                             keys=("hardware.device",)))
     strategy_dir = m.path_of("parallel.strategy_dir")
     strategy_inputs = sorted(p for p in strategy_dir.iterdir() if p.is_file()) if strategy_dir else []

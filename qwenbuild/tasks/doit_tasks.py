@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import sys
+import logging
 import time
 
 from doit.exceptions import TaskFailed
@@ -17,6 +17,8 @@ from qwenbuild.tasks.context import Context, DeclaredManifest
 from qwenbuild.tasks.spec import TaskSpec, machine, manifest_slice, toolchain
 from qwenbuild.tasks.staleness import input_digests, producers, stale_reasons, task_status, upstream
 
+logger = logging.getLogger(__name__)
+
 
 def run_task(spec: TaskSpec, manifest, build: BuildDir):
     """doit's action: run the task, then record it in qwen.lock; a UserError or OSError fails it with its message,
@@ -25,24 +27,26 @@ def run_task(spec: TaskSpec, manifest, build: BuildDir):
         return _run(spec, manifest, build)
     except BaseException as exc:
         if (stop := interruption(exc)) is not None:
-            print(interrupted_line(f"qwenbuild {spec.name}"), file=sys.stderr)
+            logger.warning(interrupted_line(f"qwenbuild {spec.name}"))
             # doit closes its database on the way out; no later task runs and doit prints no traceback
             raise SystemExit(stop.exit_code) from None
         if not isinstance(exc, (UserError, OSError)):
             raise
         # an OSError is e.g. a full disk while writing qwen.lock itself
         text = str(exc) if isinstance(exc, UserError) else os_error_text(exc)
-        print(f"qwenbuild {spec.name}: error: {text}", file=sys.stderr)
+        logger.error(f"qwenbuild {spec.name}: error: {text}")
     return TaskFailed(f"{spec.name} stopped: see the message above")
 
 
 def _run(spec: TaskSpec, manifest, build: BuildDir):
     lock = Lock(build.lock)
     reasons = stale_reasons(spec, manifest, build.root, lock)
-    print(f"qwenbuild {spec.name}: runs because {'; '.join(reasons)}", file=sys.stderr)
+    logger.info(f"qwenbuild {spec.name}: runs because {'; '.join(reasons)}")
     lock.forget(spec.name)  # from here until the new entry is written the old artifacts are not trusted
     inputs, input_stats = input_digests(spec, build.root, lock)
     missing = [label for label, digest in inputs.items() if digest is None]
+    logger.debug(f"qwenbuild {spec.name}: inputs " + ", ".join(f"{label} {str(digest)[:12]}"
+                                                            for label, digest in inputs.items()))
     if missing:
         raise UserError(f"input {', '.join(missing)} does not exist", hint="build the tasks it comes from first")
     started = time.monotonic()
@@ -52,7 +56,7 @@ def _run(spec: TaskSpec, manifest, build: BuildDir):
         return TaskFailed(f"{spec.name} did not produce {', '.join(map(str, absent))}")
     lock.record(spec.name, spec.artifacts, inputs, manifest_slice(manifest, spec.keys), toolchain(spec.packages),
                 build.root, input_stats, machine(spec.machine))
-    print(f"qwenbuild {spec.name}: done in {time.monotonic() - started:.1f} s", file=sys.stderr)
+    logger.info(f"qwenbuild {spec.name}: done in {time.monotonic() - started:.1f} s")
     return None
 
 

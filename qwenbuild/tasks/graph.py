@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import fcntl
+import logging
 import os
 import sys
 from pathlib import Path
@@ -11,10 +12,13 @@ from pathlib import Path
 from qwenbuild.build_dir import BuildDir
 from qwenbuild.errors import UserError
 from qwenbuild.lock import Lock
+from qwenbuild.logs import configure
 from qwenbuild.manifest import load_manifest
 from qwenbuild.processes import stop_on_signals
 from qwenbuild.store import sweep_stale
 from qwenbuild.tasks.doit_tasks import doit_tasks
+
+logger = logging.getLogger(__name__)
 
 # doit commands that only read: they neither wait for nor block a running build
 _READ_ONLY = {"list", "info", "help", "dumpdb", "strace", "tabcompletion", "forget", "ignore", "reset-dep", "clean"}
@@ -42,8 +46,8 @@ def claim_build_dir(build: BuildDir) -> None:
     except BlockingIOError:
         f.seek(0)
         holder = f.read().strip() or "another process"
-        print(f"qwenbuild: {build.root} is being built by {holder}; waiting for it to finish "
-              "(Ctrl-C to stop waiting)", file=sys.stderr, flush=True)
+        logger.warning(f"qwenbuild: {build.root} is being built by {holder}; waiting for it to finish "
+                       "(Ctrl-C to stop waiting)")
         fcntl.flock(f, fcntl.LOCK_EX)
     f.seek(0)
     f.truncate()
@@ -59,6 +63,7 @@ def dodo_namespace(manifest_path: str, build_dir: str | None = None, argv: list[
     argv = sys.argv if argv is None else argv
     stop_on_signals("qwenbuild")  # doit runs the tasks in this process: SIGTERM stops them as Ctrl-C does
     try:
+        configure()  # QWENBUILD_LOG: doit's own -v and verbosity= are its output's, not qwenbuild's lines
         manifest = load_manifest(Path(manifest_path))
         if build_dir:  # `doit build_dir=...`: the same inputs built elsewhere (qwenbuild verify)
             manifest = dataclasses.replace(manifest, build=dataclasses.replace(manifest.build,
@@ -70,11 +75,11 @@ def dodo_namespace(manifest_path: str, build_dir: str | None = None, argv: list[
             build.root.mkdir(parents=True, exist_ok=True)
         Lock(build.lock).read()  # a damaged lock stops the build here, before doit asks any task if it is stale
     except UserError as exc:
-        print(f"qwenbuild: error: {exc}", file=sys.stderr)
+        logger.error(f"qwenbuild: error: {exc}")
         raise SystemExit(exc.exit_code)
     except OSError as exc:  # the build dir cannot be made or written (read-only, a file in the way, /proc)
-        print(f"qwenbuild: error: cannot use the build dir: {exc.filename}: {exc.strerror or exc}\n"
-              "  hint: set build.dir in qwen.toml (or doit build_dir=DIR) to a writable directory", file=sys.stderr)
+        logger.error(f"qwenbuild: error: cannot use the build dir: {exc.filename}: {exc.strerror or exc}\n"
+                     "  hint: set build.dir in qwen.toml (or doit build_dir=DIR) to a writable directory")
         raise SystemExit(2)
     namespace = doit_tasks(manifest)
     namespace["DOIT_CONFIG"] = {"dep_file": str(build.doit_db), "backend": "sqlite3", "verbosity": 2,

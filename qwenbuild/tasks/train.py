@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
-import sys
 import tempfile
 from pathlib import Path
 
@@ -29,6 +29,8 @@ from qwenbuild.train.finetune import total_steps
 from qwenbuild.train.mindformers_yaml import RunYaml, default_target, write_yaml
 from qwenbuild.train.msrun import run_node_script
 from qwenbuild.train.settings import SCHEMA_KEYS, TrainSettings, read_run_json, write_run_json
+
+logger = logging.getLogger(__name__)
 
 # the rest of the parallel plan, which only MindFormers' YAML spells out
 YAML_KEYS = ("parallel.micro_batch_num", "parallel.vocab_emb_dp", "parallel.use_seq_parallel", "parallel.recompute",
@@ -64,8 +66,7 @@ def _run_config(ctx: Context) -> None:
                    gradient_aggregation_group=par.gradient_aggregation_group, offset=par.stage_offset)
     target = default_target(settings)
     write_yaml(build.mindformers_yaml, run, target)
-    print(f"run_config: {build.run_json.name} and {build.mindformers_yaml.name} ({target}) -> {build.root}",
-          file=sys.stderr)
+    logger.info(f"run_config: {build.run_json.name} and {build.mindformers_yaml.name} ({target}) -> {build.root}")
 
 
 def this_node(m) -> int:
@@ -106,7 +107,7 @@ def drop_damaged_checkpoints(build) -> None:
     for rel, digest in members.items():
         path = build.checkpoint / rel
         if path.is_file() and check_artifact(path, {"kind": "file", "digest": digest}, stats):
-            print(f"finetune: {path} changed since it was saved; training resumes without it", file=sys.stderr)
+            logger.warning(f"finetune: {path} changed since it was saved; training resumes without it")
             path.unlink()
 
 
@@ -131,9 +132,9 @@ def _finetune(ctx: Context) -> None:
     script = build.launch / "node_0.sh"
     if nodes > 1:
         others = ", ".join(f"node_{k}.sh on {n.host}" for k, n in enumerate(m.hardware.nodes) if k)
-        print(f"finetune: start {others} (in {build.launch}) now: msrun waits for them (or submit "
-              f"{build.launch / 'slurm.sbatch'} instead of this)", file=sys.stderr)
-    print(f"finetune: running {script} (node 0 of {nodes})", file=sys.stderr)
+        logger.warning(f"finetune: start {others} (in {build.launch}) now: msrun waits for them (or submit "
+                       f"{build.launch / 'slurm.sbatch'} instead of this)")
+    logger.info(f"finetune: running {script} (node 0 of {nodes})")
     run_node_script(script, build.msrun_log, workers_per_node(m), set_port=nodes == 1)
     checkpoints = write_seal(build.checkpoint)
     # what MindFormers compiled on Ascend (none on CPU) is an artifact of this finetune
@@ -174,8 +175,7 @@ def merge_finetuned(ctx: Context, checkpoints: str) -> None:
     keyed_dir(build, build.merged, {"checkpoints": checkpoints,
                                     "strategy": json_digest({p.name: content_digest(p) for p in strategies})},
               make, "merge")
-    print(f"finetune: {world} rank checkpoint(s) merged into {build.merged_file} (by the {which} strategy files)",
-          file=sys.stderr)
+    logger.info(f"finetune: {world} rank checkpoint(s) merged into {build.merged_file} (by the {which} strategy files)")
 
 
 def _evaluate(ctx: Context, steps: int) -> None:
@@ -186,8 +186,8 @@ def _evaluate(ctx: Context, steps: int) -> None:
                               samples_path=build.output / "heldout_answers.jsonl")
     with events.EventLog(events.rank_dir(build.output, 0)) as log:
         log.scalars(steps, {events.HELDOUT_ACCURACY: result["heldout_accuracy"]})
-    print(f"finetune: held-out accuracy {result['heldout_accuracy']:.1%} ({result['heldout_correct']}/"
-          f"{result['heldout_total']})", file=sys.stderr)
+    logger.info(f"finetune: held-out accuracy {result['heldout_accuracy']:.1%} ({result['heldout_correct']}/"
+                f"{result['heldout_total']})")
 
 
 def _machine(m) -> tuple[str, ...]:

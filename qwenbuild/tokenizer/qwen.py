@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import base64
+import logging
 import os
-import sys
 import time
 from importlib import resources
 from pathlib import Path
@@ -12,6 +12,8 @@ from pathlib import Path
 from qwenbuild.errors import UserError
 from qwenbuild.tokenizer.byte_level import token_text
 from qwenbuild.tokenizer.files import write_tokenizer_files
+
+logger = logging.getLogger(__name__)
 
 QWEN_MERGES = 151_387
 
@@ -74,6 +76,6 @@ def build_qwen_tokenizer(output_dir: str | os.PathLike, tiktoken_file: str | os.
     merges = merges_from_ranks(tokens)
     vocab = [token_text(t) for t in tokens]
     out = write_tokenizer_files(output_dir, vocab, [(token_text(a), token_text(b)) for a, b in merges])
-    print(f"tokenizer: {len(vocab):,} tokens + 3 special, {len(merges):,} merges -> {out} "
-          f"in {time.perf_counter() - start:.1f} s", file=sys.stderr)
+    logger.info(f"tokenizer: {len(vocab):,} tokens + 3 special, {len(merges):,} merges -> {out} "
+                f"in {time.perf_counter() - start:.1f} s")
     return out

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
-import sys
 import time
 from pathlib import Path
 from typing import Iterable
@@ -12,6 +12,8 @@ from typing import Iterable
 from qwenbuild.errors import UserError
 from qwenbuild.tokenizer.files import QWEN_VOCAB_SIZE, SPECIAL_TOKENS, write_tokenizer_files
 from qwenbuild.tokenizer.load import with_qwen_text_rules
+
+logger = logging.getLogger(__name__)
 
 _BYTES = 256
 
@@ -44,6 +46,6 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, output_dir: str | os.
                         hint=f"use vocab_size <= {len(vocab) + len(SPECIAL_TOKENS)} or train on more text")
     merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in model["merges"]]
     out = write_tokenizer_files(output_dir, vocab, merges)
-    print(f"tokenizer: trained {len(vocab)} tokens + 3 special, {len(merges)} merges -> {out} "
-          f"in {time.perf_counter() - start:.1f} s", file=sys.stderr)
+    logger.info(f"tokenizer: trained {len(vocab)} tokens + 3 special, {len(merges)} merges -> {out} "
+                f"in {time.perf_counter() - start:.1f} s")
     return out

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-import sys
+import logging
 import time
 from pathlib import Path
 
@@ -18,6 +18,8 @@ from qwenbuild.tokenizer.files import ENDOFTEXT, IM_END
 from qwenbuild.tokenizer.load import load_tokenizer
 from qwenbuild.train.progress import write_metrics
 from qwenbuild.weights.mindspore_ckpt import load_weights
+
+logger = logging.getLogger(__name__)
 
 EVAL_BATCH = 64
 
@@ -107,7 +109,7 @@ def evaluate_heldout(ckpt: str | Path, cfg: QwenConfig, tokenizer_dir: str | Pat
     for start in range(0, len(prompts), decoder.batch):
         chunk = decoder.generate(prompts[start:start + decoder.batch], max_new_tokens, eos_ids)
         answers.extend(_answer(tokenizer, ids, eos_ids) for ids in chunk)
-        print(f"eval: {len(answers)}/{len(prompts)} prompts", file=sys.stderr, flush=True)
+        logger.info(f"eval: {len(answers)}/{len(prompts)} prompts")
     right = [a.strip() == ref.strip() for a, (_, ref) in zip(answers, examples)]
     by_task: dict[str, list[bool]] = {}
     for row, ok in zip(rows, right):
@@ -126,6 +128,6 @@ def evaluate_heldout(ckpt: str | Path, cfg: QwenConfig, tokenizer_dir: str | Pat
             tmp.write_text("".join(json.dumps({"prompt": text, "answer": a, "reference": ref, "correct": ok},
                                               ensure_ascii=False) + "\n"
                                    for (text, ref), a, ok in zip(examples, answers, right)), encoding="utf-8")
-    print(f"held-out: {result['heldout_correct']}/{result['heldout_total']} exactly right "
-          f"({100 * result['heldout_accuracy']:.1f}%) in {result['eval_s']:.1f} s", file=sys.stderr, flush=True)
+    logger.info(f"held-out: {result['heldout_correct']}/{result['heldout_total']} exactly right "
+                f"({100 * result['heldout_accuracy']:.1f}%) in {result['eval_s']:.1f} s")
     return result

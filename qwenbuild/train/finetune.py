@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from pathlib import Path
@@ -14,6 +15,8 @@ from qwenbuild.train import checkpoint, data, events
 from qwenbuild.train.progress import Progress, plot_loss, write_metrics
 from qwenbuild.train.schedule import schedule
 from qwenbuild.train.settings import TrainSettings, check_parallel
+
+logger = logging.getLogger(__name__)
 
 METRICS = "metrics.json"
 LOSS_PLOT = "loss.png"
@@ -110,7 +113,8 @@ def finetune(settings: TrainSettings, process: int = 0, processes: int = 1, prog
     check_parallel(settings)
     if processes != settings.processes:
         raise UserError(f"run.json says data_parallel = {settings.data_parallel} x model_parallel = "
-                        f"{settings.model_parallel}, {settings.processes} processes, but {processes} worker process(es) started",
+                        f"{settings.model_parallel}, {settings.processes} processes, but {processes} worker "
+                        "process(es) started",
                         hint="start data_parallel x model_parallel msrun workers")
     began = time.monotonic()
     start_mindspore(settings, processes)
@@ -124,8 +128,8 @@ def finetune(settings: TrainSettings, process: int = 0, processes: int = 1, prog
     lrs = schedule(total, settings.learning_rate, settings.warmup_ratio, settings.lr_end)
     net, train_step = build(settings, layout)
     if layout.pipeline_stage > 1 and process == 0:
-        print(f"pipeline_stage={layout.pipeline_stage}: each process runs the layers of every stage in sequence "
-              "(CPU has no send/receive between processes); checkpoints are written per stage's rank", flush=True)
+        logger.info(f"pipeline_stage={layout.pipeline_stage}: each process runs the layers of every stage in sequence "
+                    "(CPU has no send/receive between processes); checkpoints are written per stage's rank")
     # hashes the training data and initial weights: once per run, not at every save
     digest = settings.result_digest()
     first, history = start_state(settings, train_step, layout, per_epoch, digest)
@@ -172,9 +176,9 @@ def finetune(settings: TrainSettings, process: int = 0, processes: int = 1, prog
     if process == 0:
         write_metrics(Path(settings.output_dir) / METRICS, metrics, merge=False)
         plot_loss(Path(settings.output_dir) / LOSS_PLOT, losses, lrs[:len(losses)])
-        print(f"trained {total} steps in {metrics['wall_s']:.1f} s: loss {losses[0]:.4f} -> {losses[-1]:.4f}, "
-              f"{metrics['tokens_per_s']:.0f} tokens/s over {processes} worker(s); "
-              f"checkpoint {metrics['checkpoint']}", flush=True)
+        logger.info(f"trained {total} steps in {metrics['wall_s']:.1f} s: loss {losses[0]:.4f} -> {losses[-1]:.4f}, "
+                    f"{metrics['tokens_per_s']:.0f} tokens/s over {processes} worker(s); "
+                    f"checkpoint {metrics['checkpoint']}")
     return metrics
 
 

@@ -12,6 +12,7 @@ finite-gradient check in place of the Ascend overflow-status kernel.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 import time
@@ -21,10 +22,13 @@ import numpy as np
 
 from qwenbuild.errors import UserError
 from qwenbuild.flags import str2bool
+from qwenbuild.logs import configure
 from qwenbuild.processes import follow_parent
 from qwenbuild.train.mindformers_tokenizer import register_qwen2_tokenizer
 from qwenbuild.train.events import TOKENS_PER_S
 from qwenbuild.train.worker import exit_code
+
+logger = logging.getLogger(__name__)
 
 RUN_MODES = ("train", "finetune", "predict")
 LOG_PREFIX = "mindformers_run:"
@@ -53,7 +57,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def log(message: str) -> None:
-    print(f"{LOG_PREFIX} {message}", flush=True)
+    logger.info(f"{LOG_PREFIX} {message}")
 
 
 def _set(section, key: str, value, where: str, why: str = "CPU") -> None:
@@ -205,4 +209,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    configure()  # this process's lines in its msrun log, at the level QWENBUILD_LOG asks for
     sys.exit(main())

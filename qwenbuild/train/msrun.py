@@ -3,6 +3,7 @@ progress, and report the log of a rank that failed."""
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import sys
@@ -10,10 +11,13 @@ import time
 from pathlib import Path
 
 from qwenbuild.errors import UserError
+from qwenbuild.logs import shows
 from qwenbuild.parallel.launch_scripts import PORT_VARIABLE, free_port, local_msrun
 from qwenbuild.processes import start_child, stop_child
 from qwenbuild.train import worker
 from qwenbuild.train.progress import STEP_LINE, bar
+
+logger = logging.getLogger(__name__)
 
 TAIL_LINES = 25
 # lines of a worker log worth echoing: our own progress and summaries, never MindSpore's log chatter
@@ -74,7 +78,8 @@ class _Echo:
     def _show(self, line: str) -> None:
         if self.show_bar:
             sys.stderr.write("\r\033[K")
-        print(line, file=sys.stderr, flush=True)
+        # a worker's error stays an error here, shown also when progress is not
+        logger.log(logging.ERROR if line.startswith(worker.ERROR_MARK) else logging.INFO, line)
         m = STEP_LINE.match(line)
         if self.show_bar and m:
             sys.stderr.write(bar(int(m.group(1)), int(m.group(2))))
@@ -99,7 +104,7 @@ def run_workers(argv: list[str], log_dir: str | Path, worker_count: int, env: di
     log_dir.mkdir(parents=True, exist_ok=True)
     for old in [*log_dir.glob("worker_*.log"), log_dir / "scheduler.log", log_dir / "msrun.log"]:
         old.unlink(missing_ok=True)
-    echo = _Echo(log_dir / "worker_0.log", sys.stderr.isatty())
+    echo = _Echo(log_dir / "worker_0.log", sys.stderr.isatty() and shows())
     with open(log_dir / "msrun.log", "w", encoding="utf-8") as out:
         # msrun in a session of its own: a terminal's Ctrl-C reaches only qwenbuild, which stops the whole tree
         proc = start_child(argv, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)

@@ -13,13 +13,17 @@ from __future__ import annotations
 
 import argparse
 import importlib.metadata
+import logging
 import sys
 from pathlib import Path
 
 from qwenbuild.build_dir import BuildDir
 from qwenbuild.errors import UserError
 from qwenbuild.lock import Lock, check_artifact
+from qwenbuild.logs import configure
 from qwenbuild.parallel.hosts import identity_problem
+
+logger = logging.getLogger(__name__)
 
 # the packages whose versions a node must share with the build host, when the lock records them
 NODE_PACKAGES = ("qwenbuild", "mindspore", "mindformers")
@@ -92,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return _check_node(args)
     except UserError as exc:  # a damaged lock: named, no traceback
-        print(f"{ERROR} node {args.node}: {exc}", file=sys.stderr)
+        logger.error(f"{ERROR} node {args.node}: {exc}")
         return 2
 
 
@@ -100,25 +104,25 @@ def _check_node(args) -> int:
     if args.host and args.ip:
         wrong = identity_problem(args.host, args.ip)
         if wrong:
-            print(f"{ERROR} node {args.node}: this machine is not hardware.nodes[{args.node}] (host {args.host}, "
-                  f"ip {args.ip}): {wrong}; start node_{args.node}.sh on {args.host}, or correct hardware.nodes in "
-                  "qwen.toml", file=sys.stderr)
+            logger.error(f"{ERROR} node {args.node}: this machine is not hardware.nodes[{args.node}] (host "
+                         f"{args.host}, ip {args.ip}): {wrong}; start node_{args.node}.sh on {args.host}, or correct "
+                         "hardware.nodes in qwen.toml")
             return 2
     first = args.node * args.workers
     who = f"node {args.node}" + (f" ({args.host})" if args.host else "")
     build = BuildDir(Path(args.build_dir))
     found = version_problems(Lock(build.lock), args.toolchain_of) if args.toolchain_of else []
     for problem in found:
-        print(f"{ERROR} {who}: {problem}", file=sys.stderr)
+        logger.error(f"{ERROR} {who}: {problem}")
     if found:
         return 2
     found = problems(build, args.artifacts, (first, first + args.workers - 1))
     for problem in found:
-        print(f"{ERROR} {who}: {problem}", file=sys.stderr)
+        logger.error(f"{ERROR} {who}: {problem}")
     if found:
-        print(f"{ERROR} node {args.node} does not see the build host's {build.root} as it was built: every node "
-              "needs the build dir at the same path, with the same bytes (a shared filesystem, or identical copies)",
-              file=sys.stderr)
+        logger.error(f"{ERROR} node {args.node} does not see the build host's {build.root} as it was built: every "
+                     "node needs the build dir at the same path, with the same bytes (a shared filesystem, or "
+                     "identical copies)")
         return 2
     versions = ", ".join(f"{p} {installed_version(p)}" for p in NODE_PACKAGES)
     print(f"node_check: {who} sees {len(args.artifacts)} artifacts as qwen.lock records them; {versions} on "
@@ -127,4 +131,5 @@ def _check_node(args) -> int:
 
 
 if __name__ == "__main__":
+    configure()  # this process's lines in its msrun log, at the level QWENBUILD_LOG asks for
     sys.exit(main())

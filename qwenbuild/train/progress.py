@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import json
+import logging
 import re
 import sys
 import time
 from pathlib import Path
-from typing import TextIO
 
+from qwenbuild.logs import shows
 from qwenbuild.store import atomic_path
+
+logger = logging.getLogger(__name__)
 
 STEP_LINE = re.compile(r"^step (\d+)/(\d+) loss ([\d.eE+-]+|nan|inf) lr ([\d.eE+-]+) ")
 
@@ -31,13 +34,12 @@ def bar(step: int, total: int, width: int = 30) -> str:
 
 
 class Progress:
-    """Prints step lines to `out`; on a terminal, redraws a bar under them on stderr."""
+    """Logs step lines; on a terminal, redraws a bar under them on stderr while they are shown."""
 
-    def __init__(self, total: int, first_step: int = 0, out: TextIO | None = None, show_bar: bool | None = None):
+    def __init__(self, total: int, first_step: int = 0, show_bar: bool | None = None):
         self.total = total
         self.first_step = first_step
-        self.out = out or sys.stderr
-        self.show_bar = sys.stderr.isatty() if show_bar is None else show_bar
+        self.show_bar = sys.stderr.isatty() and shows() if show_bar is None else show_bar
         self.started = None
 
     def step(self, step: int, loss: float, lr: float, tokens: int, seconds: float) -> None:
@@ -52,7 +54,7 @@ class Progress:
     def line(self, text: str, step: int | None = None) -> None:
         if self.show_bar:
             sys.stderr.write("\r\033[K")
-        print(text, file=self.out, flush=True)
+        logger.info(text)
         if self.show_bar and step is not None:
             sys.stderr.write(bar(step, self.total))
             sys.stderr.flush()

@@ -7,14 +7,18 @@ strategy files (train.finetune).
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 from typing import Callable
 
 from qwenbuild.errors import UserError
+from qwenbuild.logs import configure
 from qwenbuild.processes import follow_parent
 from qwenbuild.train.finetune import finetune
 from qwenbuild.train.settings import read_run_json
+
+logger = logging.getLogger(__name__)
 
 ERROR_MARK = "qwenbuild worker error:"
 
@@ -40,7 +44,7 @@ def exit_code(run: Callable[[], None]) -> int:
     try:
         run()
     except UserError as exc:
-        print(f"{ERROR_MARK} {exc}", file=sys.stderr, flush=True)
+        logger.error(f"{ERROR_MARK} {exc}")
         return 2
     return 0
 
@@ -59,4 +63,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    configure()  # this process's lines in its msrun log, at the level QWENBUILD_LOG asks for
     sys.exit(main())

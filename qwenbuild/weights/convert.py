@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,11 +12,12 @@ from typing import Callable
 
 from qwenbuild import dtypes
 from qwenbuild.dtypes import ITEMSIZE
-from qwenbuild.logs import stderr_progress
 from qwenbuild.model.config import QwenConfig
 from qwenbuild.model.params import CONFIG_ENTRY, check_names, hf_to_ms, ms_to_hf, parameter_shapes
 from qwenbuild.store import atomic_path
 from qwenbuild.weights import hf_source, mindspore_ckpt
+
+logger = logging.getLogger(__name__)
 
 # buffers some HF checkpoints carry that are recomputed, not learned
 _RECOMPUTED = (".rotary_emb.inv_freq",)
@@ -61,7 +63,7 @@ def conversion_tensors(torch_ckpt_dir, dtype: str | None = None) -> tuple[QwenCo
 
 
 def convert_weight(torch_ckpt_dir, mindspore_ckpt_path, dtype: str | None = None,
-                   progress: Callable[[str], None] | None = stderr_progress) -> dict:
+                   progress: Callable[[str], None] | None = logger.info) -> dict:
     """Convert a Hugging Face Qwen1.5 directory to one MindSpore checkpoint; returns a summary dict.
 
     `dtype` is None (keep each tensor's dtype), "bf16"/"bfloat16", "fp16"/"float16" or "fp32"/"float32".

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import time
 from pathlib import Path
 from typing import Callable
@@ -11,13 +12,14 @@ from typing import Callable
 from qwenbuild import dtypes
 from qwenbuild.errors import UserError
 from qwenbuild.jsonfile import read_json
-from qwenbuild.logs import stderr_progress
 from qwenbuild.model.config import QwenConfig
 from qwenbuild.model.params import (CONFIG_ENTRY, EMBEDDING, check_names, is_beside_weights, ms_to_hf,
                                       parameter_shapes, split_layer_name)
 from qwenbuild.store import atomic_path
 from qwenbuild.weights import hf_output, mindspore_ckpt
 from qwenbuild.weights.safetensors_file import TensorToWrite
+
+logger = logging.getLogger(__name__)
 
 # hidden_size -> (num_heads, rope_theta) of the published Qwen1.5 sizes: head count is not visible in tensor shapes
 QWEN1_5_SIZES = {1024: (16, 1e6), 2048: (16, 1e6), 2560: (20, 5e6), 4096: (32, 1e6), 5120: (40, 1e6),
@@ -60,7 +62,7 @@ def _config_file(path: Path) -> QwenConfig:
 
 def convert_reversed(mindspore_ckpt_path, torch_ckpt_path, config: QwenConfig | str | Path | None = None,
                      max_shard_bytes: int = hf_output.MAX_SHARD_BYTES,
-                     progress: Callable[[str], None] | None = stderr_progress) -> dict:
+                     progress: Callable[[str], None] | None = logger.info) -> dict:
     """Write a Hugging Face model directory from a MindSpore checkpoint; optimizer state is dropped.
 
     `config` is a QwenConfig, a config.json path or a directory holding one; None infers it from tensor shapes.
