@@ -59,7 +59,8 @@ def _worker_argv(spec: dict, work: Path) -> list[str]:
     module = ["-m", worker.__name__, str(work / "spec.json")]
     if spec["model_parallel"] == 1:
         return [sys.executable] + module
-    return local_msrun(spec["model_parallel"], work / "logs", module,
+    # msrun takes a leading `python` as the interpreter to start (found on PATH: this one's bin first)
+    return local_msrun(spec["model_parallel"], work / "logs", ["python"] + module,
                        Path(sys.executable).parent)
 
 

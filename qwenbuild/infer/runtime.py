@@ -265,7 +265,8 @@ def generate_on_ranks(mindir_root_dir, tokenizer, prompts, *, progress=None, **o
         (work / "spec.json").write_text(json.dumps(spec, ensure_ascii=False))
         if progress:
             progress(f"infer: {info.model_parallel} tensor-parallel ranks under msrun")
-        argv = local_msrun(info.model_parallel, work / "logs", ["-m", WORKER_MODULE, str(work / "spec.json")],
+        # msrun takes a leading `python` as the interpreter to start (found on PATH: this one's bin first)
+        argv = local_msrun(info.model_parallel, work / "logs", ["python", "-m", WORKER_MODULE, str(work / "spec.json")],
                            Path(sys.executable).parent)
         env = dict(os.environ, PATH=str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", ""))
         proc = run_child(argv, cwd=work, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, env=env)
