@@ -8,7 +8,10 @@ import os
 import platform
 from pathlib import Path
 
-from qwenbuild import machine
+import pytest
+
+from qwenbuild import compare, machine
+from qwenbuild.compare import first_difference
 from qwenbuild.build_dir import BuildDir
 from qwenbuild.lock import Lock
 from qwenbuild.machine import cpu_record
@@ -92,3 +95,21 @@ def test_machine_changes_in_words():
     assert machine_changes(here, here) == () and machine_changes(here, None) == ()
     assert machine_changes(None, here) == ("qwen.lock has no machine record for it (written before qwen.lock "
                                            "recorded machines)",)
+
+
+def test_a_file_that_cannot_be_read_is_the_difference_and_a_bug_is_not(tmp_path, monkeypatch):
+    good, cut = tmp_path / "a.ckpt", tmp_path / "b.ckpt"
+    good.write_bytes(b"")
+    cut.write_bytes(b"\x0a\x05")
+    found = first_difference(good, cut)
+    assert found.startswith("unreadable: ") and str(good) in found and "not a MindSpore checkpoint" in found
+    missing = first_difference(tmp_path / "gone.txt", tmp_path / "also-gone.txt")
+    assert missing.startswith("unreadable: ") and "gone.txt" in missing
+    (tmp_path / "c.txt").write_text("x\n")
+
+    def broken(a, b):
+        raise TypeError("a bug in the comparison")
+
+    monkeypatch.setattr(compare, "_lines", broken)
+    with pytest.raises(TypeError, match="a bug in the comparison"):
+        first_difference(tmp_path / "c.txt", tmp_path / "c.txt")
