@@ -45,8 +45,8 @@ def _run(spec: TaskSpec, manifest, build: BuildDir):
     lock.forget(spec.name)  # from here until the new entry is written the old artifacts are not trusted
     inputs, input_stats = input_digests(spec, build.root, lock)
     missing = [label for label, digest in inputs.items() if digest is None]
-    logger.debug(f"qwenbuild {spec.name}: inputs " + ", ".join(f"{label} {str(digest)[:12]}"
-                                                            for label, digest in inputs.items()))
+    logger.debug(f"qwenbuild {spec.name}: inputs " + (", ".join(f"{label} {str(digest)[:12]}"
+                                                             for label, digest in inputs.items()) or "none"))
     if missing:
         raise UserError(f"input {', '.join(missing)} does not exist", hint="build the tasks it comes from first")
     started = time.monotonic()
