@@ -24,7 +24,8 @@ from qwenbuild.parallel.rank_layout import process_layout
 from qwenbuild.processes import follow_parent
 from qwenbuild.weights.mindspore_ckpt import load_with_crc
 
-logger = logging.getLogger(__name__)
+# started as `python -m`, this module is __main__: its lines go under its package name all the same
+logger = logging.getLogger(__spec__.name if __name__ == "__main__" else __name__)
 
 VERBOSE = True
 

@@ -16,7 +16,8 @@ from qwenbuild.infer.runtime import generate, join_ranks
 from qwenbuild.logs import configure
 from qwenbuild.processes import follow_parent
 
-logger = logging.getLogger(__name__)
+# started as `python -m`, this module is __main__: its lines go under its package name all the same
+logger = logging.getLogger(__spec__.name if __name__ == "__main__" else __name__)
 
 ERROR_MARK = "qwenbuild infer error:"
 

@@ -28,7 +28,8 @@ from qwenbuild.train.mindformers_tokenizer import register_qwen2_tokenizer
 from qwenbuild.train.events import TOKENS_PER_S
 from qwenbuild.train.worker import exit_code
 
-logger = logging.getLogger(__name__)
+# started as `python -m`, this module is __main__: its lines go under its package name all the same
+logger = logging.getLogger(__spec__.name if __name__ == "__main__" else __name__)
 
 RUN_MODES = ("train", "finetune", "predict")
 LOG_PREFIX = "mindformers_run:"

@@ -23,7 +23,8 @@ from qwenbuild.lock import Lock, check_artifact
 from qwenbuild.logs import configure
 from qwenbuild.parallel.hosts import identity_problem
 
-logger = logging.getLogger(__name__)
+# started as `python -m`, this module is __main__: its lines go under its package name all the same
+logger = logging.getLogger(__spec__.name if __name__ == "__main__" else __name__)
 
 # the packages whose versions a node must share with the build host, when the lock records them
 NODE_PACKAGES = ("qwenbuild", "mindspore", "mindformers")

@@ -18,7 +18,8 @@ from qwenbuild.processes import follow_parent
 from qwenbuild.train.finetune import finetune
 from qwenbuild.train.settings import read_run_json
 
-logger = logging.getLogger(__name__)
+# started as `python -m`, this module is __main__: its lines go under its package name all the same
+logger = logging.getLogger(__spec__.name if __name__ == "__main__" else __name__)
 
 ERROR_MARK = "qwenbuild worker error:"
 
