@@ -38,6 +38,9 @@ device_ips = ["10.1.1.1", "10.1.1.2", "10.1.1.3", "10.1.1.4"]
 # every task that needs no training and no msrun, on the 2 x 4 Ascend topology (dp2 x mp2 x pp2, export mp 2)
 TASKS = ["rank_table", "strategy", "shard", "launch", "run_config", "predict", "lite_ini", "lite_infer"]
 
+# every test here reads one doit build of the 72B-shaped Ascend tree's weightless tasks
+pytestmark = pytest.mark.slow
+
 
 def ascend_manifest(directory: Path) -> Path:
     text = (REPO / "qwen.toml").read_text(encoding="utf-8")

@@ -37,6 +37,7 @@ def doit(manifest: Path, *tasks: str) -> None:
     assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
 
 
+@pytest.mark.slow
 def test_the_predict_yaml_tokenizer_builds_through_mindformers(tmp_path, qwen_dir):
     from mindformers.models.build_tokenizer import build_tokenizer
     from mindformers.tools.register import MindFormerConfig
