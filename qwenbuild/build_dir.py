@@ -83,6 +83,11 @@ class BuildDir:
         return self.merged / "rank_0" / "checkpoint_0.ckpt"
 
     @property
+    def adapter(self) -> Path:
+        """The trained LoRA adapters in PEFT's format: adapter_config.json, adapter_model.safetensors."""
+        return self.root / "adapter"
+
+    @property
     def export_shards(self) -> Path:
         """The weights cut for the export topology: strategy/ (dp 1 x export.model_parallel) and shards/rank_N/."""
         return self.output / "export_checkpoint"

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+from qwenbuild.model.lora import rank_problems
 from qwenbuild.parallel.plan_rules import plan_problems
 from qwenbuild.tokenizer.files import QWEN_VOCAB_SIZE
 
 
 def manifest_problems(m) -> list:
     """Every broken rule as a Problem naming the key to change."""
-    return _plan(m) + _lengths(m) + _nodes(m) + _tokenizer(m) + _data(m)
+    return _plan(m) + _lengths(m) + _nodes(m) + _tokenizer(m) + _data(m) + _lora(m)
 
 
 def _plan(m) -> list:
@@ -86,3 +87,11 @@ def _data(m) -> list:
                                                                          else "") + "); raise num_train or lower "
                                                "train.batch_size")]
     return []
+
+
+def _lora(m) -> list:
+    lora = m.train.lora_config
+    if lora is None:
+        return []
+    return [m.problem("train.lora.rank", f"{problem}; lower train.lora.rank or leave that target out")
+            for problem in rank_problems(m.model.config, lora.rank, lora.targets)]

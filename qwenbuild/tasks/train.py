@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 import socket
 import sys
@@ -9,43 +11,54 @@ import tempfile
 from pathlib import Path
 
 from qwenbuild.data.mindrecord import shard_files
+from qwenbuild.digests import json_digest
 from qwenbuild.errors import UserError
-from qwenbuild.lock import Lock, check_artifact
-from qwenbuild.model.params import CONFIG_ENTRY, is_beside_weights
+from qwenbuild.lock import Lock, check_artifact, check_sealed
+from qwenbuild.model.lora import LoraConfig, is_adapter
+from qwenbuild.model.params import CONFIG_ENTRY, LORA_ENTRY, is_beside_weights
 from qwenbuild.parallel.reshard import transform_ckpt
-from qwenbuild.store import read_seal, seal_path, write_seal
+from qwenbuild.store import atomic_path, read_seal, remove, seal_path, write_seal
 from qwenbuild.tasks.context import Context
-from qwenbuild.tasks.distributed import keyed_dir, workers_per_node
+from qwenbuild.tasks.distributed import keyed_dir, lora_keys, workers_per_node
 from qwenbuild.tasks.spec import TaskSpec
 from qwenbuild.tasks.weights import MODEL_KEYS
 from qwenbuild.tokenizer.files import ENDOFTEXT, read_vocab, special_ids
-from qwenbuild.train.checkpoint import finished_checkpoint
+from qwenbuild.train.checkpoint import finished_checkpoint, read_meta
 from qwenbuild.train.data import check_mindrecord
 from qwenbuild.train.evaluate import evaluate_heldout
 from qwenbuild.train.finetune import total_steps
 from qwenbuild.train.mindformers_yaml import RunYaml, default_target, write_yaml
 from qwenbuild.train.msrun import run_node_script
+from qwenbuild.train.progress import write_metrics
 from qwenbuild.train.settings import SCHEMA_KEYS, TrainSettings, read_run_json, write_run_json
+from qwenbuild.weights.lora import merge_lora, read_adapters, write_peft_adapter
 
 # the rest of the parallel plan, which only MindFormers' YAML spells out
 YAML_KEYS = ("parallel.micro_batch_num", "parallel.vocab_emb_dp", "parallel.use_seq_parallel", "parallel.recompute",
              "parallel.gradient_aggregation_group", "parallel.offset")
 RUN_CONFIG_KEYS = MODEL_KEYS + tuple(SCHEMA_KEYS.values()) + ("dataset.file_partition", "hardware.device") + YAML_KEYS
+# a run's checkpoints hold this record of the inputs they were trained from, so a run can be reused
+RUN_INPUTS = "run_inputs.json"
 
 
-def run_settings(m, build) -> TrainSettings:
-    """run.json's settings: the qwen.toml keys of SCHEMA_KEYS by name, plus the build's paths."""
+def run_settings(m, build, lora: LoraConfig | None = None) -> TrainSettings:
+    """run.json's settings: the qwen.toml keys of SCHEMA_KEYS by name, plus the build's paths and the adapters to
+    train (None: every weight)."""
     # MindDataset finds the other shards of a MindRecord from any one of them
     train_data = shard_files(build.mindrecord_file, m.dataset.file_partition)[0]
     return TrainSettings(model=m.model.config, train_data=str(train_data), output_dir=str(build.output),
                          init_checkpoint=str(build.transformed), strategy_dir=str(build.strategy),
-                         device_target="Ascend" if m.hardware.device == "ascend" else "CPU",
+                         device_target="Ascend" if m.hardware.device == "ascend" else "CPU", lora=lora,
                          **{name: m.value(key) for name, key in SCHEMA_KEYS.items()})
+
+
+def lora_config(m) -> LoraConfig | None:
+    return m.train.lora_config if m.value("train.method") == "lora" else None
 
 
 def _run_config(ctx: Context) -> None:
     m, build, par = ctx.manifest, ctx.build, ctx.manifest.parallel
-    settings = run_settings(m, build)
+    settings = run_settings(m, build, lora_config(m))
     write_run_json(build.run_json, settings)
     pad = special_ids(read_vocab(build.tokenizer / "vocab.json"))[ENDOFTEXT]
     run = RunYaml(settings, micro_batch_num=par.micro_batch_num, vocab_emb_dp=par.vocab_emb_dp,
@@ -95,17 +108,71 @@ def drop_damaged_checkpoints(build) -> None:
             path.unlink()
 
 
+def use_slot(build, method: str) -> Path:
+    """output/checkpoint links to output/checkpoint-<method>, where that method's last run trains: switching
+    method keeps the other one's run, to be reused when its inputs come back."""
+    link, slot = build.checkpoint, build.checkpoint.with_name(f"checkpoint-{method}")
+    if link.is_dir() and not link.is_symlink():
+        # a build dir from before the slots held a full fine-tune there
+        remove(link.with_name("checkpoint-full"))
+        os.replace(link, link.with_name("checkpoint-full"))
+    slot.mkdir(parents=True, exist_ok=True)
+    if not (link.is_symlink() and os.readlink(link) == slot.name):
+        with atomic_path(link) as tmp:
+            os.symlink(slot.name, tmp)
+    return slot
+
+
+def run_inputs(ctx: Context, engine: str) -> dict:
+    """What decides a run's result: the engine and the digests of run.json, the data, the shards, the strategy
+    files and the launch scripts (and the YAML MindFormers reads)."""
+    build, lock = ctx.build, Lock(ctx.build.lock)
+    paths = [build.run_json, build.mindrecord, build.transformed, build.strategy, build.launch] + \
+        ([build.mindformers_yaml] if engine == "mindformers" else [])
+    return {"engine": engine, "inputs": {p.relative_to(build.root).as_posix(): lock.digest_of(p, build.root)
+                                         for p in paths}}
+
+
+def finished_run(slot: Path, inputs: dict, build) -> bool:
+    """True when the slot holds a complete run of these inputs."""
+    try:
+        recorded = json.loads((slot / RUN_INPUTS).read_text(encoding="utf-8"))
+    except (FileNotFoundError, ValueError):
+        return False
+    return recorded == inputs and check_sealed(slot, Lock(build.lock).read_stats()) is None
+
+
 def _finetune(ctx: Context) -> None:
     m, build = ctx.manifest, ctx.build
     settings = read_run_json(build.run_json)  # refuses model/pipeline parallel on CPU with the reason
     # too few rows for one global batch is found here, before msrun starts workers that compile the graph
     total_steps(settings, check_mindrecord(settings.train_data, settings.seq_length))
-    if m.train.engine_on(m.hardware.device) == "mindformers":
+    engine = m.train.engine_on(m.hardware.device)
+    method = "lora" if settings.lora else "full"
+    slot, inputs = use_slot(build, method), run_inputs(ctx, engine)
+    if finished_run(slot, inputs, build):
+        print(f"finetune: reusing the finished {method} fine-tune in {slot} (same inputs)", file=sys.stderr)
+        history = read_meta(build.output, 0).get("history", {})
+        write_metrics(build.metrics, {**history, "reused": slot.name}, merge=False)
+        checkpoints = json_digest(read_seal(slot))
+    else:
+        checkpoints = _train(ctx, engine, inputs)
+    merge_finetuned(ctx, checkpoints, settings.lora)
+    if m.hardware.device == "cpu" and m.dataset.source == "builtin" and m.dataset.num_heldout:
+        _evaluate(ctx)
+
+
+def _train(ctx: Context, engine: str, inputs: dict) -> str:
+    """Run node 0's launch script (the other nodes' are started by hand or by Slurm); the sealed checkpoints'
+    digest."""
+    m, build = ctx.manifest, ctx.build
+    if engine == "mindformers":
         # MindFormers starts from the shards each time: nothing of another run may be taken for its result
         clear_checkpoints(build.checkpoint)
     drop_damaged_checkpoints(build)
     # unsealed while training: a killed run is resumed, never taken as complete
     seal_path(build.checkpoint).unlink(missing_ok=True)
+    (build.checkpoint / RUN_INPUTS).unlink(missing_ok=True)
     node, nodes = this_node(m), len(m.hardware.nodes)
     if node:
         raise UserError(f"this machine is node {node} of {nodes}: doit builds and trains from node 0",
@@ -117,28 +184,65 @@ def _finetune(ctx: Context) -> None:
               f"{build.launch / 'slurm.sbatch'} instead of this)", file=sys.stderr)
     print(f"finetune: running {script} (node 0 of {nodes})", file=sys.stderr)
     run_node_script(script, build.msrun_log, workers_per_node(m), set_port=nodes == 1)
-    checkpoints = write_seal(build.checkpoint)
-    merge_finetuned(ctx, checkpoints)
-    if m.hardware.device == "cpu" and m.dataset.source == "builtin" and m.dataset.num_heldout:
-        _evaluate(ctx)
+    (build.checkpoint / RUN_INPUTS).write_text(json.dumps(inputs, indent=1, sort_keys=True) + "\n",
+                                               encoding="utf-8")
+    return write_seal(build.checkpoint)
 
 
-def merge_finetuned(ctx: Context, checkpoints: str) -> None:
+def _last_checkpoints(build, world: int, staging: Path) -> Path:
+    """staging/rank_N/last.ckpt linking every rank's last checkpoint, as transform_ckpt reads a layout."""
+    for rank in range(world):
+        (staging / f"rank_{rank}").mkdir(parents=True)
+        os.symlink(finished_checkpoint(build.output, rank).resolve(), staging / f"rank_{rank}" / "last.ckpt")
+    return staging
+
+
+def complete_adapters(build, world: int, lora: LoraConfig, cfg, work: Path) -> dict:
+    """The adapters of every rank's last checkpoint joined, by the strategy files, into whole tensors."""
+    transform_ckpt(build.strategy, None, _last_checkpoints(build, world, work / "ranks"), work / "adapters",
+                   progress=None, keep=lambda name: name == LORA_ENTRY or is_adapter(name))
+    return read_adapters(work / "adapters" / "rank_0" / "checkpoint_0.ckpt", lora, cfg)
+
+
+def merge_finetuned(ctx: Context, checkpoints: str, lora: LoraConfig | None = None) -> None:
     """Every rank's last checkpoint merged, by the strategy files, into one complete checkpoint of the weights
-    (what convert_reversed, export and the held-out evaluation read), cached by the checkpoints' content."""
-    build, world = ctx.build, ctx.manifest.parallel.world_size
+    (what convert_reversed, export and the held-out evaluation read), cached by the checkpoints' content. After
+    LoRA, the adapters are joined and added to the converted weights: W + alpha / rank * B A where they train,
+    the converted bytes elsewhere."""
+    build, world, lock = ctx.build, ctx.manifest.parallel.world_size, Lock(ctx.build.lock)
 
     def make(tmp: Path) -> None:
         with tempfile.TemporaryDirectory(prefix="qwenbuild-merge-") as staging:
-            for rank in range(world):
-                (Path(staging) / f"rank_{rank}").mkdir()
-                os.symlink(finished_checkpoint(build.output, rank).resolve(), Path(staging, f"rank_{rank}", "last.ckpt"))
-            transform_ckpt(build.strategy, None, staging, tmp, progress=None,
-                           keep=lambda name: name == CONFIG_ENTRY or not is_beside_weights(name))
+            if lora is None:
+                transform_ckpt(build.strategy, None, _last_checkpoints(build, world, Path(staging)), tmp,
+                               progress=None, keep=lambda name: name == CONFIG_ENTRY or not is_beside_weights(name))
+                return
+            adapters = complete_adapters(build, world, lora, ctx.manifest.model.config, Path(staging))
+            (tmp / "rank_0").mkdir()
+            merge_lora(build.converted, adapters, lora, tmp / "rank_0" / "checkpoint_0.ckpt",
+                       progress=lambda line: print(f"finetune: {line}", file=sys.stderr))
+            write_seal(tmp)
 
-    keyed_dir(build, build.merged, {"checkpoints": checkpoints,
-                                    "strategy": Lock(build.lock).digest_of(build.strategy, build.root)}, make, "merge")
+    sources = {"checkpoints": checkpoints, "strategy": lock.digest_of(build.strategy, build.root)}
+    if lora is not None:
+        sources.update(base=lock.digest_of(build.converted, build.root), lora=dataclasses.asdict(lora))
+    keyed_dir(build, build.merged, sources, make, "merge")
     print(f"finetune: {world} rank checkpoint(s) merged into {build.merged_file}", file=sys.stderr)
+
+
+def _adapter(ctx: Context) -> None:
+    m, build = ctx.manifest, ctx.build
+    lora = lora_config(m)
+    if lora is None:
+        raise UserError("train.method is \"full\": every weight trains, so there is no adapter to write",
+                        hint="set train.method = \"lora\" (qwenbuild set train.method=lora), then doit adapter")
+    # the base model the adapter goes onto, as PEFT records it
+    base = m.path_of("model.hf_dir") if m.value("model.init") == "hf" else build.init_weights
+    with ctx.output_dir(build.adapter) as tmp, tempfile.TemporaryDirectory(prefix="qwenbuild-adapter-") as work:
+        adapters = complete_adapters(build, m.parallel.world_size, lora, m.model.config, Path(work))
+        write_peft_adapter(adapters, lora, str(base), tmp)
+    print(f"adapter: {len(adapters) // 2} adapter(s) of rank {lora.rank} on {', '.join(lora.targets)} (scale "
+          f"{lora.alpha:g} / {lora.rank} = {lora.scale:g}) in PEFT's format -> {build.adapter}", file=sys.stderr)
 
 
 def _evaluate(ctx: Context) -> None:
@@ -153,18 +257,27 @@ def _evaluate(ctx: Context) -> None:
 
 def specs(m, build) -> list[TaskSpec]:
     builtin = m.dataset.source == "builtin"
+    lora = m.train.method == "lora"
     return [
         TaskSpec("run_config", "run.json for qwenbuild's workers and the MindFormers YAML (run_qwen1_5.yaml)",
-                 _run_config, keys=RUN_CONFIG_KEYS, inputs=[build.tokenizer],
+                 _run_config, keys=RUN_CONFIG_KEYS + lora_keys(m, "train.lora"), inputs=[build.tokenizer],
                  outputs=[build.run_json, build.mindformers_yaml], packages=("mindformers",)),
         TaskSpec("finetune", "train on the MindRecord from the per-rank shards (the launch scripts, through msrun)",
                  _finetune, inputs=[build.run_json, build.mindrecord, build.transformed, build.launch, build.strategy]
                  + ([build.mindformers_yaml] if m.train.engine_on(m.hardware.device) == "mindformers" else [])
+                 + ([build.converted] if lora else [])
                  + ([build.dataset, build.tokenizer] if builtin else []),
                  keys=("train.eval_max_new_tokens", "train.engine", "hardware.device", "hardware.nodes",
                        "hardware.devices_per_node", "parallel.data_parallel", "parallel.model_parallel",
                        "parallel.pipeline_stage",
                        "dataset.source", "dataset.num_heldout") + MODEL_KEYS,
                  dir_outputs=[build.checkpoint, build.merged], reports=[build.metrics],
+                 packages=("mindspore", "numpy")),
+        TaskSpec("adapter", "the trained LoRA adapters in PEFT's format (adapter_config.json, "
+                            "adapter_model.safetensors)", _adapter,
+                 keys=MODEL_KEYS + lora_keys(m, "train.lora") + ("model.hf_dir", "model.init",
+                                                                 "parallel.data_parallel", "parallel.model_parallel",
+                                                                 "parallel.pipeline_stage"),
+                 inputs=[build.checkpoint, build.strategy], dir_outputs=[build.adapter],
                  packages=("mindspore", "numpy")),
     ]
