@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from qwenbuild.commands import add_manifest_argument
 from qwenbuild.manifest import load_manifest
+from qwenbuild.model.lora import trainable_parameters
 from qwenbuild.model.params import num_parameters
 from qwenbuild.parallel.shard_sizes import shard_table
 from qwenbuild.plan import memory_estimate, memory_warnings, ranks
@@ -20,12 +21,25 @@ def _gib(n: float) -> str:
     return f"{n / (1 << 30):8.2f}"
 
 
+def trainable_line(m) -> str:
+    """How many parameters get gradients and AdamW moments under train.method."""
+    cfg, lora = m.model.config, m.train.lora_config
+    total = num_parameters(cfg)
+    if lora is None:
+        return f"train.method = \"full\": all {total / 1e9:.3f}B parameters train (gradients and AdamW moments for each)"
+    trainable = trainable_parameters(cfg, lora)
+    return (f"train.method = \"lora\": {trainable / 1e6:.2f}M trainable parameters ({100 * trainable / total:.3f}% of "
+            f"{total / 1e9:.3f}B): rank {lora.rank} adapters on {', '.join(lora.targets)}, scale alpha / rank = "
+            f"{lora.scale:g}; the frozen weights get no gradients or AdamW moments")
+
+
 def main(args):
     m = load_manifest(args.config)
     par, hw = m.parallel, m.hardware
     print(f"{m.path}: {num_parameters(m.model.config) / 1e9:.3f}B parameters; {len(hw.nodes)} node(s) x "
           f"{hw.devices_per_node} {hw.device} devices; dp {par.data_parallel} x mp {par.model_parallel} "
           f"x pp {par.pipeline_stage}")
+    print(trainable_line(m))
     print("\nrank  node  host              device  stage  dp  mp  layers")
     for p in ranks(m):
         r = p.rank

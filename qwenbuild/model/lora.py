@@ -21,6 +21,8 @@ from qwenbuild.model.params import layer_parameter_shapes, ms_to_hf, num_paramet
 TARGETS = {"q_proj": "attention.wq", "k_proj": "attention.wk", "v_proj": "attention.wv", "o_proj": "attention.wo",
            "gate_proj": "feed_forward.w1", "up_proj": "feed_forward.w3", "down_proj": "feed_forward.w2"}
 A, B = "mindpet_delta_lora_a", "mindpet_delta_lora_b"
+# the dropout mask of an adapter's input (<cell>.lora_dropout.mask), set before each training step; never saved
+DROPOUT_MASK = "lora_dropout.mask"
 # the cells model parallelism splits on the output dimension (column-parallel); the others on the input dimension
 _COLUMN_PARALLEL = ("attention.wq", "attention.wk", "attention.wv", "feed_forward.w1", "feed_forward.w3")
 
@@ -43,6 +45,10 @@ class LoraConfig:
 
 def is_adapter(name: str) -> bool:
     return name.endswith((f".{A}", f".{B}"))
+
+
+def is_dropout_mask(name: str) -> bool:
+    return name.endswith(f".{DROPOUT_MASK}")
 
 
 def cell_of(name: str) -> str:

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from qwenbuild.errors import UserError
+from qwenbuild.model.lora import is_dropout_mask
 from qwenbuild.parallel.rank_layout import ProcessLayout, process_layout, single_process
 from qwenbuild.train import checkpoint, data
 from qwenbuild.train.progress import Progress, plot_loss, write_metrics
@@ -69,7 +70,7 @@ def build(settings: TrainSettings, layout: ProcessLayout | None = None):
         # the adapters load mindspore (seconds): imported only when LoRA trains
         from qwenbuild.model.adapters import add_adapters
 
-        adapters = {p.name for p in add_adapters(net, settings.lora, settings.seed)}
+        adapters = {p.name for p in add_adapters(net, settings.lora, settings.rows_per_step * settings.seq_length)}
         for param in net.get_parameters():
             param.requires_grad = param.name in adapters  # frozen: no gradient, no AdamW moments
         net.set_train(settings.lora.dropout > 0)
@@ -79,7 +80,13 @@ def build(settings: TrainSettings, layout: ProcessLayout | None = None):
 
 def frozen_names(net) -> set[str]:
     """The network's weights LoRA leaves as they are (none for a full fine-tune)."""
-    return {p.name for p in net.get_parameters() if not p.requires_grad}
+    return {p.name for p in net.get_parameters() if not p.requires_grad and not is_dropout_mask(p.name)}
+
+
+def saved(name: str, frozen: set[str]) -> bool:
+    """Whether a run's checkpoints hold an entry: not a frozen weight (the shards hold those), nor a dropout
+    mask (drawn again for every step)."""
+    return name not in frozen and not is_dropout_mask(name)
 
 
 def all_ranks(settings: TrainSettings) -> int:
@@ -103,7 +110,7 @@ def start_state(settings: TrainSettings, net, train_step, layout: ProcessLayout,
     if step:
         paths = [checkpoint.saved_steps(settings.output_dir, r, settings.checkpoint_prefix, per_epoch)[step]
                  for r in layout.ranks]
-        checkpoint.load_into(train_step, paths, [p.name for p in train_step.get_parameters() if p.name not in frozen])
+        checkpoint.load_into(train_step, paths, [p.name for p in train_step.get_parameters() if saved(p.name, frozen)])
         history = checkpoint.read_meta(settings.output_dir, layout.ranks[0]).get("history", {})
         return step, {key: values[:step] for key, values in history.items()}
     if settings.lora:
@@ -120,7 +127,7 @@ def save_choice(layout: ProcessLayout, stage: int, frozen: set[str]):
     in_stage = layout.stage_filter(stage)
     if not frozen:
         return in_stage
-    return lambda name: name not in frozen and (in_stage is None or in_stage(name))
+    return lambda name: saved(name, frozen) and (in_stage is None or in_stage(name))
 
 
 def finetune(settings: TrainSettings, process: int = 0, processes: int = 1, progress: Progress | None = None) -> dict:
@@ -132,6 +139,8 @@ def finetune(settings: TrainSettings, process: int = 0, processes: int = 1, prog
     """
     # mindspore takes seconds to load: imported only when this runs
     import mindspore as ms
+
+    from qwenbuild.model.adapters import set_dropout_masks
 
     check_parallel(settings)
     if processes != settings.processes:
@@ -168,6 +177,8 @@ def finetune(settings: TrainSettings, process: int = 0, processes: int = 1, prog
     step = first
     for input_ids, target_ids in data.batches(settings.train_data, rows, settings.rows_per_step):
         t0 = time.monotonic()
+        if settings.lora and settings.lora.dropout:
+            set_dropout_masks(net, settings.seed, step)
         loss, norm = train_step(ms.Tensor(input_ids), ms.Tensor(target_ids), ms.Tensor(np.float32(lrs[step])))
         loss, norm = float(loss.asnumpy()), float(norm.asnumpy())
         times.append(time.monotonic() - t0)
