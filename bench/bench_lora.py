@@ -1,21 +1,23 @@
 """LoRA training: qwenbuild's LoRA against qwenbuild's full fine-tuning and against peft + transformers + torch, on
 the identical model, rows, steps and adapters.
 
-Each side runs in a process of its own (so its peak RSS is its own), one after the other, the order rotated over
---repeats runs; medians are printed with every run. All three start from the same seeded Hugging Face checkpoint and
-read the same rows in the same order with the same AdamW (betas 0.9/0.95, eps 1e-8, decoupled decay), cosine
-schedule and clipping; both LoRA sides start from the same adapters (A as qwenbuild draws it, B zero) on the same
-targets, with the same rank, alpha and dropout (default 0, so their loss curves can be compared step by step). The
-first step (graph compile, allocation) is not timed. Peak RSS is the process's high-water mark (ru_maxrss), and
-beside it what it grew by from just before the model was built (imports and data excluded).
+Each side runs in a process of its own, so its peak RSS is its own; the three take turns every --block steps (so a
+neighbour's burst on a shared machine slows all alike), or with --block 0 run one after the other (a 0.5B-shaped
+full fine-tune alone needs about 8 GB). All three start from the same seeded Hugging Face checkpoint and read the
+same rows in the same order with the same AdamW (betas 0.9/0.95, eps 1e-8, decoupled decay), cosine schedule and
+clipping; both LoRA sides start from the same adapters (A as qwenbuild draws it, B zero) on the same targets, with
+the same rank, alpha and dropout (default 0, so their loss curves can be compared step by step). The first step of
+each (graph compile, allocation) is not timed. Peak RSS is the process's high-water mark (ru_maxrss), and beside it
+what it grew by from just before the model was built (interpreter, libraries and data excluded).
 
     .venv/bin/python bench/bench_lora.py [--steps 40] [--batch 16] [--seq 64] [--rank 8] [--targets q_proj,v_proj]
-    .venv/bin/python bench/bench_lora.py --shape 0.5b --steps 6 --batch 2 --seq 64 --repeats 1
+    .venv/bin/python bench/bench_lora.py --shape 0.5b --steps 6 --batch 2 --seq 64 --block 0
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import resource
@@ -115,7 +117,8 @@ def peft_side(hf_dir: Path, settings, rows_by_epoch, lrs):
 
 
 def run_side(args) -> int:
-    """One side in this process: prints one JSON line of losses, step times and memory."""
+    """One side in this process, driven over stdin: after a "ready" line (JSON), each line "N" runs up to N more
+    steps and answers their losses and times; end of input answers the peak RSS."""
     import dataclasses
 
     from qwenbuild.model.lora import trainable_parameters
@@ -133,12 +136,15 @@ def run_side(args) -> int:
     before = current_rss_mb()
     steps = peft_side(work / "hf", settings, rows_by_epoch, lrs) if args.side == "peft" else \
         qwenbuild_side(settings, rows_by_epoch, lrs)
-    losses, seconds = [], []
-    for loss, took in steps:
-        losses.append(loss)
-        seconds.append(took)
-    print(json.dumps({"side": args.side, "loss": losses, "seconds": seconds, "peak_rss_mb": peak_rss_mb(),
-                      "rss_before_mb": before, "trainable": trainable_parameters(settings.model, settings.lora)}))
+    say = lambda value: print(json.dumps(value), flush=True)  # noqa: E731
+    say({"ready": True, "rss_before_mb": before, "trainable": trainable_parameters(settings.model, settings.lora)})
+    for line in sys.stdin:
+        losses, seconds = [], []
+        for loss, took in itertools.islice(steps, int(line)):
+            losses.append(loss)
+            seconds.append(took)
+        say({"loss": losses, "seconds": seconds})
+    say({"peak_rss_mb": peak_rss_mb()})
     return 0
 
 
@@ -155,14 +161,54 @@ def prepare(args, work: Path) -> None:
     convert_weight(work / "hf", work / "init.ckpt", progress=None)
 
 
-def child(args, work: Path, side: str) -> dict:
-    argv = [sys.executable, str(Path(__file__).resolve()), "--side", side, "--work", str(work)] + \
-        [f"--{k}={v}" for k, v in vars(args).items() if k not in ("side", "work", "repeats") and v is not None]
-    proc = subprocess.run(argv, capture_output=True, text=True)
-    if proc.returncode:
-        sys.stderr.write(proc.stderr[-4000:])
-        raise SystemExit(f"{side} failed (exit {proc.returncode})")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+class Side:
+    """A side's process, its steps so far and its memory."""
+
+    def __init__(self, args, work: Path, side: str):
+        argv = [sys.executable, str(Path(__file__).resolve()), "--side", side, "--work", str(work)] + \
+            [f"--{k}={v}" for k, v in vars(args).items() if k not in ("side", "work", "block") and v is not None]
+        self.name, self.loss, self.seconds = side, [], []
+        self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self.result = self.answer()
+
+    def answer(self) -> dict:
+        for line in self.proc.stdout:
+            if line.startswith("{"):
+                return json.loads(line)
+        raise SystemExit(f"{self.name} stopped (exit {self.proc.wait()})")
+
+    def run(self, steps: int) -> bool:
+        """Up to `steps` more steps; False once the side has no more."""
+        self.proc.stdin.write(f"{steps}\n")
+        self.proc.stdin.flush()
+        done = self.answer()
+        self.loss += done["loss"]
+        self.seconds += done["seconds"]
+        return len(done["loss"]) == steps
+
+    def finish(self) -> dict:
+        self.proc.stdin.close()
+        self.result.update(self.answer(), loss=self.loss, seconds=self.seconds)
+        self.proc.wait()
+        return self.result
+
+
+def measure(args, work: Path) -> dict[str, dict]:
+    """Every side to its end: taking turns every --block steps, or (--block 0) one after the other."""
+    if not args.block:
+        results = {}
+        for name in SIDES:
+            side = Side(args, work, name)
+            side.run(args.steps)
+            results[name] = side.finish()
+        return results
+    sides = [Side(args, work, name) for name in SIDES]
+    active = list(sides)
+    while active:
+        for side in list(active):
+            if not side.run(args.block):
+                active.remove(side)
+    return {side.name: side.finish() for side in sides}
 
 
 def tokens_per_s(seconds: list[float], tokens_per_step: int) -> float:
@@ -170,22 +216,22 @@ def tokens_per_s(seconds: list[float], tokens_per_step: int) -> float:
     return tokens_per_step * len(steady) / sum(steady)
 
 
-def report(args, runs: dict[str, list[dict]]) -> None:
+def report(args, runs: list[dict[str, dict]]) -> None:
     tokens = args.batch * args.seq
-    speed = {s: [tokens_per_s(r["seconds"], tokens) for r in runs[s]] for s in SIDES}
-    peak = {s: [r["peak_rss_mb"] for r in runs[s]] for s in SIDES}
-    grown = {s: [r["peak_rss_mb"] - r["rss_before_mb"] for r in runs[s]] for s in SIDES}
+    speed = {s: [tokens_per_s(r[s]["seconds"], tokens) for r in runs] for s in SIDES}
+    peak = {s: statistics.median(r[s]["peak_rss_mb"] for r in runs) for s in SIDES}
+    grown = {s: statistics.median(r[s]["peak_rss_mb"] - r[s]["rss_before_mb"] for r in runs) for s in SIDES}
     med = {s: statistics.median(v) for s, v in speed.items()}
-    print(f"{'':16s} {'tokens/s':>9s} {'peak RSS MB':>12s} {'of it training':>15s}  trainable  runs (tokens/s)")
+    print(f"{'':16s} {'tokens/s':>9s} {'peak RSS MB':>12s} {'of it training':>15s} {'trainable':>10s}  runs (tokens/s)")
     for s in SIDES:
-        print(f"{s:16s} {med[s]:9.0f} {statistics.median(peak[s]):12.0f} {statistics.median(grown[s]):15.0f}  "
-              f"{runs[s][0]['trainable']:9d}  {', '.join(f'{v:.0f}' for v in speed[s])}")
-    lora, full, peft = (statistics.median(peak[s]) for s in SIDES)
-    print(f"qwenbuild LoRA / full fine-tuning: {med['qwenbuild-lora'] / med['qwenbuild-full']:.2f}x tokens/s, "
-          f"{lora / full:.2f}x peak RSS")
-    print(f"qwenbuild LoRA / peft + torch:     {med['qwenbuild-lora'] / med['peft']:.2f}x tokens/s, "
-          f"{lora / peft:.2f}x peak RSS")
-    ours, theirs = np.array(runs["qwenbuild-lora"][0]["loss"]), np.array(runs["peft"][0]["loss"])
+        print(f"{s:16s} {med[s]:9.0f} {peak[s]:12.0f} {grown[s]:15.0f} {runs[0][s]['trainable']:10d}  "
+              f"{', '.join(f'{v:.0f}' for v in speed[s])}")
+    for other, label in (("qwenbuild-full", "full fine-tuning"), ("peft", "peft + torch")):
+        ratios = [a / b for a, b in zip(speed["qwenbuild-lora"], speed[other])]
+        print(f"qwenbuild LoRA / {label + ':':17s} {statistics.median(ratios):.2f}x tokens/s (runs: "
+              f"{', '.join(f'{r:.2f}x' for r in ratios)}), {peak['qwenbuild-lora'] / peak[other]:.2f}x peak RSS, "
+              f"{grown['qwenbuild-lora'] / grown[other]:.2f}x of it training")
+    ours, theirs = np.array(runs[0]["qwenbuild-lora"]["loss"]), np.array(runs[0]["peft"]["loss"])
     print(f"LoRA losses {ours[0]:.4f} -> {ours[-1]:.4f} (peft {theirs[0]:.4f} -> {theirs[-1]:.4f}); largest per-step "
           f"gap {np.max(np.abs(ours - theirs)):.2e}" + ("" if args.dropout == 0 else " (dropout masks differ)"))
 
@@ -202,7 +248,9 @@ def main() -> int:
     parser.add_argument("--dropout", type=float, default=0.0)
     parser.add_argument("--targets", default="q_proj,v_proj")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
-    parser.add_argument("--repeats", type=int, default=3, help="runs of the three sides, the order rotated each run")
+    parser.add_argument("--repeats", type=int, default=3, help="runs of the three sides (medians are printed)")
+    parser.add_argument("--block", type=int, default=5, help="steps each side runs before the next one's turn; 0: "
+                        "each side to its end, one after the other")
     parser.add_argument("--shape", choices=("tiny", "0.5b"), default="tiny",
                         help="tiny (default: hidden 128, 4 layers, --vocab) or Qwen1.5-0.5B's shape (few --steps, "
                              "small --batch and --seq)")
@@ -215,11 +263,10 @@ def main() -> int:
         prepare(args, work)
         print(f"batch {args.batch} x {args.seq} tokens, {args.steps} steps, {args.threads} threads, rank {args.rank} "
               f"on {args.targets}, alpha {args.alpha:g}, dropout {args.dropout:g}", file=sys.stderr)
-        runs = {s: [] for s in SIDES}
+        runs = []
         for repeat in range(args.repeats):
-            for side in SIDES[repeat % 3:] + SIDES[:repeat % 3]:
-                runs[side].append(child(args, work, side))
-                print(f"run {repeat + 1}: {side} done", file=sys.stderr, flush=True)
+            runs.append(measure(args, work))
+            print(f"run {repeat + 1} of {args.repeats} done", file=sys.stderr, flush=True)
         report(args, runs)
     return 0
 
