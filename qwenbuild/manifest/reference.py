@@ -31,7 +31,8 @@ def _rows(prefix: str, node: dict, required: set[str]) -> list[str]:
         if sub.get("type") == "object" and not sub.get("properties"):
             kind = "table of ini keys"
         elif sub.get("type") == "array":
-            kind = f"array of {sub['items'].get('type', 'values')}"
+            items = sub["items"]
+            kind = f"array of {allowed(items) if 'enum' in items else items.get('type', 'values')}"
         else:
             kind = allowed(sub)
         need = " (required)" if key in required else ""

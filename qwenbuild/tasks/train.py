@@ -37,8 +37,6 @@ from qwenbuild.weights.lora import merge_lora, read_adapters, write_peft_adapter
 YAML_KEYS = ("parallel.micro_batch_num", "parallel.vocab_emb_dp", "parallel.use_seq_parallel", "parallel.recompute",
              "parallel.gradient_aggregation_group", "parallel.offset")
 RUN_CONFIG_KEYS = MODEL_KEYS + tuple(SCHEMA_KEYS.values()) + ("dataset.file_partition", "hardware.device") + YAML_KEYS
-# a run's checkpoints hold this record of the inputs they were trained from, so a run can be reused
-RUN_INPUTS = "run_inputs.json"
 
 
 def run_settings(m, build, lora: LoraConfig | None = None) -> TrainSettings:
@@ -133,10 +131,16 @@ def run_inputs(ctx: Context, engine: str) -> dict:
                                          for p in paths}}
 
 
+def inputs_record(slot: Path) -> Path:
+    """Beside a slot, the inputs its run trained from (not inside it: they name this build dir's files, which a
+    rebuild elsewhere names differently, and the checkpoints must compare equal)."""
+    return slot.with_name(f"{slot.name}.inputs.json")
+
+
 def finished_run(slot: Path, inputs: dict, build) -> bool:
     """True when the slot holds a complete run of these inputs."""
     try:
-        recorded = json.loads((slot / RUN_INPUTS).read_text(encoding="utf-8"))
+        recorded = json.loads(inputs_record(slot).read_text(encoding="utf-8"))
     except (FileNotFoundError, ValueError):
         return False
     return recorded == inputs and check_sealed(slot, Lock(build.lock).read_stats()) is None
@@ -172,7 +176,7 @@ def _train(ctx: Context, engine: str, inputs: dict) -> str:
     drop_damaged_checkpoints(build)
     # unsealed while training: a killed run is resumed, never taken as complete
     seal_path(build.checkpoint).unlink(missing_ok=True)
-    (build.checkpoint / RUN_INPUTS).unlink(missing_ok=True)
+    inputs_record(build.checkpoint.resolve()).unlink(missing_ok=True)
     node, nodes = this_node(m), len(m.hardware.nodes)
     if node:
         raise UserError(f"this machine is node {node} of {nodes}: doit builds and trains from node 0",
@@ -184,9 +188,10 @@ def _train(ctx: Context, engine: str, inputs: dict) -> str:
               f"{build.launch / 'slurm.sbatch'} instead of this)", file=sys.stderr)
     print(f"finetune: running {script} (node 0 of {nodes})", file=sys.stderr)
     run_node_script(script, build.msrun_log, workers_per_node(m), set_port=nodes == 1)
-    (build.checkpoint / RUN_INPUTS).write_text(json.dumps(inputs, indent=1, sort_keys=True) + "\n",
-                                               encoding="utf-8")
-    return write_seal(build.checkpoint)
+    checkpoints = write_seal(build.checkpoint)
+    with atomic_path(inputs_record(build.checkpoint.resolve())) as tmp:
+        tmp.write_text(json.dumps(inputs, indent=1, sort_keys=True) + "\n", encoding="utf-8")
+    return checkpoints
 
 
 def _last_checkpoints(build, world: int, staging: Path) -> Path:
