@@ -112,6 +112,9 @@ def test_strategy_files_split_adapters_as_their_weights(tmp_path):
     assert layout.split("model.layers.1.feed_forward.w2.mindpet_delta_lora_b") is None
     assert "model.layers.1.attention.wq.mindpet_delta_lora_a" not in layout.splits
     # the weights are sliced alike with and without adapters, and the rank is in no strategy file
+    from qwenbuild.store import write_seal
+
+    write_seal(tmp_path / "lora")  # as the strategy task seals its directory
     assert weight_layouts_digest(tmp_path / "lora") == weight_layouts_digest(tmp_path / "full")
     assert strategy_files(cfg, 2, 3, 1, lora_targets=("q_proj",)) == strategy_files(cfg, 2, 3, 1,
                                                                                      lora_targets=("q_proj",))

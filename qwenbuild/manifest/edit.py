@@ -24,7 +24,8 @@ _PART = re.compile(r"^([A-Za-z0-9_-]+)(?:\[(\+|-?\d+)\])?$")
 
 def parse_value(text: str):
     try:
-        return tomlkit.parse(f"v = {text}")["v"]
+        # ended by a newline as a key's line is: otherwise, added last in a table, it takes the blank line after it
+        return tomlkit.parse(f"v = {text}\n")["v"]
     except ParseError:
         return text  # a bare word: a string
 
@@ -99,8 +100,7 @@ def _assign(doc, key: str, text: str, manifest_dir: Path, created: list) -> list
         raise UserError(f"{key}: give a key inside the entry, like {key}.ip")
     if not isinstance(node, dict):
         raise UserError(f"{key}: the part before {name!r} is not a table")
-    # a plain value: an item parsed on its own brings trivia that would eat the blank line after its table
-    value = _plain(parse_value(text))
+    value = parse_value(text)
     old = node.get(name)
     node[name] = value
     report = [f"{key} = {json.dumps(_plain(value), ensure_ascii=False, default=str)}"

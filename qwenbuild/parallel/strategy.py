@@ -149,7 +149,7 @@ def weight_layouts_digest(directory: str | Path) -> str:
     """Digest of a directory's strategy files without their LoRA adapters' entries: what slicing the weights
     depends on (a compiled .ckpt file counts whole)."""
     files = {}
-    for path in sorted(Path(directory).iterdir()):
+    for path in sorted(p for p in Path(directory).iterdir() if _STRATEGY_FILE_RE.search(p.name) and p.is_file()):
         if path.suffix == ".json":
             data = json.loads(path.read_text(encoding="utf-8"))
             data["parallel_layout_item"] = {k: v for k, v in data.get("parallel_layout_item", {}).items()
@@ -157,7 +157,7 @@ def weight_layouts_digest(directory: str | Path) -> str:
             data["parallel_strategy_item"] = {k: v for k, v in data.get("parallel_strategy_item", {}).items()
                                               if "/lora_" not in k}
             files[path.name] = data
-        elif path.is_file() and not path.name.startswith("."):
+        else:
             files[path.name] = file_digest(path)
     return json_digest(files)
 
