@@ -60,6 +60,7 @@ def qwenbuild_side(settings, rows_by_epoch, lrs):
     """qwenbuild's train step as finetune builds and starts it (adapters drawn, frozen weights loaded)."""
     import mindspore as ms
 
+    from qwenbuild.model.adapters import set_dropout_masks
     from qwenbuild.parallel.rank_layout import single_process
     from qwenbuild.train import data
     from qwenbuild.train.finetune import build, set_context, start_state
@@ -70,6 +71,8 @@ def qwenbuild_side(settings, rows_by_epoch, lrs):
     for step, (input_ids, target_ids) in enumerate(data.batches(settings.train_data, rows_by_epoch,
                                                                 settings.batch_size)):
         t0 = time.perf_counter()
+        if settings.lora and settings.lora.dropout:
+            set_dropout_masks(net, settings.seed, step)  # as finetune does, inside the step's time
         loss, _ = train_step(ms.Tensor(input_ids), ms.Tensor(target_ids), ms.Tensor(np.float32(lrs[step])))
         yield float(loss.asnumpy()), time.perf_counter() - t0
 
