@@ -26,7 +26,7 @@ def trainable_line(m) -> str:
     cfg, lora = m.model.config, m.train.lora_config
     total = num_parameters(cfg)
     if lora is None:
-        return f"train.method = \"full\": all {total / 1e9:.3f}B parameters train (gradients and AdamW moments for each)"
+        return f"train.method = \"full\": all {total / 1e9:.3f}B parameters train, with gradients and AdamW moments"
     trainable = trainable_parameters(cfg, lora)
     return (f"train.method = \"lora\": {trainable / 1e6:.2f}M trainable parameters ({100 * trainable / total:.3f}% of "
             f"{total / 1e9:.3f}B): rank {lora.rank} adapters on {', '.join(lora.targets)}, scale alpha / rank = "
