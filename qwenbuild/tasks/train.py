@@ -11,18 +11,20 @@ import tempfile
 from pathlib import Path
 
 from qwenbuild.data.mindrecord import shard_files
-from qwenbuild.digests import json_digest
+from qwenbuild.digests import content_digest, json_digest
 from qwenbuild.errors import UserError
 from qwenbuild.lock import Lock, check_artifact, check_sealed
 from qwenbuild.model.lora import LoraConfig, is_adapter
 from qwenbuild.model.params import CONFIG_ENTRY, LORA_ENTRY, is_beside_weights
 from qwenbuild.parallel.reshard import transform_ckpt
+from qwenbuild.parallel.strategy import collect_strategy_files
 from qwenbuild.store import atomic_path, read_seal, remove, seal_path, write_seal
 from qwenbuild.tasks.context import Context
 from qwenbuild.tasks.distributed import keyed_dir, lora_keys, workers_per_node
 from qwenbuild.tasks.spec import TaskSpec
 from qwenbuild.tasks.weights import MODEL_KEYS
 from qwenbuild.tokenizer.files import ENDOFTEXT, read_vocab, special_ids
+from qwenbuild.train import events
 from qwenbuild.train.checkpoint import finished_checkpoint, read_meta
 from qwenbuild.train.data import check_mindrecord
 from qwenbuild.train.evaluate import evaluate_heldout
@@ -36,7 +38,8 @@ from qwenbuild.weights.lora import merge_lora, read_adapters, write_peft_adapter
 # the rest of the parallel plan, which only MindFormers' YAML spells out
 YAML_KEYS = ("parallel.micro_batch_num", "parallel.vocab_emb_dp", "parallel.use_seq_parallel", "parallel.recompute",
              "parallel.gradient_aggregation_group", "parallel.offset")
-RUN_CONFIG_KEYS = MODEL_KEYS + tuple(SCHEMA_KEYS.values()) + ("dataset.file_partition", "hardware.device") + YAML_KEYS
+RUN_CONFIG_KEYS = MODEL_KEYS + tuple(SCHEMA_KEYS.values()) + ("dataset.file_partition", "hardware.device",
+                                                              "hardware.device_memory_gb") + YAML_KEYS
 
 
 def run_settings(m, build, lora: LoraConfig | None = None) -> TrainSettings:
@@ -63,7 +66,7 @@ def _run_config(ctx: Context) -> None:
                   use_seq_parallel=par.use_seq_parallel, recompute=par.recompute,
                   gradient_aggregation_group=par.gradient_aggregation_group, offset=par.stage_offset,
                   vocab_file=str(build.tokenizer / "vocab.json"), merges_file=str(build.tokenizer / "merges.txt"),
-                  pad_token_id=pad, eos_token_id=pad)
+                  pad_token_id=pad, eos_token_id=pad, device_memory_gb=m.hardware.device_memory_gb)
     target = default_target(settings)
     write_yaml(build.mindformers_yaml, run, target)
     print(f"run_config: {build.run_json.name} and {build.mindformers_yaml.name} ({target}) -> {build.root}",
@@ -91,6 +94,12 @@ def clear_checkpoints(directory) -> None:
     for rank_dir in directory.glob("rank_*") if directory.is_dir() else ():
         for path in [*rank_dir.glob("*.ckpt"), rank_dir / "meta.json"]:
             path.unlink(missing_ok=True)
+
+
+def clear_compiled_strategies(directory) -> None:
+    """The strategy files MindFormers compiled in an earlier finetune: this run's must not be mixed with them."""
+    for path in directory.glob("*_rank_*.ckpt") if directory.is_dir() else ():
+        path.unlink()
 
 
 def drop_damaged_checkpoints(build) -> None:
@@ -138,19 +147,24 @@ def inputs_record(slot: Path) -> Path:
 
 
 def finished_run(slot: Path, inputs: dict, build) -> bool:
-    """True when the slot holds a complete run of these inputs."""
+    """True when the slot holds a complete run of these inputs and output/strategy still holds the strategies
+    MindFormers compiled in that run (on Ascend the merge lays the checkpoints out by them; none on CPU)."""
     try:
         recorded = json.loads(inputs_record(slot).read_text(encoding="utf-8"))
     except (FileNotFoundError, ValueError):
         return False
-    return recorded == inputs and check_sealed(slot, Lock(build.lock).read_stats()) is None
+    stats = Lock(build.lock).read_stats()
+    compiled = read_seal(build.compiled_strategy)
+    return (recorded.get("inputs") == inputs and compiled is not None
+            and recorded.get("compiled_strategy") == json_digest(compiled)
+            and check_sealed(build.compiled_strategy, stats) is None and check_sealed(slot, stats) is None)
 
 
 def _finetune(ctx: Context) -> None:
     m, build = ctx.manifest, ctx.build
     settings = read_run_json(build.run_json)  # refuses model/pipeline parallel on CPU with the reason
     # too few rows for one global batch is found here, before msrun starts workers that compile the graph
-    total_steps(settings, check_mindrecord(settings.train_data, settings.seq_length))
+    steps = total_steps(settings, check_mindrecord(settings.train_data, settings.seq_length))
     engine = m.train.engine_on(m.hardware.device)
     method = "lora" if settings.lora else "full"
     slot, inputs = use_slot(build, method), run_inputs(ctx, engine)
@@ -158,12 +172,14 @@ def _finetune(ctx: Context) -> None:
         print(f"finetune: reusing the finished {method} fine-tune in {slot} (same inputs)", file=sys.stderr)
         history = read_meta(build.output, 0).get("history", {})
         write_metrics(build.metrics, {**history, "reused": slot.name}, merge=False)
+        # the event files are those of the run in between, of the other method
+        events.clear(build.output)
         checkpoints = json_digest(read_seal(slot))
     else:
         checkpoints = _train(ctx, engine, inputs)
     merge_finetuned(ctx, checkpoints, settings.lora)
     if m.hardware.device == "cpu" and m.dataset.source == "builtin" and m.dataset.num_heldout:
-        _evaluate(ctx)
+        _evaluate(ctx, steps)
 
 
 def _train(ctx: Context, engine: str, inputs: dict) -> str:
@@ -173,10 +189,13 @@ def _train(ctx: Context, engine: str, inputs: dict) -> str:
     if engine == "mindformers":
         # MindFormers starts from the shards each time: nothing of another run may be taken for its result
         clear_checkpoints(build.checkpoint)
+        events.clear(build.output)
     drop_damaged_checkpoints(build)
+    clear_compiled_strategies(build.compiled_strategy)
     # unsealed while training: a killed run is resumed, never taken as complete
     seal_path(build.checkpoint).unlink(missing_ok=True)
     inputs_record(build.checkpoint.resolve()).unlink(missing_ok=True)
+    seal_path(build.compiled_strategy).unlink(missing_ok=True)
     node, nodes = this_node(m), len(m.hardware.nodes)
     if node:
         raise UserError(f"this machine is node {node} of {nodes}: doit builds and trains from node 0",
@@ -189,38 +208,57 @@ def _train(ctx: Context, engine: str, inputs: dict) -> str:
     print(f"finetune: running {script} (node 0 of {nodes})", file=sys.stderr)
     run_node_script(script, build.msrun_log, workers_per_node(m), set_port=nodes == 1)
     checkpoints = write_seal(build.checkpoint)
+    # what MindFormers compiled on Ascend (none on CPU) is an artifact of this finetune
+    build.compiled_strategy.mkdir(parents=True, exist_ok=True)
+    compiled = write_seal(build.compiled_strategy)
     with atomic_path(inputs_record(build.checkpoint.resolve())) as tmp:
-        tmp.write_text(json.dumps(inputs, indent=1, sort_keys=True) + "\n", encoding="utf-8")
+        tmp.write_text(json.dumps({"inputs": inputs, "compiled_strategy": compiled}, indent=1, sort_keys=True)
+                       + "\n", encoding="utf-8")
     return checkpoints
 
 
-def _last_checkpoints(build, world: int, staging: Path) -> Path:
-    """staging/rank_N/last.ckpt linking every rank's last checkpoint, as transform_ckpt reads a layout."""
+def finetune_strategies(build, world: int) -> tuple[list[Path], str]:
+    """(files in rank order, which) the finetuned checkpoints were laid out by: the strategies MindFormers compiled
+    during the finetune (output/strategy, Ascend), which are authoritative, when there are any, else the plan's."""
+    if any(build.compiled_strategy.glob("*_rank_*.ckpt")):
+        return collect_strategy_files(build.compiled_strategy, world), "compiled"
+    return collect_strategy_files(build.strategy, world), "planned"
+
+
+def _stage_run(build, world: int, strategies: list[Path], staging: Path) -> tuple[Path, Path]:
+    """(strategy dir, checkpoint dir) in staging as transform_ckpt reads a layout: links to the strategy files and
+    to every rank's last checkpoint as rank_N/last.ckpt."""
+    (staging / "strategy").mkdir(parents=True)
+    for path in strategies:
+        os.symlink(path.resolve(), staging / "strategy" / path.name)
     for rank in range(world):
-        (staging / f"rank_{rank}").mkdir(parents=True)
-        os.symlink(finished_checkpoint(build.output, rank).resolve(), staging / f"rank_{rank}" / "last.ckpt")
-    return staging
+        (staging / "ranks" / f"rank_{rank}").mkdir(parents=True)
+        os.symlink(finished_checkpoint(build.output, rank).resolve(), staging / "ranks" / f"rank_{rank}" / "last.ckpt")
+    return staging / "strategy", staging / "ranks"
 
 
 def complete_adapters(build, world: int, lora: LoraConfig, cfg, work: Path) -> dict:
-    """The adapters of every rank's last checkpoint joined, by the strategy files, into whole tensors."""
-    transform_ckpt(build.strategy, None, _last_checkpoints(build, world, work / "ranks"), work / "adapters",
-                   progress=None, keep=lambda name: name == LORA_ENTRY or is_adapter(name))
+    """The adapters of every rank's last checkpoint joined, by the finetune's strategy files, into whole tensors."""
+    strategy, ranks = _stage_run(build, world, finetune_strategies(build, world)[0], work)
+    transform_ckpt(strategy, None, ranks, work / "adapters", progress=None,
+                   keep=lambda name: name == LORA_ENTRY or is_adapter(name))
     return read_adapters(work / "adapters" / "rank_0" / "checkpoint_0.ckpt", lora, cfg)
 
 
 def merge_finetuned(ctx: Context, checkpoints: str, lora: LoraConfig | None = None) -> None:
-    """Every rank's last checkpoint merged, by the strategy files, into one complete checkpoint of the weights
+    """Every rank's last checkpoint merged, by its strategy files, into one complete checkpoint of the weights
     (what convert_reversed, export and the held-out evaluation read), cached by the checkpoints' content. After
     LoRA, the adapters are joined and added to the converted weights: W + alpha / rank * B A where they train,
     the converted bytes elsewhere."""
-    build, world, lock = ctx.build, ctx.manifest.parallel.world_size, Lock(ctx.build.lock)
+    build, world = ctx.build, ctx.manifest.parallel.world_size
+    strategies, which = finetune_strategies(build, world)
 
     def make(tmp: Path) -> None:
         with tempfile.TemporaryDirectory(prefix="qwenbuild-merge-") as staging:
             if lora is None:
-                transform_ckpt(build.strategy, None, _last_checkpoints(build, world, Path(staging)), tmp,
-                               progress=None, keep=lambda name: name == CONFIG_ENTRY or not is_beside_weights(name))
+                strategy, ranks = _stage_run(build, world, strategies, Path(staging))
+                transform_ckpt(strategy, None, ranks, tmp, progress=None,
+                               keep=lambda name: name == CONFIG_ENTRY or not is_beside_weights(name))
                 return
             adapters = complete_adapters(build, world, lora, ctx.manifest.model.config, Path(staging))
             (tmp / "rank_0").mkdir()
@@ -228,11 +266,12 @@ def merge_finetuned(ctx: Context, checkpoints: str, lora: LoraConfig | None = No
                        progress=lambda line: print(f"finetune: {line}", file=sys.stderr))
             write_seal(tmp)
 
-    sources = {"checkpoints": checkpoints, "strategy": lock.digest_of(build.strategy, build.root)}
+    sources = {"checkpoints": checkpoints, "strategy": json_digest({p.name: content_digest(p) for p in strategies})}
     if lora is not None:
-        sources.update(base=lock.digest_of(build.converted, build.root), lora=dataclasses.asdict(lora))
+        sources.update(base=Lock(build.lock).digest_of(build.converted, build.root), lora=dataclasses.asdict(lora))
     keyed_dir(build, build.merged, sources, make, "merge")
-    print(f"finetune: {world} rank checkpoint(s) merged into {build.merged_file}", file=sys.stderr)
+    print(f"finetune: {world} rank checkpoint(s) merged into {build.merged_file} (by the {which} strategy files)",
+          file=sys.stderr)
 
 
 def _adapter(ctx: Context) -> None:
@@ -250,14 +289,23 @@ def _adapter(ctx: Context) -> None:
           f"{lora.alpha:g} / {lora.rank} = {lora.scale:g}) in PEFT's format -> {build.adapter}", file=sys.stderr)
 
 
-def _evaluate(ctx: Context) -> None:
+def _evaluate(ctx: Context, steps: int) -> None:
     build = ctx.build
     result = evaluate_heldout(build.merged_file, ctx.manifest.model.config, build.tokenizer,
                               build.heldout, metrics_path=build.metrics,
                               max_new_tokens=ctx.manifest.train.eval_max_new_tokens,
                               samples_path=build.output / "heldout_answers.jsonl")
+    with events.EventLog(events.rank_dir(build.output, 0)) as log:
+        log.scalars(steps, {events.HELDOUT_ACCURACY: result["heldout_accuracy"]})
     print(f"finetune: held-out accuracy {result['heldout_accuracy']:.1%} ({result['heldout_correct']}/"
           f"{result['heldout_total']})", file=sys.stderr)
+
+
+def _machine(m) -> tuple[str, ...]:
+    """Training on CPU computes with this machine's kernels, qwenbuild's engine with the fused ones too."""
+    if m.hardware.device != "cpu":
+        return ()
+    return ("cpu", "fused_kernels") if m.train.engine_on("cpu") == "qwenbuild" else ("cpu",)
 
 
 def specs(m, build) -> list[TaskSpec]:
@@ -276,13 +324,14 @@ def specs(m, build) -> list[TaskSpec]:
                        "hardware.devices_per_node", "parallel.data_parallel", "parallel.model_parallel",
                        "parallel.pipeline_stage",
                        "dataset.source", "dataset.num_heldout") + MODEL_KEYS,
-                 dir_outputs=[build.checkpoint, build.merged], reports=[build.metrics],
-                 packages=("mindspore", "numpy")),
+                 dir_outputs=[build.checkpoint, build.compiled_strategy, build.merged],
+                 reports=[build.metrics, events.tensorboard_dir(build.output)],
+                 packages=("mindspore", "numpy"), machine=_machine(m)),
         TaskSpec("adapter", "the trained LoRA adapters in PEFT's format (adapter_config.json, "
                             "adapter_model.safetensors)", _adapter,
                  keys=MODEL_KEYS + lora_keys(m, "train.lora") + ("model.hf_dir", "model.init",
                                                                  "parallel.data_parallel", "parallel.model_parallel",
                                                                  "parallel.pipeline_stage"),
-                 inputs=[build.checkpoint, build.strategy], dir_outputs=[build.adapter],
+                 inputs=[build.checkpoint, build.compiled_strategy, build.strategy], dir_outputs=[build.adapter],
                  packages=("mindspore", "numpy")),
     ]
