@@ -226,3 +226,37 @@ def test_the_yaml_pet_config_puts_mindformers_lora_on_the_targets(tmp_path):
     found = {p.name: tuple(p.shape) for p in model.get_parameters() if "mindpet_delta" in p.name}
     assert found == names.adapter_shapes(cfg, lora)
     assert {p.name for p in model.trainable_params()} == set(found)
+
+
+def test_plan_counts_gradients_and_moments_of_the_adapters_only_and_the_fewest_devices(tmp_path):
+    """Qwen1.5-72B on the seed's 4 x 8 cards: under LoRA each rank's gradients and AdamW moments are its adapters'
+    (float32), the frozen weights stay whole, and `plan` names a plan with far fewer devices that fits."""
+    import subprocess
+    import sys
+
+    from qwenbuild.manifest.edit import set_keys
+    from qwenbuild.plan import fewest_devices, memory_estimate
+
+    subprocess.run([sys.executable, "-m", "qwenbuild", "init", "--preset", "qwen1.5-72b"], cwd=tmp_path, check=True,
+                   capture_output=True)
+    path = tmp_path / "qwen.toml"
+    full = memory_estimate(load_manifest(path))
+    set_keys(path, [("train.method", '"lora"'), ("train.lora.rank", "64")])
+    m = load_manifest(path)
+    lora, cfg = m.train.lora_config, m.model.config
+    rows = memory_estimate(m)
+    # dp1 x mp8 x pp4, 20 layers a stage: rank 64 on q_proj [8192, 8192] and v_proj [8192, 8192] (no grouped KV)
+    per_layer = 2 * (64 * 8192 + 8192 // 8 * 64)
+    assert per_layer == names.layer_adapter_parameters(cfg, lora, 8)
+    for lora_row, full_row in zip(rows, full):
+        assert lora_row.component("gradients").bytes == 20 * per_layer * 4
+        assert lora_row.component("optimizer").bytes == 20 * per_layer * 4 * 2
+        assert lora_row.component("weights").bytes == (full_row.params + 20 * per_layer) * 4
+        assert lora_row.params == full_row.params + 20 * per_layer
+    assert max(r.total for r in rows) < 20 * 2**30 < max(r.total for r in full)
+    assert fewest_devices(m, True) == (2, 3) and fewest_devices(m, False) == (8, 4)
+    out = subprocess.run([sys.executable, "-m", "qwenbuild", "plan", "--no-status", "-c", str(path)],
+                         capture_output=True, text=True, check=True).stdout
+    assert "167.77M trainable parameters (0.232% of 72.288B)" in out
+    assert "fewest devices that fit: LoRA dp 1 x mp 2 x pp 3 (6 devices), a full fine-tune dp 1 x mp 8 x pp 4 " \
+           "(32 devices)" in out

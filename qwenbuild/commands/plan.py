@@ -12,7 +12,7 @@ from qwenbuild.model.lora import trainable_parameters
 from qwenbuild.model.params import num_parameters
 from qwenbuild.parallel.memory import GIB
 from qwenbuild.parallel.shard_sizes import shard_table
-from qwenbuild.plan import export_memory, memory_estimate, memory_warnings, plan_json, ranks
+from qwenbuild.plan import export_memory, lora_devices_line, memory_estimate, memory_warnings, plan_json, ranks
 from qwenbuild.tasks.staleness import task_status
 
 
@@ -75,6 +75,8 @@ def main(args):
     print("\n" + shard_table(m.model.config, m.value("parallel"), hw.device_count))
     print("\nmemory per training device (GiB)")
     print("\n".join(_memory_rows(memory_estimate(m))))
+    if lora_devices_line(m):
+        print(lora_devices_line(m))
     ex = m.export
     print(f"\nmemory per card of the export topology (GiB): dp 1 x mp {ex.model_parallel}, export.seq_length "
           f"{ex.seq_length} x batch {ex.batch_size}")

@@ -125,15 +125,22 @@ def trainable_parameters(cfg: QwenConfig, lora: LoraConfig | None) -> int:
     return sum(math.prod(s) for s in adapter_shapes(cfg, lora).values())
 
 
-def layer_adapter_parameters(cfg: QwenConfig, lora: LoraConfig, model_parallel: int = 1) -> float:
-    """Adapter parameters one device holds per decoder layer under `model_parallel`: a column-parallel target keeps
-    A whole and 1/mp of B, a row-parallel one 1/mp of A and B whole."""
-    shapes, total = target_shapes(cfg), 0.0
+def layer_adapter_slices(cfg: QwenConfig, lora: LoraConfig, model_parallel: int = 1) -> dict[str, tuple[tuple, tuple]]:
+    """Per adapter parameter of one decoder layer (`attention.wq.mindpet_delta_lora_a`, ...): (whole shape, one
+    device's slice under `model_parallel`). A column-parallel target keeps A whole and 1/mp of B's rows, a
+    row-parallel one 1/mp of A's columns and B whole."""
+    shapes, out = target_shapes(cfg), {}
     for t in lora.targets:
         n_out, n_in = shapes[t]
-        a, b = lora.rank * n_in, n_out * lora.rank
-        total += a + b / model_parallel if TARGETS[t] in _COLUMN_PARALLEL else a / model_parallel + b
-    return total
+        column = TARGETS[t] in _COLUMN_PARALLEL
+        out[f"{TARGETS[t]}.{A}"] = ((lora.rank, n_in), (lora.rank, n_in if column else n_in // model_parallel))
+        out[f"{TARGETS[t]}.{B}"] = ((n_out, lora.rank), (n_out // model_parallel if column else n_out, lora.rank))
+    return out
+
+
+def layer_adapter_parameters(cfg: QwenConfig, lora: LoraConfig, model_parallel: int = 1) -> float:
+    """Adapter parameters one device holds per decoder layer under `model_parallel`."""
+    return sum(math.prod(part) for _, part in layer_adapter_slices(cfg, lora, model_parallel).values())
 
 
 def cell_regex(targets) -> str:
