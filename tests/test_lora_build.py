@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import tb_events
 from faults import reduced_manifest, task_line
 
 pytestmark = pytest.mark.slow
@@ -107,7 +108,14 @@ def test_full_then_lora_then_a_rank_edit_then_back_to_full(project):
     assert ran["finetune"] == "." and ran["convert"] == "--" and ran["mindrecord"] == "--"
     assert "shard: reusing" in err  # the adapters' layouts leave the weights' slices as they were
     assert "merged the adapters into 9 weight(s), scale alpha / rank = 16 / 4 = 4" in err
+    assert "(by the planned strategy files)" in err
     _check_lora_result(build, ("q_proj", "o_proj", "up_proj"))
+    # the LoRA run's events replaced the full run's: its own losses, then the held-out accuracy at its last step
+    logged = tb_events.scalars(build / "output" / "tensorboard" / "rank_0")
+    losses = json.loads((build / "output" / "metrics.json").read_text())["loss"]
+    assert logged["loss"] == dict(enumerate(np.float32(losses).tolist(), start=1))
+    accuracy = json.loads((build / "output" / "metrics.json").read_text())["heldout_accuracy"]
+    assert logged["heldout-accuracy"] == {2: pytest.approx(accuracy)}
     # a rank edit: the run settings, the training and what follows, nothing before
     set_keys(project, [("train.lora.rank", "2")])
     ran, err = _doit(project, "finetune", "adapter")
@@ -119,6 +127,8 @@ def test_full_then_lora_then_a_rank_edit_then_back_to_full(project):
     ran, err = _doit(project, "finetune")
     assert ran["finetune"] == "." and "reusing the finished full fine-tune" in err and "running" not in err
     assert merged.read_bytes() == full_bytes
+    # the events were the LoRA run's: emptied, then only the held-out accuracy of the reused run
+    assert set(tb_events.scalars(build / "output" / "tensorboard" / "rank_0")) == {"heldout-accuracy"}
 
 
 def test_mindformers_trains_lora_from_the_generated_yaml(project):
@@ -135,6 +145,10 @@ def test_mindformers_trains_lora_from_the_generated_yaml(project):
     assert (pet.lora_rank, pet.lora_alpha, pet.target_modules) == (4, 16, ".*wq|.*wo|.*w3")
     log = (build / "output" / "msrun_log" / "worker_0.log").read_text()
     assert log.count("loss:[") == 2
+    # MindFormers' own events of the LoRA run, every rank
+    tensorboard = build / "output" / "tensorboard"
+    assert sorted(p.name for p in tensorboard.iterdir()) == ["rank_0", "rank_1"]
+    assert sorted(tb_events.scalars(tensorboard / "rank_0")["loss"]) == [1, 2]
     _check_lora_result(build, ("q_proj", "o_proj", "up_proj"), whole=True)
 
 
