@@ -61,14 +61,15 @@ def memory_estimate(m) -> list[DeviceMemory]:
 
 def fewest_devices(m, lora: bool) -> tuple[int, int] | None:
     """(model_parallel, pipeline_stage) of the plan with the fewest devices (data_parallel 1, model_parallel within
-    a node, layers split evenly or by MindFormers' default offset) whose every stage fits, for LoRA or a full
-    fine-tune; None when none does."""
+    a node, layers split evenly or by MindFormers' default offset, no more devices than the manifest has) whose
+    every stage fits, for LoRA or a full fine-tune; None when none does."""
     cfg, par = m.model.config, m.parallel
     plan = dataclasses.replace(training_plan(m), data_parallel=1, lora=m.train.lora_config if lora else None)
     if lora and plan.lora is None:
         return None
+    # within the manifest's devices: more than it has is no answer to how few it needs
     choices = sorted((mp * pp, pp, mp) for mp in range(1, m.hardware.devices_per_node + 1)
-                     for pp in range(1, cfg.num_layers + 1))
+                     for pp in range(1, min(cfg.num_layers, m.hardware.device_count // mp) + 1))
     for _, pp, mp in choices:
         if plan_problems(cfg, 1, mp, pp, par.vocab_emb_dp, default_offset(cfg.num_layers, pp)):
             continue
@@ -86,7 +87,10 @@ def lora_devices_line(m) -> str | None:
     if m.hardware.device != "ascend" or m.train.lora_config is None:
         return None
     fits, full = fewest_devices(m, True), fewest_devices(m, False)
-    say = lambda p: f"dp 1 x mp {p[0]} x pp {p[1]} ({p[0] * p[1]} devices)" if p else "no plan within a node's mp"
+
+    def say(p):
+        return f"dp 1 x mp {p[0]} x pp {p[1]} ({p[0] * p[1]} devices)" if p else "no plan on the manifest's devices"
+
     return (f"fewest devices that fit: LoRA {say(fits)}, a full fine-tune {say(full)} (memory as estimated above, "
             f"train.batch_size {m.train.batch_size} x seq_length {m.dataset.seq_length})")
 
