@@ -260,3 +260,42 @@ def test_plan_counts_gradients_and_moments_of_the_adapters_only_and_the_fewest_d
     assert "167.77M trainable parameters (0.232% of 72.288B)" in out
     assert "fewest devices that fit: LoRA dp 1 x mp 2 x pp 3 (6 devices), a full fine-tune dp 1 x mp 8 x pp 4 " \
            "(32 devices)" in out
+
+
+def test_the_adapters_are_joined_by_the_strategies_mindformers_compiled(trained, tmp_path):
+    """Ranks whose adapters were cut by compiled strategy files (dp1 x mp3: B of column-parallel targets and A of
+    row-parallel ones split) join back to the whole adapters by those files, which the finetune takes over the
+    plan's (here dp3 x mp1, every adapter whole: by it rank 0's slices are taken for whole adapters and refused)."""
+    import mindspore as ms
+
+    from qwenbuild.build_dir import BuildDir
+    from qwenbuild.errors import UserError
+    from qwenbuild.parallel.reshard import transform_ckpt
+    from qwenbuild.parallel.strategy import write_strategy_files
+    from qwenbuild.tasks.train import complete_adapters, finetune_strategies
+    from test_mindformers_outputs import compiled_strategy_file
+
+    _, _, cfg, lora, adapters = trained
+    build = BuildDir(tmp_path / "build")
+    write_strategy_files(cfg, 3, 1, 1, build.strategy, lora_targets=lora.targets)
+    layouts = write_strategy_files(cfg, 1, 3, 1, tmp_path / "compiled_json", lora_targets=lora.targets)
+    build.compiled_strategy.mkdir(parents=True)
+    for path in layouts:
+        compiled_strategy_file(path, build.compiled_strategy / path.with_suffix(".ckpt").name)
+    ms.save_checkpoint([{"name": n, "data": ms.Tensor(v)} for n, v in adapters.items()], str(tmp_path / "whole.ckpt"))
+    transform_ckpt(None, tmp_path / "compiled_json", tmp_path / "whole.ckpt", tmp_path / "ranks", progress=None)
+    for rank in range(3):
+        rank_dir = build.checkpoint / f"rank_{rank}"
+        rank_dir.mkdir(parents=True)
+        (tmp_path / "ranks" / f"rank_{rank}" / f"checkpoint_{rank}.ckpt").rename(rank_dir / "qwen-1_1.ckpt")
+        (rank_dir / "meta.json").write_text(json.dumps({"last_ckpt_file": "qwen-1_1.ckpt"}))
+    assert finetune_strategies(build, 3)[1] == "compiled"
+    joined = complete_adapters(build, 3, lora, cfg, tmp_path / "work")
+    assert joined.keys() == adapters.keys()
+    for name, value in adapters.items():
+        assert np.array_equal(joined[name], value), name
+    for path in build.compiled_strategy.glob("*.ckpt"):
+        path.unlink()
+    assert finetune_strategies(build, 3)[1] == "planned"
+    with pytest.raises(UserError, match=r"attention\.wq\.mindpet_delta_lora_b \(16, 4\) \(expected \(48, 4\)\)"):
+        complete_adapters(build, 3, lora, cfg, tmp_path / "work_plan")
