@@ -28,6 +28,7 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
 from qwenbuild import cli
+from qwenbuild.manifest import load_manifest
 
 REPO = Path(__file__).resolve().parents[1]
 SCALE = max(1, int(os.environ.get("QWENBUILD_FUZZ_SCALE", "1")))
@@ -161,6 +162,44 @@ def test_generated_set_edits_keep_the_manifest_valid_or_untouched(key, value):
         if rc == 0:  # an edit that was accepted leaves a manifest that validates
             rc, err = run_cli(["validate", "-c", str(path)], tmp)
             assert rc == 0, err
+
+
+# the tiny preset's [out, in] of each LoRA target, written out here rather than taken from qwenbuild
+TINY_TARGETS = {"q_proj": (128, 128), "k_proj": (64, 128), "v_proj": (64, 128), "o_proj": (128, 128),
+                "gate_proj": (352, 128), "up_proj": (352, 128), "down_proj": (128, 352)}
+target_names = st.sampled_from(list(TINY_TARGETS) + ["qkv_proj", "", "Q_PROJ", "lm_head", "w1"])
+
+
+def mostly(plausible, edge):
+    """`plausible` four times in six, else a value near the bounds or any TOML value."""
+    return st.sampled_from([plausible] * 4 + [edge, toml_values]).flatmap(lambda chosen: chosen)
+
+
+@fuzz(25)
+@given(rank=mostly(st.integers(1, 140).map(str), st.integers(-1, 400).map(str)),
+       alpha=mostly(st.floats(0.01, 64).map(repr), st.floats(-1, 1).map(repr)),
+       dropout=mostly(st.floats(0, 0.99).map(repr), st.floats(-0.5, 1.5).map(repr)),
+       targets=mostly(st.lists(st.sampled_from(list(TINY_TARGETS)), min_size=1, max_size=4, unique=True)
+                      .map(json.dumps), st.lists(target_names, max_size=4).map(json.dumps)))
+def test_generated_lora_settings_are_accepted_only_when_they_fit(rank, alpha, dropout, targets):
+    """A LoRA setting is refused by `set` naming its key, or accepted only when every adapter fits its target."""
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        path = tmp / "qwen.toml"
+        path.write_text(BASE_TOML, encoding="utf-8")
+        before = path.read_bytes()
+        rc, err = run_cli(["set", "-c", str(path), 'train.method="lora"', f"train.lora.rank={rank}",
+                           f"train.lora.alpha={alpha}", f"train.lora.dropout={dropout}",
+                           f"train.lora.targets={targets}"], tmp)
+        check_outcome(rc, err, ["train.lora."], tmp, {path: before})
+        if rc:
+            TALLY["lora settings refused"] += 1
+            return
+        lora = load_manifest(path).train.lora_config
+        assert lora.targets and len(set(lora.targets)) == len(lora.targets) and set(lora.targets) <= set(TINY_TARGETS)
+        assert all(1 <= lora.rank < min(TINY_TARGETS[t]) for t in lora.targets), lora
+        assert lora.alpha > 0 and 0 <= lora.dropout < 1, lora
+        TALLY["lora settings accepted"] += 1
 
 
 # ---------------------------------------------------------------- manifest strings in generated scripts

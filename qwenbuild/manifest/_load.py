@@ -71,9 +71,10 @@ class Manifest:
         """The TOML-shaped value of a dotted key (`train.learning_rate`) or section (`lite`); None when left out."""
         if not schema.is_key(key):
             raise KeyError(f"{key!r} is not a qwen.toml key (see schemas/qwen.schema.json)")
-        section, _, name = key.partition(".")
-        obj = getattr(self, section)
-        return sections.to_json(getattr(obj, name) if name else obj)
+        obj = self
+        for name in key.split("."):
+            obj = getattr(obj, name)
+        return sections.to_json(obj)
 
     def path_of(self, key: str) -> Path | None:
         """A path-valued key resolved against the manifest's directory."""

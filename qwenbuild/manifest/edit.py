@@ -24,7 +24,8 @@ _PART = re.compile(r"^([A-Za-z0-9_-]+)(?:\[(\+|-?\d+)\])?$")
 
 def parse_value(text: str):
     try:
-        return tomlkit.parse(f"v = {text}")["v"]
+        # ended by a newline as a key's line is: otherwise, added last in a table, it takes the blank line after it
+        return tomlkit.parse(f"v = {text}\n")["v"]
     except ParseError:
         return text  # a bare word: a string
 
@@ -43,14 +44,17 @@ def _plain(value):
     return value.unwrap() if hasattr(value, "unwrap") else value
 
 
-def _step(node, name: str, index: str | None, key: str, create: bool):
-    """The table (or array element) `name[index]` below `node`; `+` appends a table to an array of tables."""
+def _step(node, name: str, index: str | None, key: str, create: bool, created: list | None = None):
+    """The table (or array element) `name[index]` below `node`; `+` appends a table to an array of tables; a table
+    made here goes into `created`."""
     if not isinstance(node, dict):
         raise UserError(f"{key}: the part before {name!r} is not a table")
     if name not in node:
         if not create or (index is not None and index != "+"):
             raise UserError(f"{key}: {name} is not in the manifest")
         node[name] = tomlkit.aot() if index == "+" else tomlkit.table()
+        if index is None and created is not None:
+            created.append(node[name])
     child = node[name]
     if index is None:
         return child
@@ -87,11 +91,11 @@ def _switch_to_checkpoint(doc, manifest_dir: Path, hf_dir: str) -> list[str]:
     return notes
 
 
-def _assign(doc, key: str, text: str, manifest_dir: Path) -> list[str]:
+def _assign(doc, key: str, text: str, manifest_dir: Path, created: list) -> list[str]:
     *path, (name, index) = _parts(key)
     node = doc
     for part, part_index in path:
-        node = _step(node, part, part_index, key, create=True)
+        node = _step(node, part, part_index, key, create=True, created=created)
     if index is not None:
         raise UserError(f"{key}: give a key inside the entry, like {key}.ip")
     if not isinstance(node, dict):
@@ -145,10 +149,11 @@ def set_keys(path: Path, changes: list[tuple[str, str]], removals: list[str] = (
     report = []
     for key in removals:
         report.append(_remove(doc, key))
+    created = []
     for key, text in changes:
-        report += _assign(doc, key, text, path.parent)
-    for table in _appended_tables(doc, changes):
-        table.add(tomlkit.nl())  # a blank line after a new entry, like the others have
+        report += _assign(doc, key, text, path.parent, created)
+    for table in _appended_tables(doc, changes) + created:
+        table.add(tomlkit.nl())  # a blank line after a new entry or table, like the others have
     with atomic_path(path) as tmp:
         tmp.write_text(tomlkit.dumps(doc), encoding="utf-8")
         # validate the edited text in place of the original; a failure leaves the original untouched

@@ -19,6 +19,7 @@ from qwenbuild.errors import UserError
 from qwenbuild.model.config import QwenConfig
 from qwenbuild.model.cpu_kernels import Softmax, add_bias, large, over_columns, over_rows, row_means, silu
 from qwenbuild.model.fused_kernels import kernels
+from qwenbuild.model.lora import A, B
 from qwenbuild.model.params import check_names, is_beside_weights
 from qwenbuild.model.tensor_parallel import Identity, ModelParallel
 
@@ -73,7 +74,8 @@ class RMSNorm(nn.Cell):
 
 
 class Linear(nn.Cell):
-    """y = x W^T + b with W stored [out, in], as both HF and MindFormers store it."""
+    """y = x W^T + b with W stored [out, in], as both HF and MindFormers store it; with a LoRA adapter (add_adapter)
+    y also gains scale * B A dropout(x)."""
 
     def __init__(self, n_in: int, n_out: int, has_bias: bool, dtype):
         super().__init__()
@@ -82,6 +84,21 @@ class Linear(nn.Cell):
         if has_bias:
             self.bias = _param((n_out,), dtype, "zeros", "bias")
         self.matmul = ops.MatMul(transpose_b=True)
+        self.adapted = False
+
+    def add_adapter(self, cell: str, rank: int, scale: float, dropout: nn.Cell) -> None:
+        """A LoRA adapter of this process's slices, A [rank, n_in] and B [n_out, rank], float32 whatever the weight's
+        dtype and zero until loaded, named as MindFormers names them below `cell` (model/lora.py)."""
+        self.mindpet_delta_lora_a = Parameter(Tensor(np.zeros((rank, self.n_in), np.float32)), name=f"{cell}.{A}")
+        self.mindpet_delta_lora_b = Parameter(Tensor(np.zeros((self.n_out, rank), np.float32)), name=f"{cell}.{B}")
+        self.lora_scale = Tensor(scale, F32)
+        self.lora_dropout = dropout
+        self.adapted = True
+
+    def delta(self, flat):
+        """The adapter's output for flat [N, n_in]: scale times B A dropout(x), the scale applied at the rank."""
+        low = self.matmul(self.lora_dropout(flat), self.mindpet_delta_lora_a) * self.lora_scale
+        return self.matmul(low, self.mindpet_delta_lora_b)
 
     def construct(self, x):
         # 2-D MatMul: the CPU backend has no broadcasting BatchMatMul for weights
@@ -89,6 +106,8 @@ class Linear(nn.Cell):
         y = self.matmul(flat, ops.cast(self.weight, F32))
         if self.has_bias:
             y = add_bias(y, ops.cast(self.bias, F32))
+        if self.adapted:
+            y = y + self.delta(flat)
         return y if len(x.shape) == 2 else ops.reshape(y, x.shape[:-1] + (self.n_out,))
 
 
@@ -108,7 +127,11 @@ def joint_projection(x, linears: tuple):
     y = linears[0].matmul(x, ops.concat([ops.cast(lin.weight, F32) for lin in linears], 0))
     if linears[0].has_bias:
         y = add_bias(y, ops.concat([ops.cast(lin.bias, F32) for lin in linears], 0))
-    return y
+    adapted, deltas = False, ()
+    for lin in linears:
+        adapted = adapted or lin.adapted
+        deltas += (lin.delta(x) if lin.adapted else ops.zeros((x.shape[0], lin.n_out), F32),)
+    return y + ops.concat(deltas, -1) if adapted else y
 
 
 def fused_linear(linears: tuple) -> "Linear":

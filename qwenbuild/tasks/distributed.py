@@ -12,7 +12,7 @@ from qwenbuild.lock import Lock, check_sealed
 from qwenbuild.parallel.launch_scripts import launch_scripts, mode_env, write_launch_scripts
 from qwenbuild.parallel.rank_table import dumps, merged_name, node_file_name, rank_table_for_nodes
 from qwenbuild.parallel.reshard import transform_ckpt
-from qwenbuild.parallel.strategy import collect_strategy_files, strategy_files
+from qwenbuild.parallel.strategy import collect_strategy_files, strategy_files, weight_layouts_digest
 from qwenbuild.store import atomic_path
 from qwenbuild.tasks.context import Context
 from qwenbuild.tasks.spec import TaskSpec
@@ -66,10 +66,20 @@ def _strategy(ctx: Context) -> None:
                 shutil.copyfile(path, tmp / path.name)
         else:
             files = strategy_files(m.model.config, par.data_parallel, par.model_parallel, par.pipeline_stage,
-                                   par.vocab_emb_dp, par.stage_offset)
+                                   par.vocab_emb_dp, par.stage_offset, lora_targets(m))
             for name, text in files.items():
                 (tmp / name).write_text(text, encoding="utf-8")
     print(f"strategy: {par.world_size} strategy file(s) -> {ctx.build.strategy}", file=sys.stderr)
+
+
+def lora_targets(m) -> tuple[str, ...]:
+    """The projections that carry LoRA adapters (none for a full fine-tune)."""
+    return tuple(m.value("train.lora.targets")) if m.value("train.method") == "lora" else ()
+
+
+def lora_keys(m, *keys: str) -> tuple[str, ...]:
+    """train.method, and the given train.lora keys when it is "lora": a LoRA setting matters only then."""
+    return ("train.method",) + (keys if m.train.method == "lora" else ())
 
 
 def keyed_dir(build, link: Path, sources: dict, make, label: str) -> None:
@@ -88,8 +98,9 @@ def keyed_dir(build, link: Path, sources: dict, make, label: str) -> None:
 def _shard(ctx: Context) -> None:
     build = ctx.build
     lock = Lock(build.lock)
+    # the weights' layouts only: adapters added to the strategy files leave the base shards as they are
     keyed_dir(build, build.transformed, {"source": lock.digest_of(build.converted, build.root),
-                                         "strategy": lock.digest_of(build.strategy, build.root)},
+                                         "strategy": weight_layouts_digest(build.strategy)},
               lambda tmp: transform_ckpt(src_ckpt_strategy=None, dst_ckpt_strategy=build.strategy,
                                          src_ckpt_dir=build.converted, dst_ckpt_dir=tmp), "shard")
 
@@ -143,7 +154,8 @@ def specs(m, build) -> list[TaskSpec]:
     strategy_dir = m.path_of("parallel.strategy_dir")
     strategy_inputs = sorted(p for p in strategy_dir.iterdir() if p.is_file()) if strategy_dir else []
     out.append(TaskSpec("strategy", "one strategy file per rank for the parallel plan (or the ones compiled on "
-                                    "Ascend)", _strategy, keys=MODEL_KEYS + PLAN_KEYS, inputs=strategy_inputs,
+                                    "Ascend)", _strategy, keys=MODEL_KEYS + PLAN_KEYS
+                        + lora_keys(m, "train.lora.targets"), inputs=strategy_inputs,
                         dir_outputs=[build.strategy], packages=("mindspore",)))
     out.append(TaskSpec("shard", "slice the converted checkpoint per rank (transform_ckpt)", _shard,
                         inputs=[build.converted, build.strategy], dir_outputs=[build.transformed],
