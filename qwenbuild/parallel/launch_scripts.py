@@ -101,9 +101,11 @@ def _exports(env: dict[str, str]) -> list[str]:
     return [f"export {k}={shlex.quote(str(v))}" for k, v in env.items()]
 
 
-def _preamble(title: str, python_bin_dir, workdir, env: dict[str, str]) -> list[str]:
+def _preamble(title: str, python_bin_dir, workdir, env: dict[str, str], from_script: str | None = None) -> list[str]:
     lines = ["#!/usr/bin/env bash", f"# {title}", "set -euo pipefail"]
-    if workdir:
+    if from_script is not None:  # the directory is found from where the script lies, so a copied one moves along
+        lines.append(f'cd "$(dirname -- "${{BASH_SOURCE[0]}}")"/{shlex.quote(from_script)}')
+    elif workdir:
         lines.append(f"cd {shlex.quote(str(workdir))}")
     if python_bin_dir:
         lines.append(f"export PATH={shlex.quote(str(python_bin_dir))}:\"$PATH\"")
@@ -117,12 +119,14 @@ def launch_scripts(nodes: list[dict], workers_per_node: int, command: list[str] 
                    python_bin_dir: str | Path | None = None, rank_table_file: str | Path | None = None,
                    workdir: str | Path | None = None, cluster_time_out: int = 600,
                    tail_worker_log: int | None = None, check: list[str] | None = None,
-                   job_name: str = "qwenbuild") -> dict[str, str]:
+                   job_name: str = "qwenbuild", workdir_from_script: str | None = None) -> dict[str, str]:
     """{file name: text}: node_<k>.sh for every node and slurm.sbatch running the same on len(nodes) nodes.
 
     nodes: [{"ip": ..., "host": ...}, ...] in rank order; node 0 is the msrun master. A one-node CPU topology
     reads its port from $MASTER_PORT when set (default master_port). check: a command each node runs before
-    msrun (`{node}` in it becomes the node's index); the node stops if it fails.
+    msrun (`{node}` in it becomes the node's index); the node stops if it fails. workdir_from_script: the working
+    directory of node_<k>.sh relative to the script's own directory (slurm.sbatch, which Slurm runs from a copy,
+    still goes to `workdir`).
     """
     _check(nodes, workers_per_node, device, rank_table_file)
     args = script_args(command)
@@ -145,7 +149,7 @@ def launch_scripts(nodes: list[dict], workers_per_node: int, command: list[str] 
     for k, node in enumerate(nodes):
         title = (f"node {k} of {len(nodes)} ({node.get('host') or node['ip']}): {workers_per_node} {device} workers, "
                  f"ranks {k * workers_per_node}..{(k + 1) * workers_per_node - 1} of {world}")
-        lines = _preamble(title, python_bin_dir, workdir, full_env)
+        lines = _preamble(title, python_bin_dir, workdir, full_env, workdir_from_script)
         if check:
             lines.append(_shell([a.replace("{node}", str(k)) for a in check], raw))
         lines.append("exec " + _shell(line(k), raw))

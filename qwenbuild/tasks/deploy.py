@@ -21,7 +21,8 @@ from qwenbuild.parallel.reshard import transform_ckpt
 from qwenbuild.parallel.strategy import write_strategy_files
 from qwenbuild.store import write_seal
 from qwenbuild.tasks.context import Context
-from qwenbuild.tasks.distributed import WORKER_MODULE, keyed_dir, module_script, node_devices, rank_table_file
+from qwenbuild.tasks.distributed import (WORKER_MODULE, in_build, keyed_dir, module_script, node_devices,
+                                         rank_table_file)
 from qwenbuild.tasks.train import RUN_CONFIG_KEYS, run_settings
 from qwenbuild.tokenizer.files import ENDOFTEXT, read_vocab, special_ids
 from qwenbuild.train.mindformers_yaml import RunYaml, predict_config, write_yaml
@@ -82,19 +83,21 @@ def _predict(ctx: Context) -> None:
     settings = run_settings(m, build)
     pad = special_ids(read_vocab(build.tokenizer / "vocab.json"))[ENDOFTEXT]
     run = RunYaml(settings, micro_batch_num=1, vocab_emb_dp=True, use_seq_parallel=False, recompute=False,
-                  gradient_aggregation_group=4, vocab_file=str(build.tokenizer / "vocab.json"),
-                  merges_file=str(build.tokenizer / "merges.txt"), pad_token_id=pad, eos_token_id=pad)
+                  gradient_aggregation_group=4, vocab_file=in_build(build, build.tokenizer / "vocab.json"),
+                  merges_file=in_build(build, build.tokenizer / "merges.txt"), pad_token_id=pad, eos_token_id=pad)
     checkpoint = build.merged_file if ex.checkpoint == "finetuned" else build.converted
     target = "ascend" if hw.device == "ascend" or mp > 1 else "cpu"
-    content = predict_config(run, mp, str(checkpoint), ex.seq_length, ex.max_new_tokens, target)
+    content = predict_config(run, mp, in_build(build, checkpoint), ex.seq_length, ex.max_new_tokens, target)
     prompt = _question(ctx)[0]
-    command = [module_script(WORKER_MODULE["mindformers"]), "--config", build.predict / PREDICT_YAML,
+    command = [module_script(WORKER_MODULE["mindformers"]), "--config", in_build(build, build.predict / PREDICT_YAML),
                "--run_mode", "predict", "--predict_data", prompt, "--use_parallel", str(mp > 1)]
     node = dict(node_devices(m)[0], device_ids=hw.device_ids(hw.nodes[0])[:mp])
+    # predict.sh runs in the build dir, found from where the script lies: every path in it and the YAML is relative
     scripts = launch_scripts([node], mp, command, device=hw.device, master_port=hw.master_port,
-                             log_dir=str(build.predict / "msrun_log"), env=mode_env("predict", hw.device),
-                             python_bin_dir=Path(sys.executable).parent, workdir=str(build.root),
-                             rank_table_file=build.export_rank_table if hw.device == "ascend" else None)
+                             log_dir=in_build(build, build.predict / "msrun_log"), env=mode_env("predict", hw.device),
+                             python_bin_dir=Path(sys.executable).parent, workdir_from_script="..",
+                             rank_table_file=in_build(build, build.export_rank_table) if hw.device == "ascend"
+                             else None)
     with ctx.output_dir(build.predict) as tmp:
         write_yaml(tmp / PREDICT_YAML, run, target, content, "online predict")
         write_launch_scripts(tmp, {"predict.sh": scripts["node_0.sh"]})
@@ -141,7 +144,8 @@ def specs(m, build) -> list[TaskSpec]:
                  _lite_ini, keys=("lite", "export.model_parallel", "hardware.device", "hardware.nodes",
                                   "hardware.devices_per_node"),
                  inputs=[build.rank_table] if ascend else [],
-                 outputs=[build.lite_ini] + ([build.export_rank_table] if ascend else [])),
+                 # on Ascend lite.ini names the export rank table by its path (MindSpore Lite's cwd is unknown)
+                 outputs=[build.lite_ini] + ([build.export_rank_table] if ascend else []), names_build_dir=ascend),
         _predict_spec(m, build),
         TaskSpec("infer", "answer export.predict_data (or a held-out question) with the exported graphs (greedy)",
                  _infer, keys=("export.predict_data", "export.max_new_tokens", "export.batch_size",

@@ -48,6 +48,12 @@ def workers_per_node(m) -> int:
     return hw.devices_per_node // m.parallel.pipeline_stage if hw.device == "cpu" else hw.devices_per_node
 
 
+def in_build(build, path: Path) -> str:
+    """A build-dir path as generated files name it: relative to the build dir, which the scripts run in, so a copied
+    project's files never name the original's."""
+    return Path(path).relative_to(build.root).as_posix()
+
+
 def module_script(module: str) -> Path:
     """The file of a package module, found without importing it: msrun runs a script file, not a module."""
     package, _, name = module.rpartition(".")
@@ -88,7 +94,7 @@ def keyed_dir(build, link: Path, sources: dict, make, label: str) -> None:
     else:
         with atomic_path(keyed, directory=True) as tmp:
             make(tmp)
-    with atomic_path(link) as tmp_link:
+    with atomic_path(link, link=True) as tmp_link:
         os.symlink(keyed.name, tmp_link)
 
 
@@ -105,19 +111,20 @@ def _launch(ctx: Context) -> None:
     m, build = ctx.manifest, ctx.build
     hw = m.hardware
     engine = m.train.engine_on(hw.device)
-    if engine == "mindformers":
-        command = [module_script(WORKER_MODULE[engine]), "--config", build.mindformers_yaml, "--run_mode", "finetune"]
-    else:
-        command = [module_script(WORKER_MODULE[engine]), "--config", build.run_json]
     config = build.mindformers_yaml if engine == "mindformers" else build.run_json
+    command = [module_script(WORKER_MODULE[engine]), "--config", in_build(build, config)]
+    if engine == "mindformers":
+        command += ["--run_mode", "finetune"]
     local = workers_per_node(m)
-    check = ["python", "-m", "qwenbuild.train.node_check", "--build_dir", str(build.root), "--node", "{node}",
-             "--workers", str(local)] + [str(p.relative_to(build.root)) for p in
-                                                       (config, build.mindrecord, build.transformed)]
+    check = ["python", "-m", "qwenbuild.train.node_check", "--build_dir", ".", "--node", "{node}",
+             "--workers", str(local)] + [in_build(build, p) for p in (config, build.mindrecord, build.transformed)]
+    table = rank_table_file(m, build)
+    # node_K.sh finds the build dir from its own place; slurm runs a copy of its script, so it names the path
     scripts = launch_scripts(node_devices(m), local, command, device=hw.device,
-                             master_port=hw.master_port, log_dir=str(build.msrun_log),
+                             master_port=hw.master_port, log_dir=in_build(build, build.msrun_log),
                              env=mode_env("finetune", hw.device), python_bin_dir=Path(sys.executable).parent,
-                             rank_table_file=rank_table_file(m, build), workdir=str(build.root),
+                             rank_table_file=table and in_build(build, table), workdir=str(build.root),
+                             workdir_from_script="..",
                              tail_worker_log=no_tail(hw.devices_per_node) if hw.device == "cpu" else None,
                              check=check)
     with ctx.output_dir(build.launch) as tmp:
@@ -147,5 +154,5 @@ def specs(m, build) -> list[TaskSpec]:
                         packages=("mindspore",)))
     out.append(TaskSpec("launch", "msrun scripts per node and a Slurm sbatch script", _launch,
                         keys=HARDWARE_KEYS + ("train.engine", "parallel.pipeline_stage"), dir_outputs=[build.launch],
-                        inputs=[build.rank_table] if ascend else []))
+                        inputs=[build.rank_table] if ascend else [], names_build_dir=True))
     return out

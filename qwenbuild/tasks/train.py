@@ -15,7 +15,7 @@ from qwenbuild.model.params import CONFIG_ENTRY, is_beside_weights
 from qwenbuild.parallel.reshard import transform_ckpt
 from qwenbuild.store import read_seal, seal_path, write_seal
 from qwenbuild.tasks.context import Context
-from qwenbuild.tasks.distributed import keyed_dir, workers_per_node
+from qwenbuild.tasks.distributed import in_build, keyed_dir, workers_per_node
 from qwenbuild.tasks.spec import TaskSpec
 from qwenbuild.tasks.weights import MODEL_KEYS
 from qwenbuild.tokenizer.files import ENDOFTEXT, read_vocab, special_ids
@@ -34,11 +34,13 @@ RUN_CONFIG_KEYS = MODEL_KEYS + tuple(SCHEMA_KEYS.values()) + ("dataset.file_part
 
 
 def run_settings(m, build) -> TrainSettings:
-    """run.json's settings: the qwen.toml keys of SCHEMA_KEYS by name, plus the build's paths."""
+    """run.json's settings: the qwen.toml keys of SCHEMA_KEYS by name, plus the build's paths (relative to the build
+    dir, where run.json lies and the launch scripts run)."""
     # MindDataset finds the other shards of a MindRecord from any one of them
     train_data = shard_files(build.mindrecord_file, m.dataset.file_partition)[0]
-    return TrainSettings(model=m.model.config, train_data=str(train_data), output_dir=str(build.output),
-                         init_checkpoint=str(build.transformed), strategy_dir=str(build.strategy),
+    return TrainSettings(model=m.model.config, train_data=in_build(build, train_data),
+                         output_dir=in_build(build, build.output), init_checkpoint=in_build(build, build.transformed),
+                         strategy_dir=in_build(build, build.strategy),
                          device_target="Ascend" if m.hardware.device == "ascend" else "CPU",
                          **{name: m.value(key) for name, key in SCHEMA_KEYS.items()})
 
@@ -51,8 +53,8 @@ def _run_config(ctx: Context) -> None:
     run = RunYaml(settings, micro_batch_num=par.micro_batch_num, vocab_emb_dp=par.vocab_emb_dp,
                   use_seq_parallel=par.use_seq_parallel, recompute=par.recompute,
                   gradient_aggregation_group=par.gradient_aggregation_group, offset=par.stage_offset,
-                  vocab_file=str(build.tokenizer / "vocab.json"), merges_file=str(build.tokenizer / "merges.txt"),
-                  pad_token_id=pad, eos_token_id=pad)
+                  vocab_file=in_build(build, build.tokenizer / "vocab.json"),
+                  merges_file=in_build(build, build.tokenizer / "merges.txt"), pad_token_id=pad, eos_token_id=pad)
     target = default_target(settings)
     write_yaml(build.mindformers_yaml, run, target)
     print(f"run_config: {build.run_json.name} and {build.mindformers_yaml.name} ({target}) -> {build.root}",
@@ -158,7 +160,10 @@ def specs(m, build) -> list[TaskSpec]:
                  _run_config, keys=RUN_CONFIG_KEYS, inputs=[build.tokenizer],
                  outputs=[build.run_json, build.mindformers_yaml], packages=("mindformers",)),
         TaskSpec("finetune", "train on the MindRecord from the per-rank shards (the launch scripts, through msrun)",
-                 _finetune, inputs=[build.run_json, build.mindrecord, build.transformed, build.launch, build.strategy]
+                 # the script it runs, not the whole launch dir: slurm.sbatch names the build dir's path, which a
+                 # copied project changes without changing what trains
+                 _finetune, inputs=[build.run_json, build.mindrecord, build.transformed, build.launch / "node_0.sh",
+                                    build.strategy]
                  + ([build.mindformers_yaml] if m.train.engine_on(m.hardware.device) == "mindformers" else [])
                  + ([build.dataset, build.tokenizer] if builtin else []),
                  keys=("train.eval_max_new_tokens", "train.engine", "hardware.device", "hardware.nodes",
