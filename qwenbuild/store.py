@@ -1,4 +1,5 @@
-"""Atomic promotion of outputs and sealed directories: a killed build never leaves a half artifact that looks complete."""
+"""Atomic promotion of outputs and sealed directories: a killed build never leaves a half artifact that looks
+complete; and the one rule of what an output may replace, so nothing the user had is lost (`output_path`)."""
 
 from __future__ import annotations
 
@@ -224,8 +225,8 @@ def refuse_in_the_way(final: Path, *, directory: bool, link: bool = False) -> No
     if stat.S_ISLNK(st.st_mode):
         if link:
             return
-        raise UserError(f"{final} is a symbolic link (to {os.readlink(final)}); qwenbuild writes no output through "
-                        "a link", hint="give the path the link points to, or remove the link")
+        raise UserError(f"{final} is a symbolic link (to {os.readlink(final)}); an output never replaces a link or "
+                        "writes through one", hint="give the path the link points to, or remove the link")
     for test, what in _NOT_FILES:
         if test(st.st_mode):
             raise UserError(f"{final} is {what}, not a regular file; an output is only ever a regular file or a "

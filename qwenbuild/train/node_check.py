@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("artifacts", nargs="+", help="artifact paths as qwen.lock names them (relative)")
     args = parser.parse_args(argv)
     first = int(args.node) * args.workers
-    build = BuildDir(Path(args.build_dir))
+    build = BuildDir(Path(args.build_dir).resolve())  # the scripts pass "." (the build dir they lie in)
     found = problems(build, args.artifacts, (first, first + args.workers - 1))
     for problem in found:
         print(f"{ERROR} node {args.node}: {problem}", file=sys.stderr)
