@@ -186,6 +186,6 @@ def test_set_writes_through_to_the_file_the_user_has(tmp_path):
     assert edited.count("\r\n") == edited.count("\n") and "seed = 7\r\n" in edited
     # only the two edited lines differ; the blank line after node 0's table is still there
     old, new = text.splitlines(), edited.splitlines()
-    assert [line for line in new if line not in old] == ["seed = 7", "device_ids = [0,1,2,3,4,5,6,7]"]
+    assert [line for line in new if line not in old] == ["device_ids = [0,1,2,3,4,5,6,7]", "seed = 7"]
     assert new.index("device_ids = [0,1,2,3,4,5,6,7]") + 2 == new.index("[[hardware.nodes]]", new.index(
         "device_ids = [0,1,2,3,4,5,6,7]"))
