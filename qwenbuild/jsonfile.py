@@ -30,14 +30,19 @@ def parse_json(text: str | bytes):
         raise BadJSON(f"a number too long to read: {exc}") from None
 
 
+def refuse_device(f, path, what: str) -> None:
+    """A user file read line by line or whole must not be a device: /dev/zero is one endless line."""
+    mode = os.fstat(f.fileno()).st_mode
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        raise UserError(f"{what} {path} is a device, not a file", hint="pass a regular file")
+
+
 def read_bytes(path: str | Path, what: str, limit: int = MAX_READ_BYTES) -> bytes:
     """The bytes of a file read whole, refusing a device (/dev/zero never ends) and anything over `limit` bytes;
     OSErrors propagate for the caller to word."""
     path = Path(path)
     with open(path, "rb") as f:
-        mode = os.fstat(f.fileno()).st_mode
-        if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
-            raise UserError(f"{what} {path} is a device, not a file", hint="pass a regular file")
+        refuse_device(f, path, what)
         data = f.read(limit + 1)
     if len(data) > limit:
         raise UserError(f"{what} {path} holds more than {limit >> 30} GiB, more than qwenbuild reads whole",

@@ -564,6 +564,10 @@ CASES = [
     ("alpaca_converter --data_path rows.json --output_path same.json", 2, "is the input",
      "rows.json<alpaca.json, same.json->rows.json"),
     ("alpaca_converter --data_path /dev/zero --output_path out.jsonl", 2, "/dev/zero is a device", "out.jsonl"),
+    ("tokenizer --output_dir tok --train_from /dev/zero --vocab_size 300", 2, "/dev/zero is a device", None),
+    ("tokenizer --output_dir tok --tiktoken_file /dev/zero", 2, "/dev/zero is a device", None),
+    ("preprocess --input_glob {c}/chat.jsonl --vocab_file {c}/tok/vocab.json --merges_file /dev/zero "
+     "--output_file out.mindrecord", 2, "/dev/zero is a device", None),
     ("preprocess --input_glob chat.jsonl --vocab_file {c}/tok/vocab.json --merges_file {c}/tok/merges.txt "
      "--output_file chat.jsonl", 2, "is the input", "chat.jsonl<chat.jsonl"),
     ("preprocess --input_glob {c}/chat.jsonl --vocab_file {c}/tok/vocab.json --merges_file {c}/tok/merges.txt "

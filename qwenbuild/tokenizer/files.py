@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 
 from qwenbuild.errors import UserError
-from qwenbuild.jsonfile import read_json
+from qwenbuild.jsonfile import read_bytes, read_json
 from qwenbuild.store import atomic_path
 
 ENDOFTEXT, IM_START, IM_END = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
@@ -111,7 +111,7 @@ def read_merges(merges_file: str | os.PathLike) -> list[tuple[str, str]]:
     """Merges in rank order; empty lines and '#' lines (the version header) are skipped like Qwen2Tokenizer does."""
     path = Path(merges_file)
     try:
-        text = path.read_text(encoding="utf-8")
+        text = read_bytes(path, "merges file").decode("utf-8")
     except FileNotFoundError:
         raise UserError(f"merges file {path} does not exist",
                         hint="build one with `qwenbuild tokenizer --output_dir DIR` or point at a model's merges.txt")

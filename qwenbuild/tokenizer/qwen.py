@@ -10,6 +10,7 @@ from importlib import resources
 from pathlib import Path
 
 from qwenbuild.errors import UserError
+from qwenbuild.jsonfile import refuse_device
 from qwenbuild.tokenizer.byte_level import token_text
 from qwenbuild.tokenizer.files import write_tokenizer_files
 
@@ -28,6 +29,7 @@ def read_tiktoken(path: str | os.PathLike) -> list[bytes]:
     token_line: dict[bytes, int] = {}
     try:
         with open(path, "rb") as f:
+            refuse_device(f, path, "tiktoken ranks file")
             for lineno, line in enumerate(f, start=1):
                 if not line.strip():
                     continue
