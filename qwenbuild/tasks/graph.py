@@ -15,8 +15,8 @@ from qwenbuild.manifest import load_manifest
 from qwenbuild.processes import stop_on_signals
 from qwenbuild.store import sweep_stale
 from qwenbuild.tasks import check_build_dir, task_groups, task_specs
-from qwenbuild.tasks.staleness import producers, upstream
 from qwenbuild.tasks.doit_tasks import doit_tasks
+from qwenbuild.tasks.staleness import producers, upstream
 
 # doit commands that only read: they neither wait for nor block a running build
 _READ_ONLY = {"list", "info", "help", "dumpdb", "strace", "tabcompletion", "ignore", "reset-dep", "clean"}
