@@ -45,7 +45,7 @@ def read_bytes(path: str | Path, what: str, limit: int = MAX_READ_BYTES) -> byte
         refuse_device(f, path, what)
         data = f.read(limit + 1)
     if len(data) > limit:
-        raise UserError(f"{what} {path} holds more than {limit >> 30} GiB, more than qwenbuild reads whole",
+        raise UserError(f"{what} {path} holds more than {limit / 2**20:,.0f} MiB, more than qwenbuild reads whole",
                         hint="split it into smaller files")
     return data
 

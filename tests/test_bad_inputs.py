@@ -579,6 +579,9 @@ CASES = [
      "lies inside the input hf", "hf<hf"),
     ("eval_heldout --checkpoint {c}/ms.ckpt --config {c}/hf/config.json --tokenizer_dir {c}/tok --heldout "
      "rows.json --metrics rows.json", 2, "is the input", "rows.json<alpaca.json"),
+    ("eval_heldout --checkpoint {c}/ms.ckpt --config {c}/hf/config.json --tokenizer_dir {c}/tok --heldout "
+     "{c}/alpaca.json --metrics notes.json", 2, "metrics file", "notes.json"),
+    ("hccl_tools --device_num [0,1) --server_ip 10.0.0.1 --hccn_conf /dev/zero", 2, "/dev/zero is a device", None),
     ("transform_ckpt --src_ckpt_dir {c}/ms2.ckpt --dst_ckpt_strategy {c}/strategy_mp2 --dst_ckpt_dir out "
      "--prefix ../../x", 2, "--prefix", None),
     ("transform_ckpt --src_ckpt_dir {c}/ms2.ckpt --dst_ckpt_strategy {c}/strategy_mp2 --dst_ckpt_dir out "

@@ -10,7 +10,7 @@ import subprocess
 from pathlib import Path
 
 from qwenbuild.errors import UserError
-from qwenbuild.jsonfile import read_json
+from qwenbuild.jsonfile import read_bytes, read_json
 from qwenbuild.processes import run_child
 from qwenbuild.store import atomic_path
 
@@ -85,7 +85,7 @@ def _ip_from_hccn_tool(device_id: int) -> str | None:
 
 def _ip_from_hccn_conf(device_id: int, hccn_conf: str | Path) -> str | None:
     try:
-        text = Path(hccn_conf).read_text(encoding="utf-8", errors="replace")
+        text = read_bytes(hccn_conf, "hccn.conf", limit=1 << 20).decode("utf-8", errors="replace")
     except OSError:
         return None
     for lineno, line in enumerate(text.splitlines(), start=1):
