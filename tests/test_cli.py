@@ -151,9 +151,10 @@ def test_set_accepts_a_checkpoint_not_downloaded_yet_and_names_lines_of_the_user
                             if not line.startswith("hf_dir")))
     proc = run("set", "model.hf_dir=models/Qwen1.5-7B", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
-    assert "warning: qwen.toml:" in proc.stderr and "models/Qwen1.5-7B/config.json does not exist" in proc.stderr
     assert 'preset = "qwen1.5-7b"' in path.read_text()  # the preset plans until the checkpoint is there
     hf_line = next(i for i, line in enumerate(path.read_text().splitlines(), 1) if line.startswith("hf_dir"))
+    assert f"warning: qwen.toml:{hf_line}: model.hf_dir:" in proc.stderr, proc.stderr
+    assert "models/Qwen1.5-7B/config.json does not exist" in proc.stderr
     refused = run("validate", cwd=tmp_path)
     assert refused.returncode == 2 and f"qwen.toml:{hf_line}: model.hf_dir:" in refused.stderr, refused.stderr
     # a refusal of set names where the key stands in the user's file, not in the edited text

@@ -181,9 +181,11 @@ def set_keys(path: Path, changes: list[tuple[str, str]], removals: list[str] = (
     edited = _as_written(tomlkit.dumps(doc), written)
     manifest = _validated(target, edited, original, path)
     write_through(target, edited.encode("utf-8"))
-    warnings = [f"warning: {p}" for p in _in_the_file(manifest.unavailable + manifest.warnings, original, path)]
-    return report + warnings + [f"updated {path}" + (f" (the file it links to, {target})" if target != Path(path)
-                                                     .absolute() else "")]
+    # the edit is written: warnings name the lines of the file as it is now
+    warnings = [f"warning: {p}" for p in _in_the_file(manifest.unavailable + manifest.warnings,
+                                                      edited.removeprefix(BOM), path)]
+    return report + warnings + [f"updated {path}" + (f" (the file it links to, {target})" if Path(path).is_symlink()
+                                                     else "")]
 
 
 def _as_written(text: str, written: str) -> str:
