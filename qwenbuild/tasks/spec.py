@@ -8,6 +8,9 @@ import platform
 from pathlib import Path
 from typing import Callable
 
+from qwenbuild.machine import cpu_record
+from qwenbuild.model.fused_kernels import build_record
+
 
 @dataclasses.dataclass
 class TaskSpec:
@@ -22,6 +25,7 @@ class TaskSpec:
     packages: tuple[str, ...] = ()  # libraries whose version the outputs depend on, beyond EVERY_TASK's
     # an output names the build dir's absolute path (slurm.sbatch): built elsewhere, or in a copy, it is stale
     names_build_dir: bool = False
+    machine: tuple[str, ...] = ()  # what of this machine its outputs' floats depend on: "cpu", "fused_kernels"
 
     @property
     def artifacts(self) -> list[Path]:
@@ -67,3 +71,13 @@ def toolchain(packages: tuple[str, ...]) -> dict[str, str]:
         except importlib.metadata.PackageNotFoundError:
             out[name] = "not installed"
     return out
+
+
+MACHINE_PARTS = {"cpu": cpu_record, "fused_kernels": build_record}
+
+
+def machine(parts: tuple[str, ...]) -> dict:
+    """What of this machine a task's numbers depend on, as qwen.lock records it. Unlike a version, a difference never
+    makes a task out of date (a build copied to a cluster node must not rebuild there); `qwenbuild verify` names it
+    when digests differ."""
+    return {part: MACHINE_PARTS[part]() for part in parts}
