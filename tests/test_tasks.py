@@ -115,18 +115,20 @@ def test_actions_of_a_cluster_topology_read_only_declared_keys(tmp_path, qwen_di
 
     config = MindFormerConfig(str(build.predict / "predict_qwen1_5.yaml"))
     assert (config.run_mode, config.use_parallel, config.auto_trans_ckpt) == ("predict", True, True)
-    # every path is relative to the build dir, where predict.sh runs: a copied project names its own files
-    assert config.load_checkpoint == build.merged_file.relative_to(build.root).as_posix()
+    # every path is relative to build/predict/, where predict.sh runs: a copied project names its own files
+    assert config.load_checkpoint == "../output/merged_checkpoint/rank_0/checkpoint_0.ckpt"
+    assert config.output_dir == "output" and config.processor.tokenizer.vocab_file == "../tokenizer/vocab.json"
     assert config.model.model_config.use_past is True
     assert config.model.model_config.seq_length == m.export.seq_length
     expected = {"data_parallel": 1, "model_parallel": 2, "pipeline_stage": 1, "use_seq_parallel": False,
                 "micro_batch_num": 1, "vocab_emb_dp": True, "gradient_aggregation_group": 4}
     assert {k: config.parallel_config[k] for k in expected} == expected  # MindFormers adds its own defaults
-    assert (build.root / config.processor.tokenizer.vocab_file).is_file()
+    assert (build.predict / config.processor.tokenizer.vocab_file).is_file()
     script = (build.predict / "predict.sh").read_text()
     for line in ("export MS_GE_TRAIN=0", "export MS_ENABLE_GE=1", "export MS_ENABLE_REF_MODE=1",
-                 f"export RANK_TABLE_FILE={build.export_rank_table.name}", "--worker_num=2", "--run_mode predict",
-                 'cd "$(dirname -- "${BASH_SOURCE[0]}")"/..'):
+                 f"export RANK_TABLE_FILE=../{build.export_rank_table.name}", "--worker_num=2", "--run_mode predict",
+                 "--config predict_qwen1_5.yaml", "--log_dir=output/msrun_log",
+                 'cd "$(dirname -- "${BASH_SOURCE[0]}")"/.'):
         assert line in script, line
 
 
