@@ -274,7 +274,7 @@ def test_no_manifest_string_runs_as_a_command_in_a_generated_script(script_manif
                 args = check[0]
                 assert args[1:3] == ["-m", "qwenbuild.train.node_check"]
                 assert args[args.index("--host") + 1] == hosts[k] and args[args.index("--ip") + 1] == \
-                    m.hardware.nodes[k].ip and args[args.index("--build_dir") + 1] == str(build.root)
+                    m.hardware.nodes[k].ip and args[args.index("--build_dir") + 1] == "."  # where the scripts run
                 assert f"--node_rank={k}" in msrun
             else:
                 assert msrun[-3] == m.export.predict_data
@@ -658,10 +658,12 @@ def test_no_output_path_changes_a_byte_the_user_had(kit, name, spot):
         TALLY["outputs refused" if rc else "outputs written beside"] += 1
 
 
+@pytest.mark.slow
 def test_a_copied_project_never_writes_into_the_original(tmp_path, qwen_dir):
     """`cp -a project copy`, then the tasks that need no training in the copy: the original keeps every byte, and
-    no file the copy's build holds names the original (launch scripts, run.json and the YAML name paths relative
-    to their build dir; slurm.sbatch, which Slurm runs from a copy of itself, is rebuilt for the copy)."""
+    no file the copy's build holds names the original (launch scripts, run.json, the YAMLs, predict.sh and
+    lite_infer.sh name paths relative to where they run; slurm.sbatch, which Slurm runs from a copy of itself, is
+    rebuilt for the copy)."""
     from qwenbuild.manifest.edit import set_keys
 
     original = tmp_path / "project"
@@ -671,7 +673,8 @@ def test_a_copied_project_never_writes_into_the_original(tmp_path, qwen_dir):
     # the default, with fewer rows and the session's Qwen tokenizer files (built once, copied by the task)
     set_keys(original / "qwen.toml", [("dataset.num_train", "300"), ("dataset.num_heldout", "10"),
                                       ("tokenizer.kind", '"hf"'), ("tokenizer.dir", json.dumps(str(qwen_dir)))])
-    doit = [str(Path(sys.executable).parent / "doit"), "launch", "run_config", "mindrecord", "predict"]
+    doit = [str(Path(sys.executable).parent / "doit"), "launch", "run_config", "mindrecord", "strategy", "shard",
+            "predict", "lite_infer"]
     proc = subprocess.run(doit, cwd=original, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     copy = tmp_path / "copy"
