@@ -808,6 +808,7 @@ def test_a_missing_manifest_named_to_doit_hints_at_doit(tmp_path):
     assert "missing.toml does not exist" in proc.stderr and "doit manifest=PATH" in proc.stderr
 
 
+@pytest.mark.slow  # a doit build, if of the smallest task
 def test_doit_forget_makes_the_task_run_again(tmp_path):
     project = _project(tmp_path)
     assert _doit(project, "dataset").returncode == 0

@@ -227,11 +227,12 @@ def script_manifest():
 @fuzz(40)
 @given(setting=script_settings())
 def test_no_manifest_string_runs_as_a_command_in_a_generated_script(script_manifest, setting):
-    """For any string set on a key that reaches node_K.sh, slurm.sbatch or predict.sh: `set` refuses it naming the
-    key, or every script is valid bash whose only commands are the ones qwenbuild wrote, each value one word."""
+    """For any string set on a key that reaches node_K.sh, slurm.sbatch, predict.sh or lite_infer.sh: `set` refuses
+    it naming the key, or every script is valid bash whose only commands are the ones qwenbuild wrote, each value
+    one word."""
     from qwenbuild.build_dir import BuildDir
     from qwenbuild.manifest import load_manifest
-    from qwenbuild.tasks.deploy import predict_script
+    from qwenbuild.tasks.deploy import lite_infer_script, predict_script
     from qwenbuild.tasks.distributed import node_scripts
 
     key, value = setting
@@ -249,8 +250,9 @@ def test_no_manifest_string_runs_as_a_command_in_a_generated_script(script_manif
             return
         m = load_manifest(path)
         build = BuildDir(m.build_dir)
-        build.predict.mkdir(parents=True, exist_ok=True)  # predict.sh runs there
-        scripts = dict(node_scripts(m, build), **{"predict.sh": predict_script(m, build, m.export.predict_data)})
+        build.root.mkdir(parents=True, exist_ok=True)  # slurm.sbatch changes to it (the others to where they lie)
+        scripts = dict(node_scripts(m, build), **{"predict.sh": predict_script(m, build, m.export.predict_data),
+                                                  "lite_infer.sh": lite_infer_script(m, build, m.export.predict_data)})
         bin_dir = _stub_bin(tmp / "stub-bin", tmp / "calls.jsonl")
         hosts = [n.host for n in m.hardware.nodes]
         for name, text in scripts.items():
@@ -266,7 +268,8 @@ def test_no_manifest_string_runs_as_a_command_in_a_generated_script(script_manif
                 # a python or environment script the nodes do not have: the script stops before running anything
                 assert proc.returncode != 0 and not calls, (name, proc.stderr)
                 continue
-            assert proc.returncode == 0 and len(calls) == (1 if name == "predict.sh" else 2), (name, proc.stderr)
+            single = name in ("predict.sh", "lite_infer.sh")  # node 0 alone, no node_check
+            assert proc.returncode == 0 and len(calls) == (1 if single else 2), (name, proc.stderr)
             # each value arrived as one argument, unchanged
             *check, msrun = calls
             assert msrun[:3] == [m.hardware.python.rsplit("/", 1)[-1], "-m", "mindspore.parallel.cluster.run"]
@@ -277,7 +280,7 @@ def test_no_manifest_string_runs_as_a_command_in_a_generated_script(script_manif
                     m.hardware.nodes[k].ip and args[args.index("--build_dir") + 1] == "."  # where the scripts run
                 assert f"--node_rank={k}" in msrun
             else:
-                assert msrun[-3] == m.export.predict_data
+                assert msrun[msrun.index("--predict_data") + 1] == m.export.predict_data
 
 
 @pytest.fixture(scope="module")

@@ -132,17 +132,25 @@ def _lite_infer(ctx: Context) -> None:
     export.model_parallel cards, the export rank table on Ascend), each running run_qwen1_5_mslite_infer with the
     original's flags on its rank's graphs; MindSpore Lite on Ascend, MindSpore's GraphCell on CPU."""
     m, build, ex = ctx.manifest, ctx.build, ctx.manifest.export
-    ascend = m.hardware.device == "ascend"
+    script = lite_infer_script(m, build, _question(ctx)[0])
+    write_launch_scripts(build.lite_infer, {build.lite_infer_script.name: script})
+    print(f"lite_infer: {build.lite_infer_script} ({ex.model_parallel} rank(s), {_lite_backend(m)})", file=sys.stderr)
+
+
+def _lite_backend(m) -> str:
+    return "lite" if m.hardware.device == "ascend" else "graphcell"
+
+
+def lite_infer_script(m, build, prompt: str) -> str:
+    """lite_infer.sh: run_qwen1_5_mslite_infer with the original's flags on every export rank's graphs."""
+    ex = m.export
     command = ["-m", "qwenbuild", "run_qwen1_5_mslite_infer",
                "--mindir_root_dir", build.export, "--seq_length", str(ex.seq_length),
                "--batch_size", str(ex.batch_size), "--do_sample", "False",
                "--vocab_file", build.tokenizer / "vocab.json", "--merge_file", build.tokenizer / "merges.txt",
-               "--ge_config_path", build.lite_ini, "--predict_data", _question(ctx)[0],
-               "--max_new_tokens", str(ex.max_new_tokens), "--backend", "lite" if ascend else "graphcell", "--json"]
-    script = _export_topology_script(m, build, command, build.lite_infer / "msrun_log", build.lite_infer, "export")
-    write_launch_scripts(build.lite_infer, {build.lite_infer_script.name: script})
-    print(f"lite_infer: {build.lite_infer_script} ({ex.model_parallel} rank(s), {'lite' if ascend else 'graphcell'})",
-          file=sys.stderr)
+               "--ge_config_path", build.lite_ini, "--predict_data", prompt,
+               "--max_new_tokens", str(ex.max_new_tokens), "--backend", _lite_backend(m), "--json"]
+    return _export_topology_script(m, build, command, build.lite_infer / "msrun_log", build.lite_infer, "export")
 
 
 def _question(ctx: Context) -> tuple[str, str | None]:
