@@ -209,3 +209,30 @@ def test_the_default_infer_question_is_a_held_out_one(tmp_path):
     [spec] = [s for s in task_specs(alpaca) if s.name == "infer"]
     view = DeclaredManifest(alpaca, "infer", spec.keys)
     assert _question(Context("infer", view, BuildDir(alpaca.build_dir))) == (SEED_PROMPT, None)
+
+
+def test_the_compiled_strategy_dir_holds_only_what_a_finetune_wrote(tmp_path):
+    """output/strategy is the finetune's sealed artifact: an earlier run's compiled strategies are cleared, anything
+    else in it is refused by name before training, never sealed into the artifact or deleted."""
+    from qwenbuild.errors import UserError
+    from qwenbuild.store import write_seal
+    from qwenbuild.tasks.train import clear_compiled_strategies
+
+    compiled = tmp_path / "output" / "strategy"
+    clear_compiled_strategies(compiled)  # not there yet
+    compiled.mkdir(parents=True)
+    (compiled / "ckpt_strategy_rank_0.ckpt").write_bytes(b"earlier run")
+    write_seal(compiled)
+    clear_compiled_strategies(compiled)
+    assert sorted(p.name for p in compiled.iterdir()) == [".qwenbuild-seal.json"]
+    (compiled / "ckpt_strategy_rank_1.ckpt").write_bytes(b"a killed run, unsealed")
+    (compiled / "notes.txt").write_bytes(b"the user's")
+    with pytest.raises(UserError, match=r"strategy holds what qwenbuild did not write there \(notes\.txt\)"):
+        clear_compiled_strategies(compiled)
+    assert sorted(p.name for p in compiled.iterdir()) == [".qwenbuild-seal.json", "notes.txt"]
+    assert (compiled / "notes.txt").read_bytes() == b"the user's"
+    link = tmp_path / "elsewhere"
+    link.symlink_to(compiled)
+    with pytest.raises(UserError, match="is a symbolic link"):
+        clear_compiled_strategies(link)
+    assert (compiled / "notes.txt").exists()

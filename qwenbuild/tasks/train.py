@@ -15,7 +15,7 @@ from qwenbuild.lock import Lock, check_artifact
 from qwenbuild.model.params import CONFIG_ENTRY, is_beside_weights
 from qwenbuild.parallel.reshard import transform_ckpt
 from qwenbuild.parallel.strategy import collect_strategy_files
-from qwenbuild.store import read_seal, seal_path, write_seal
+from qwenbuild.store import read_seal, refuse_in_the_way, seal_path, write_seal
 from qwenbuild.tasks.context import Context
 from qwenbuild.tasks.distributed import in_build, keyed_dir, workers_per_node
 from qwenbuild.tasks.spec import TaskSpec
@@ -91,9 +91,12 @@ def clear_checkpoints(directory) -> None:
 
 
 def clear_compiled_strategies(directory) -> None:
-    """The strategy files MindFormers compiled in an earlier finetune: this run's must not be mixed with them."""
-    for path in directory.glob("*_rank_*.ckpt") if directory.is_dir() else ():
+    """The strategy files MindFormers compiled in an earlier finetune: this run's must not be mixed with them. What
+    else the directory holds was not written there by a finetune, and would be sealed into its artifact: refused,
+    named (store's one rule of what an output may replace)."""
+    for path in directory.glob("*_rank_*.ckpt") if directory.is_dir() and not directory.is_symlink() else ():
         path.unlink()
+    refuse_in_the_way(directory, directory=True)
 
 
 def drop_damaged_checkpoints(build) -> None:
