@@ -176,3 +176,21 @@ def test_cli_names_and_errors(dataset_chatml, small_dir, tmp_path, capsys):
                  "--output_file", str(tmp_path / "b.mindrecord")]) == 2
     err = capsys.readouterr().err
     assert "no input file matches" in err and "Traceback" not in err
+
+
+def test_no_more_workers_start_than_there_are_chunks_of_rows(edge_chatml, small_dir, tmp_path, monkeypatch):
+    """--workers 200 for a handful of rows starts one worker (a chunk is 256 lines), and the bytes are the same."""
+    from qwenbuild.data import preprocess as module
+
+    started = []
+    real_pool = module.worker_pool
+
+    def counting_pool(workers, *args, **kwargs):
+        started.append(workers)
+        return real_pool(workers, *args, **kwargs)
+
+    monkeypatch.setattr(module, "worker_pool", counting_pool)
+    run(edge_chatml, small_dir, tmp_path / "many" / "d.mindrecord", workers=200, seq_length=512)
+    run(edge_chatml, small_dir, tmp_path / "none" / "d.mindrecord", workers=0, seq_length=512)
+    assert started == [1]
+    assert (tmp_path / "many" / "d.mindrecord").read_bytes() == (tmp_path / "none" / "d.mindrecord").read_bytes()

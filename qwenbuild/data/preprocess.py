@@ -32,6 +32,7 @@ IGNORE_TOKEN_ID = -100
 TRAINED_ROLE = "assistant"
 CHUNK_LINES = 256
 SMALL_INPUT_BYTES = 4 << 20
+MAX_WORKERS = 256  # each loads a tokenizer (~300 MB for Qwen's): a typo must not start thousands
 _PROGRESS_SECONDS = 5.0
 MAX_SEQ_LENGTH = 1 << 17  # 4x the longest Qwen1.5 context; a chunk of padded rows must still fit in memory
 
@@ -270,8 +271,8 @@ def preprocess(input_glob: str, vocab_file: str | os.PathLike, merges_file: str 
     pad_id = special_ids(read_vocab(vocab_file))[ENDOFTEXT]
     row_length = seq_length + 1
     workers = default_workers(files) if workers is None else workers
-    if workers < 0:
-        raise UserError(f"--workers must be 0 (tokenize in the writing process) or more, found {workers}")
+    if not 0 <= workers <= MAX_WORKERS:
+        raise UserError(f"--workers must lie in 0..{MAX_WORKERS} (0 tokenizes in the writing process), found {workers}")
     stats, start = PreprocessStats(), time.perf_counter()
 
     def batches(pool):
@@ -293,8 +294,11 @@ def preprocess(input_glob: str, vocab_file: str | os.PathLike, merges_file: str 
     if lines == len(files) and not any(p.stat().st_size for p in files):
         raise UserError(f"{', '.join(map(str, files))}: empty, no conversations to write",
                         hint="pass the JSON Lines file written by `qwenbuild alpaca_converter`")
+    # a worker takes a chunk of lines at a time: more workers than chunks would only start and wait
+    workers = min(workers, -(-lines // CHUNK_LINES))
     with _tokenizing_pool(workers, init_args) as pool:
-        write_mindrecord(output_file, batches(pool), row_length, lines, file_partition)
+        write_mindrecord(output_file, batches(pool), row_length, lines, file_partition,
+                         inputs=[*files, vocab_file, merges_file])
     stats.seconds = time.perf_counter() - start
     print(f"preprocess: {stats.summary(row_length)} -> {output_file}", file=sys.stderr)
     return stats

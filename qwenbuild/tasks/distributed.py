@@ -47,6 +47,13 @@ def workers_per_node(m) -> int:
     return hw.devices_per_node // m.parallel.pipeline_stage if hw.device == "cpu" else hw.devices_per_node
 
 
+def in_build(build, path: Path, start: Path | None = None) -> str:
+    """A build-dir path as generated files name it: relative to the build dir, or to `start` (a directory inside it),
+    where the script that reads it runs, so a copied project's files never name the original's."""
+    rel = Path(path).relative_to(build.root)
+    return Path(os.path.relpath(rel, Path(start).relative_to(build.root))).as_posix() if start else rel.as_posix()
+
+
 def _rank_table(ctx: Context) -> None:
     m = ctx.manifest
     tables, merged = rank_table_for_nodes(node_devices(m), m.hardware.device_ip_source)
@@ -91,7 +98,7 @@ def keyed_dir(build, link: Path, sources: dict, make, label: str) -> None:
     else:
         with atomic_path(keyed, directory=True) as tmp:
             make(tmp)
-    with atomic_path(link) as tmp_link:
+    with atomic_path(link, link=True) as tmp_link:
         os.symlink(keyed.name, tmp_link)
 
 
@@ -118,16 +125,20 @@ def node_scripts(m, build) -> dict[str, str]:
     hw = m.hardware
     engine = m.train.engine_on(hw.device)
     config = build.mindformers_yaml if engine == "mindformers" else build.run_json
-    command = ["-m", WORKER_MODULE[engine], "--config", config] + (["--run_mode", "finetune"]
-                                                                    if engine == "mindformers" else [])
+    command = ["-m", WORKER_MODULE[engine], "--config", in_build(build, config)] + (
+        ["--run_mode", "finetune"] if engine == "mindformers" else [])
     local = workers_per_node(m)
-    check = ["qwenbuild.train.node_check", "--build_dir", str(build.root), "--node", "{node}", "--host", "{host}",
+    # the scripts run in the build dir ("."): node_K.sh finds it from its own place, slurm.sbatch (which Slurm runs
+    # from a copy) names its path
+    check = ["qwenbuild.train.node_check", "--build_dir", ".", "--node", "{node}", "--host", "{host}",
              "--ip", "{ip}", "--workers", str(local), "--toolchain_of", "launch"] + [
-        str(p.relative_to(build.root)) for p in (config, build.mindrecord, build.transformed)]
+        in_build(build, p) for p in (config, build.mindrecord, build.transformed)]
+    table = rank_table_file(m, build)
     return launch_scripts(node_devices(m), local, command, device=hw.device, master_port=hw.master_port,
-                          log_dir=str(build.msrun_log), env=mode_env("finetune", hw.device), python=hw.python,
-                          env_script=hw.env_script, rank_table_file=rank_table_file(m, build),
-                          workdir=str(build.root),
+                          log_dir=in_build(build, build.msrun_log), env=mode_env("finetune", hw.device),
+                          python=hw.python, env_script=hw.env_script,
+                          rank_table_file=table and in_build(build, table), workdir=str(build.root),
+                          workdir_from_script="..",
                           tail_worker_log=no_tail(hw.devices_per_node) if hw.device == "cpu" else None, check=check)
 
 
@@ -163,5 +174,6 @@ def specs(m, build) -> list[TaskSpec]:
     out.append(TaskSpec("launch", "msrun scripts per node and a Slurm sbatch script", _launch,
                         keys=HARDWARE_KEYS + ("hardware.python", "hardware.env_script", "train.engine",
                                               "parallel.pipeline_stage"), dir_outputs=[build.launch],
-                        inputs=[build.rank_table] if ascend else [], packages=node_packages(m)))
+                        inputs=[build.rank_table] if ascend else [], packages=node_packages(m),
+                        names_build_dir=True))
     return out

@@ -14,7 +14,7 @@ from qwenbuild.processes import interrupted_line, interruption
 from qwenbuild.store import seal_path
 from qwenbuild.tasks import task_groups, task_specs
 from qwenbuild.tasks.context import Context, DeclaredManifest
-from qwenbuild.tasks.spec import TaskSpec, machine, manifest_slice, toolchain
+from qwenbuild.tasks.spec import TaskSpec, machine, recorded_slice, toolchain
 from qwenbuild.tasks.staleness import input_digests, producers, stale_reasons, task_status, upstream
 
 
@@ -41,7 +41,7 @@ def _run(spec: TaskSpec, manifest, build: BuildDir):
     reasons = stale_reasons(spec, manifest, build.root, lock)
     print(f"qwenbuild {spec.name}: runs because {'; '.join(reasons)}", file=sys.stderr)
     lock.forget(spec.name)  # from here until the new entry is written the old artifacts are not trusted
-    inputs, input_stats = input_digests(spec, build.root, lock)
+    inputs, input_stats = input_digests(spec, build.root, lock, manifest.root)
     missing = [label for label, digest in inputs.items() if digest is None]
     if missing:
         raise UserError(f"input {', '.join(missing)} does not exist", hint="build the tasks it comes from first")
@@ -50,8 +50,8 @@ def _run(spec: TaskSpec, manifest, build: BuildDir):
     absent = [p for p in spec.artifacts if not p.exists()]
     if absent:
         return TaskFailed(f"{spec.name} did not produce {', '.join(map(str, absent))}")
-    lock.record(spec.name, spec.artifacts, inputs, manifest_slice(manifest, spec.keys), toolchain(spec.packages),
-                build.root, input_stats, machine(spec.machine))
+    lock.record(spec.name, spec.artifacts, inputs, recorded_slice(spec, manifest, build.root),
+                toolchain(spec.packages), build.root, input_stats, machine(spec.machine))
     print(f"qwenbuild {spec.name}: done in {time.monotonic() - started:.1f} s", file=sys.stderr)
     return None
 

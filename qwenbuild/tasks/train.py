@@ -18,9 +18,9 @@ from qwenbuild.model.lora import LoraConfig, is_adapter
 from qwenbuild.model.params import CONFIG_ENTRY, LORA_ENTRY, is_beside_weights
 from qwenbuild.parallel.reshard import transform_ckpt
 from qwenbuild.parallel.strategy import collect_strategy_files
-from qwenbuild.store import atomic_path, read_seal, remove, seal_path, write_seal
+from qwenbuild.store import atomic_path, read_seal, refuse_in_the_way, remove, seal_path, write_seal
 from qwenbuild.tasks.context import Context
-from qwenbuild.tasks.distributed import keyed_dir, lora_keys, workers_per_node
+from qwenbuild.tasks.distributed import in_build, keyed_dir, lora_keys, workers_per_node
 from qwenbuild.tasks.spec import TaskSpec
 from qwenbuild.tasks.weights import MODEL_KEYS
 from qwenbuild.tokenizer.files import ENDOFTEXT, read_vocab, special_ids
@@ -42,13 +42,16 @@ RUN_CONFIG_KEYS = MODEL_KEYS + tuple(SCHEMA_KEYS.values()) + ("dataset.file_part
                                                               "hardware.device_memory_gb") + YAML_KEYS
 
 
-def run_settings(m, build, lora: LoraConfig | None = None) -> TrainSettings:
-    """run.json's settings: the qwen.toml keys of SCHEMA_KEYS by name, plus the build's paths and the adapters to
-    train (None: every weight)."""
+def run_settings(m, build, lora: LoraConfig | None = None, start: Path | None = None) -> TrainSettings:
+    """run.json's settings: the qwen.toml keys of SCHEMA_KEYS by name, plus the build's paths (relative to the build
+    dir, where run.json lies and the launch scripts run, or to `start`, where another script runs) and the adapters
+    to train (None: every weight)."""
     # MindDataset finds the other shards of a MindRecord from any one of them
     train_data = shard_files(build.mindrecord_file, m.dataset.file_partition)[0]
-    return TrainSettings(model=m.model.config, train_data=str(train_data), output_dir=str(build.output),
-                         init_checkpoint=str(build.transformed), strategy_dir=str(build.strategy),
+    return TrainSettings(model=m.model.config, train_data=in_build(build, train_data, start),
+                         output_dir=in_build(build, build.output, start),
+                         init_checkpoint=in_build(build, build.transformed, start),
+                         strategy_dir=in_build(build, build.strategy, start),
                          device_target="Ascend" if m.hardware.device == "ascend" else "CPU", lora=lora,
                          **{name: m.value(key) for name, key in SCHEMA_KEYS.items()})
 
@@ -65,8 +68,9 @@ def _run_config(ctx: Context) -> None:
     run = RunYaml(settings, micro_batch_num=par.micro_batch_num, vocab_emb_dp=par.vocab_emb_dp,
                   use_seq_parallel=par.use_seq_parallel, recompute=par.recompute,
                   gradient_aggregation_group=par.gradient_aggregation_group, offset=par.stage_offset,
-                  vocab_file=str(build.tokenizer / "vocab.json"), merges_file=str(build.tokenizer / "merges.txt"),
-                  pad_token_id=pad, eos_token_id=pad, device_memory_gb=m.hardware.device_memory_gb)
+                  vocab_file=in_build(build, build.tokenizer / "vocab.json"),
+                  merges_file=in_build(build, build.tokenizer / "merges.txt"), pad_token_id=pad, eos_token_id=pad,
+                  device_memory_gb=m.hardware.device_memory_gb)
     target = default_target(settings)
     write_yaml(build.mindformers_yaml, run, target)
     print(f"run_config: {build.run_json.name} and {build.mindformers_yaml.name} ({target}) -> {build.root}",
@@ -97,9 +101,12 @@ def clear_checkpoints(directory) -> None:
 
 
 def clear_compiled_strategies(directory) -> None:
-    """The strategy files MindFormers compiled in an earlier finetune: this run's must not be mixed with them."""
-    for path in directory.glob("*_rank_*.ckpt") if directory.is_dir() else ():
+    """The strategy files MindFormers compiled in an earlier finetune: this run's must not be mixed with them. What
+    else the directory holds was not written there by a finetune, and would be sealed into its artifact: refused,
+    named (store's one rule of what an output may replace)."""
+    for path in directory.glob("*_rank_*.ckpt") if directory.is_dir() and not directory.is_symlink() else ():
         path.unlink()
+    refuse_in_the_way(directory, directory=True)
 
 
 def drop_damaged_checkpoints(build) -> None:
@@ -316,7 +323,10 @@ def specs(m, build) -> list[TaskSpec]:
                  _run_config, keys=RUN_CONFIG_KEYS + lora_keys(m, "train.lora"), inputs=[build.tokenizer],
                  outputs=[build.run_json, build.mindformers_yaml], packages=("mindformers",)),
         TaskSpec("finetune", "train on the MindRecord from the per-rank shards (the launch scripts, through msrun)",
-                 _finetune, inputs=[build.run_json, build.mindrecord, build.transformed, build.launch, build.strategy]
+                 # the script it runs, not the whole launch dir: slurm.sbatch names the build dir's path, which a
+                 # copied project changes without changing what trains
+                 _finetune, inputs=[build.run_json, build.mindrecord, build.transformed, build.launch / "node_0.sh",
+                                    build.strategy]
                  + ([build.mindformers_yaml] if m.train.engine_on(m.hardware.device) == "mindformers" else [])
                  + ([build.converted] if lora else [])
                  + ([build.dataset, build.tokenizer] if builtin else []),
