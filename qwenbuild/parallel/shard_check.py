@@ -15,6 +15,7 @@ import numpy as np
 
 from qwenbuild.errors import UserError
 from qwenbuild.model.config import QwenConfig
+from qwenbuild.model.lora import is_adapter
 from qwenbuild.model.params import CONFIG_ENTRY, is_beside_weights, parameter_shapes
 from qwenbuild.weights.mindspore_ckpt import CkptTensor, read_text
 
@@ -61,8 +62,10 @@ def full_shapes(indexes: dict[int, dict[str, CkptTensor]], layouts: dict | None,
                                 hint=_HINT)
             found[name] = (full, t)
         if layouts:
+            # a rank of LoRA adapters alone lacks the frozen weights its strategy also lays out, not an adapter
+            adapters = adapters_only(index)
             lacking = [n for n, layout in layouts.items() if stage in layout[6] and n not in index
-                       and not is_beside_weights(n)]
+                       and not is_beside_weights(n) and (is_adapter(n) or not adapters)]
             if lacking:
                 where = next(iter(index.values())).path if index else f"rank {rank}"
                 raise UserError(f"{where} (rank {rank}, stage {stage}) lacks {', '.join(lacking[:3])}"
@@ -86,6 +89,12 @@ def check_stored_config(indexes: dict[int, dict[str, CkptTensor]], full: dict[st
                             f"strategy, but the checkpoint's own config.json makes it {list(shape)}", hint=_HINT)
 
 
+def adapters_only(names) -> bool:
+    """The weights named are LoRA adapters and nothing else (what a LoRA finetune saves per rank)."""
+    weights = [n for n in names if not is_beside_weights(n)]
+    return bool(weights) and all(is_adapter(n) for n in weights)
+
+
 def check_destination(full: dict[str, tuple[int, ...]], layouts: dict | None) -> None:
     """Every weight laid out by the destination strategy, and split by it into equal pieces."""
     if layouts is None:
@@ -101,7 +110,8 @@ def check_destination(full: dict[str, tuple[int, ...]], layouts: dict | None) ->
             raise UserError(f"the destination strategy cuts {name} into {' x '.join(map(str, pieces))} pieces, which "
                             f"its full shape {list(shape)} does not divide", hint="pass a strategy made for this model")
     absent = [n for n in layouts if n not in full and not is_beside_weights(n)]
-    if absent:
+    # LoRA adapters alone are cut by the whole network's strategy, as MindFormers cuts them
+    if absent and not adapters_only(full):
         raise UserError(f"the destination strategy lays out {', '.join(absent[:3])}{' ...' if len(absent) > 3 else ''}"
                         ", which the source checkpoint does not hold", hint="pass a strategy made for this model")
 
