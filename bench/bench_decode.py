@@ -128,7 +128,8 @@ def time_in_process(root: Path, prompt: list[int], new: int, eos: list[int], rep
 
 
 def time_transformers(hf_dir: Path, prompt: list[int], new: int, repeat: int, threads: int):
-    """(median decode tokens/s, tokens) of transformers generate, KV cache, float32, `threads` intra-op threads."""
+    """(median decode tokens/s, tokens, read_once seconds) of transformers generate, KV cache, float32, `threads`
+    intra-op threads."""
     import torch
     from transformers import Qwen2ForCausalLM
 
@@ -147,7 +148,23 @@ def time_transformers(hf_dir: Path, prompt: list[int], new: int, repeat: int, th
     run(new)  # warm-up
     runs = [(run(1)[0], run(new)) for _ in range(repeat)]
     rate = statistics.median((new - 1) / (full - first) for first, (full, _) in runs)
-    return rate, runs[0][1][1]
+    return rate, runs[0][1][1], read_once(model)
+
+
+def read_once(model) -> float:
+    """Fastest of 5 passes summing every weight a decoded token reads (the layers, the final norm, lm_head, which
+    is the embedding table when tied): the memory bound of a float32 decode step here."""
+    import torch
+
+    weights = [*model.model.layers.parameters(), *model.model.norm.parameters(), model.lm_head.weight]
+    times = []
+    with torch.no_grad():
+        for _ in range(5):
+            t = time.perf_counter()
+            for w in weights:
+                w.sum()
+            times.append(time.perf_counter() - t)
+    return min(times)
 
 
 def main(argv=None) -> int:
@@ -195,7 +212,9 @@ def main(argv=None) -> int:
           f"{read * infer_rate:.1f} GB/s")
     print(f"exported graphs in this process:          decode {ours_rate:7.2f} tokens/s; RSS growth over "
           f"{args.repeat - 1} more runs: {growth:+.1f} MiB; same tokens as infer: {ours_tokens == tokens}")
-    for threads, (hf_rate, hf_tokens) in hf.items():
+    for threads, (hf_rate, hf_tokens, seconds) in hf.items():
+        print(f"reading those weights once (torch sum, {threads} threads): {seconds * 1000:.0f} ms = "
+              f"{read / seconds:.1f} GB/s: no float32 decode step here beats {1 / seconds:.2f} tokens/s")
         print(f"transformers generate (KV, {threads} thread{'s' if threads > 1 else ''}):   decode {hf_rate:7.2f} "
               f"tokens/s, {read * hf_rate:.1f} GB/s -> ratio: qwenbuild infer {infer_rate / hf_rate:.2f}x, in "
               f"process {ours_rate / hf_rate:.2f}x; same tokens: {hf_tokens == tokens}")
