@@ -1,10 +1,10 @@
 """Training throughput: qwenbuild (MindSpore GRAPH mode) vs transformers + torch on the identical model and batches.
 
 Both start from the same seeded Hugging Face checkpoint, read the same rows in the same order, use AdamW
-(betas 0.9/0.95, eps 1e-8, decoupled decay), the same cosine schedule and clipping, with the same thread count, in
-one process, taking turns every --block steps so that both run under the same conditions (on a shared machine a
-neighbour's burst otherwise lands on one side only). The first step of each (graph compile, allocation) is not
-timed. Prints tokens/s of each, the ratio, and how far apart the two loss curves end up.
+(betas 0.9/0.95, eps 1e-8, decoupled decay of 2-D parameters), the same cosine schedule and clipping, with the same
+thread count, in one process, taking turns every --block steps so that both run under the same conditions (on a
+shared machine a neighbour's burst otherwise lands on one side only). The first step of each (graph compile,
+allocation) is not timed. Prints tokens/s of each, the ratio, and how far apart the two loss curves end up.
 
     .venv/bin/python bench/bench_train.py [--steps 60] [--batch 16] [--seq 64] [--block 5] [--mindrecord FILE]
     .venv/bin/python bench/bench_train.py --shape 0.5b --steps 6 --batch 2 --seq 64
@@ -62,8 +62,10 @@ def torch_steps(hf_dir: Path, settings, rows_by_epoch, lrs, threads: int):
     torch.manual_seed(settings.seed)
     model = Qwen2ForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32, attn_implementation="eager")
     model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=lrs[0], betas=(settings.beta1, settings.beta2), eps=settings.eps,
-                            weight_decay=settings.weight_decay)
+    # weight decay on 2-D parameters only, as qwenbuild's (and MindFormers') AdamW groups them
+    groups = [{"params": [p for p in model.parameters() if (p.dim() > 1) == on],
+               "weight_decay": settings.weight_decay if on else 0.0} for on in (True, False)]
+    opt = torch.optim.AdamW(groups, lr=lrs[0], betas=(settings.beta1, settings.beta2), eps=settings.eps)
     for step, (input_ids, target_ids) in enumerate(data.batches(settings.train_data, rows_by_epoch, settings.batch_size)):
         t0 = time.perf_counter()
         tokens = torch.from_numpy(input_ids[:, :-1].astype(np.int64))

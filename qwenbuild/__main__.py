@@ -5,6 +5,10 @@ import os
 import signal
 import sys
 
+if __name__ == "__main__" and sys.path and os.path.realpath(sys.path[0]) == os.path.dirname(os.path.realpath(__file__)):
+    # run as a script (msrun starts lite_infer.sh's ranks so): the package's folder must not shadow top-level modules
+    sys.path.pop(0)
+
 
 def _stopped_while_starting(signum, frame):
     # nothing is written yet: end as an interrupted command does, not with a traceback out of an import

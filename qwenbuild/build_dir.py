@@ -1,4 +1,10 @@
-"""Where every artifact lives inside the build dir, in the places MindFormers users know (output/strategy, ...)."""
+"""Where every artifact lives inside the build dir, in the places MindFormers users know (output/checkpoint, ...).
+
+MindFormers owns whatever is below its output_dir: it writes strategy/, checkpoint*/ and log/ there and, with
+auto_trans_ckpt, empties strategy/ and transformed_checkpoint/. So each MindFormers run has a directory of its own
+that holds nothing another task built: `output/` is the finetune's (the original's layout: checkpoint/rank_N/,
+strategy/ it compiles, log/rank_N/), `predict/output/` the online predict's. What qwenbuild builds before training
+(the planned strategy files, the shards) and after it (the export) lives beside `output/`, never below it."""
 
 from __future__ import annotations
 
@@ -59,15 +65,23 @@ class BuildDir:
 
     @property
     def output(self) -> Path:
+        """The finetune's run directory: MindFormers' output_dir of the finetune, and qwenbuild's trainer's."""
         return self.root / "output"
 
     @property
     def strategy(self) -> Path:
+        """The plan's strategy files (ckpt_strategy_rank_N.json, or copies of parallel.strategy_dir's)."""
+        return self.root / "strategy"
+
+    @property
+    def compiled_strategy(self) -> Path:
+        """Where MindFormers' Trainer saves the strategies it compiles during the finetune (Ascend)."""
         return self.output / "strategy"
 
     @property
     def transformed(self) -> Path:
-        return self.output / "transformed_checkpoint" / self.converted.stem
+        """The converted checkpoint sliced per rank: transformed_checkpoint/qwen/rank_N/checkpoint_N.ckpt."""
+        return self.root / "transformed_checkpoint" / self.converted.stem
 
     @property
     def checkpoint(self) -> Path:
@@ -83,9 +97,14 @@ class BuildDir:
         return self.merged / "rank_0" / "checkpoint_0.ckpt"
 
     @property
+    def export(self) -> Path:
+        """The export root (--mindir_root_dir): the graphs and the weights cut for them."""
+        return self.root / "export"
+
+    @property
     def export_shards(self) -> Path:
         """The weights cut for the export topology: strategy/ (dp 1 x export.model_parallel) and shards/rank_N/."""
-        return self.output / "export_checkpoint"
+        return self.export / "export_checkpoint"
 
     @property
     def export_rank_table(self) -> Path:
@@ -98,6 +117,28 @@ class BuildDir:
         return self.root / "predict"
 
     @property
+    def predict_yaml(self) -> Path:
+        return self.predict / "predict_qwen1_5.yaml"
+
+    @property
+    def predict_script(self) -> Path:
+        return self.predict / "predict.sh"
+
+    @property
+    def predict_output(self) -> Path:
+        """MindFormers' output_dir of the online predict (its strategy/, transformed_checkpoint/, log/)."""
+        return self.predict / "output"
+
+    @property
+    def lite_infer(self) -> Path:
+        """MindSpore Lite inference on the export topology: lite_infer.sh (one process per rank) and its logs."""
+        return self.root / "lite_infer"
+
+    @property
+    def lite_infer_script(self) -> Path:
+        return self.lite_infer / "lite_infer.sh"
+
+    @property
     def msrun_log(self) -> Path:
         return self.output / "msrun_log"
 
@@ -107,11 +148,11 @@ class BuildDir:
 
     @property
     def mindir_full(self) -> Path:
-        return self.output / "mindir_full_checkpoint"
+        return self.export / "mindir_full_checkpoint"
 
     @property
     def mindir_inc(self) -> Path:
-        return self.output / "mindir_inc_checkpoint"
+        return self.export / "mindir_inc_checkpoint"
 
     # cluster files
     @property

@@ -130,14 +130,16 @@ class Lock:
         return self.read()["tasks"].get(task)
 
     def record(self, task: str, artifacts: list[Path], inputs: dict[str, str], manifest: dict,
-               toolchain: dict, root: Path, input_stats: dict[str, list[int]] | None = None) -> dict:
-        """Write the task's entry; input_stats are the stats of its input files when their digests were taken."""
+               toolchain: dict, root: Path, input_stats: dict[str, list[int]] | None = None,
+               machine: dict | None = None) -> dict:
+        """Write the task's entry; input_stats are the stats of its input files when their digests were taken,
+        machine what of this machine the artifacts' numbers depend on (an entry holds it only when given)."""
         described, seen = {}, dict(input_stats or {})
         for path in artifacts:
             described[os.path.relpath(path, root)], stats = describe_artifact(path)
             seen.update(stats)
         entry = {"artifacts": described, "inputs": dict(sorted(inputs.items())), "manifest": manifest,
-                 "toolchain": toolchain}
+                 "toolchain": toolchain, **({"machine": machine} if machine else {})}
         with self._writing():
             data, stats = self.read(), self.read_stats()
             data["tasks"][task] = entry

@@ -1,15 +1,17 @@
-"""The parallel plan on the manifest's hardware: where each rank runs, and a per-device memory estimate."""
+"""The parallel plan on the manifest's hardware: where each rank runs, and the memory of every device."""
 
 from __future__ import annotations
 
 import dataclasses
 
-from qwenbuild.dtypes import ITEMSIZE
-from qwenbuild.model.config import QwenConfig
+from qwenbuild.manifest import deployment_dtype, device_limit
+from qwenbuild.model.params import num_parameters
+from qwenbuild.parallel.memory import GIB, HEADROOM, DeviceMemory, TrainingPlan, deployment_memory, one_process, \
+    training_memory
 from qwenbuild.parallel.plan_rules import stage_layers
 from qwenbuild.parallel.ranks import Rank, place_ranks
-
-GIB = 1 << 30
+from qwenbuild.parallel.shard_sizes import rank_shards
+from qwenbuild.train.mindformers_yaml import PARAM_INIT_TYPE
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,49 +35,84 @@ def ranks(m) -> list[PlacedRank]:
     return [PlacedRank(r, hw.nodes[r.node].host, stages[r.stage]) for r in placed]
 
 
-def _stage_params(cfg: QwenConfig, layers: int, first: bool, last: bool, mp: int, vocab_emb_dp: bool) -> float:
-    h, hd = cfg.hidden_size, cfg.head_dim
-    per_layer = (2 * cfg.num_heads * hd * h + 2 * cfg.n_kv_heads * hd * h + 3 * h * cfg.intermediate_size) / mp
-    per_layer += (cfg.num_heads + 2 * cfg.n_kv_heads) * hd / mp + 2 * h
-    table = cfg.vocab_size * h / (1 if vocab_emb_dp else mp)
-    total = layers * per_layer
-    if first:
-        total += table
-    if last:
-        total += h + (0 if cfg.tie_word_embeddings and first else table)
-    return total
-
-
-def memory_estimate(m) -> list[dict]:
-    """Per pipeline stage, bytes per device: weights, gradients, AdamW states and activations of one step."""
+def training_plan(m) -> TrainingPlan:
+    """What the run allocates: on Ascend MindFormers' Trainer on the generated YAML (float32 master weights,
+    recompute and sequence parallelism as [parallel] says, flash attention, the parallel optimizer); on CPU the
+    engine that trains there, in float32."""
     cfg, par, hw = m.model.config, m.parallel, m.hardware
-    dp, mp, pp = par.data_parallel, par.model_parallel, par.pipeline_stage
-    tokens = m.dataset.seq_length * m.train.batch_size
-    pbytes = ITEMSIZE[cfg.param_dtype]
-    abytes = 4 if hw.device == "cpu" else ITEMSIZE[cfg.compute_dtype]
-    h = cfg.hidden_size
-    rows = []
-    for stage, layers in enumerate(pipeline_layers(m)):
-        params = _stage_params(cfg, len(layers), stage == 0, stage == pp - 1, mp, par.vocab_emb_dp)
-        weights = params * pbytes
-        grads = params * 4  # gradients accumulate in float32
-        # AdamW m and v in float32, sharded across data parallel by the parallel optimizer on Ascend
-        optimizer = params * 8 / (dp if hw.device == "ascend" else 1)
-        if par.recompute:
-            per_layer = tokens * h * abytes
-        else:
-            per_layer = tokens * (h * 17 + cfg.intermediate_size * 3) * abytes / mp
-        in_flight = min(pp - stage, par.micro_batch_num) if pp > 1 else 1
-        activations = per_layer * len(layers) * in_flight
-        if stage == pp - 1:
-            activations += tokens * cfg.vocab_size * 4 * 2 / (1 if par.vocab_emb_dp else mp)
-        total = weights + grads + optimizer + activations
-        rows.append(dict(stage=stage, layers=layers, params=params, weights=weights, gradients=grads,
-                         optimizer=optimizer, activations=activations, total=total,
-                         device=hw.device_memory_gb * GIB))
-    return rows
+    ascend = hw.device == "ascend"
+    mindformers = m.train.engine_on(hw.device) == "mindformers"
+    return TrainingPlan(
+        data_parallel=par.data_parallel, model_parallel=par.model_parallel, pipeline_stage=par.pipeline_stage,
+        micro_batch_num=par.micro_batch_num, vocab_emb_dp=par.vocab_emb_dp,
+        use_seq_parallel=ascend and par.use_seq_parallel, recompute=ascend and par.recompute,
+        seq_length=m.dataset.seq_length, batch_size=m.train.batch_size,
+        weight_dtype=PARAM_INIT_TYPE if mindformers else cfg.param_dtype,
+        compute_dtype=cfg.compute_dtype if ascend else "float32", flash_attention=ascend, parallel_optimizer=ascend)
+
+
+def memory_estimate(m) -> list[DeviceMemory]:
+    """Per pipeline stage, the memory of one of its ranks; on CPU one row, as a worker runs every stage."""
+    rows = training_memory(m.model.config, training_plan(m), pipeline_layers(m), device_limit(m))
+    return [one_process(rows)] if m.hardware.device == "cpu" and len(rows) > 1 else rows
+
+
+def export_memory(m) -> DeviceMemory:
+    """One card of the export (predict) topology."""
+    ex = m.export
+    return deployment_memory(m.model.config, ex.model_parallel, m.parallel.vocab_emb_dp, ex.seq_length,
+                             ex.batch_size, deployment_dtype(m), m.hardware.device == "ascend", device_limit(m))
+
+
+def _limit_text(m) -> str:
+    if m.hardware.device == "ascend":
+        return (f"max_device_memory {device_limit(m) / GIB:g}GB (hardware.device_memory_gb "
+                f"{m.hardware.device_memory_gb:g} less the runtime's reserve)")
+    return f"hardware.device_memory_gb {m.hardware.device_memory_gb:g}"
 
 
 def memory_warnings(m) -> list[str]:
-    return [f"pipeline stage {r['stage']}: estimated {r['total'] / GIB:.1f} GiB per device exceeds "
-            f"hardware.device_memory_gb {r['device'] / GIB:g}" for r in memory_estimate(m) if r["total"] > r["device"]]
+    """A training device over its memory or with less than HEADROOM of it left: the estimate is not exact."""
+    out = []
+    for row in memory_estimate(m):
+        need = f"{row.label}: estimated {row.total / GIB:.1f} GiB per device"
+        if row.total > row.limit:
+            out.append(f"{need} exceeds {_limit_text(m)}; raise parallel.model_parallel or pipeline_stage, turn on "
+                       "parallel.recompute or use_seq_parallel, or lower train.batch_size")
+        elif row.headroom < HEADROOM:
+            out.append(f"{need} leaves {row.headroom:.1%} of {_limit_text(m)} free (under {HEADROOM:.0%}): the "
+                       "activations are an estimate, so the run may not fit")
+    return out
+
+
+def plan_json(m, tasks: list | None = None) -> dict:
+    """The whole plan, machine-readable: the topology, every rank, the shards per stage, memory per device by
+    component (bytes and dtype) for training and for the export topology, warnings, and the tasks' status."""
+    cfg, par, hw = m.model.config, m.parallel, m.hardware
+    shards = rank_shards(cfg, par.data_parallel, par.model_parallel, par.pipeline_stage, par.vocab_emb_dp,
+                         par.stage_offset, [hw.device_ids(n) for n in hw.nodes])
+    per_stage = par.data_parallel * par.model_parallel
+    return {
+        "manifest": str(m.path),
+        "model": {"parameters": num_parameters(cfg), "param_dtype": cfg.param_dtype,
+                  "compute_dtype": cfg.compute_dtype},
+        "hardware": {"device": hw.device, "nodes": len(hw.nodes), "devices_per_node": hw.devices_per_node,
+                     "device_memory_gb": hw.device_memory_gb, "limit_bytes": device_limit(m)},
+        "parallel": {"data_parallel": par.data_parallel, "model_parallel": par.model_parallel,
+                     "pipeline_stage": par.pipeline_stage, "micro_batch_num": par.micro_batch_num,
+                     "vocab_emb_dp": par.vocab_emb_dp, "use_seq_parallel": par.use_seq_parallel,
+                     "recompute": par.recompute},
+        "ranks": [{"rank": p.rank.rank, "node": p.rank.node, "host": p.host, "device": p.rank.device,
+                   "stage": p.rank.stage, "dp_index": p.rank.dp_index, "mp_index": p.rank.mp_index,
+                   "layers": [p.layers.start, p.layers.stop - 1] if len(p.layers) else []} for p in ranks(m)],
+        "shards": [{"stage": s, "ranks": [s * per_stage, (s + 1) * per_stage - 1], "dtype": cfg.param_dtype,
+                    "groups": shards[s * per_stage]["groups"], "bytes": shards[s * per_stage]["bytes"]}
+                   for s in range(par.pipeline_stage)],
+        "memory": {"training": [row.to_json() for row in memory_estimate(m)],
+                   "export": dict(export_memory(m).to_json(), model_parallel=m.export.model_parallel,
+                                  seq_length=m.export.seq_length, batch_size=m.export.batch_size)},
+        "warnings": [str(w) for w in m.warnings] + memory_warnings(m),
+        "missing": [str(w) for w in m.unavailable],
+        **({"tasks": [{"name": name, "status": state, "why": reasons} for name, state, reasons in tasks]}
+           if tasks is not None else {}),
+    }

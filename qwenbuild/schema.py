@@ -7,6 +7,7 @@ import copy
 import difflib
 import json
 import math
+import unicodedata
 from functools import lru_cache
 from pathlib import Path
 
@@ -61,6 +62,8 @@ def _show(value) -> str:
 
 
 def allowed(s: dict) -> str:
+    if "x-allowed" in s:  # a pattern in words
+        return s["x-allowed"]
     if "enum" in s:
         return "one of " + ", ".join(json.dumps(v, ensure_ascii=False) for v in s["enum"])
     kind = s.get("type", "value")
@@ -97,12 +100,50 @@ def problems(data: dict) -> list[tuple[str, str]]:
             key = err.message.split("'")[1]
             out.append((_path(where + [key]), "missing; this key is required"))
         elif err.validator in ("type", "enum", "minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum",
-                               "minLength", "format"):
+                               "minLength", "maxLength", "format", "pattern"):
             out.append((_path(where), f"found {_show(err.instance)}, allowed: {allowed(err.schema)}"))
         elif err.validator == "minItems":
             out.append((_path(where), f"found {len(err.instance)} entries, allowed: at least {err.validator_value}"))
         else:
             out.append((_path(where), err.message))
+    named = {where for where, _ in out}
+    return out + [(where, message) for where, message in control_characters(data) if where not in named]
+
+
+# names of the control characters people type by accident; the rest are shown by code point
+_CONTROL_NAMES = {"\n": "a line feed", "\r": "a carriage return", "\t": "a tab", "\x1b": "an escape",
+                  "\x00": "a NUL"}
+
+
+def control_problem(text: str) -> str | None:
+    """Why a manifest string cannot be taken (it holds a control character or a line separator), or None.
+
+    Every string of qwen.toml is one line of text: any of them may end up in a generated script, where a line
+    break would start a command (in a comment too)."""
+    for i, ch in enumerate(text):
+        if unicodedata.category(ch) in ("Cc", "Zl", "Zp"):
+            name = _CONTROL_NAMES.get(ch, f"U+{ord(ch):04X}")
+            return (f"found a string holding {name} (U+{ord(ch):04X}) at character {i + 1}; qwen.toml strings are "
+                    "one line of text without control characters")
+    return None
+
+
+def control_characters(data, where: tuple = ()) -> list[tuple[str, str]]:
+    """(key path, message) for every string, or table key, of the manifest that holds a control character."""
+    out = []
+    if isinstance(data, dict):
+        for key, value in data.items():
+            problem = control_problem(str(key))
+            if problem:
+                out.append((_path(where + (key,)), problem.replace("a string", "a key name", 1)))
+            out += control_characters(value, where + (key,))
+    elif isinstance(data, list):
+        for i, value in enumerate(data):
+            out += control_characters(value, where + (i,))
+    elif isinstance(data, str):
+        problem = control_problem(data)
+        if problem:
+            out.append((_path(where), problem))
     return out
 
 
@@ -148,5 +189,6 @@ def value_problem(key_path: str, value) -> str | None:
     node = describe(key_path)
     validator = _validator(node)
     if next(validator.iter_errors(value), None) is None:
-        return None
+        found = control_characters(value)
+        return found[0][1] if found else None
     return f"found {_show(value)}, allowed: {allowed(node)}"

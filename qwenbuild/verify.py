@@ -16,6 +16,7 @@ from qwenbuild.lock import Lock
 from qwenbuild.processes import run_child
 from qwenbuild.tasks.staleness import task_status
 
+
 @dataclasses.dataclass
 class Difference:
     task: str
@@ -23,10 +24,54 @@ class Difference:
     recorded: str
     rebuilt: str
     where: str
+    machine: tuple[str, ...] = ()  # how the machine the task was recorded on differs from this one
 
     def __str__(self) -> str:
-        return (f"{self.task}: {self.artifact}\n    recorded {self.recorded}\n    rebuilt  {self.rebuilt}\n"
+        text = (f"{self.task}: {self.artifact}\n    recorded {self.recorded}\n    rebuilt  {self.rebuilt}\n"
                 f"    first difference: {self.where}")
+        if self.machine:
+            text += ("\n    recorded on another machine, whose kernels round differently: "
+                     + "; ".join(self.machine))
+        return text
+
+
+CPU_LABELS = {"arch": "architecture", "model": "CPU", "cpus": "CPUs (kernel threads)",
+              "extensions": "CPU extensions the kernels dispatch on"}
+KERNEL_LABELS = {"compiler": "compiler", "march": "-march=native", "flags": "flags"}
+
+
+def _extensions(a: list, b: list) -> str:
+    parts = [f"{', '.join(x for x in a if x not in b)} recorded, not here" if set(a) - set(b) else "",
+             f"{', '.join(x for x in b if x not in a)} here only" if set(b) - set(a) else ""]
+    return " and ".join(p for p in parts if p)
+
+
+def _kernel_changes(a: dict, b: dict) -> list[str]:
+    if a.get("used") != b.get("used") or not a.get("used"):
+        said = [f"built by {r.get('compiler')} for -march=native = {r.get('march')}" if r.get("used")
+                else f"not used ({r.get('why', 'not recorded')})" for r in (a, b)]
+        return [f"fused kernels: {said[0]} recorded, {said[1]} here"]
+    return [f"fused kernels' {label}: {a.get(key)!r} recorded, {b.get(key)!r} here"
+            for key, label in KERNEL_LABELS.items() if a.get(key) != b.get(key)]
+
+
+def machine_changes(recorded: dict | None, here: dict | None) -> tuple[str, ...]:
+    """What differs between the machine a task was recorded on and the one it was rebuilt on, in words."""
+    if not here or recorded == here:
+        return ()
+    if recorded is None:
+        return ("qwen.lock has no machine record for it (written before qwen.lock recorded machines)",)
+    out = []
+    cpu_a, cpu_b = recorded.get("cpu") or {}, here.get("cpu") or {}
+    for key, label in CPU_LABELS.items():
+        a, b = cpu_a.get(key), cpu_b.get(key)
+        if a != b:
+            out.append(f"{label}: " + (_extensions(a or [], b or []) if key == "extensions"
+                                       else f"{a!r} recorded, {b!r} here"))
+    kernels_a, kernels_b = recorded.get("fused_kernels") or {}, here.get("fused_kernels") or {}
+    if kernels_a != kernels_b:
+        out += _kernel_changes(kernels_a, kernels_b)
+    return tuple(out)
 
 
 def rebuild(manifest_path: Path, build_dir: Path, tasks: list[str]) -> None:
@@ -72,14 +117,17 @@ def _compare_artifact(task, rel, old, new, a_root: Path, b_root: Path) -> list[D
 
 
 def compare_locks(a_root: Path, b_root: Path) -> tuple[list[Difference], int]:
-    """Differences between two build dirs' locks, and how many artifacts were compared."""
+    """Differences between two build dirs' locks, and how many artifacts were compared; a difference of a task
+    recorded on another machine says how that machine differs."""
     a, b = Lock(BuildDir(a_root).lock).read()["tasks"], Lock(BuildDir(b_root).lock).read()["tasks"]
     diffs, count = [], 0
     for task, entry in sorted(a.items()):
-        rebuilt = b.get(task, {}).get("artifacts", {})
+        rebuilt = b.get(task, {})
+        changes = machine_changes(entry.get("machine"), rebuilt.get("machine"))
         for rel, old in sorted(entry["artifacts"].items()):
             count += 1
-            diffs += _compare_artifact(task, rel, old, rebuilt.get(rel), a_root, b_root)
+            found = _compare_artifact(task, rel, old, rebuilt.get("artifacts", {}).get(rel), a_root, b_root)
+            diffs += [dataclasses.replace(d, machine=changes) for d in found]
     return diffs, count
 
 

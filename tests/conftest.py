@@ -8,6 +8,10 @@ from pathlib import Path
 
 import pytest
 
+# the `slow` marker checked as tests run (tests/slow_guard)
+from slow_guard.plugin import (pytest_configure, pytest_runtest_call, pytest_runtest_setup,  # noqa: F401
+                               pytest_runtest_teardown, pytest_unconfigure)
+
 REPO = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
 

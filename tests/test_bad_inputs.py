@@ -47,6 +47,9 @@ def _manifests(good: str) -> dict[str, bytes]:
         "nan.toml": sub(r"^learning_rate = \S+", "learning_rate = nan"),
         "floatdp.toml": sub(r"^data_parallel = \d+", "data_parallel = 2.0"),
         "smallbatch.toml": sub(r"^num_train = \d+", "num_train = 10"),
+        "blankprompt.toml": sub(r"^use_past = true", 'use_past = true\npredict_data = "   "'),
+        "compiledstrategy.toml": sub(r"^recompute = false",
+                                     'recompute = false\nstrategy_dir = "build/output/strategy"'),
     }
 
 
@@ -194,9 +197,20 @@ CASES = [
     ("validate -c {c}/m/nan.toml", 2, "train.learning_rate", None),
     ("validate -c {c}/m/floatdp.toml", 2, "parallel.data_parallel", None),
     ("validate -c {c}/m/smallbatch.toml", 2, "dataset.num_train: 10 rows are fewer than one global batch", None),
+    ("validate -c {c}/m/blankprompt.toml", 2, "export.predict_data: a prompt needs text other than white space",
+     None),
+    ("validate -c {c}/m/compiledstrategy.toml", 2, "is where MindFormers saves the strategies it compiles", None),
     ("plan -c {c}/m/floatdp.toml", 2, "parallel.data_parallel", None),
     ("set -c qwen.toml train.learning_rate=1979-05-27", 2, "train.learning_rate", "qwen.toml"),
     ("set -c qwen.toml train.learning_rate=inf", 2, "train.learning_rate", "qwen.toml"),
+    # a manifest string that would end a script's comment line, or is not what its key holds
+    ("set -c qwen.toml 'hardware.nodes[0].host=x\ntouch X; exit 3 #'", 2, "hardware.nodes[0].host: found string "
+     "'x\\ntouch X; exit 3 #', allowed: a host name", "qwen.toml"),
+    ("set -c qwen.toml 'export.predict_data=\"hi\\nrm -rf ~\"'", 2, "export.predict_data: found a string holding a "
+     "line feed", "qwen.toml"),
+    ("set -c qwen.toml hardware.python=/usr/bin/python3.11", 2, "hardware.python", "qwen.toml"),
+    ("set -c qwen.toml hardware.env_script=env.sh", 2, "hardware.env_script: found string 'env.sh', allowed: an "
+     "absolute path", "qwen.toml"),
     ("validate --bogus", 2, "unrecognized arguments", None),
     ("plan -c missing.toml", 2, "missing.toml does not exist", None),
     ("plan -c {c}/m/utf16.toml", 2, "UTF-8", None),

@@ -55,11 +55,13 @@ def lock(manifest: Path) -> dict:
     return json.loads((manifest.parent / "build" / "qwen.lock").read_text())
 
 
+@pytest.mark.slow
 def test_noop_run_executes_nothing(built):
     again = doit(built, "mindrecord")
     assert ran(again) == [] and skipped(again) == DATA_CHAIN
 
 
+@pytest.mark.slow
 def test_lock_records_artifacts_inputs_and_manifest_slice(built):
     entry = lock(built)["tasks"]["mindrecord"]
     from qwenbuild.manifest import load_manifest
@@ -73,6 +75,7 @@ def test_lock_records_artifacts_inputs_and_manifest_slice(built):
     members = entry["artifacts"]["data/mindrecord"]["members"]
     assert set(members) == {"alpaca-messages.mindrecord", "alpaca-messages.mindrecord.db"}
     assert entry["toolchain"]["mindspore"] == "2.9.0"
+    assert "machine" not in entry  # its bytes follow from the inputs on any CPU
     # the manifest's reader, its schema checker and doit are in every task's toolchain, at the locked versions
     locked = dict(line.split(" ")[0].split("==") for line in (REPO / "requirements.lock").read_text().splitlines()
                   if "==" in line and not line.startswith((" ", "#")))
@@ -81,6 +84,7 @@ def test_lock_records_artifacts_inputs_and_manifest_slice(built):
         assert lock(built)["tasks"]["dataset"]["toolchain"][package] == locked[package]
 
 
+@pytest.mark.slow
 def test_editing_one_key_reruns_exactly_the_dependent_tasks(built):
     from qwenbuild.manifest.edit import set_keys
 
@@ -90,6 +94,7 @@ def test_editing_one_key_reruns_exactly_the_dependent_tasks(built):
     assert ran(doit(built, "mindrecord")) == ["tokenizer", "mindrecord"]
 
 
+@pytest.mark.slow
 def test_corrupted_artifact_is_rebuilt_and_identical(built):
     target = built.parent / "build" / "data" / "alpaca-messages.json"
     good = target.read_bytes()
@@ -102,6 +107,7 @@ def test_corrupted_artifact_is_rebuilt_and_identical(built):
     assert target.read_bytes() == good
 
 
+@pytest.mark.slow
 def test_a_write_that_puts_the_mtime_back_is_still_seen(built):
     target = built.parent / "build" / "data" / "alpaca-messages.json"
     good, before = target.read_bytes(), target.stat()
@@ -114,6 +120,7 @@ def test_a_write_that_puts_the_mtime_back_is_still_seen(built):
     assert target.read_bytes() == good
 
 
+@pytest.mark.slow
 def test_an_identical_copy_is_hashed_once_then_trusted_again(built):
     target = built.parent / "build" / "data" / "alpaca-messages.json"
     copy = target.with_name("copy.json")
@@ -126,6 +133,7 @@ def test_an_identical_copy_is_hashed_once_then_trusted_again(built):
     assert json.loads(stats_file.read_text())[str(target)][3] == target.stat().st_ino
 
 
+@pytest.mark.slow
 def test_corrupted_member_of_a_directory_artifact_is_rebuilt(built):
     target = built.parent / "build" / "tokenizer" / "merges.txt"
     good = target.read_bytes()
@@ -134,6 +142,7 @@ def test_corrupted_member_of_a_directory_artifact_is_rebuilt(built):
     assert target.read_bytes() == good
 
 
+@pytest.mark.slow
 def test_kill_9_during_a_task_leaves_no_artifact_and_the_next_run_completes(tmp_path):
     manifest = small_manifest(tmp_path)
     doit(manifest, "tokenizer")
@@ -153,6 +162,7 @@ def test_kill_9_during_a_task_leaves_no_artifact_and_the_next_run_completes(tmp_
     assert not list(mindrecord.parent.glob(".mindrecord.tmp-*"))
 
 
+@pytest.mark.slow
 def test_two_concurrent_builds_are_safe(tmp_path):
     manifest = small_manifest(tmp_path)
     procs = [subprocess.Popen(DOIT + [f"manifest={manifest}", "mindrecord"], cwd=tmp_path, stdout=subprocess.PIPE,
@@ -166,6 +176,7 @@ def test_two_concurrent_builds_are_safe(tmp_path):
     assert ran(doit(manifest, "mindrecord")) == []
 
 
+@pytest.mark.slow
 def test_plan_reports_why_tasks_are_out_of_date(built):
     from qwenbuild.manifest import load_manifest
     from qwenbuild.manifest.edit import set_keys
@@ -187,6 +198,7 @@ def test_bad_manifest_stops_doit_with_the_error(tmp_path):
     assert "parallel.data_parallel" in proc.stderr and "Traceback" not in proc.stderr
 
 
+@pytest.mark.slow
 def test_sharded_mindrecord_is_what_run_json_and_the_yaml_train_on(tmp_path):
     import mindspore.dataset as ds
     import yaml
@@ -205,6 +217,7 @@ def test_sharded_mindrecord_is_what_run_json_and_the_yaml_train_on(tmp_path):
     assert ds.MindDataset(run["train_data"], shuffle=False).get_dataset_size() == 300
 
 
+@pytest.mark.slow
 def test_a_checkpoint_not_downloaded_yet_stops_only_the_weight_tasks(tmp_path):
     manifest = small_manifest(tmp_path)
     manifest.write_text(manifest.read_text().replace('init = "random"', 'hf_dir = "models/Qwen1.5-tiny"'))
@@ -219,12 +232,42 @@ def test_a_checkpoint_not_downloaded_yet_stops_only_the_weight_tasks(tmp_path):
     assert not (tmp_path / "build" / "weights").exists()
 
 
-def test_doit_export_builds_the_graphs_and_lite_ini(tmp_path):
+def status(manifest: Path) -> dict[str, str]:
+    """`doit list --status`: task -> R (would run) or U (up to date)."""
+    out = doit(manifest, "list", "--status").stdout
+    return {line.split()[1]: line.split()[0] for line in out.splitlines() if line[:2] in ("R ", "U ", "I ")}
+
+
+@pytest.mark.slow
+def test_doit_export_builds_the_graphs_lite_ini_and_the_lite_launcher(tmp_path):
+    from qwenbuild.parallel.launch_scripts import free_port
+
     manifest = small_manifest(tmp_path)
     manifest.write_text(manifest.read_text().replace('checkpoint = "finetuned"', 'checkpoint = "converted"'))
-    proc = doit(manifest, "export")
-    assert {"mindir", "lite_ini"} <= set(ran(proc))
-    assert (tmp_path / "build" / "lite.ini").is_file()
-    assert (tmp_path / "build" / "output" / "mindir_inc_checkpoint" / "rank_0_graph.mindir").is_file()
+    assert status(manifest)["export"] == "R"
+    proc = doit(manifest, "export", "infer")
+    assert {"mindir", "lite_ini", "lite_infer", "infer"} <= set(ran(proc))
+    build = tmp_path / "build"
+    assert (build / "lite.ini").is_file()
+    assert (build / "export" / "mindir_inc_checkpoint" / "rank_1_graph.mindir").is_file()
     again = doit(manifest, "export")
     assert ran(again) == [] and "export" in skipped(again)
+    assert status(manifest)["export"] == "U"
+    # the original's Lite run, one process per export rank with its flags: here GraphCell, the infer task's tokens
+    script = build / "lite_infer" / "lite_infer.sh"
+    assert "run_qwen1_5_mslite_infer --mindir_root_dir " + str(build / "export") in script.read_text()
+    run = subprocess.run(["bash", str(script)], env=dict(os.environ, MASTER_PORT=str(free_port())),
+                         capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    expected = json.loads((build / "infer" / "answer.json").read_text())
+    for rank in (0, 1):
+        log = (build / "lite_infer" / "msrun_log" / f"worker_{rank}.log").read_text()
+        answer = json.loads(next(line for line in log.splitlines() if line.startswith('{"prompt_ids"')))
+        assert answer["backend"] == "graphcell" and answer["generated_ids"] == expected["generated_ids"], rank
+        assert answer["prompt_ids"] == expected["prompt_ids"] and answer["text"] == expected["text"]
+    # one member out of date: the group is too, and `doit export` runs that member alone
+    (build / "lite.ini").write_text((build / "lite.ini").read_text() + "\n")
+    stale = status(manifest)
+    assert (stale["export"], stale["lite_ini"], stale["mindir"], stale["lite_infer"]) == ("R", "R", "U", "U")
+    assert ran(doit(manifest, "export")) == ["lite_ini"]
+    assert status(manifest)["export"] == "U"

@@ -52,3 +52,14 @@ def test_bfloat16_model(tmp_path):
     reference = load_file(f32 / "model.safetensors")["model.layers.0.mlp.up_proj.weight"].to(torch.bfloat16)
     assert torch.equal(tensors["model.layers.0.mlp.up_proj.weight"], reference)
     assert np.isclose(float(tensors["model.embed_tokens.weight"].float().std()), 0.02, atol=0.002)
+
+
+def test_init_std_scales_the_same_draws(tmp_path):
+    default = load_file(write_random_hf_model(CFG, 3, tmp_path / "a") / "model.safetensors")
+    wide = load_file(write_random_hf_model(CFG, 3, tmp_path / "b", std=0.125) / "model.safetensors")
+    for name, tensor in default.items():
+        if name.endswith("norm.weight"):
+            assert torch.equal(wide[name], torch.ones_like(tensor))
+        else:  # 0.125 / 0.02: the same standard normal draws, 6.25 times as wide
+            torch.testing.assert_close(wide[name], tensor * 6.25, rtol=1e-6, atol=0)
+    assert abs(float(wide["model.embed_tokens.weight"].std()) - 0.125) < 0.0125

@@ -248,6 +248,38 @@ def test_external_weights_layout_same_logits_and_digest_covers_them(model, tmp_p
     assert json.loads(sidecar_file(out, FULL, 1).read_text())["variables"] is None
 
 
+def test_the_graphs_hold_the_weights_in_the_deployment_dtype(model, tmp_path):
+    """export.dtype (qwenbuild export --dtype, as convert_weight spells dtypes): the weights go into the graphs cast
+    to it; the graphs still run on CPU, casting on use."""
+    import mindspore as ms
+    from mindspore import nn
+
+    from qwenbuild.cli import main
+    from qwenbuild.model.params import is_cache_name
+    from qwenbuild.weights.mindspore_ckpt import read_array, read_tensors
+
+    dtype, out = "bfloat16", tmp_path / "bf16"
+    assert main(["export", "--load_checkpoint", str(model["ckpt"]), "--torch_ckpt_dir", str(model["root"] / "hf"),
+                 "--output_dir", str(out), "--seq_length", str(SEQ), "--batch_size", "2", "--dtype", "bf16"]) == 0
+    assert json.loads(sidecar_file(out, FULL, 0).read_text())["model"]["param_dtype"] == dtype
+    cell = nn.GraphCell(ms.load(str(graph_file(out, FULL, 0))))
+    params = cell.parameters_dict()
+    weights = {name: p for name, p in params.items() if not is_cache_name(name)}
+    assert {str(p.dtype) for p in weights.values()} == {"BFloat16"}
+    source = {t.name: read_array(t) for t in read_tensors(model["ckpt"]) if t.type_name != "str"}
+    for name in ("model.norm_out.weight", "model.layers.1.attention.wo.weight", "lm_head.weight"):
+        cast = ms.Tensor(source[name]).astype(getattr(ms, dtype)).float().asnumpy()
+        np.testing.assert_array_equal(weights[name].float().asnumpy(), cast)
+    ids = ms.Tensor(np.arange(2 * SEQ, dtype=np.int32).reshape(2, SEQ) % 96)
+    args = (ids, ms.Tensor(np.array([5, SEQ], np.int32)), ms.Tensor(np.arange(2, dtype=np.int64)),
+            ms.Tensor(np.zeros((SEQ,), np.int64)))
+    low = cell(*args).asnumpy()
+    whole = nn.GraphCell(ms.load(str(graph_file(model["out"], FULL, 0))))(*args).asnumpy()
+    assert low.dtype == np.float32
+    np.testing.assert_allclose(low, whole, rtol=0, atol=0.02 * np.abs(whole).max())
+    assert not np.array_equal(low, whole)  # the rounding did happen
+
+
 def _shard(model, path):
     import mindspore as ms
 

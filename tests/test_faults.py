@@ -127,6 +127,8 @@ def test_a_flipped_byte_in_any_artifact_reruns_its_task_and_restores_the_bytes(r
     before = doit_status(reference.manifest, reference.code)
     flipped = []
     for task, rel, art in reference_artifacts(root):
+        if art["kind"] != "file" and not art["members"]:
+            continue  # an empty directory artifact (a one-device run compiles no strategy) has no byte to flip
         target = _member_to_flip(root, rel, art)
         good, mode = target.read_bytes(), target.stat().st_mode
         offset = flip_byte(target)

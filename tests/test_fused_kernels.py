@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from mindspore import Tensor, ops
 
-from qwenbuild.model.fused_kernels import build_library, kernels
+from qwenbuild.model.fused_kernels import SWITCH, build_library, build_record, kernels, source
 
 SYMBOLS = ("SwigluForward", "SwigluBackward", "RopeForward", "RopeBackward", "RmsNormForward", "RmsNormBackward")
 
@@ -138,3 +138,20 @@ def test_the_network_uses_them_where_they_build():
     done = subprocess.run([sys.executable, "-c", _PROBE], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip().splitlines()[-1] == str(["fused_norm", "fused_rope", "fused_swiglu"])
+
+
+def test_the_build_record_names_the_compiler_and_the_target_native_means_here(tmp_path, monkeypatch):
+    record = build_record()
+    version = subprocess.run(["g++", "--version"], capture_output=True, text=True, check=True).stdout
+    assert record["used"] is True and record["compiler"] == version.splitlines()[0]
+    assert "-march=native" in record["flags"].split()
+    # the recorded target is a real instruction-set name, which compiles the kernels without "native"
+    assert record["march"] not in ("native", "unknown")
+    obj = tmp_path / "k.o"
+    subprocess.run(["g++", "-std=c++17", f"-march={record['march']}", "-c", str(source()),
+                    "-o", str(obj)], check=True, timeout=300)
+    monkeypatch.setenv(SWITCH, "0")
+    assert build_record() == {"used": False, "why": f"{SWITCH}=0"}
+    monkeypatch.setenv(SWITCH, "1")
+    monkeypatch.setenv("CXX", "/nonexistent/g++")
+    assert build_record()["used"] is False and "/nonexistent/g++" in build_record()["why"]

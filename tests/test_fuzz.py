@@ -163,6 +163,174 @@ def test_generated_set_edits_keep_the_manifest_valid_or_untouched(key, value):
             assert rc == 0, err
 
 
+# ---------------------------------------------------------------- manifest strings in generated scripts
+
+SENTINEL_FILE = Path(tempfile.gettempdir()) / f"qwenbuild-fuzz-ran-{os.getpid()}"
+SCRIPT_KEYS = ["hardware.nodes[0].host", "hardware.nodes[1].host", "hardware.nodes[1].ip", "hardware.python",
+               "hardware.env_script", "build.dir", "export.predict_data"]
+_RUN = f"touch {SENTINEL_FILE}"
+script_strings = st.one_of(
+    st.sampled_from([f"x\n{_RUN}", f"x\r{_RUN}", f"$({_RUN})", f"`{_RUN}`", f"a;{_RUN}", f"a' ; {_RUN}; '",
+                     f'a" ; {_RUN} #', f"a && {_RUN}", f"a | {_RUN}", f"${{IFS}}{_RUN}", f"/tmp/$({_RUN})/python3",
+                     f"/a b/'$({_RUN})'/python3", f"/x/{_RUN}.sh", f"1.2.3.4; {_RUN}", "10.0.0.300", "-x", "--help",
+                     "*", "~root", "a\\", "\x1b[2Jx", "a\u2028b", "a\u0085b", "node-1", "n.example.org", "python",
+                     "/opt/env/bin/python3", "build dir", "${HOME}", "\"quoted\"", "'single'", "-", "", " "]),
+    st.lists(st.sampled_from(list("ab1-./ $`'\";|&()<>*?~\\{}!#=") + [_RUN]), max_size=12).map("".join),
+)
+
+
+@st.composite
+def script_settings(draw) -> tuple[str, str]:
+    """A key that reaches a generated script and a string for it, often in the form the key accepts (an absolute
+    path, a path ending in /python3) so that the string gets into the scripts."""
+    key = draw(st.sampled_from(SCRIPT_KEYS))
+    value = draw(script_strings)
+    form = draw(st.sampled_from(["as is", "shaped", "shaped"]))
+    if form == "shaped" and key == "hardware.env_script":
+        value = "/" + value
+    elif form == "shaped" and key == "hardware.python":
+        value = f"/{value}/python3"
+    return key, value
+
+
+def _stub_bin(directory: Path, log: Path) -> Path:
+    """python3 / python that record their argv (one JSON list a line), and srun that runs its command here."""
+    directory.mkdir()
+    record = f'#!{sys.executable}\nimport json, sys\nopen({str(log)!r}, "a").write(json.dumps(sys.argv) + "\\n")\n'
+    for name in ("python3", "python"):
+        (directory / name).write_text(record.replace("sys.argv", f"[{name!r}] + sys.argv[1:]"))
+    (directory / "srun").write_text('#!/bin/sh\nshift 2\nexec "$@"\n')  # drops --ntasks-per-node, --kill-on-bad-exit
+    for path in directory.iterdir():
+        path.chmod(0o755)
+    return directory
+
+
+def _run_script(text: str, tmp: Path, bin_dir: Path, node_name: str | None = None) -> subprocess.CompletedProcess:
+    script = tmp / "script.sh"
+    script.write_text(text, encoding="utf-8")
+    assert subprocess.run(["bash", "-n", str(script)], capture_output=True).returncode == 0, text
+    env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "HOME": str(tmp), **({"SLURMD_NODENAME": node_name}
+                                                                   if node_name is not None else {})}
+    return subprocess.run(["bash", str(script)], capture_output=True, text=True, env=env, cwd=tmp, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def script_manifest():
+    return BASE_TOML.replace("devices_per_node = 2", "devices_per_node = 1").replace(
+        '[[hardware.nodes]]\nhost = "localhost"\nip = "127.0.0.1"\n',
+        '[[hardware.nodes]]\nhost = "node0"\nip = "10.213.0.1"\n\n[[hardware.nodes]]\nhost = "node1"\n'
+        'ip = "10.213.0.2"\n').replace("[hardware]\n", "[hardware]\nenv_script = \"{env}\"\n").replace(
+        "[export]\n", "[export]\npredict_data = \"hello\"\n")
+
+
+@fuzz(40)
+@given(setting=script_settings())
+def test_no_manifest_string_runs_as_a_command_in_a_generated_script(script_manifest, setting):
+    """For any string set on a key that reaches node_K.sh, slurm.sbatch or predict.sh: `set` refuses it naming the
+    key, or every script is valid bash whose only commands are the ones qwenbuild wrote, each value one word."""
+    from qwenbuild.build_dir import BuildDir
+    from qwenbuild.manifest import load_manifest
+    from qwenbuild.tasks.deploy import predict_script
+    from qwenbuild.tasks.distributed import node_scripts
+
+    key, value = setting
+    SENTINEL_FILE.unlink(missing_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        (tmp / "env.sh").write_text("export FROM_ENV_SCRIPT=1\n")
+        path = tmp / "qwen.toml"
+        path.write_text(script_manifest.replace("{env}", str(tmp / "env.sh")), encoding="utf-8")
+        before = path.read_bytes()
+        rc, err = run_cli(["set", "-c", str(path), f"{key}={json.dumps(value)}"], tmp)
+        check_outcome(rc, err, [key], tmp, {path: before})
+        TALLY["script strings refused" if rc else "script strings accepted"] += 1
+        if rc:
+            return
+        m = load_manifest(path)
+        build = BuildDir(m.build_dir)
+        build.predict.mkdir(parents=True, exist_ok=True)  # predict.sh runs there
+        scripts = dict(node_scripts(m, build), **{"predict.sh": predict_script(m, build, m.export.predict_data)})
+        bin_dir = _stub_bin(tmp / "stub-bin", tmp / "calls.jsonl")
+        hosts = [n.host for n in m.hardware.nodes]
+        for name, text in scripts.items():
+            (tmp / "calls.jsonl").unlink(missing_ok=True)
+            k = int(name[5]) if name.startswith("node_") else 0
+            proc = _run_script(text, tmp, bin_dir, hosts[1] if name == "slurm.sbatch" else None)
+            assert not SENTINEL_FILE.exists(), f"{key}={value!r} ran a command in {name}:\n{text}"
+            k = 1 if name == "slurm.sbatch" else k
+            calls = [json.loads(line) for line in (tmp / "calls.jsonl").read_text().splitlines()] \
+                if (tmp / "calls.jsonl").exists() else []
+            env_script = m.hardware.env_script
+            if "/" in m.hardware.python or env_script is not None and not Path(env_script).is_file():
+                # a python or environment script the nodes do not have: the script stops before running anything
+                assert proc.returncode != 0 and not calls, (name, proc.stderr)
+                continue
+            assert proc.returncode == 0 and len(calls) == (1 if name == "predict.sh" else 2), (name, proc.stderr)
+            # each value arrived as one argument, unchanged
+            *check, msrun = calls
+            assert msrun[:3] == [m.hardware.python.rsplit("/", 1)[-1], "-m", "mindspore.parallel.cluster.run"]
+            if check:
+                args = check[0]
+                assert args[1:3] == ["-m", "qwenbuild.train.node_check"]
+                assert args[args.index("--host") + 1] == hosts[k] and args[args.index("--ip") + 1] == \
+                    m.hardware.nodes[k].ip and args[args.index("--build_dir") + 1] == str(build.root)
+                assert f"--node_rank={k}" in msrun
+            else:
+                assert msrun[-3] == m.export.predict_data
+
+
+@pytest.fixture(scope="module")
+def small_tokenizer(tmp_path_factory):
+    from qwenbuild.tokenizer import train_tokenizer
+
+    path = tmp_path_factory.mktemp("tok") / "tokenizer"
+    train_tokenizer(["Repeat the digits 0123456789 please."] * 20, 270, path)
+    return path
+
+
+def _argument_after(script: Path, flag: str) -> str:
+    """The value bash passes after `flag` on the script's exec line (its command swapped for printf)."""
+    text = script.read_bytes().decode("utf-8")  # lines as bash splits them: at \n only
+    line = next(x for x in text.split("\n") if x.startswith("exec "))
+    proc = subprocess.run(["bash", "-c", "printf '%s\\0' " + line[len("exec "):]], capture_output=True,
+                          timeout=30, env=dict(os.environ, MASTER_PORT="1"))
+    args = proc.stdout.decode("utf-8", "surrogateescape").split("\0")
+    return args[args.index(flag) + 1]
+
+
+@fuzz(30)
+@given(prompt=st.text(max_size=24))
+def test_a_generated_prompt_is_refused_or_reaches_the_scripts_as_written(small_tokenizer, prompt):
+    """export.predict_data is validated once, in the manifest, and what passes arrives byte for byte as the
+    --predict_data of predict.sh and lite_infer.sh (bash parsing their quoting)."""
+    from qwenbuild.build_dir import BuildDir
+    from qwenbuild.manifest import load_manifest
+    from qwenbuild.tasks import task_specs
+    from qwenbuild.tasks.context import Context, DeclaredManifest
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        path = tmp / "qwen.toml"
+        value = json.dumps(prompt, ensure_ascii=False)
+        path.write_bytes(BASE_TOML.replace("use_past = true", f"use_past = true\npredict_data = {value}")
+                         .encode("utf-8", "surrogatepass"))
+        rc, err = run_cli(["validate", "-c", str(path)], tmp)
+        check_outcome(rc, err, [str(path)], tmp, {})
+        assert rc in (0, 2), err
+        TALLY["prompts refused" if rc else "prompts written"] += 1
+        if rc:
+            return
+        m = load_manifest(path)
+        assert prompt.strip() and "\0" not in prompt
+        (tmp / "build").mkdir()
+        (tmp / "build" / "tokenizer").symlink_to(small_tokenizer)
+        for spec in task_specs(m):
+            if spec.name in ("predict", "lite_infer"):
+                spec.action(Context(spec.name, DeclaredManifest(m, spec.name, spec.keys), BuildDir(m.build_dir)))
+        for script in (tmp / "build" / "predict" / "predict.sh", tmp / "build" / "lite_infer" / "lite_infer.sh"):
+            assert _argument_after(script, "--predict_data") == prompt, script
+
+
 # ---------------------------------------------------------------- alpaca rows and preprocess
 
 json_values = st.recursive(

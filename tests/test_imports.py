@@ -8,7 +8,9 @@ import ast
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "qwenbuild"
-HEAVY = ("mindspore", "mindformers", "torch", "transformers", "tokenizers", "matplotlib", "doit", "google.protobuf")
+# tensorboardX loads google.protobuf (and torch, where installed)
+HEAVY = ("mindspore", "mindformers", "torch", "transformers", "tokenizers", "matplotlib", "doit", "google.protobuf",
+         "tensorboardX")
 
 
 def module_name(path: Path) -> str:
@@ -152,8 +154,9 @@ LAYERS = [
     ("qwenbuild.weights",),
     ("qwenbuild.model",),
     ("qwenbuild.tokenizer",),
-    ("qwenbuild.schema", "qwenbuild.flags", "qwenbuild.build_dir", "qwenbuild.lock", "qwenbuild.store", "qwenbuild.digests",
-     "qwenbuild.dtypes", "qwenbuild.processes", "qwenbuild.errors", "qwenbuild.jsonfile", "qwenbuild"),
+    ("qwenbuild.schema", "qwenbuild.flags", "qwenbuild.build_dir", "qwenbuild.lock", "qwenbuild.machine",
+     "qwenbuild.store", "qwenbuild.digests", "qwenbuild.dtypes", "qwenbuild.processes", "qwenbuild.errors",
+     "qwenbuild.jsonfile", "qwenbuild.shell", "qwenbuild"),
 ]
 
 

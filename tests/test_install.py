@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tomllib
 import zipfile
 from pathlib import Path
 
@@ -33,7 +34,8 @@ def installed(tmp_path_factory):
 
 
 def _run(args, cwd, target) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(target)}
+    # the installed wheel first; what the test run had there after it (tests/slow_guard sees msrun and training)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(target), *filter(None, [os.environ.get("PYTHONPATH")])])}
     return subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
 
 
@@ -54,9 +56,18 @@ def test_init_doit_list_and_the_data_chain_in_a_users_directory(installed, tmp_p
     assert where.stdout.strip() == str(target / "qwenbuild" / "__init__.py")
     assert _run(["-m", "qwenbuild", "init"], project, target).returncode == 0
     assert sorted(p.name for p in project.iterdir()) == ["dodo.py", "qwen.toml"]
-    assert _run(["-m", "qwenbuild", "set", "dataset.num_train=300", "dataset.num_heldout=10"], project,
-                target).returncode == 0
-    assert _run(["-m", "qwenbuild", "validate"], project, target).returncode == 0
+    before = (project / "qwen.toml").read_text(encoding="utf-8")
+    edited = _run(["-m", "qwenbuild", "set", "dataset.num_train=300", "dataset.num_heldout=10"], project, target)
+    assert edited.returncode == 0, edited.stderr
+    after = (project / "qwen.toml").read_text(encoding="utf-8")
+    dataset = tomllib.loads(after)["dataset"]
+    assert (dataset["num_train"], dataset["num_heldout"]) == (300, 10)
+    # only those two lines changed: comments and every other value are kept
+    changed = [(a, b) for a, b in zip(before.splitlines(), after.splitlines()) if a != b]
+    assert len(before.splitlines()) == len(after.splitlines())
+    assert [b for _, b in changed] == ["num_train = 300", "num_heldout = 10"], changed
+    valid = _run(["-m", "qwenbuild", "validate"], project, target)
+    assert valid.returncode == 0 and valid.stdout.startswith(f"{project / 'qwen.toml'}: valid; "), valid.stderr
     listed = _run(["-m", "doit", "list"], project, target)
     assert listed.returncode == 0, listed.stderr
     assert {"finetune", "export", "mindrecord", "infer"} <= {line.split()[0] for line in listed.stdout.splitlines()}

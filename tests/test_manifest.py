@@ -116,35 +116,41 @@ def test_array_of_tables_key_path_and_ip_format(tmp_path):
     (("cpu_mindformers", None), "train.engine", "MindFormers compiles model_parallel and pipeline_stage only on Ascend"),
 ])
 def test_each_plan_rule(tmp_path, edit, key, words):
-    text = default_text().replace("devices_per_node = 2", "devices_per_node = 4")
+    def swap(text: str, *pairs: tuple[str, str]) -> str:
+        # every edit changes the manifest: a pattern that is absent, or replaced by itself, fails here
+        for old, new in pairs:
+            assert old in text and old != new, (old, new)
+            text = text.replace(old, new)
+        return text
+
+    text = swap(default_text(), ("devices_per_node = 2", "devices_per_node = 4"))
     kind, value = edit
     if kind == "num_heads":
-        text = (text.replace("data_parallel = 2", "data_parallel = 1").replace("model_parallel = 1", "model_parallel = 4")
-                .replace('preset = "tiny"', 'preset = "tiny"\nnum_heads = 6\nn_kv_heads = 6\nhidden_size = 132\n'
-                                            'intermediate_size = 360'))
+        text = swap(text, ("data_parallel = 2", "data_parallel = 1"), ("model_parallel = 1", "model_parallel = 4"),
+                    ('preset = "tiny"', 'preset = "tiny"\nnum_heads = 6\nn_kv_heads = 6\nhidden_size = 132\n'
+                                        'intermediate_size = 360'))
         words = "num_heads 6 is not divisible"
     elif kind == "vocab":
-        text = (text.replace("data_parallel = 2", "data_parallel = 2").replace("model_parallel = 1", "model_parallel = 2")
-                .replace("vocab_emb_dp = true", "vocab_emb_dp = false").replace('preset = "tiny"',
-                                                                                 'preset = "tiny"\nvocab_size = 1001')
-                .replace("vocab_size = 1024", "vocab_size = 1000"))
+        # data_parallel stays 2: dp2 x mp2 fills the 4 devices, so the vocabulary is the only problem
+        text = swap(text, ("model_parallel = 1", "model_parallel = 2"), ("vocab_emb_dp = true", "vocab_emb_dp = false"),
+                    ('preset = "tiny"', 'preset = "tiny"\nvocab_size = 1001'))
     elif kind == "layers":
-        text = text.replace("data_parallel = 2", "data_parallel = 1").replace("pipeline_stage = 1", "pipeline_stage = 4")
-        text = text.replace("micro_batch_num = 1", "micro_batch_num = 4").replace('preset = "tiny"',
-                                                                                  'preset = "tiny"\nnum_layers = 2')
+        text = swap(text, ("data_parallel = 2", "data_parallel = 1"), ("pipeline_stage = 1", "pipeline_stage = 4"),
+                    ("micro_batch_num = 1", "micro_batch_num = 4"),
+                    ('preset = "tiny"', 'preset = "tiny"\nnum_layers = 2'))
     elif kind == "micro":
-        text = text.replace("data_parallel = 2", "data_parallel = 1").replace("pipeline_stage = 1", "pipeline_stage = 4")
+        text = swap(text, ("data_parallel = 2", "data_parallel = 1"), ("pipeline_stage = 1", "pipeline_stage = 4"))
     elif kind == "export":
-        text = text.replace("data_parallel = 2", "data_parallel = 4").replace("seq_length = 128\nbatch_size = 1",
-                                                                             "seq_length = 1024\nbatch_size = 1")
+        text = swap(text, ("data_parallel = 2", "data_parallel = 4"),
+                    ("seq_length = 128\nbatch_size = 1", "seq_length = 1024\nbatch_size = 1"))
     elif kind == "cpu_stages":
         # 2 nodes x 2 devices, 4 stages: a node cannot start 2 / 4 workers
-        text = (text.replace("devices_per_node = 4", "devices_per_node = 2").replace("data_parallel = 2", "data_parallel = 1")
-                .replace("pipeline_stage = 1", "pipeline_stage = 4").replace("micro_batch_num = 1", "micro_batch_num = 4")
-                + '\n[[hardware.nodes]]\nhost = "node1"\nip = "127.0.0.2"\n')
+        text = swap(text, ("devices_per_node = 4", "devices_per_node = 2"), ("data_parallel = 2", "data_parallel = 1"),
+                    ("pipeline_stage = 1", "pipeline_stage = 4"), ("micro_batch_num = 1", "micro_batch_num = 4"))
+        text += '\n[[hardware.nodes]]\nhost = "node1"\nip = "127.0.0.2"\n'
     elif kind == "cpu_mindformers":
-        text = (text.replace("model_parallel = 1", "model_parallel = 2")
-                .replace("[train]\n", '[train]\nengine = "mindformers"\n'))
+        text = swap(text, ("model_parallel = 1", "model_parallel = 2"),
+                    ("[train]\n", '[train]\nengine = "mindformers"\n'))
     found = [(k, msg) for _, k, msg in errors(tmp_path, text)]
     assert any(k == key and words in msg for k, msg in found), found
 

@@ -12,6 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import tb_events
+
 REPO = Path(__file__).resolve().parents[1]
 DOIT = [sys.executable, "-m", "doit", "-f", str(REPO / "dodo.py")]
 STEP = re.compile(r"\{ Epoch:\[\s*\d+/\s*\d+\], step:\[\s*(\d+)/\s*\d+\], loss:\[([\d.]+)/")
@@ -52,8 +54,12 @@ def test_mindformers_trains_like_qwenbuild_from_the_same_inputs(project):
     from qwenbuild.weights import convert_reversed
 
     build = project.parent / "build"
+    tensorboard = build / "output" / "tensorboard"
     _doit(project, "finetune")
     ours = json.loads((build / "output" / "metrics.json").read_text())["loss"]
+    # qwenbuild's events hold its losses, as float32 (the events' scalar type)
+    ours_logged = tb_events.scalars(tensorboard / "rank_0")
+    assert ours_logged["loss"] == dict(enumerate(np.float32(ours).tolist(), start=1))
     set_keys(project, [("train.engine", '"mindformers"')])
     proc = _doit(project, "finetune")
     assert ".  launch" in proc.stdout and ".  finetune" in proc.stdout and ".  shard" not in proc.stdout
@@ -61,12 +67,28 @@ def test_mindformers_trains_like_qwenbuild_from_the_same_inputs(project):
                  "mindformers_run: CPU: barrier = an all-reduce"):
         assert line in proc.stderr
     log = (build / "output" / "msrun_log" / "worker_0.log").read_text()
-    theirs = [float(m.group(2)) for m in STEP.finditer(log)]
-    assert len(theirs) == 20  # 8 steps an epoch (64 rows, 4 x 2 workers), stopped at train.steps
-    np.testing.assert_allclose(theirs, ours, rtol=0.02)
+    printed = [float(m.group(2)) for m in STEP.finditer(log)]
+    assert len(printed) == 20  # 8 steps an epoch (64 rows, 4 x 2 workers), stopped at train.steps
+    # MindFormers' own TensorBoard events (the YAML's tensorboard block), one directory per rank, hold the losses
+    # it printed (to the 6 decimals printed), a grad norm and our tokens/s per step
+    assert sorted(p.name for p in tensorboard.iterdir()) == ["rank_0", "rank_1"]
+    # qwenbuild's run's file was removed when this one started: one file per rank, MindFormers' own
+    assert len(list((tensorboard / "rank_0").glob("events.out.tfevents.*"))) == 1
+    logged = tb_events.scalars(tensorboard / "rank_0")
+    assert sorted(logged["loss"]) == list(range(1, 21))
+    theirs = [logged["loss"][step] for step in range(1, 21)]
+    np.testing.assert_allclose(theirs, printed, rtol=0, atol=5.1e-7)
+    assert sorted(logged["grad-norm"]) == sorted(logged["tokens-per-second"]) == list(range(1, 21))
+    assert min(logged["tokens-per-second"].values()) > 0
+    # the same arithmetic up to float32 rounding (kernels and summation order): measured 2.4e-6 apart at most over
+    # the 20 steps; weight decay skips 1-D parameters in both, as MindFormers groups them
+    np.testing.assert_allclose(theirs, ours, rtol=1e-5, atol=0)
+    # the same schedule, MindFormers' evaluated in float32 (1.5e-6 apart at most)
+    np.testing.assert_allclose([logged["learning-rate"][step] for step in range(1, 21)],
+                               [ours_logged["learning-rate"][step] for step in range(1, 21)], rtol=1e-5, atol=0)
     assert ours[-1] < ours[0] / 2
     script = (build / "launch" / "node_0.sh").read_text()
-    assert "qwenbuild/train/mindformers_run.py --config" in script and "--run_mode finetune" in script
+    assert "python3 -m qwenbuild.train.mindformers_run --config" in script and "--run_mode finetune" in script
     # MindFormers' own checkpoint, in its own layout, converts back to a Hugging Face model
     meta = json.loads((build / "output" / "checkpoint" / "rank_1" / "meta.json").read_text())
     ckpt = build / "output" / "checkpoint" / "rank_1" / meta["last_ckpt_file"]

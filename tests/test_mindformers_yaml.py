@@ -13,7 +13,7 @@ from qwenbuild.train.settings import TrainSettings
 from train_data import TINY
 
 SETTINGS = TrainSettings(model=dataclasses.replace(TINY, compute_dtype="bfloat16"), train_data="/data/train.mindrecord", output_dir="/build/output", seq_length=16,
-                         batch_size=2, learning_rate=3e-4, init_checkpoint="/build/output/transformed_checkpoint/qwen",
+                         batch_size=2, learning_rate=3e-4, init_checkpoint="/build/transformed_checkpoint/qwen",
                          workers=1, model_parallel=4, pipeline_stage=2, epochs=3, warmup_ratio=0.05,
                          weight_decay=0.02, beta1=0.8, beta2=0.99, eps=1e-6, lr_end=1e-5, keep_checkpoint_max=3,
                          save_steps=50, seed=11, device_target="Ascend")
@@ -48,6 +48,27 @@ def test_every_training_value_is_the_one_run_json_holds():
     assert (monitor["prefix"], monitor["save_checkpoint_steps"], monitor["keep_checkpoint_max"]) == ("qwen2", 50, 3)
     fixed = mindformers_config(RunYaml(dataclasses.replace(SETTINGS, steps=600), **PLAN))
     assert fixed["runner_config"]["stop_step"] == 600 and fixed["lr_schedule"]["total_steps"] == 600
+
+
+def test_the_predict_yaml_holds_the_deployment_dtype(tmp_path):
+    """predict_config: param_init_type is export.dtype on Ascend, compute_dtype too when 16-bit (use_past's rotary
+    kernel takes 16-bit inputs only); the CPU YAML is float32 throughout; the default dtype follows the device."""
+    from qwenbuild.manifest import load_manifest
+    from qwenbuild.manifest._template import render
+    from qwenbuild.train.mindformers_yaml import predict_config
+
+    for dtype, compute in (("bfloat16", "bfloat16"), ("float16", "float16"), ("float32", "bfloat16")):
+        model = predict_config(RUN, 2, "/build/weights/qwen.ckpt", 64, 16, "ascend", dtype=dtype)["model"]
+        assert (model["model_config"]["param_init_type"], model["model_config"]["compute_dtype"]) == (dtype, compute)
+    cpu = dataclasses.replace(RUN, settings=dataclasses.replace(SETTINGS, model_parallel=1, pipeline_stage=1,
+                                                                device_target="CPU"))
+    model = predict_config(cpu, 1, "/build/weights/qwen.ckpt", 64, 16, "cpu", dtype="bfloat16")["model"]
+    assert (model["model_config"]["param_init_type"], model["model_config"]["compute_dtype"]) == ("float32",) * 2
+    (tmp_path / "qwen.toml").write_text(render("qwen1.5-72b"))
+    seed = load_manifest(tmp_path / "qwen.toml")
+    assert (seed.hardware.device, seed.model.param_dtype, seed.export.dtype) == ("ascend", "bfloat16", None)
+    assert seed.export.dtype_on(seed.hardware.device, seed.model.param_dtype) == "bfloat16"
+    assert seed.export.dtype_on("cpu", seed.model.param_dtype) == "float32"
 
 
 def test_cpu_yaml_refuses_model_parallel():

@@ -67,9 +67,9 @@ def _agree(build: Path, m) -> None:
     per_stage = par.data_parallel * par.model_parallel
     for rank in range(par.world_size):
         stage = rank // per_stage
-        strategy = build / "output" / "strategy" / f"ckpt_strategy_rank_{rank}.json"
+        strategy = build / "strategy" / f"ckpt_strategy_rank_{rank}.json"
         shard = {t.name: list(t.shape) for t in read_tensors(
-            build / "output" / "transformed_checkpoint" / "qwen" / f"rank_{rank}" / f"checkpoint_{rank}.ckpt")}
+            build / "transformed_checkpoint" / "qwen" / f"rank_{rank}" / f"checkpoint_{rank}.ckpt")}
         for name, shape in shapes.items():
             assert shard.get(name) == _strategy_shape(strategy, name, shape), (rank, name)
         # what the YAML's plan implies, from the manifest alone

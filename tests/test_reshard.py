@@ -205,7 +205,9 @@ def test_transform_ckpt_command(work, capsys):
     assert cli(["transform_ckpt", "--src_ckpt_strategy", str(work / "mp2"), "--src_ckpt_dir", "cli2",
                 "--dst_ckpt_dir", "cli_full"]) == 0
     assert Path("cli_full/rank_0/checkpoint_0.ckpt").read_bytes() == (work / "full/rank_0/qwen.ckpt").read_bytes()
+    capsys.readouterr()
     assert cli(["transform_ckpt", "--src_ckpt_dir", "missing", "--dst_ckpt_dir", "z"]) == 2
+    assert "source checkpoint missing does not exist" in capsys.readouterr().err and not Path("z").exists()
 
 
 def test_optimizer_moments_are_sliced_as_their_parameter_and_merge_back(tmp_path):

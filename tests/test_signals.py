@@ -145,7 +145,8 @@ def _lock_tasks(build: Path) -> dict:
 
 
 def _training_workers(pid: int) -> list[int]:
-    return [p for p in descendants(pid) if b"qwenbuild/train/worker.py" in _cmdline(p)]
+    # msrun starts each worker as `python -m qwenbuild.train.worker ...`
+    return [p for p in descendants(pid) if b"\0qwenbuild.train.worker\0" in _cmdline(p)]
 
 
 def _cmdline(pid: int) -> bytes:
@@ -155,6 +156,7 @@ def _cmdline(pid: int) -> bytes:
         return b""
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig,whole_group", [(signal.SIGINT, True), (signal.SIGTERM, False)],
                          ids=["ctrl-c-group", "sigterm"])
 def test_doit_finetune_stops_msrun_and_its_workers(tmp_path, sig, whole_group):
@@ -164,7 +166,7 @@ def test_doit_finetune_stops_msrun_and_its_workers(tmp_path, sig, whole_group):
                            cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert ready.returncode == 0, ready.stdout + ready.stderr
     proc = start(DOIT + [f"manifest={manifest}", "finetune"], tmp_path)
-    # two ranks and msrun's scheduler, each a worker.py process
+    # two ranks and msrun's scheduler, each a qwenbuild.train.worker process
     wait_until(proc, lambda: len(_training_workers(proc.pid)) >= 3, "training workers")
     below, out, err = interrupt(proc, sig, whole_group)
 

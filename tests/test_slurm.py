@@ -1,10 +1,13 @@
 """The generated slurm.sbatch submitted to a real Slurm (Debian's slurm-wlm and munge, started here with a one-node
-configuration), for both training engines; the job's state is read from Slurm's own job-completion record."""
+configuration), for both training engines, on the Python hardware.python names; the job's state is read from Slurm's
+own job-completion record, its ranks end with the same weights, and its losses are those of the node script run
+outside Slurm."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -12,10 +15,14 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 DOIT = [sys.executable, "-m", "doit", "-f", str(REPO / "dodo.py")]
+
+# MindFormers' loss monitor, one line per step
+MINDFORMERS_STEP = re.compile(r"\{ Epoch:\[\s*\d+/\s*\d+\], step:\[\s*(\d+)/\s*\d+\], loss:\[([\d.]+)/")
 
 pytestmark = pytest.mark.slow
 
@@ -102,33 +109,73 @@ def slurm(tmp_path_factory):
             daemon.wait(timeout=30)
 
 
+def _final_weights(build: Path, rank: int) -> dict:
+    import mindspore as ms
+
+    rank_dir = build / "output" / "checkpoint" / f"rank_{rank}"
+    meta = json.loads((rank_dir / "meta.json").read_text())
+    loaded = ms.load_checkpoint(str(rank_dir / meta["last_ckpt_file"]))
+    return {name: value.asnumpy() for name, value in loaded.items() if hasattr(value, "asnumpy")}
+
+
+def _losses(build: Path, engine: str) -> list[float]:
+    if engine == "qwenbuild":
+        return json.loads((build / "output" / "metrics.json").read_text())["loss"]
+    log = (build / "output" / "msrun_log" / "worker_0.log").read_text()
+    return [float(m.group(2)) for m in MINDFORMERS_STEP.finditer(log)]
+
+
 @pytest.mark.parametrize("engine", ["qwenbuild", "mindformers"])
 def test_generated_sbatch_completes_under_slurm(slurm, tmp_path, engine):
     env, root = slurm
+    host = socket.gethostname().split(".")[0]
     text = (REPO / "qwen.toml").read_text(encoding="utf-8").replace("num_train = 4000", "num_train = 300")
     text = text.replace("steps = 600", "steps = 6").replace("save_steps = 200", "save_steps = 3")
+    # the Slurm node is this host, by the name Slurm knows it
+    text = text.replace('host = "localhost"', f'host = "{host}"')
     manifest = tmp_path / "qwen.toml"
     manifest.write_text(text, encoding="utf-8")
     from qwenbuild.manifest.edit import set_keys
     from qwenbuild.parallel.launch_scripts import free_port
 
+    # the job's Python by absolute path, at another path than the build host's environment (a symlink to it)
+    link = tmp_path / "node-env"
+    link.symlink_to(Path(sys.prefix))
     # a port of its own: other tests' msrun schedulers may run beside it
-    set_keys(manifest, [("train.engine", f'"{engine}"'), ("hardware.master_port", str(free_port()))])
+    set_keys(manifest, [("train.engine", f'"{engine}"'), ("hardware.master_port", str(free_port())),
+                        ("hardware.python", json.dumps(str(link / "bin" / "python3")))])
     built = subprocess.run(DOIT + [f"manifest={manifest}", "launch", "run_config", "shard", "mindrecord"],
                            cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert built.returncode == 0, built.stderr[-3000:]
     build = tmp_path / "build"
-    job = subprocess.run(["sbatch", "--wait", "--parsable", "-o", str(tmp_path / "job.out"),
-                          str(build / "launch" / "slurm.sbatch")], env=env, cwd=tmp_path, capture_output=True,
-                         text=True, timeout=900)
+    sbatch = build / "launch" / "slurm.sbatch"
+    assert f"#SBATCH --nodelist={host}\n" in sbatch.read_text()
+    # the job sees no qwenbuild environment on its PATH: only hardware.python names one
+    job_env = {**env, "PATH": "/usr/bin:/bin"}
+    job = subprocess.run(["sbatch", "--wait", "--parsable", "-o", str(tmp_path / "job.out"), str(sbatch)],
+                         env=job_env, cwd=tmp_path, capture_output=True, text=True, timeout=900)
     out = (tmp_path / "job.out").read_text() if (tmp_path / "job.out").exists() else ""
     job_id = job.stdout.strip().split(";")[0]
     assert job.returncode == 0, job.stderr + out[-3000:]
     record = [line for line in (root / "jobcomp.txt").read_text().splitlines() if f"JobId={job_id} " in line]
     assert record and "JobState=COMPLETED" in record[0], record
-    for rank in (0, 1):
-        meta = json.loads((build / "output" / "checkpoint" / f"rank_{rank}" / "meta.json").read_text())
-        assert (build / "output" / "checkpoint" / f"rank_{rank}" / meta["last_ckpt_file"]).is_file()
+    assert f"NodeList={host} " in record[0]
     logs = build / "output" / "msrun_log"
     assert (logs / "worker_0.log").is_file() and (logs / "worker_1.log").is_file()
-    assert "node_check: node 0 sees 3 artifacts" in out
+    assert f"node_check: node 0 ({host}) sees 3 artifacts" in out and f"on {link / 'bin' / 'python3'}" in out
+    # both data-parallel ranks end with the same weights
+    ranks = [_final_weights(build, rank) for rank in (0, 1)]
+    assert sorted(ranks[0]) == sorted(ranks[1]) and any(".attention.wq." in n for n in ranks[0])
+    for name, value in ranks[0].items():
+        np.testing.assert_array_equal(value, ranks[1][name], err_msg=name)
+    losses = _losses(build, engine)
+    # the same rows trained by the node script itself, outside Slurm: the same losses and weights
+    shutil.rmtree(build / "output" / "checkpoint")
+    shutil.rmtree(logs)
+    (build / "output" / "metrics.json").unlink(missing_ok=True)
+    direct = subprocess.run(["bash", str(build / "launch" / "node_0.sh")], capture_output=True, text=True,
+                            env={**os.environ, "PATH": "/usr/bin:/bin"}, cwd="/", timeout=900)
+    assert direct.returncode == 0, direct.stdout[-2000:] + direct.stderr[-3000:]
+    assert len(losses) == 6 and losses == _losses(build, engine)
+    for name, value in _final_weights(build, 0).items():
+        np.testing.assert_array_equal(value, ranks[0][name], err_msg=name)

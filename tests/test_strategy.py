@@ -176,7 +176,13 @@ def test_strategy_command(tmp_path, capsys):
                 "--output_dir", "out"]) == 0
     assert len(list(Path("out").glob("ckpt_strategy_rank_*.json"))) == 4
     assert st.strategy_stage("out/ckpt_strategy_rank_3.json") == 1
+    capsys.readouterr()
     assert cli(["strategy", "--check", "out", "--world_size", "4"]) == 0
+    assert capsys.readouterr().out == "out: 4 strategy files readable by MindSpore\n"
+    # a missing rank is named
+    Path("out/ckpt_strategy_rank_2.json").unlink()
+    assert cli(["strategy", "--check", "out", "--world_size", "4"]) == 2
+    assert "out has strategy files for ranks [0, 1, 3], the plan has 4 ranks (missing [2])" in capsys.readouterr().err
     assert cli(["strategy", "--model_dir", str(model), "--model_parallel", "3", "--output_dir", "bad"]) == 2
     assert "num_heads 8" in capsys.readouterr().err and not Path("bad").exists()
 

@@ -75,7 +75,7 @@ def test_impossible_sizes_are_user_errors(corpus, tmp_path):
     assert not (tmp_path / "huge").exists()
 
 
-def test_command_trains_from_alpaca_files(tmp_path):
+def test_command_trains_from_alpaca_files(small_dir, tmp_path, capsys):
     from qwenbuild.cli import main
     from qwenbuild.data.instructions import write_instruction_dataset
 
@@ -83,7 +83,13 @@ def test_command_trains_from_alpaca_files(tmp_path):
     assert main(["tokenizer", "--output_dir", str(tmp_path / "tok"), "--train_from", str(train_path),
                  "--vocab_size", str(VOCAB_SIZE)]) == 0
     assert len(load_tokenizer(tmp_path / "tok")) == VOCAB_SIZE
+    # the same rows as the library call trained on: the same files, byte for byte
+    for name in ("vocab.json", "merges.txt", "tokenizer_config.json"):
+        assert (tmp_path / "tok" / name).read_bytes() == (small_dir / name).read_bytes(), name
+    capsys.readouterr()
     assert main(["tokenizer", "--output_dir", str(tmp_path / "x"), "--vocab_size", "640"]) == 2
+    assert "--vocab_size only applies with --train_from" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
 
 
 def test_alpaca_and_chatml_files_train_the_same_tokenizer_as_the_text(small_dir, tmp_path):

@@ -13,6 +13,7 @@ from qwenbuild.train import checkpoint, data
 from qwenbuild.train.progress import STEP_LINE, step_line
 from qwenbuild.train.schedule import cosine_with_warmup, schedule
 from qwenbuild.train.settings import read_run_json, settings_from_dict, write_run_json
+import tb_events
 from train_data import SEQ, TINY, progression_rows, settings, write_mindrecord
 
 
@@ -29,12 +30,14 @@ def test_schedule_matches_mindformers_cosine_with_warmup():
     assert cosine_with_warmup(50, 50, 2e-3, 0.1) == 0.0
 
 
+@pytest.mark.parametrize("decayed", [(False, True, False), (True, False, True)], ids=["w-big-undecayed", "b-undecayed"])
 @pytest.mark.parametrize("fused", [True, False])
 @pytest.mark.parametrize("mode", ["GRAPH_MODE", "PYNATIVE_MODE"])
-def test_adamw_matches_torch_adamw(mode, fused):
+def test_adamw_matches_torch_adamw(mode, fused, decayed):
     """float32 parameters take the fused in-place kernel, or without it: small ones AdamWeightDecay (bias correction
     folded into its inputs), large ones an in-place decay and the Adam kernel; float16 ones the update spelled out;
-    all as torch's AdamW on the gradients times the clipping factor. The large one is split over threads."""
+    all as torch's AdamW on the gradients times the clipping factor, each path with and without weight decay (torch's
+    parameter groups). The large one is split over threads."""
     import mindspore as ms
     import torch
 
@@ -49,13 +52,15 @@ def test_adamw_matches_torch_adamw(mode, fused):
     params = [ms.Parameter(ms.Tensor(starts[0]), name="w"),
               ms.Parameter(ms.Tensor(starts[1], ms.float16), name="b"),
               ms.Parameter(ms.Tensor(starts[2]), name="big")]
-    ours = AdamW(params, weight_decay=0.1, fused=fused)
+    ours = AdamW(params, weight_decay=0.1, fused=fused, decayed=decayed)
     kernels = (ours.in_place, ours.adam_weight_decay, ours.spelled, ours.decayed_adam)
     assert kernels == (((0, 2), (), (1,), ()) if fused else ((), (0,), (1,), (2,)))
     refs = [torch.nn.Parameter(torch.tensor(starts[0])),
             torch.nn.Parameter(torch.tensor(starts[1]).half().float()),
             torch.nn.Parameter(torch.tensor(starts[2]))]
-    theirs = torch.optim.AdamW(refs, lr=1e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
+    groups = [{"params": [r for r, d in zip(refs, decayed) if d == on], "weight_decay": 0.1 if on else 0.0}
+              for on in (True, False)]
+    theirs = torch.optim.AdamW(groups, lr=1e-2, betas=(0.9, 0.95), eps=1e-8)
     for step_grads, scale in zip(grads, scales):
         ours(tuple(ms.Tensor(g) for g in step_grads), ms.Tensor(np.float32(1e-2)), ms.Tensor(np.float32(scale)))
         for ref, g in zip(refs, step_grads):
@@ -153,8 +158,9 @@ def test_training_step_equals_torch_with_and_without_clipping(tmp_path, clip):
         assert float(loss.asnumpy()) == pytest.approx(float(their_loss.detach()), abs=1e-5)
         assert float(norm.asnumpy()) == pytest.approx(their_norm, rel=1e-4)
     hf_params = dict(hf.named_parameters())
+    # Adam divides by sqrt(v): on a near-zero gradient float32 rounding moves a weight by up to 1% of a 1e-3 step
     for w in net.trainable_params():
-        np.testing.assert_allclose(w.asnumpy(), hf_params[ms_to_hf(w.name)].detach().numpy(), atol=2e-6, rtol=1e-4,
+        np.testing.assert_allclose(w.asnumpy(), hf_params[ms_to_hf(w.name)].detach().numpy(), atol=1e-5, rtol=1e-4,
                                    err_msg=w.name)
 
 
@@ -243,6 +249,31 @@ def test_mindrecord_with_other_seq_length_is_refused(tmp_path):
         data.check_mindrecord(path, 32)
 
 
+def test_event_files_read_back_and_a_new_run_replaces_the_old_curves(tmp_path):
+    from qwenbuild.train import events
+
+    with events.EventLog(events.rank_dir(tmp_path, 0)) as log:
+        log.scalars(1, {"loss": 2.5, "learning-rate": 1e-3})
+        log.scalars(2, {"loss": 1.25})
+    assert tb_events.scalars(tmp_path / "tensorboard" / "rank_0") == {"loss": {1: 2.5, 2: 1.25},
+                                                                      "learning-rate": {1: np.float32(1e-3)}}
+    mine = tmp_path / "tensorboard" / "rank_1" / "notes.txt"
+    mine.parent.mkdir()
+    mine.write_text("kept")
+    events.clear(tmp_path)
+    assert list((tmp_path / "tensorboard").rglob("events.out.tfevents.*")) == [] and mine.read_text() == "kept"
+
+
+def test_the_event_writer_does_not_load_torch_and_mindspore_still_loads_after_it():
+    import subprocess
+    import sys
+
+    probe = ("import sys; from qwenbuild.train.events import summary_writer_class; summary_writer_class(); "
+             "print('tensorboardX' in sys.modules, 'torch' in sys.modules); import torch, mindspore")
+    proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and proc.stdout == "True False\n", proc.stderr
+
+
 @pytest.mark.slow
 def test_loss_decreases_and_results_are_written(tmp_path):
     from qwenbuild.train.finetune import finetune
@@ -256,6 +287,13 @@ def test_loss_decreases_and_results_are_written(tmp_path):
     written = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert written["loss"] == losses and written["tokens_per_s"] > 0 and written["wall_s"] > 0
     assert (tmp_path / "out" / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # TensorBoard's curves are the run's own values, step by step (as float32, the events' scalar type)
+    logged = tb_events.scalars(tmp_path / "out" / "tensorboard" / "rank_0")
+    steps = list(range(1, 41))
+    assert logged["loss"] == dict(zip(steps, np.float32(losses).tolist()))
+    assert logged["learning-rate"] == dict(zip(steps, np.float32(metrics["learning_rate"]).tolist()))
+    assert logged["grad-norm"] == dict(zip(steps, np.float32(metrics["grad_norm"]).tolist()))
+    assert sorted(logged["tokens-per-second"]) == steps and min(logged["tokens-per-second"].values()) > 0
     rank0 = tmp_path / "out" / "checkpoint" / "rank_0"
     assert sorted(p.name for p in rank0.glob("*.ckpt")) == ["qwen2_rank_0-2_4.ckpt", "qwen2_rank_0-3_8.ckpt"]
     meta = json.loads((rank0 / "meta.json").read_text())

@@ -9,9 +9,11 @@ pp 1) and N processes under msrun write each rank's tensor-parallel graphs, all-
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 
+from qwenbuild.dtypes import USER
 from qwenbuild.export import export_mindir
 from qwenbuild.model.config import QwenConfig
 
@@ -35,10 +37,15 @@ def add_arguments(parser):
                         help="tensor-parallel ranks of the export (default 1: the whole model in rank --rank)")
     parser.add_argument("--strategy_dir", default=None, metavar="DIR",
                         help="with --model_parallel > 1: the strategy files the shards were cut with")
+    parser.add_argument("--dtype", choices=sorted(USER), default=None,
+                        help="dtype of the weights in the graphs (default: config.json's torch_dtype); the graphs "
+                             "compute in float32 and cast each weight on use")
 
 
 def main(args):
     cfg = QwenConfig.from_hf_dir(args.torch_ckpt_dir)
+    if args.dtype:
+        cfg = dataclasses.replace(cfg, param_dtype=USER[args.dtype])
     summary = export_mindir(cfg, args.load_checkpoint, args.output_dir, rank=args.rank,
                             batch_size=args.batch_size, seq_length=args.seq_length,
                             tokenizer_dir=args.tokenizer_dir, external_weights=args.external_weights,

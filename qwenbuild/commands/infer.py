@@ -21,8 +21,10 @@ import sys
 from qwenbuild.build_dir import BuildDir
 from qwenbuild.errors import UserError
 from qwenbuild.flags import str2bool
-from qwenbuild.infer.runtime import generate, generate_on_ranks, print_progress
+from qwenbuild.infer.backends import resolve_backend
+from qwenbuild.infer.runtime import generate, generate_on_ranks, join_ranks, print_progress
 from qwenbuild.manifest import load_manifest
+from qwenbuild.processes import follow_parent
 from qwenbuild.tokenizer.load import load_tokenizer_files
 
 
@@ -69,7 +71,7 @@ def _from_manifest(args) -> None:
     """Fill unset paths and shapes from the manifest's build, so `qwenbuild infer --predict_data ...` just works."""
     m = load_manifest(args.config or "qwen.toml")
     build = BuildDir(m.build_dir)
-    args.mindir_root_dir = args.mindir_root_dir or str(build.output)
+    args.mindir_root_dir = args.mindir_root_dir or str(build.export)
     args.tokenizer_dir = args.tokenizer_dir or str(build.tokenizer)
     args.batch_size = args.batch_size or m.export.batch_size
     args.seq_length = args.seq_length or m.export.seq_length
@@ -84,6 +86,10 @@ def main(args):
     if args.config or args.mindir_root_dir is None or (args.tokenizer_dir is None and not files):
         _from_manifest(args)
     tokenizer = load_tokenizer_files(args.vocab_file, args.merge_file) if files else args.tokenizer_dir
+    if os.environ.get("MS_ROLE"):  # one rank of several under msrun (lite_infer.sh starts one per export rank)
+        follow_parent()
+        if resolve_backend(args.backend, args.ge_config_path) == "graphcell":
+            args.rank = join_ranks()  # the graphs' all-reduces need the other ranks' processes
     # an export of several tensor-parallel ranks runs them all under msrun here, unless this is one of them
     on_ranks = not files and args.backend != "lite" and not os.environ.get("MS_ROLE")
     run = generate_on_ranks if on_ranks else generate

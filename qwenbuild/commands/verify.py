@@ -1,7 +1,8 @@
 """Prove a build reproducible: rebuild every task recorded in <build dir>/qwen.lock into a fresh temporary
 build dir from the same inputs, then compare every artifact's digest with the lock (MINDIR by a normalised
-digest). Each difference is printed with the artifact, both digests and the first differing tensor, row or field.
-Exits 0 when everything matches, 1 otherwise."""
+digest). Each difference is printed with the artifact, both digests and the first differing tensor, row or field,
+and, for a task recorded on another machine, how that machine differs (CPU extensions, kernel threads, the fused
+kernels' compiler and target). Exits 0 when everything matches, 1 otherwise."""
 
 from __future__ import annotations
 
@@ -22,6 +23,11 @@ def main(args):
         print(d)
     if diffs:
         print(f"verify: {len(diffs)} of {count} artifacts differ from {m.build_dir / 'qwen.lock'}")
+        elsewhere = sorted({d.task for d in diffs if d.machine})
+        if elsewhere:
+            print(f"verify: {', '.join(elsewhere)} {'was' if len(elsewhere) == 1 else 'were'} recorded on another "
+                  "machine (see above): a task's numbers follow the CPU and kernel build it ran on, so verify on "
+                  "that machine to compare like with like")
         return 1
     print(f"verify: all {count} artifacts identical to {m.build_dir / 'qwen.lock'}")
     return 0

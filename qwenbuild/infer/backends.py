@@ -145,16 +145,22 @@ def lite_importable() -> bool:
     return True
 
 
+def resolve_backend(name: str, ge_config_path=None) -> str:
+    """The backend `name` stands for: auto = lite when mindspore_lite imports and a lite.ini is given."""
+    if name not in BACKENDS:
+        raise UserError(f"--backend {name!r} is not one of {', '.join(BACKENDS)}")
+    if name == "auto":
+        return "lite" if ge_config_path is not None and lite_importable() else "graphcell"
+    return name
+
+
 def open_backend(name: str, full_path: Path, inc_path: Path, *, ge_config_path=None, device_id: int = 0,
                  rank_id: int = 0):
     """auto = lite when mindspore_lite imports and a lite.ini is given, graphcell otherwise."""
-    if name not in BACKENDS:
-        raise UserError(f"--backend {name!r} is not one of {', '.join(BACKENDS)}")
     if ge_config_path is not None and not Path(ge_config_path).is_file():
         raise UserError(f"--ge_config_path {ge_config_path} does not exist",
                         hint="write it with `doit lite_ini` or leave the flag out")
-    if name == "auto":
-        name = "lite" if ge_config_path is not None and lite_importable() else "graphcell"
+    name = resolve_backend(name, ge_config_path)
     if name == "lite":
         return LiteBackend(full_path, inc_path, ge_config_path, device_id, rank_id)
     return GraphCellBackend(full_path, inc_path)

@@ -284,5 +284,17 @@ def generate_on_ranks(mindir_root_dir, tokenizer, prompts, *, progress=None, **o
     return result
 
 
+def join_ranks() -> int:
+    """This process's rank among the msrun workers of a tensor-parallel export, once it has joined them."""
+    # mindspore takes seconds to load: imported only when this runs
+    import mindspore as ms
+    from mindspore.communication import get_rank, init
+
+    ms.set_device("CPU")
+    ms.set_context(mode=ms.GRAPH_MODE)
+    init()
+    return get_rank()
+
+
 def print_progress(message: str) -> None:
     print(message, file=sys.stderr, flush=True)

@@ -15,7 +15,7 @@ if __name__ == "__main__" and sys.path and Path(sys.path[0]).resolve() == Path(_
     sys.path.pop(0)
 
 from qwenbuild.errors import UserError  # noqa: E402
-from qwenbuild.infer.runtime import generate, print_progress  # noqa: E402
+from qwenbuild.infer.runtime import generate, join_ranks, print_progress  # noqa: E402
 from qwenbuild.processes import follow_parent  # noqa: E402
 
 ERROR_MARK = "qwenbuild infer error:"
@@ -24,14 +24,7 @@ ERROR_MARK = "qwenbuild infer error:"
 def main(argv: list[str]) -> int:
     spec = json.loads(Path(argv[0]).read_text())
     follow_parent()
-    # mindspore takes seconds to load: imported only when this runs
-    import mindspore as ms
-    from mindspore.communication import get_rank, init
-
-    ms.set_device("CPU")
-    ms.set_context(mode=ms.GRAPH_MODE)
-    init()
-    rank = get_rank()
+    rank = join_ranks()
     try:
         result = generate(spec["mindir_root_dir"], spec["tokenizer"], spec["prompts"], rank=rank,
                           progress=print_progress if rank == 0 else None, **spec["options"])

@@ -2,13 +2,60 @@
 
 from __future__ import annotations
 
+from qwenbuild.build_dir import BuildDir
+from qwenbuild.parallel.memory import GIB, deployment_memory, max_device_memory_gb
 from qwenbuild.parallel.plan_rules import plan_problems
 from qwenbuild.tokenizer.files import QWEN_VOCAB_SIZE
 
 
 def manifest_problems(m) -> list:
     """Every broken rule as a Problem naming the key to change."""
-    return _plan(m) + _lengths(m) + _nodes(m) + _tokenizer(m) + _data(m)
+    return (_plan(m) + _export_fits(m) + _lengths(m) + _nodes(m) + _tokenizer(m) + _data(m) + _prompt(m)
+            + _strategy_dir(m))
+
+
+def deployment_dtype(m) -> str:
+    """The dtype the export topology's graphs and the predict YAML hold weights in (export.dtype's rule)."""
+    return m.export.dtype_on(m.hardware.device, m.model.param_dtype)
+
+
+def device_limit(m) -> float:
+    """Bytes MindSpore may allocate on one device: the YAML's max_device_memory on Ascend, the host RAM share
+    hardware.device_memory_gb on CPU."""
+    gb = m.hardware.device_memory_gb
+    return (max_device_memory_gb(gb) if m.hardware.device == "ascend" else gb) * GIB
+
+
+def _export_card(m, model_parallel: int, vocab_emb_dp: bool):
+    ex, ascend = m.export, m.hardware.device == "ascend"
+    return deployment_memory(m.model.config, model_parallel, vocab_emb_dp, ex.seq_length, ex.batch_size,
+                             deployment_dtype(m), ascend, device_limit(m))
+
+
+def _export_fits(m) -> list:
+    """A card of the export topology holds its weights, its KV cache and a layer's prefill, or validate refuses,
+    naming the smallest export.model_parallel on one node that fits."""
+    mp, cfg, emb_dp = m.export.model_parallel, m.model.config, m.parallel.vocab_emb_dp
+    if plan_problems(cfg, 1, mp, 1, emb_dp):
+        return []  # _plan names what mp must divide first
+    card = _export_card(m, mp, emb_dp)
+    if card.total <= card.limit:
+        return []
+    most = m.hardware.devices_per_node if m.hardware.device == "ascend" else 64
+    fitting = [k for k in range(mp + 1, most + 1)
+               if not plan_problems(cfg, 1, k, 1, emb_dp) and _export_card(m, k, emb_dp).total <= card.limit]
+    todo = f"set export.model_parallel = {fitting[0]}" if fitting else \
+        f"no export.model_parallel up to {most} fits"
+    if emb_dp and mp > 1 and not plan_problems(cfg, 1, mp, 1, False) and _export_card(m, mp, False).total <= card.limit:
+        todo += " (or parallel.vocab_emb_dp = false: the embedding and lm_head split too)"
+    parts = ", ".join(f"{c.name} {c.bytes / GIB:.1f} GiB" for c in card.components)
+    limit = (f"max_device_memory {card.limit / GIB:g}GB of a {m.hardware.device_memory_gb:g} GB card"
+             if m.hardware.device == "ascend" else f"hardware.device_memory_gb {m.hardware.device_memory_gb:g}")
+    return [m.problem("export.model_parallel",
+                      f"a card of the export topology (dp 1 x mp {mp}) needs {card.total / GIB:.1f} GiB in "
+                      f"{deployment_dtype(m)} ({parts}; export.seq_length {m.export.seq_length} x export.batch_size "
+                      f"{m.export.batch_size}), more than {limit}; {todo}, or lower export.seq_length or "
+                      "export.batch_size")]
 
 
 def _plan(m) -> list:
@@ -85,4 +132,23 @@ def _data(m) -> list:
                                                f"{par.data_parallel}" + (f" x micro_batch_num {micro}" if micro > 1
                                                                          else "") + "); raise num_train or lower "
                                                "train.batch_size")]
+    return []
+
+
+def _prompt(m) -> list:
+    """export.predict_data goes onto the command lines of predict.sh and lite_infer.sh."""
+    text = m.export.predict_data
+    if text is not None and (not text.strip() or "\0" in text):
+        return [m.problem("export.predict_data", "a prompt needs text other than white space and no NUL character "
+                                                 "(it is an argument of predict.sh and lite_infer.sh)")]
+    return []
+
+
+def _strategy_dir(m) -> list:
+    """Compiled strategies read from where the finetune's MindFormers saves its own would be replaced by them."""
+    given, compiled = m.path_of("parallel.strategy_dir"), BuildDir(m.build_dir).compiled_strategy
+    if given is not None and (given == compiled or compiled in given.parents):
+        return [m.problem("parallel.strategy_dir", f"{given} is where MindFormers saves the strategies it compiles "
+                                                   "during the finetune, which replaces them; copy the files to "
+                                                   "another directory and point there")]
     return []

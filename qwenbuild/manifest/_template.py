@@ -39,6 +39,8 @@ def render(preset: str) -> str:
     if tiny:
         lines += ["init = \"random\"  # starting weights drawn from init_seed; \"hf\" converts hf_dir instead",
                   "init_seed = 0",
+                  f"init_std = {round(dims['hidden_size'] ** -0.5, 3)}  # 1/sqrt(hidden_size); at 0.02 (Qwen1.5's) a "
+                  "model this narrow starts learning late and erratically",
                   "# hf_dir = \"path/to/Qwen1.5-7B\"  # with init = \"hf\": the checkpoint to convert (and its dimensions)"]
     else:
         lines += [f"hf_dir = \"models/Qwen1.5-{preset.split('-')[1].upper()}\"  # Hugging Face checkpoint to convert"]
@@ -71,6 +73,9 @@ def render(preset: str) -> str:
               f"devices_per_node = {per_node}" + ("  # CPU worker processes started by msrun" if tiny else ""),
               f"device_memory_gb = {8 if tiny else 64}",
               "master_port = 8118"]
+    if not tiny:
+        lines += ["# python = \"python3\"  # the Python on every node: a name on its PATH, or an absolute path there",
+                  "# env_script = \"/usr/local/Ascend/ascend-toolkit/set_env.sh\"  # sourced on every node first"]
     for n in range(nodes):
         lines += ["", "[[hardware.nodes]]"]
         if tiny:

@@ -21,6 +21,7 @@ class Model:
     init: str
     hf_dir: str | None
     init_seed: int
+    init_std: float
     hidden_size: int
     num_layers: int
     num_heads: int
@@ -79,6 +80,8 @@ class Hardware:
     device_memory_gb: float
     device_ip_source: str
     master_port: int
+    python: str
+    env_script: str | None
     nodes: tuple[Node, ...]
 
     READS: ClassVar[dict[str, tuple[str, ...]]] = {
@@ -149,13 +152,21 @@ class Train:
 
 @dataclasses.dataclass(frozen=True)
 class Export:
+    READS: ClassVar[dict[str, tuple[str, ...]]] = {"dtype_on": ("dtype",)}
+
     checkpoint: str
     seq_length: int
     batch_size: int
     model_parallel: int
     use_past: bool
+    dtype: str | None
     predict_data: str | None
     max_new_tokens: int
+
+    def dtype_on(self, device: str, param_dtype: str) -> str:
+        """The exported weights' dtype on this device: export.dtype, else the model's on Ascend (as the original
+        deploys) and float32 on CPU."""
+        return self.dtype or (param_dtype if device == "ascend" else "float32")
 
 
 @dataclasses.dataclass(frozen=True)

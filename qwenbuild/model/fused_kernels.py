@@ -72,6 +72,27 @@ def build_library(compiler: str, directory: Path) -> Path:
     return library
 
 
+def compiler_path() -> str | None:
+    return os.environ.get("CXX") or shutil.which("g++")
+
+
+def build_record() -> dict:
+    """How training on this machine gets its fused kernels: the compiler and the instruction set -march=native
+    targets here (qwen.lock records it: the kernels' float results follow both), or why they are not used."""
+    if os.environ.get(SWITCH, "1") == "0":
+        return {"used": False, "why": f"{SWITCH}=0"}
+    compiler = compiler_path()
+    if not compiler:
+        return {"used": False, "why": "no C++ compiler"}
+    try:
+        version = _run([compiler, "--version"]).splitlines()[0]
+        target = _run([compiler, *COMPILE, "-Q", "--help=target"])
+    except (OSError, RuntimeError, IndexError) as e:
+        return {"used": False, "why": f"{compiler} does not run ({e})"}
+    march = next((line.split()[-1] for line in target.splitlines() if line.strip().startswith("-march=")), "unknown")
+    return {"used": True, "compiler": version, "march": march, "flags": " ".join(COMPILE)}
+
+
 @dataclass(frozen=True)
 class Kernels:
     """The forward ops, each carrying its gradient (a second Custom op) as its bprop, and the optimizer update."""
@@ -122,7 +143,7 @@ def kernels() -> Kernels | None:
 
     if os.environ.get(SWITCH, "1") == "0" or ms.get_context("device_target") != "CPU":
         return None
-    compiler = os.environ.get("CXX") or shutil.which("g++")
+    compiler = compiler_path()
     if not compiler:
         print("qwenbuild: no C++ compiler (g++) found: training runs SwiGLU, RoPE and RMSNorm as MindSpore's "
               "composed kernels, which are slower; install g++ to have them fused", file=sys.stderr, flush=True)

@@ -116,9 +116,9 @@ def fused_linear(linears: tuple) -> "Linear":
     so a large model is not held twice."""
     first = linears[0]
     fused = Linear(first.n_in, sum(lin.n_out for lin in linears), first.has_bias, first.weight.dtype)
-    fused.weight.set_data(ops.concat([lin.weight.value() for lin in linears], 0))
+    fused.weight.set_data(ops.concat([lin.weight for lin in linears], 0))
     if first.has_bias:
-        fused.bias.set_data(ops.concat([lin.bias.value() for lin in linears], 0))
+        fused.bias.set_data(ops.concat([lin.bias for lin in linears], 0))
     for part in (p for lin in linears for p in lin.get_parameters()):
         part.set_data(Tensor(np.zeros((0,), np.float32), dtype=part.dtype))
     return fused

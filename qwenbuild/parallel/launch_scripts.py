@@ -2,6 +2,9 @@
 
 msrun gives every worker DEVICE_ID = its index on the node and RANK_ID = node_rank * local workers + index, the
 numbering run_multinode.sh used; the scripts export RANK_SIZE, RANK_TABLE_FILE (Ascend) and the mode's variables.
+The scripts run on the nodes' own Python (`hardware.python`, after `hardware.env_script`), never a path of the
+build host: qwenbuild's entry points and msrun run as modules of it, and its directory goes first on PATH, where
+msrun finds the `python3` (or `python`) it starts the workers with. Every value goes through `shell.word`.
 The msrun command line is written here only: the scripts, `doit finetune` and `qwenbuild finetune` all use it.
 """
 
@@ -14,6 +17,7 @@ import socket
 from pathlib import Path
 
 from qwenbuild.errors import UserError
+from qwenbuild.shell import Code, comment, host_name, ipv4, word, words
 from qwenbuild.store import atomic_path
 
 # variables the original workflow's README sets per run mode on Ascend
@@ -26,8 +30,10 @@ MODE_ENV = {
 DEVICES = ("ascend", "cpu")
 # a single CPU node takes its port from the caller when given: one machine may run several builds
 PORT_VARIABLE = "MASTER_PORT"
-# the sbatch script's msrun master: the address of the allocation's first node
-MASTER_VARIABLE = "QWENBUILD_MASTER_ADDR"
+# msrun itself, run as a module of the nodes' Python (the `msrun` command is this module's console script)
+MSRUN_MODULE = "mindspore.parallel.cluster.run"
+# the names msrun starts a worker by (any other task script is run as `python SCRIPT`)
+PYTHON_NAMES = ("python3", "python")
 
 
 def mode_env(mode: str, device: str) -> dict[str, str]:
@@ -38,21 +44,26 @@ def mode_env(mode: str, device: str) -> dict[str, str]:
 
 
 def script_args(command: list[str] | str) -> list[str]:
-    """The python script and its arguments; msrun starts `python` itself, so a leading python is dropped."""
+    """What a worker runs after `python`: a script and its arguments, or `-m module ...`; a leading python is
+    dropped (msrun starts the workers' python itself)."""
     args = shlex.split(command) if isinstance(command, str) else [str(a) for a in command]
     if args and os.path.basename(args[0]).startswith("python"):
         args = args[1:]
     if not args:
-        raise UserError("the command to launch is empty", hint="give the python script and its arguments")
+        raise UserError("the command to launch is empty", hint="give the python script or -m module and its arguments")
     return args
+
+
+def _flag(name: str, value) -> str:
+    return Code(f"--{name}={value}") if isinstance(value, Code) else f"--{name}={value}"
 
 
 def msrun_command(world: int, local_workers: int, master_addr: str, master_port: int | str, node_rank: int | str,
                   log_dir: str | Path, args: list[str], *, rank_table_file: str | Path | None = None,
                   cluster_time_out: int = 600, tail_worker_log: int | None = None) -> list[str]:
     """msrun's argv for one node; tail_worker_log = local_workers + 1 keeps msrun from tailing worker logs."""
-    argv = ["msrun", f"--worker_num={world}", f"--local_worker_num={local_workers}", f"--master_addr={master_addr}",
-            f"--master_port={master_port}", f"--node_rank={node_rank}", f"--log_dir={log_dir}", "--join=True",
+    argv = ["msrun", f"--worker_num={world}", f"--local_worker_num={local_workers}", _flag("master_addr", master_addr),
+            _flag("master_port", master_port), _flag("node_rank", node_rank), f"--log_dir={log_dir}", "--join=True",
             f"--cluster_time_out={cluster_time_out}"]
     if tail_worker_log is not None:
         argv.append(f"--tail_worker_log={tail_worker_log}")
@@ -78,9 +89,13 @@ def local_msrun(workers: int, log_dir: str | Path, args: list[str], python_bin_d
                                    tail_worker_log=workers + 1)[1:]
 
 
-def _shell(argv: list[str], raw: dict[str, str]) -> str:
-    """argv quoted for bash, except the values in `raw` (shell expressions such as "$SLURM_NODEID")."""
-    return " ".join(raw.get(a, shlex.quote(a)) for a in argv)
+def python_name(python: str) -> str:
+    """The name msrun starts workers by: the last part of hardware.python (`python3` or `python`)."""
+    name = python.rsplit("/", 1)[-1]
+    if name not in PYTHON_NAMES or "/" in python and not python.startswith("/"):
+        raise UserError(f"python {python!r} must be python3 or python, or an absolute path ending in one of them",
+                        hint="msrun starts its workers as python3 or python from PATH")
+    return name
 
 
 def _check(nodes: list[dict], workers_per_node: int, device: str, rank_table_file) -> None:
@@ -93,85 +108,103 @@ def _check(nodes: list[dict], workers_per_node: int, device: str, rank_table_fil
     for i, node in enumerate(nodes):
         if not node.get("ip"):
             raise UserError(f"node {i} has no ip", hint="every node needs the address the others reach it at")
+        ipv4(node["ip"])
+        host_name(node.get("host") or node["ip"])
     if device == "ascend" and not rank_table_file:
         raise UserError("an Ascend topology needs the RANK_TABLE_FILE path")
 
 
-def _exports(env: dict[str, str]) -> list[str]:
-    return [f"export {k}={shlex.quote(str(v))}" for k, v in env.items()]
-
-
-def _preamble(title: str, python_bin_dir, workdir, env: dict[str, str]) -> list[str]:
-    lines = ["#!/usr/bin/env bash", f"# {title}", "set -euo pipefail"]
-    if workdir:
-        lines.append(f"cd {shlex.quote(str(workdir))}")
-    if python_bin_dir:
-        lines.append(f"export PATH={shlex.quote(str(python_bin_dir))}:\"$PATH\"")
-    lines += _exports(env)
+def _environment(script: str, python: str, env_script: str | None, env: dict[str, str]) -> list[str]:
+    """Lines that set up a node: its environment script, its Python first on PATH, the run's variables."""
+    name = python_name(python)
+    lines = []
+    if env_script:
+        # an environment script may read unset variables: -u only around it
+        lines += ["set +u", f"source {word(env_script)}", "set -u"]
+    missing = f"{script}: hardware.python {python} is not found on this node; PATH:"
+    lines += [f'python=$(command -v {word(python)}) || {{ echo {word(missing)} "$PATH" >&2; exit 127; }}',
+              'export PATH="${python%/*}:$PATH"']
+    lines += [f"export {k}={word(v)}" for k, v in env.items()]
     lines.append("ulimit -u unlimited 2>/dev/null || true")
     return lines
 
 
+def _python_comment(python: str) -> str:
+    return comment(f"the nodes' own Python (hardware.python {word(python)}), its directory first on PATH: msrun "
+                   f"starts the workers as {python_name(python)} from there")
+
+
 def launch_scripts(nodes: list[dict], workers_per_node: int, command: list[str] | str, *, device: str = "cpu",
                    master_port: int = 8118, log_dir: str = "output/msrun_log", env: dict[str, str] | None = None,
-                   python_bin_dir: str | Path | None = None, rank_table_file: str | Path | None = None,
-                   workdir: str | Path | None = None, cluster_time_out: int = 600,
-                   tail_worker_log: int | None = None, check: list[str] | None = None,
+                   python: str = "python3", env_script: str | None = None,
+                   rank_table_file: str | Path | None = None, workdir: str | Path | None = None,
+                   cluster_time_out: int = 600, tail_worker_log: int | None = None, check: list[str] | None = None,
                    job_name: str = "qwenbuild") -> dict[str, str]:
-    """{file name: text}: node_<k>.sh for every node and slurm.sbatch running the same on len(nodes) nodes.
+    """{file name: text}: node_<k>.sh for every node and slurm.sbatch running the same on the same hosts.
 
-    nodes: [{"ip": ..., "host": ...}, ...] in rank order; node 0 is the msrun master. A one-node CPU topology
-    reads its port from $MASTER_PORT when set (default master_port). check: a command each node runs before
-    msrun (`{node}` in it becomes the node's index); the node stops if it fails.
+    nodes: [{"ip": ..., "host": ...}, ...] in rank order; node 0 is the msrun master. command: what each worker
+    runs after the nodes' python (`-m module args...` or a script and its arguments). A one-node CPU topology reads
+    its port from $MASTER_PORT when set (default master_port). check: a module and its arguments each node runs on
+    its python before msrun (arguments `{node}`, `{host}`, `{ip}` become the node's index, host and address); the
+    node stops if it fails.
     """
     _check(nodes, workers_per_node, device, rank_table_file)
-    args = script_args(command)
+    name = python_name(python)
+    args = [name] + script_args(command)
     world = workers_per_node * len(nodes)
     full_env = {"RANK_SIZE": str(world)}
     if device == "ascend":
         full_env["RANK_TABLE_FILE"] = str(rank_table_file)
     full_env.update(env or {})
+    hosts = [n.get("host") or n["ip"] for n in nodes]
     master = nodes[0]["ip"]
     table = str(rank_table_file) if device == "ascend" else None
-    port_text = f"${{{PORT_VARIABLE}:-{master_port}}}"
-    port = port_text if device == "cpu" and len(nodes) == 1 else master_port
-    raw = {f"--master_port={port_text}": f'"--master_port={port_text}"'}
+    port = Code(f'"${{{PORT_VARIABLE}:-{master_port}}}"') if device == "cpu" and len(nodes) == 1 else master_port
 
-    def line(node_rank, master_addr=master) -> list[str]:
-        return msrun_command(world, workers_per_node, master_addr, port, node_rank, log_dir, args,
-                             rank_table_file=table, cluster_time_out=cluster_time_out, tail_worker_log=tail_worker_log)
+    def run_lines(node, host, ip) -> list[str]:
+        lines = []
+        if check:
+            fill = {"{node}": node, "{host}": host, "{ip}": ip}
+            lines.append(words([name, "-m"] + [fill.get(a, a) for a in check]))
+        msrun = msrun_command(world, workers_per_node, master, port, node, log_dir, args, rank_table_file=table,
+                              cluster_time_out=cluster_time_out, tail_worker_log=tail_worker_log)
+        lines.append("exec " + words([name, "-m", MSRUN_MODULE] + msrun[1:]))
+        return lines
 
+    head = ["set -euo pipefail"] + ([f"cd {word(workdir)}"] if workdir else [])
     scripts = {}
     for k, node in enumerate(nodes):
-        title = (f"node {k} of {len(nodes)} ({node.get('host') or node['ip']}): {workers_per_node} {device} workers, "
-                 f"ranks {k * workers_per_node}..{(k + 1) * workers_per_node - 1} of {world}")
-        lines = _preamble(title, python_bin_dir, workdir, full_env)
-        if check:
-            lines.append(_shell([a.replace("{node}", str(k)) for a in check], raw))
-        lines.append("exec " + _shell(line(k), raw))
+        title = (f"node {k} of {len(nodes)} ({word(hosts[k])}, {word(node['ip'])}): {workers_per_node} {device} "
+                 f"workers, ranks {k * workers_per_node}..{(k + 1) * workers_per_node - 1} of {world}")
+        lines = ["#!/usr/bin/env bash", comment(title), *head, _python_comment(python),
+                 *_environment(f"node_{k}.sh", python, env_script, full_env), *run_lines(k, hosts[k], node["ip"])]
         scripts[f"node_{k}.sh"] = "\n".join(lines) + "\n"
-    slurm_raw = {**raw, "--node_rank=$SLURM_NODEID": '--node_rank="$SLURM_NODEID"', "$SLURM_NODEID": '"$SLURM_NODEID"',
-                 f"--master_addr=${MASTER_VARIABLE}": f'--master_addr="${MASTER_VARIABLE}"'}
-    inner = "exec " + _shell(line("$SLURM_NODEID", f"${MASTER_VARIABLE}"), slurm_raw)
-    if check:
-        inner = _shell([a.replace("{node}", "$SLURM_NODEID") for a in check], slurm_raw) + " && " + inner
-    sbatch = ["#!/usr/bin/env bash", f"#SBATCH --job-name={job_name}", f"#SBATCH --nodes={len(nodes)}",
-              "#SBATCH --ntasks-per-node=1", "#SBATCH --exclusive"]
-    sbatch += _preamble(f"{len(nodes)} nodes x {workers_per_node} {device} workers; node rank = SLURM_NODEID, "
-                        f"master: the allocation's first node, port {master_port}", python_bin_dir, workdir,
-                        full_env)[1:]
-    sbatch += _slurm_master(master)
-    sbatch.append("srun --ntasks-per-node=1 --kill-on-bad-exit=1 bash -c " + shlex.quote(inner))
-    scripts["slurm.sbatch"] = "\n".join(sbatch) + "\n"
+    node_lines = _environment("slurm.sbatch", python, env_script, full_env)
+    node_lines += run_lines(Code('"$node"'), Code('"$host"'), Code('"$ip"'))
+    scripts["slurm.sbatch"] = _sbatch(nodes, hosts, workers_per_node, device, python, job_name, master_port, head,
+                                      node_lines)
     return scripts
 
 
-def _slurm_master(fallback: str) -> list[str]:
-    """Lines that set the msrun master to the first node Slurm allocated (node rank 0), by address."""
-    return ["# node rank 0 is the first node of the allocation: it runs msrun's scheduler",
-            'first=$(scontrol show hostnames "${SLURM_JOB_NODELIST:-}" 2>/dev/null | head -n 1 || true)',
-            f"address=$(getent ahostsv4 \"${{first:-{fallback}}}\" | awk 'NR == 1 {{print $1}}' || true)",
-            f"export {MASTER_VARIABLE}=\"${{address:-{fallback}}}\""]
+def _sbatch(nodes, hosts, workers_per_node, device, python, job_name, master_port, head: list[str],
+            node_lines: list[str]) -> str:
+    """slurm.sbatch: the hosts pinned in rank order; on each node, that node's environment and its rank from its
+    own name's place in hardware.nodes (Slurm's SLURM_NODEID follows Slurm's node order, not qwen.toml's)."""
+    arms = " ".join(f"{word(h)}) node={k} host={word(h)} ip={word(n['ip'])} ;;"
+                    for k, (h, n) in enumerate(zip(hosts, nodes)))
+    unknown = f"slurm.sbatch: this Slurm node is none of hardware.nodes ({', '.join(hosts)}):"
+    case = (f'case "${{SLURMD_NODENAME:-}}" in {arms} *) echo {word(unknown)} "${{SLURMD_NODENAME:-}}" >&2; exit 2 ;; '
+            "esac")
+    inner = "; ".join(["set -euo pipefail", case] + node_lines)
+    lines = ["#!/usr/bin/env bash", f"#SBATCH --job-name={word(job_name)}", f"#SBATCH --nodes={len(nodes)}",
+             f"#SBATCH --nodelist={','.join(word(h) for h in hosts)}", "#SBATCH --ntasks-per-node=1",
+             "#SBATCH --exclusive",
+             comment(f"{len(nodes)} nodes x {workers_per_node} {device} workers on the hosts of hardware.nodes, "
+                     f"node rank = the host's place there; msrun master {word(hosts[0])} {word(nodes[0]['ip'])} "
+                     f"port {master_port}"),
+             _python_comment(python), *head,
+             "srun --ntasks-per-node=1 --kill-on-bad-exit=1 bash -c " + word(inner)]
+    return "\n".join(lines) + "\n"
 
 
 def write_launch_scripts(directory: str | Path, scripts: dict[str, str]) -> list[Path]:

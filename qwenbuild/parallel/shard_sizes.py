@@ -1,6 +1,14 @@
-"""What each rank holds under a parallel plan: per parameter group, the shard shape and bytes (for `qwenbuild plan`)."""
+"""What each rank holds under a parallel plan: per parameter group, the shard shape and element count.
+
+The one home of per-stage parameter counts: `qwenbuild plan`'s shard table, the memory model and the export
+topology's per-card figures all read `stage_groups`. Counts are computed from one layer's shapes times the layers
+of a stage, so a plan of any size is counted at once.
+"""
 
 from __future__ import annotations
+
+import dataclasses
+import math
 
 from qwenbuild.dtypes import ITEMSIZE
 from qwenbuild.errors import UserError
@@ -8,7 +16,26 @@ from qwenbuild.model.config import QwenConfig
 from qwenbuild.model.params import parameter_shapes, split_layer_name
 from qwenbuild.parallel.plan_rules import check_plan, default_offset, stage_layers
 from qwenbuild.parallel.ranks import place_ranks
-from qwenbuild.parallel.strategy import parameter_stages, shard_shape, split_dim, tensor_layout
+from qwenbuild.parallel.strategy import split_dim, top_parameter_stages
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardGroup:
+    """Parameters of one kind on one rank: `layers.attention.wq.weight` (one per layer of the stage) or a
+    parameter outside the layers (count 1)."""
+
+    name: str
+    count: int
+    full_shape: tuple[int, ...]
+    shard_shape: tuple[int, ...]
+
+    @property
+    def shard_elements(self) -> int:
+        return math.prod(self.shard_shape)
+
+    @property
+    def elements(self) -> int:
+        return self.count * self.shard_elements
 
 
 def group_name(name: str) -> str:
@@ -16,22 +43,32 @@ def group_name(name: str) -> str:
     return f"layers.{layer[1]}" if layer else name
 
 
-def _stage_groups(cfg: QwenConfig, stage: int, where: dict, data_parallel: int, model_parallel: int,
-                  vocab_emb_dp: bool, itemsize: int) -> dict[str, dict]:
-    groups: dict[str, dict] = {}
-    for name, shape in parameter_shapes(cfg).items():
-        if stage not in where[name]:
-            continue
-        layout = tensor_layout(shape, split_dim(name, vocab_emb_dp), data_parallel, model_parallel)
-        part = shard_shape(shape, layout["dev_matrix"], layout["tensor_map"])
-        g = groups.setdefault(group_name(name), {"count": 0, "full_shape": list(shape), "shard_shape": part,
-                                                 "bytes": 0})
-        g["count"] += 1
-        n = itemsize
-        for d in part:
-            n *= d
-        g["bytes"] += n
-    return groups
+def model_parallel_shape(name: str, shape: tuple[int, ...], model_parallel: int, vocab_emb_dp: bool) -> tuple:
+    """One rank's slice of a parameter: the dimension MindFormers splits by model_parallel, divided."""
+    dim = split_dim(name, vocab_emb_dp)
+    return tuple(s // model_parallel if d == dim else s for d, s in enumerate(shape))
+
+
+def stage_groups(cfg: QwenConfig, model_parallel: int, vocab_emb_dp: bool,
+                 stages: list[range]) -> list[list[ShardGroup]]:
+    """Per pipeline stage, the parameter groups each of its ranks holds, in network order."""
+    one_layer = parameter_shapes(dataclasses.replace(cfg, num_layers=1))
+    last = len(stages) - 1
+    out = []
+    for stage, layers in enumerate(stages):
+        groups = []
+        for name, shape in one_layer.items():
+            layer = split_layer_name(name)
+            count = len(layers) if layer else int(stage in top_parameter_stages(name, last, cfg.tie_word_embeddings))
+            if count:
+                groups.append(ShardGroup(group_name(name), count, shape,
+                                         model_parallel_shape(name, shape, model_parallel, vocab_emb_dp)))
+        out.append(groups)
+    return out
+
+
+def stage_elements(groups: list[ShardGroup]) -> int:
+    return sum(g.elements for g in groups)
 
 
 def rank_shards(cfg: QwenConfig, data_parallel: int, model_parallel: int, pipeline_stage: int,
@@ -45,10 +82,10 @@ def rank_shards(cfg: QwenConfig, data_parallel: int, model_parallel: int, pipeli
     world = data_parallel * model_parallel * pipeline_stage
     ranks = place_ranks(data_parallel, model_parallel, pipeline_stage, node_devices or [list(range(world))])
     stages = stage_layers(cfg.num_layers, pipeline_stage, offset)
-    where = parameter_stages(cfg, stages)
     itemsize = ITEMSIZE[dtype or cfg.param_dtype]
-    groups = [_stage_groups(cfg, s, where, data_parallel, model_parallel, vocab_emb_dp, itemsize)
-              for s in range(pipeline_stage)]
+    groups = [{g.name: {"count": g.count, "full_shape": list(g.full_shape), "shard_shape": list(g.shard_shape),
+                        "bytes": g.elements * itemsize} for g in stage}
+              for stage in stage_groups(cfg, model_parallel, vocab_emb_dp, stages)]
     return [{"rank": r.rank, "node": r.node, "device": r.device, "stage": r.stage,
              "layers": [stages[r.stage].start, stages[r.stage].stop - 1] if len(stages[r.stage]) else [],
              "model_parallel_index": r.mp_index, "groups": groups[r.stage],

@@ -48,6 +48,14 @@ def shard_shape(shape, dev_matrix, tensor_map) -> list[int]:
     return [s if t == -1 else s // dev_matrix[len(dev_matrix) - 1 - t] for s, t in zip(shape, tensor_map)]
 
 
+def top_parameter_stages(name: str, last: int, tied: bool) -> list[int]:
+    """Pipeline stages holding a parameter outside the layers: embedding first, norm_out and lm_head last."""
+    if name == "model.tok_embeddings.embedding_weight":
+        # a tied lm_head reads the embedding table on the last stage too
+        return sorted({0, last}) if tied else [0]
+    return [last]
+
+
 def parameter_stages(cfg: QwenConfig, stages: list[range]) -> dict[str, list[int]]:
     """Pipeline stages holding each parameter: embedding first, norm_out and lm_head last, layers by stage_layers."""
     last = len(stages) - 1
@@ -55,13 +63,7 @@ def parameter_stages(cfg: QwenConfig, stages: list[range]) -> dict[str, list[int
     out = {}
     for name in parameter_shapes(cfg):
         layer = split_layer_name(name)
-        if layer:
-            out[name] = [layer_stage[layer[0]]]
-        elif name == "model.tok_embeddings.embedding_weight":
-            # a tied lm_head reads the embedding table on the last stage too
-            out[name] = sorted({0, last}) if cfg.tie_word_embeddings else [0]
-        else:
-            out[name] = [last]
+        out[name] = [layer_stage[layer[0]]] if layer else top_parameter_stages(name, last, cfg.tie_word_embeddings)
     return out
 
 

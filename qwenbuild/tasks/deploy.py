@@ -3,9 +3,9 @@ exported graphs."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
-from pathlib import Path
 
 from qwenbuild.export.graph_files import GraphDirs
 from qwenbuild.export.lite_ini import write_lite_ini
@@ -15,13 +15,14 @@ from qwenbuild.infer.prompt import SEED_PROMPT
 from qwenbuild.infer.runtime import generate_on_ranks, print_progress
 from qwenbuild.jsonfile import read_json
 from qwenbuild.lock import Lock
+from qwenbuild.manifest import deployment_dtype
 from qwenbuild.parallel.launch_scripts import launch_scripts, mode_env, write_launch_scripts
 from qwenbuild.parallel.rank_table import first_devices, write_rank_table
 from qwenbuild.parallel.reshard import transform_ckpt
 from qwenbuild.parallel.strategy import write_strategy_files
 from qwenbuild.store import write_seal
 from qwenbuild.tasks.context import Context
-from qwenbuild.tasks.distributed import WORKER_MODULE, keyed_dir, module_script, node_devices, rank_table_file
+from qwenbuild.tasks.distributed import WORKER_MODULE, keyed_dir, node_devices, rank_table_file
 from qwenbuild.tasks.train import RUN_CONFIG_KEYS, run_settings
 from qwenbuild.tokenizer.files import ENDOFTEXT, read_vocab, special_ids
 from qwenbuild.train.mindformers_yaml import RunYaml, predict_config, write_yaml
@@ -30,7 +31,7 @@ from qwenbuild.tasks.weights import MODEL_KEYS
 from qwenbuild.train.evaluate import read_heldout
 
 EXPORT_KEYS = ("export.checkpoint", "export.seq_length", "export.batch_size", "export.use_past",
-               "export.model_parallel", "parallel.vocab_emb_dp")
+               "export.model_parallel", "export.dtype", "parallel.vocab_emb_dp", "hardware.device")
 
 
 def _export_shards(ctx: Context, source) -> None:
@@ -54,8 +55,10 @@ def _export(ctx: Context) -> None:
     mp = ex.model_parallel
     if mp > 1:
         _export_shards(ctx, source)
+    # the network casts the weights it is given to its parameter dtype: the graphs hold them in export.dtype
+    cfg = dataclasses.replace(m.model.config, param_dtype=deployment_dtype(m))
     with ctx.output_dir(build.mindir_full) as full, ctx.output_dir(build.mindir_inc) as inc:
-        export_mindir(m.model.config, build.export_shards / "shards" if mp > 1 else source, GraphDirs(full, inc),
+        export_mindir(cfg, build.export_shards / "shards" if mp > 1 else source, GraphDirs(full, inc),
                       batch_size=ex.batch_size, seq_length=ex.seq_length, tokenizer_dir=build.tokenizer,
                       model_parallel=mp, strategy_dir=build.export_shards / "strategy" if mp > 1 else None)
 
@@ -71,34 +74,65 @@ def _lite_ini(ctx: Context) -> None:
     write_lite_ini(build.lite_ini, rank_table_file=table, overrides=m.value("lite"))
 
 
-PREDICT_YAML = "predict_qwen1_5.yaml"
-
-
 def _predict(ctx: Context) -> None:
     """The seed's online predict: MindFormers' own Trainer.predict with use_past on the export topology's cards,
-    from the complete checkpoint (MindFormers reshards it, auto_trans_ckpt), with the predict environment."""
+    from the complete checkpoint (MindFormers reshards it, auto_trans_ckpt), with the predict environment. Its
+    output_dir is predict/output/, which holds nothing another task built: auto_trans_ckpt empties strategy/ and
+    transformed_checkpoint/ there."""
     m, build, ex = ctx.manifest, ctx.build, ctx.manifest.export
     hw, mp = m.hardware, ex.model_parallel
-    settings = run_settings(m, build)
+    settings = dataclasses.replace(run_settings(m, build), output_dir=str(build.predict_output))
     pad = special_ids(read_vocab(build.tokenizer / "vocab.json"))[ENDOFTEXT]
     run = RunYaml(settings, micro_batch_num=1, vocab_emb_dp=True, use_seq_parallel=False, recompute=False,
                   gradient_aggregation_group=4, vocab_file=str(build.tokenizer / "vocab.json"),
-                  merges_file=str(build.tokenizer / "merges.txt"), pad_token_id=pad, eos_token_id=pad)
+                  merges_file=str(build.tokenizer / "merges.txt"), pad_token_id=pad, eos_token_id=pad,
+                  device_memory_gb=hw.device_memory_gb)
     checkpoint = build.merged_file if ex.checkpoint == "finetuned" else build.converted
     target = "ascend" if hw.device == "ascend" or mp > 1 else "cpu"
-    content = predict_config(run, mp, str(checkpoint), ex.seq_length, ex.max_new_tokens, target)
-    prompt = _question(ctx)[0]
-    command = [module_script(WORKER_MODULE["mindformers"]), "--config", build.predict / PREDICT_YAML,
-               "--run_mode", "predict", "--predict_data", prompt, "--use_parallel", str(mp > 1)]
+    content = predict_config(run, mp, str(checkpoint), ex.seq_length, ex.max_new_tokens, target,
+                             dtype=deployment_dtype(m))
+    script = predict_script(m, build, _question(ctx)[0])
+    # two files, not the directory: predict/output/ beside them is MindFormers' and stays
+    write_yaml(build.predict_yaml, run, target, content, "online predict")
+    write_launch_scripts(build.predict, {build.predict_script.name: script})
+    print(f"predict: {build.predict_yaml.name} ({target}, dp 1 x mp {mp}) and {build.predict_script.name} -> "
+          f"{build.predict}", file=sys.stderr)
+
+
+def predict_script(m, build, prompt: str) -> str:
+    """predict.sh: MindFormers' predict of the prompt on the export topology, with the predict environment."""
+    command = ["-m", WORKER_MODULE["mindformers"], "--config", build.predict_yaml, "--run_mode", "predict",
+               "--predict_data", prompt, "--use_parallel", str(m.export.model_parallel > 1)]
+    return _export_topology_script(m, build, command, build.predict_output / "msrun_log", build.predict, "predict")
+
+
+def _export_topology_script(m, build, command: list, log_dir, workdir, mode: str) -> str:
+    """The script of node 0 alone on its first export.model_parallel cards (the export topology, its own rank table
+    on Ascend), on the nodes' own Python, in the environment of `mode`."""
+    hw, mp = m.hardware, m.export.model_parallel
     node = dict(node_devices(m)[0], device_ids=hw.device_ids(hw.nodes[0])[:mp])
-    scripts = launch_scripts([node], mp, command, device=hw.device, master_port=hw.master_port,
-                             log_dir=str(build.predict / "msrun_log"), env=mode_env("predict", hw.device),
-                             python_bin_dir=Path(sys.executable).parent, workdir=str(build.root),
-                             rank_table_file=build.export_rank_table if hw.device == "ascend" else None)
-    with ctx.output_dir(build.predict) as tmp:
-        write_yaml(tmp / PREDICT_YAML, run, target, content, "online predict")
-        write_launch_scripts(tmp, {"predict.sh": scripts["node_0.sh"]})
-    print(f"predict: {PREDICT_YAML} ({target}, dp 1 x mp {mp}) and predict.sh -> {build.predict}", file=sys.stderr)
+    return launch_scripts([node], mp, command, device=hw.device, master_port=hw.master_port, log_dir=str(log_dir),
+                          env=mode_env(mode, hw.device), python=hw.python, env_script=hw.env_script,
+                          workdir=str(workdir),
+                          rank_table_file=build.export_rank_table if hw.device == "ascend" else None)["node_0.sh"]
+
+
+def _lite_infer(ctx: Context) -> None:
+    """The seed's multi-card MindSpore Lite inference: one process per export rank (msrun on node 0's first
+    export.model_parallel cards, the export rank table on Ascend), each running run_qwen1_5_mslite_infer with the
+    original's flags on its rank's graphs; MindSpore Lite on Ascend, MindSpore's GraphCell on CPU."""
+    m, build, ex = ctx.manifest, ctx.build, ctx.manifest.export
+    ascend = m.hardware.device == "ascend"
+    command = ["-m", "qwenbuild", "run_qwen1_5_mslite_infer",
+               "--mindir_root_dir", build.export, "--seq_length", str(ex.seq_length),
+               "--batch_size", str(ex.batch_size), "--do_sample", "False",
+               "--vocab_file", build.tokenizer / "vocab.json", "--merge_file", build.tokenizer / "merges.txt",
+               "--ge_config_path", build.lite_ini, "--predict_data", _question(ctx)[0],
+               "--max_new_tokens", str(ex.max_new_tokens), "--backend", "lite" if ascend else "graphcell", "--json"]
+    script = _export_topology_script(m, build, command, build.lite_infer / "msrun_log", build.lite_infer, "export")
+    write_launch_scripts(build.lite_infer, {build.lite_infer_script.name: script})
+    print(f"lite_infer: {build.lite_infer_script} ({ex.model_parallel} rank(s), {'lite' if ascend else 'graphcell'})",
+          file=sys.stderr)
 
 
 def _question(ctx: Context) -> tuple[str, str | None]:
@@ -115,7 +149,7 @@ def _question(ctx: Context) -> tuple[str, str | None]:
 def _infer(ctx: Context) -> None:
     build, ex = ctx.build, ctx.manifest.export
     prompt, expected = _question(ctx)
-    result = generate_on_ranks(build.output, build.tokenizer, prompt, max_new_tokens=ex.max_new_tokens,
+    result = generate_on_ranks(build.export, build.tokenizer, prompt, max_new_tokens=ex.max_new_tokens,
                                backend="graphcell", batch_size=ex.batch_size, seq_length=ex.seq_length,
                                progress=print_progress)
     doc = result.to_json()
@@ -143,13 +177,14 @@ def specs(m, build) -> list[TaskSpec]:
                  inputs=[build.rank_table] if ascend else [],
                  outputs=[build.lite_ini] + ([build.export_rank_table] if ascend else [])),
         _predict_spec(m, build),
+        _lite_infer_spec(m, build),
         TaskSpec("infer", "answer export.predict_data (or a held-out question) with the exported graphs (greedy)",
                  _infer, keys=("export.predict_data", "export.max_new_tokens", "export.batch_size",
                                "export.seq_length", "dataset.source"),
                  inputs=[build.mindir_full, build.mindir_inc, build.tokenizer] + ([build.dataset]
                                                                                   if heldout_question else []),
                  outputs=[build.infer],
-                 packages=("mindspore", "numpy", "tokenizers", "transformers")),
+                 packages=("mindspore", "numpy", "tokenizers", "transformers"), machine=() if ascend else ("cpu",)),
     ]
 
 
@@ -160,10 +195,26 @@ def _predict_spec(m, build) -> TaskSpec:
                     keys=RUN_CONFIG_KEYS + EXPORT_KEYS + ("export.predict_data", "export.max_new_tokens", "hardware",
                                                           "dataset.source"),
                     inputs=[build.tokenizer] + ([build.export_rank_table] if ascend else [])
-                    + ([build.dataset] if m.export.predict_data is None and m.dataset.source == "builtin" else []),
-                    dir_outputs=[build.predict], packages=("mindformers",))
+                    + _question_inputs(m, build),
+                    outputs=[build.predict_yaml, build.predict_script], packages=("mindformers",))
+
+
+def _lite_infer_spec(m, build) -> TaskSpec:
+    ascend = m.hardware.device == "ascend"
+    return TaskSpec("lite_infer", "lite_infer.sh: the original's MindSpore Lite inference, one process per export "
+                                  "rank (msrun, the export rank table on Ascend)", _lite_infer,
+                    keys=("export.seq_length", "export.batch_size", "export.model_parallel", "export.max_new_tokens",
+                          "export.predict_data", "dataset.source", "hardware"),
+                    inputs=[build.tokenizer, build.lite_ini] + ([build.export_rank_table] if ascend else [])
+                    + _question_inputs(m, build),
+                    outputs=[build.lite_infer_script])
+
+
+def _question_inputs(m, build) -> list[Path]:
+    """The held-out questions, when the prompt is the first of them."""
+    return [build.dataset] if m.export.predict_data is None and m.dataset.source == "builtin" else []
 
 
 def groups(m) -> list[Group]:
-    return [Group("export", "MINDIR graphs and lite.ini, what the original export step hands over", ["mindir",
-                                                                                                    "lite_ini"])]
+    return [Group("export", "MINDIR graphs, lite.ini and lite_infer.sh, what the original export step hands over "
+                            "to MindSpore Lite", ["mindir", "lite_ini", "lite_infer"])]

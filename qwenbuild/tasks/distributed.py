@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import shutil
 import sys
@@ -46,12 +45,6 @@ def workers_per_node(m) -> int:
     data/model-parallel slice (CPU has no send/receive between processes)."""
     hw = m.hardware
     return hw.devices_per_node // m.parallel.pipeline_stage if hw.device == "cpu" else hw.devices_per_node
-
-
-def module_script(module: str) -> Path:
-    """The file of a package module, found without importing it: msrun runs a script file, not a module."""
-    package, _, name = module.rpartition(".")
-    return Path(importlib.util.find_spec(package).submodule_search_locations[0]) / f"{name}.py"
 
 
 def _rank_table(ctx: Context) -> None:
@@ -101,25 +94,35 @@ def _shard(ctx: Context) -> None:
                                          src_ckpt_dir=build.converted, dst_ckpt_dir=tmp), "shard")
 
 
-def _launch(ctx: Context) -> None:
-    m, build = ctx.manifest, ctx.build
+def node_packages(m) -> tuple[str, ...]:
+    """What every node runs, whose versions the lock records and node_check compares: qwenbuild and MindSpore, and
+    MindFormers when it trains."""
+    mindformers = m.train.engine_on(m.hardware.device) == "mindformers"
+    return ("qwenbuild", "mindspore") + (("mindformers",) if mindformers else ())
+
+
+def node_scripts(m, build) -> dict[str, str]:
+    """node_K.sh and slurm.sbatch for the manifest's cluster: each node checks itself (node_check), then runs msrun
+    with the training engine's worker module on the nodes' own Python."""
     hw = m.hardware
     engine = m.train.engine_on(hw.device)
-    if engine == "mindformers":
-        command = [module_script(WORKER_MODULE[engine]), "--config", build.mindformers_yaml, "--run_mode", "finetune"]
-    else:
-        command = [module_script(WORKER_MODULE[engine]), "--config", build.run_json]
     config = build.mindformers_yaml if engine == "mindformers" else build.run_json
+    command = ["-m", WORKER_MODULE[engine], "--config", config] + (["--run_mode", "finetune"]
+                                                                    if engine == "mindformers" else [])
     local = workers_per_node(m)
-    check = ["python", "-m", "qwenbuild.train.node_check", "--build_dir", str(build.root), "--node", "{node}",
-             "--workers", str(local)] + [str(p.relative_to(build.root)) for p in
-                                                       (config, build.mindrecord, build.transformed)]
-    scripts = launch_scripts(node_devices(m), local, command, device=hw.device,
-                             master_port=hw.master_port, log_dir=str(build.msrun_log),
-                             env=mode_env("finetune", hw.device), python_bin_dir=Path(sys.executable).parent,
-                             rank_table_file=rank_table_file(m, build), workdir=str(build.root),
-                             tail_worker_log=no_tail(hw.devices_per_node) if hw.device == "cpu" else None,
-                             check=check)
+    check = ["qwenbuild.train.node_check", "--build_dir", str(build.root), "--node", "{node}", "--host", "{host}",
+             "--ip", "{ip}", "--workers", str(local), "--toolchain_of", "launch"] + [
+        str(p.relative_to(build.root)) for p in (config, build.mindrecord, build.transformed)]
+    return launch_scripts(node_devices(m), local, command, device=hw.device, master_port=hw.master_port,
+                          log_dir=str(build.msrun_log), env=mode_env("finetune", hw.device), python=hw.python,
+                          env_script=hw.env_script, rank_table_file=rank_table_file(m, build),
+                          workdir=str(build.root),
+                          tail_worker_log=no_tail(hw.devices_per_node) if hw.device == "cpu" else None, check=check)
+
+
+def _launch(ctx: Context) -> None:
+    build = ctx.build
+    scripts = node_scripts(ctx.manifest, build)
     with ctx.output_dir(build.launch) as tmp:
         write_launch_scripts(tmp, scripts)
     print(f"launch: {', '.join(sorted(scripts))} -> {build.launch}", file=sys.stderr)
@@ -146,6 +149,7 @@ def specs(m, build) -> list[TaskSpec]:
                         inputs=[build.converted, build.strategy], dir_outputs=[build.transformed],
                         packages=("mindspore",)))
     out.append(TaskSpec("launch", "msrun scripts per node and a Slurm sbatch script", _launch,
-                        keys=HARDWARE_KEYS + ("train.engine", "parallel.pipeline_stage"), dir_outputs=[build.launch],
-                        inputs=[build.rank_table] if ascend else []))
+                        keys=HARDWARE_KEYS + ("hardware.python", "hardware.env_script", "train.engine",
+                                              "parallel.pipeline_stage"), dir_outputs=[build.launch],
+                        inputs=[build.rank_table] if ascend else [], packages=node_packages(m)))
     return out

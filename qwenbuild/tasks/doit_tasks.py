@@ -14,8 +14,8 @@ from qwenbuild.processes import interrupted_line, interruption
 from qwenbuild.store import seal_path
 from qwenbuild.tasks import task_groups, task_specs
 from qwenbuild.tasks.context import Context, DeclaredManifest
-from qwenbuild.tasks.spec import TaskSpec, manifest_slice, toolchain
-from qwenbuild.tasks.staleness import input_digests, producers, stale_reasons, upstream
+from qwenbuild.tasks.spec import TaskSpec, machine, manifest_slice, toolchain
+from qwenbuild.tasks.staleness import input_digests, producers, stale_reasons, task_status, upstream
 
 
 def run_task(spec: TaskSpec, manifest, build: BuildDir):
@@ -51,7 +51,7 @@ def _run(spec: TaskSpec, manifest, build: BuildDir):
     if absent:
         return TaskFailed(f"{spec.name} did not produce {', '.join(map(str, absent))}")
     lock.record(spec.name, spec.artifacts, inputs, manifest_slice(manifest, spec.keys), toolchain(spec.packages),
-                build.root, input_stats)
+                build.root, input_stats, machine(spec.machine))
     print(f"qwenbuild {spec.name}: done in {time.monotonic() - started:.1f} s", file=sys.stderr)
     return None
 
@@ -73,6 +73,11 @@ def to_doit(spec: TaskSpec, manifest, build: BuildDir, after: list[str]) -> dict
     }
 
 
+def members_to_run(manifest, group) -> list[str]:
+    """The members of a group that would run now, themselves or after a task they read from."""
+    return [name for name, status, _ in task_status(manifest) if name in group.members and status == "will run"]
+
+
 def doit_tasks(manifest) -> dict:
     """`task_<name>` creators for doit, each with the task's one-line doc as its docstring."""
     build = BuildDir(manifest.build_dir)
@@ -88,9 +93,9 @@ def doit_tasks(manifest) -> dict:
         creators[creator.__name__] = creator
     for group in task_groups(manifest):
         def creator(group=group):
-            # up to date by itself: doit runs its members, and prints "-- export" rather than a task that ran
+            # doit runs the members first; the group is out of date (`doit list --status`) while one would run
             return {"basename": group.name, "doc": group.doc, "actions": None, "task_dep": list(group.members),
-                    "uptodate": [True]}
+                    "uptodate": [lambda: not members_to_run(manifest, group)]}
 
         creator.__doc__ = group.doc
         creator.__name__ = f"task_{group.name}"

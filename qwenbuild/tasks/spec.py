@@ -8,6 +8,9 @@ import platform
 from pathlib import Path
 from typing import Callable
 
+from qwenbuild.machine import cpu_record
+from qwenbuild.model.fused_kernels import build_record
+
 
 @dataclasses.dataclass
 class TaskSpec:
@@ -20,6 +23,7 @@ class TaskSpec:
     dir_outputs: list[Path] = dataclasses.field(default_factory=list)
     reports: list[Path] = dataclasses.field(default_factory=list)  # written, but timings make them unrepeatable
     packages: tuple[str, ...] = ()  # libraries whose version the outputs depend on, beyond EVERY_TASK's
+    machine: tuple[str, ...] = ()  # what of this machine its outputs' floats depend on: "cpu", "fused_kernels"
 
     @property
     def artifacts(self) -> list[Path]:
@@ -53,3 +57,13 @@ def toolchain(packages: tuple[str, ...]) -> dict[str, str]:
         except importlib.metadata.PackageNotFoundError:
             out[name] = "not installed"
     return out
+
+
+MACHINE_PARTS = {"cpu": cpu_record, "fused_kernels": build_record}
+
+
+def machine(parts: tuple[str, ...]) -> dict:
+    """What of this machine a task's numbers depend on, as qwen.lock records it. Unlike a version, a difference never
+    makes a task out of date (a build copied to a cluster node must not rebuild there); `qwenbuild verify` names it
+    when digests differ."""
+    return {part: MACHINE_PARTS[part]() for part in parts}

@@ -3,6 +3,11 @@
 A task is up to date when qwen.lock holds an entry for it whose manifest slice, library versions and input digests
 equal today's and whose artifacts still have the recorded bytes. Inputs made by another task are known by the
 digest that task recorded; other input files by their digest, re-read only when their stat changed.
+
+The machine a task ran on (its CPU's extensions and thread count, the fused kernels' compiler and target) is
+recorded beside the versions but never makes a task out of date: a build dir copied to a cluster node, or moved to
+another host, holds valid results of the same inputs, and rebuilding them there would discard finished training
+for numbers equally valid. `qwenbuild verify` names the machine when a rebuild's digests differ.
 """
 
 from __future__ import annotations

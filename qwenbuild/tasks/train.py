@@ -9,16 +9,19 @@ import tempfile
 from pathlib import Path
 
 from qwenbuild.data.mindrecord import shard_files
+from qwenbuild.digests import content_digest, json_digest
 from qwenbuild.errors import UserError
 from qwenbuild.lock import Lock, check_artifact
 from qwenbuild.model.params import CONFIG_ENTRY, is_beside_weights
 from qwenbuild.parallel.reshard import transform_ckpt
+from qwenbuild.parallel.strategy import collect_strategy_files
 from qwenbuild.store import read_seal, seal_path, write_seal
 from qwenbuild.tasks.context import Context
 from qwenbuild.tasks.distributed import keyed_dir, workers_per_node
 from qwenbuild.tasks.spec import TaskSpec
 from qwenbuild.tasks.weights import MODEL_KEYS
 from qwenbuild.tokenizer.files import ENDOFTEXT, read_vocab, special_ids
+from qwenbuild.train import events
 from qwenbuild.train.checkpoint import finished_checkpoint
 from qwenbuild.train.data import check_mindrecord
 from qwenbuild.train.evaluate import evaluate_heldout
@@ -30,7 +33,8 @@ from qwenbuild.train.settings import SCHEMA_KEYS, TrainSettings, read_run_json, 
 # the rest of the parallel plan, which only MindFormers' YAML spells out
 YAML_KEYS = ("parallel.micro_batch_num", "parallel.vocab_emb_dp", "parallel.use_seq_parallel", "parallel.recompute",
              "parallel.gradient_aggregation_group", "parallel.offset")
-RUN_CONFIG_KEYS = MODEL_KEYS + tuple(SCHEMA_KEYS.values()) + ("dataset.file_partition", "hardware.device") + YAML_KEYS
+RUN_CONFIG_KEYS = MODEL_KEYS + tuple(SCHEMA_KEYS.values()) + ("dataset.file_partition", "hardware.device",
+                                                              "hardware.device_memory_gb") + YAML_KEYS
 
 
 def run_settings(m, build) -> TrainSettings:
@@ -52,7 +56,7 @@ def _run_config(ctx: Context) -> None:
                   use_seq_parallel=par.use_seq_parallel, recompute=par.recompute,
                   gradient_aggregation_group=par.gradient_aggregation_group, offset=par.stage_offset,
                   vocab_file=str(build.tokenizer / "vocab.json"), merges_file=str(build.tokenizer / "merges.txt"),
-                  pad_token_id=pad, eos_token_id=pad)
+                  pad_token_id=pad, eos_token_id=pad, device_memory_gb=m.hardware.device_memory_gb)
     target = default_target(settings)
     write_yaml(build.mindformers_yaml, run, target)
     print(f"run_config: {build.run_json.name} and {build.mindformers_yaml.name} ({target}) -> {build.root}",
@@ -82,6 +86,12 @@ def clear_checkpoints(directory) -> None:
             path.unlink(missing_ok=True)
 
 
+def clear_compiled_strategies(directory) -> None:
+    """The strategy files MindFormers compiled in an earlier finetune: this run's must not be mixed with them."""
+    for path in directory.glob("*_rank_*.ckpt") if directory.is_dir() else ():
+        path.unlink()
+
+
 def drop_damaged_checkpoints(build) -> None:
     """Delete files of a finished run that no longer match its seal: resuming must never start from damaged bytes."""
     members = read_seal(build.checkpoint)
@@ -99,13 +109,16 @@ def _finetune(ctx: Context) -> None:
     m, build = ctx.manifest, ctx.build
     settings = read_run_json(build.run_json)  # refuses model/pipeline parallel on CPU with the reason
     # too few rows for one global batch is found here, before msrun starts workers that compile the graph
-    total_steps(settings, check_mindrecord(settings.train_data, settings.seq_length))
+    steps = total_steps(settings, check_mindrecord(settings.train_data, settings.seq_length))
     if m.train.engine_on(m.hardware.device) == "mindformers":
         # MindFormers starts from the shards each time: nothing of another run may be taken for its result
         clear_checkpoints(build.checkpoint)
+        events.clear(build.output)
     drop_damaged_checkpoints(build)
+    clear_compiled_strategies(build.compiled_strategy)
     # unsealed while training: a killed run is resumed, never taken as complete
     seal_path(build.checkpoint).unlink(missing_ok=True)
+    seal_path(build.compiled_strategy).unlink(missing_ok=True)
     node, nodes = this_node(m), len(m.hardware.nodes)
     if node:
         raise UserError(f"this machine is node {node} of {nodes}: doit builds and trains from node 0",
@@ -118,37 +131,65 @@ def _finetune(ctx: Context) -> None:
     print(f"finetune: running {script} (node 0 of {nodes})", file=sys.stderr)
     run_node_script(script, build.msrun_log, workers_per_node(m), set_port=nodes == 1)
     checkpoints = write_seal(build.checkpoint)
+    # what MindFormers compiled on Ascend (none on CPU) is an artifact of this finetune
+    build.compiled_strategy.mkdir(parents=True, exist_ok=True)
+    write_seal(build.compiled_strategy)
     merge_finetuned(ctx, checkpoints)
     if m.hardware.device == "cpu" and m.dataset.source == "builtin" and m.dataset.num_heldout:
-        _evaluate(ctx)
+        _evaluate(ctx, steps)
+
+
+def finetune_strategies(build, world: int) -> tuple[list[Path], str]:
+    """(files in rank order, which) the finetuned checkpoints were laid out by: the strategies MindFormers compiled
+    during the finetune (output/strategy, Ascend), which are authoritative, when there are any, else the plan's."""
+    if any(build.compiled_strategy.glob("*_rank_*.ckpt")):
+        return collect_strategy_files(build.compiled_strategy, world), "compiled"
+    return collect_strategy_files(build.strategy, world), "planned"
 
 
 def merge_finetuned(ctx: Context, checkpoints: str) -> None:
-    """Every rank's last checkpoint merged, by the strategy files, into one complete checkpoint of the weights
+    """Every rank's last checkpoint merged, by its strategy files, into one complete checkpoint of the weights
     (what convert_reversed, export and the held-out evaluation read), cached by the checkpoints' content."""
     build, world = ctx.build, ctx.manifest.parallel.world_size
+    strategies, which = finetune_strategies(build, world)
 
     def make(tmp: Path) -> None:
         with tempfile.TemporaryDirectory(prefix="qwenbuild-merge-") as staging:
+            staging = Path(staging)
+            (staging / "strategy").mkdir()
+            for path in strategies:
+                os.symlink(path.resolve(), staging / "strategy" / path.name)
             for rank in range(world):
-                (Path(staging) / f"rank_{rank}").mkdir()
-                os.symlink(finished_checkpoint(build.output, rank).resolve(), Path(staging, f"rank_{rank}", "last.ckpt"))
-            transform_ckpt(build.strategy, None, staging, tmp, progress=None,
+                (staging / "ranks" / f"rank_{rank}").mkdir(parents=True)
+                os.symlink(finished_checkpoint(build.output, rank).resolve(),
+                           staging / "ranks" / f"rank_{rank}" / "last.ckpt")
+            transform_ckpt(staging / "strategy", None, staging / "ranks", tmp, progress=None,
                            keep=lambda name: name == CONFIG_ENTRY or not is_beside_weights(name))
 
     keyed_dir(build, build.merged, {"checkpoints": checkpoints,
-                                    "strategy": Lock(build.lock).digest_of(build.strategy, build.root)}, make, "merge")
-    print(f"finetune: {world} rank checkpoint(s) merged into {build.merged_file}", file=sys.stderr)
+                                    "strategy": json_digest({p.name: content_digest(p) for p in strategies})},
+              make, "merge")
+    print(f"finetune: {world} rank checkpoint(s) merged into {build.merged_file} (by the {which} strategy files)",
+          file=sys.stderr)
 
 
-def _evaluate(ctx: Context) -> None:
+def _evaluate(ctx: Context, steps: int) -> None:
     build = ctx.build
     result = evaluate_heldout(build.merged_file, ctx.manifest.model.config, build.tokenizer,
                               build.heldout, metrics_path=build.metrics,
                               max_new_tokens=ctx.manifest.train.eval_max_new_tokens,
                               samples_path=build.output / "heldout_answers.jsonl")
+    with events.EventLog(events.rank_dir(build.output, 0)) as log:
+        log.scalars(steps, {events.HELDOUT_ACCURACY: result["heldout_accuracy"]})
     print(f"finetune: held-out accuracy {result['heldout_accuracy']:.1%} ({result['heldout_correct']}/"
           f"{result['heldout_total']})", file=sys.stderr)
+
+
+def _machine(m) -> tuple[str, ...]:
+    """Training on CPU computes with this machine's kernels, qwenbuild's engine with the fused ones too."""
+    if m.hardware.device != "cpu":
+        return ()
+    return ("cpu", "fused_kernels") if m.train.engine_on("cpu") == "qwenbuild" else ("cpu",)
 
 
 def specs(m, build) -> list[TaskSpec]:
@@ -165,6 +206,7 @@ def specs(m, build) -> list[TaskSpec]:
                        "hardware.devices_per_node", "parallel.data_parallel", "parallel.model_parallel",
                        "parallel.pipeline_stage",
                        "dataset.source", "dataset.num_heldout") + MODEL_KEYS,
-                 dir_outputs=[build.checkpoint, build.merged], reports=[build.metrics],
-                 packages=("mindspore", "numpy")),
+                 dir_outputs=[build.checkpoint, build.compiled_strategy, build.merged],
+                 reports=[build.metrics, events.tensorboard_dir(build.output)],
+                 packages=("mindspore", "numpy"), machine=_machine(m)),
     ]

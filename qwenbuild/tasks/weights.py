@@ -25,7 +25,8 @@ def source_dir(m, build) -> Path:
 
 def _init_weights(ctx: Context) -> None:
     with ctx.output_dir(ctx.build.init_weights) as tmp:
-        write_random_hf_model(ctx.manifest.model.config, ctx.manifest.model.init_seed, tmp)
+        write_random_hf_model(ctx.manifest.model.config, ctx.manifest.model.init_seed, tmp,
+                              std=ctx.manifest.model.init_std)
 
 
 def _convert(ctx: Context) -> None:
@@ -46,7 +47,8 @@ def specs(m, build) -> list[TaskSpec]:
     src = source_dir(m, build)
     if m.model.init == "random":
         out.append(TaskSpec("init_weights", "generate the tiny starting checkpoint (Hugging Face format) from model.init_seed",
-                            _init_weights, keys=MODEL_KEYS + ("model.init_seed",), dir_outputs=[build.init_weights],
+                            _init_weights, keys=MODEL_KEYS + ("model.init_seed", "model.init_std"),
+                            dir_outputs=[build.init_weights],
                             packages=("numpy", "safetensors")))
         inputs = [build.init_weights]
     else:

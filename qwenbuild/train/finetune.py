@@ -10,7 +10,7 @@ import numpy as np
 
 from qwenbuild.errors import UserError
 from qwenbuild.parallel.rank_layout import ProcessLayout, process_layout, single_process
-from qwenbuild.train import checkpoint, data
+from qwenbuild.train import checkpoint, data, events
 from qwenbuild.train.progress import Progress, plot_loss, write_metrics
 from qwenbuild.train.schedule import schedule
 from qwenbuild.train.settings import TrainSettings, check_parallel
@@ -61,11 +61,13 @@ def build(settings: TrainSettings, layout: ProcessLayout | None = None):
     # the network loads mindspore (seconds): imported only when this runs
     from qwenbuild.model.network import QwenForCausalLM
     from qwenbuild.model.tensor_parallel import ModelParallel
-    from qwenbuild.train.optimizer import AdamW
+    from qwenbuild.train.optimizer import AdamW, decays
     from qwenbuild.train.step import TrainStep
 
     net = QwenForCausalLM(settings.model, ModelParallel(layout))
-    optimizer = AdamW(net.trainable_params(), settings.weight_decay, settings.beta1, settings.beta2, settings.eps)
+    params = net.trainable_params()
+    optimizer = AdamW(params, settings.weight_decay, settings.beta1, settings.beta2, settings.eps,
+                      decayed=[decays(p) for p in params])
     return net, TrainStep(net, optimizer, settings.grad_clip, layout)
 
 
@@ -133,6 +135,12 @@ def finetune(settings: TrainSettings, process: int = 0, processes: int = 1, prog
         progress = Progress(total, first)
     if progress and first:
         progress.line(f"resuming from step {first}/{total} ({settings.output_dir}/checkpoint)")
+    log = None
+    if process == 0:
+        if not first:
+            events.clear(settings.output_dir)
+        # the curves in TensorBoard, rank 0 as MindFormers writes them (the loss is the data-parallel mean)
+        log = events.EventLog(events.rank_dir(settings.output_dir, 0))
     tokens_per_step = settings.global_batch_size * settings.seq_length
     step = first
     for input_ids, target_ids in data.batches(settings.train_data, rows, settings.rows_per_step):
@@ -145,6 +153,9 @@ def finetune(settings: TrainSettings, process: int = 0, processes: int = 1, prog
         step += 1
         if progress:
             progress.step(step, loss, lrs[step - 1], tokens_per_step, times[-1])
+        if log:
+            log.scalars(step, {events.LOSS: loss, events.LEARNING_RATE: lrs[step - 1], events.GRAD_NORM: norm,
+                               events.TOKENS_PER_S: tokens_per_step / max(times[-1], 1e-9)})
         if step % settings.save_steps == 0 or step == total:
             for stage, stage_rank in enumerate(layout.ranks):
                 checkpoint.save(train_step, settings.output_dir, stage_rank, step, per_epoch,
@@ -153,6 +164,8 @@ def finetune(settings: TrainSettings, process: int = 0, processes: int = 1, prog
                                 layout.stage_filter(stage))
     if progress:
         progress.close()
+    if log:
+        log.close()
     metrics = _metrics(settings, losses, lrs, norms, times, first, total, time.monotonic() - began, per_epoch)
     if process == 0:
         write_metrics(Path(settings.output_dir) / METRICS, metrics, merge=False)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 from pathlib import Path
 
 if __name__ == "__main__" and sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
@@ -25,6 +26,8 @@ import numpy as np
 from qwenbuild.errors import UserError
 from qwenbuild.flags import str2bool
 from qwenbuild.processes import follow_parent
+from qwenbuild.train.mindformers_tokenizer import register_qwen2_tokenizer
+from qwenbuild.train.events import TOKENS_PER_S
 from qwenbuild.train.worker import exit_code
 
 RUN_MODES = ("train", "finetune", "predict")
@@ -144,15 +147,44 @@ def run(args: argparse.Namespace) -> None:
     host_limits(config)
     if config.context.device_target == "CPU":
         cpu_substitutions(config)
+    # the YAML's processor.tokenizer names it; MindFormers 1.9 has none of that name
+    register_qwen2_tokenizer()
     build_context(config)
     if args.run_mode == "predict":
         _predict(config, args)
         return
-    trainer = Trainer(args=config, task=args.task, train_dataset=config.train_dataset.data_loader.dataset_dir)
+    callbacks = [tokens_per_second(config)] if config.get("tensorboard") else None
+    trainer = Trainer(args=config, task=args.task, train_dataset=config.train_dataset.data_loader.dataset_dir,
+                      callbacks=callbacks)
     if args.run_mode == "finetune":
         trainer.finetune(finetune_checkpoint=config.load_checkpoint or False, auto_trans_ckpt=config.auto_trans_ckpt)
     else:
         trainer.train(train_checkpoint=config.load_checkpoint or False, auto_trans_ckpt=config.auto_trans_ckpt)
+
+
+def tokens_per_second(config):
+    """A callback adding tokens/s to MindFormers' TensorBoard events, as qwenbuild's engine logs it (MindFormers
+    logs samples/s per device); a step's tokens are its global batch times seq_length."""
+    # mindspore and mindformers load in seconds: imported only when a run starts
+    from mindformers.utils.tensorboard import get_tensorboard_writer
+    from mindspore.train import Callback
+
+    parallel = config.parallel_config
+    micro_batches = parallel.micro_batch_num if parallel.pipeline_stage > 1 else 1
+    tokens = (config.runner_config.batch_size * parallel.data_parallel * micro_batches
+              * config.model.model_config.seq_length)
+
+    class TokensPerSecond(Callback):
+        def on_train_step_begin(self, run_context):
+            self.started = time.monotonic()
+
+        def on_train_step_end(self, run_context):
+            writer = get_tensorboard_writer()
+            if writer is not None:
+                writer.add_scalar(TOKENS_PER_S, tokens / max(time.monotonic() - self.started, 1e-9),
+                                  global_step=run_context.original_args().cur_step_num)
+
+    return TokensPerSecond()
 
 
 def _predict(config, args) -> None:

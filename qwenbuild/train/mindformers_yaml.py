@@ -14,11 +14,15 @@ from pathlib import Path
 import yaml
 
 from qwenbuild.errors import UserError
+from qwenbuild.parallel.memory import max_device_memory_gb
 from qwenbuild.store import atomic_path
 from qwenbuild.tokenizer.files import ENDOFTEXT, QWEN_SPECIAL_IDS
+from qwenbuild.train.events import tensorboard_dir
 from qwenbuild.train.settings import TrainSettings
 
 TARGETS = ("ascend", "cpu")
+# MindFormers' master weights: float32 whatever the compute dtype (bfloat16 on Ascend), as the seed's YAML has them
+PARAM_INIT_TYPE = "float32"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,6 +41,7 @@ class RunYaml:
     merges_file: str = ""
     pad_token_id: int = QWEN_SPECIAL_IDS[ENDOFTEXT]
     eos_token_id: int = QWEN_SPECIAL_IDS[ENDOFTEXT]
+    device_memory_gb: float = 64  # hardware.device_memory_gb: the card's memory, of which MindSpore may take a share
 
 
 def _model_config(run: RunYaml, ascend: bool) -> dict:
@@ -66,7 +71,7 @@ def _model_config(run: RunYaml, ascend: bool) -> dict:
         "layernorm_compute_type": "float32",
         "softmax_compute_type": "float32",
         "rotary_dtype": "float32",
-        "param_init_type": "float32",
+        "param_init_type": PARAM_INIT_TYPE,
         "use_past": False,
         "extend_method": "None",
         "use_flash_attention": ascend,
@@ -98,11 +103,12 @@ def _parallel(ascend: bool) -> dict:
     }
 
 
-def _context(ascend: bool) -> dict:
+def _context(ascend: bool, device_memory_gb: float) -> dict:
     context = {"mode": 0, "device_target": "Ascend" if ascend else "CPU", "max_call_depth": 10000,
                "save_graphs": False, "save_graphs_path": "./graph", "device_id": 0}
     if ascend:
-        context.update({"enable_graph_kernel": False, "max_device_memory": "58GB", "runtime_num_threads": 1,
+        context.update({"enable_graph_kernel": False,
+                        "max_device_memory": f"{max_device_memory_gb(device_memory_gb)}GB", "runtime_num_threads": 1,
                         "ascend_config": {"precision_mode": "must_keep_origin_dtype"}})
     return context
 
@@ -202,7 +208,10 @@ def mindformers_config(run: RunYaml, target: str | None = None) -> dict:
             # MindFormers 1.9 reads runner_config.stop_step but never adds the callback that acts on it
             *([{"type": "TrainCallBack", "stop_step": s.steps}] if s.steps else []),
         ],
-        "context": _context(ascend),
+        # TensorBoard event files of each rank in <tensorboard_dir>/rank_N, beside qwenbuild's own engine's
+        "tensorboard": {"tensorboard_dir": str(tensorboard_dir(s.output_dir)), "tensorboard_queue_size": 10,
+                        "log_loss_scale_to_tensorboard": True, "log_timers_to_tensorboard": True},
+        "context": _context(ascend, run.device_memory_gb),
         "model": {"model_config": _model_config(run, ascend), "arch": {"type": "LlamaForCausalLM"}},
         "processor": {
             "return_tensors": "ms",
@@ -218,10 +227,11 @@ def mindformers_config(run: RunYaml, target: str | None = None) -> dict:
 
 
 def predict_config(run: RunYaml, model_parallel: int, checkpoint: str, seq_length: int, max_decode_length: int,
-                   target: str | None = None) -> dict:
+                   target: str | None = None, dtype: str = "float32") -> dict:
     """The online-predict YAML (run_qwen1_5_72b_infer.yaml's settings) for `model_parallel` cards of one node:
     use_past, dp 1 x mp model_parallel x pp 1 with the embedding whole, the complete checkpoint resharded by
-    MindFormers itself (auto_trans_ckpt), the tokenizer files, greedy decoding."""
+    MindFormers itself (auto_trans_ckpt), the tokenizer files, greedy decoding; on Ascend the weights are held in
+    `dtype` (the deployment's, export.dtype) and, when it is 16-bit, computed in it; on CPU all is float32."""
     s = dataclasses.replace(run.settings, workers=1, model_parallel=model_parallel, pipeline_stage=1,
                             seq_length=seq_length)
     config = mindformers_config(dataclasses.replace(run, settings=s, micro_batch_num=1, vocab_emb_dp=True), target)
@@ -233,7 +243,12 @@ def predict_config(run: RunYaml, model_parallel: int, checkpoint: str, seq_lengt
     config["parallel"]["strategy_ckpt_config"] = {"save_file": "./ckpt_strategy.ckpt", "only_trainable_params": False}
     config["model"]["model_config"].update(batch_size=1, use_past=True, max_decode_length=max_decode_length,
                                            do_sample=False, top_k=0, top_p=0.8, repetition_penalty=1)
-    for key in ("train_dataset", "train_dataset_task", "lr_schedule", "optimizer"):
+    if (target or default_target(s)) == "ascend":
+        # float32 weights keep the model's 16-bit compute, as the original's note on param_init_type says: with
+        # use_past the rotary kernel (ApplyRotaryPosEmb) takes float16 or bfloat16 inputs only
+        config["model"]["model_config"].update(param_init_type=dtype,
+                                               **({"compute_dtype": dtype} if dtype != "float32" else {}))
+    for key in ("train_dataset", "train_dataset_task", "lr_schedule", "optimizer", "tensorboard"):
         config.pop(key)
     return config
 

@@ -1,19 +1,28 @@
-"""Before a node starts its workers: does it see the artifacts qwen.lock recorded, with the recorded bytes?
+"""Before a node starts its workers: is it the node qwen.toml names, does it run the versions the build host
+recorded, and does it see the artifacts qwen.lock recorded, with the recorded bytes?
 
-`python -m qwenbuild.train.node_check --build_dir DIR --node K --workers N ARTIFACT...` (the launch scripts run it
-ahead of msrun). Every node reads the build dir at the build host's path, so the nodes share it (a shared
-filesystem) or carry identical copies; a missing or different file stops this node in seconds, naming the file
-and the node, instead of a job that fails or trains on other data after it has queued.
+`python -m qwenbuild.train.node_check --build_dir DIR --node K --host H --ip IP --workers N --toolchain_of TASK
+ARTIFACT...` (the launch scripts run it ahead of msrun, on the nodes' own Python). Every node reads the build dir
+at the build host's path, so the nodes share it (a shared filesystem) or carry identical copies; a machine that is
+not node K's host and address, a qwenbuild, MindSpore or MindFormers whose version differs from the one TASK's
+lock entry records, or a missing or different file stops this node in seconds, naming the node and what differs,
+instead of a job that fails, or trains on other data or other ranks, after it has queued.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import sys
 from pathlib import Path
 
 from qwenbuild.build_dir import BuildDir
+from qwenbuild.errors import UserError
 from qwenbuild.lock import Lock, check_artifact
+from qwenbuild.parallel.hosts import identity_problem
+
+# the packages whose versions a node must share with the build host, when the lock records them
+NODE_PACKAGES = ("qwenbuild", "mindspore", "mindformers")
 
 ERROR = "qwenbuild node_check:"
 
@@ -23,6 +32,25 @@ def _rank_members(entry: dict, first: int, last: int) -> dict:
     keep = {rel: d for rel, d in entry["members"].items()
             if not rel.startswith("rank_") or first <= int(rel.split("/")[0][5:]) <= last}
     return {"kind": "dir", "members": keep}
+
+
+def installed_version(package: str) -> str:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def version_problems(lock: Lock, task: str) -> list[str]:
+    """Each node package whose version here differs from the one `task`'s lock entry records."""
+    entry = lock.entry(task)
+    if entry is None:
+        return [f"{lock.path} has no entry for the {task} task: build it on the build host first"]
+    recorded = entry.get("toolchain", {})
+    return [f"{package} is {installed_version(package)} here, but qwen.lock's {task} task was built with "
+            f"{recorded[package]} (this node's Python: {sys.executable}); install the same version, or point "
+            "hardware.python / hardware.env_script at an environment that has it"
+            for package in NODE_PACKAGES if package in recorded and installed_version(package) != recorded[package]]
 
 
 def problems(build: BuildDir, artifacts: list[str], ranks: tuple[int, int]) -> list[str]:
@@ -53,21 +81,48 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m qwenbuild.train.node_check", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--build_dir", required=True)
-    parser.add_argument("--node", required=True, help="this node's index in hardware.nodes")
+    parser.add_argument("--node", required=True, type=int, help="this node's index in hardware.nodes")
+    parser.add_argument("--host", help="hardware.nodes[K].host: this machine's name")
+    parser.add_argument("--ip", help="hardware.nodes[K].ip: an address of this machine")
     parser.add_argument("--workers", required=True, type=int, help="workers per node: node K runs ranks K*N..K*N+N-1")
+    parser.add_argument("--toolchain_of", help="the task whose recorded qwenbuild, MindSpore and MindFormers "
+                                               "versions this node must run")
     parser.add_argument("artifacts", nargs="+", help="artifact paths as qwen.lock names them (relative)")
     args = parser.parse_args(argv)
-    first = int(args.node) * args.workers
+    try:
+        return _check_node(args)
+    except UserError as exc:  # a damaged lock: named, no traceback
+        print(f"{ERROR} node {args.node}: {exc}", file=sys.stderr)
+        return 2
+
+
+def _check_node(args) -> int:
+    if args.host and args.ip:
+        wrong = identity_problem(args.host, args.ip)
+        if wrong:
+            print(f"{ERROR} node {args.node}: this machine is not hardware.nodes[{args.node}] (host {args.host}, "
+                  f"ip {args.ip}): {wrong}; start node_{args.node}.sh on {args.host}, or correct hardware.nodes in "
+                  "qwen.toml", file=sys.stderr)
+            return 2
+    first = args.node * args.workers
+    who = f"node {args.node}" + (f" ({args.host})" if args.host else "")
     build = BuildDir(Path(args.build_dir))
+    found = version_problems(Lock(build.lock), args.toolchain_of) if args.toolchain_of else []
+    for problem in found:
+        print(f"{ERROR} {who}: {problem}", file=sys.stderr)
+    if found:
+        return 2
     found = problems(build, args.artifacts, (first, first + args.workers - 1))
     for problem in found:
-        print(f"{ERROR} node {args.node}: {problem}", file=sys.stderr)
+        print(f"{ERROR} {who}: {problem}", file=sys.stderr)
     if found:
         print(f"{ERROR} node {args.node} does not see the build host's {build.root} as it was built: every node "
               "needs the build dir at the same path, with the same bytes (a shared filesystem, or identical copies)",
               file=sys.stderr)
         return 2
-    print(f"node_check: node {args.node} sees {len(args.artifacts)} artifacts as qwen.lock records them", flush=True)
+    versions = ", ".join(f"{p} {installed_version(p)}" for p in NODE_PACKAGES)
+    print(f"node_check: {who} sees {len(args.artifacts)} artifacts as qwen.lock records them; {versions} on "
+          f"{sys.executable}", flush=True)
     return 0
 
 

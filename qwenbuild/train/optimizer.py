@@ -26,6 +26,12 @@ def _adamw_update(lr, weight_decay, beta1, beta2, eps, bias1, bias2, scale, para
     return new_param
 
 
+def decays(param: Parameter) -> bool:
+    """Whether weight decay applies to a parameter, by MindFormers' rule (get_optimizer_grouped_parameters): not to
+    1-D ones (norm weights, biases), so that both engines train alike."""
+    return len(param.shape) > 1
+
+
 # from this many elements a parameter takes Adam + an in-place decay (two multi-threaded kernels, about twice as fast
 # as AdamWeightDecay's one single-threaded kernel on CPU); smaller ones are launch-bound and take one kernel
 TWO_KERNELS_FROM = 1 << 16
@@ -49,9 +55,13 @@ class AdamW(nn.Cell):
     way, the decay scaled so that lr * decay stays the recipe's.
     """
 
-    def __init__(self, params, weight_decay=0.01, beta1=0.9, beta2=0.95, eps=1e-8, fused: bool = True):
+    def __init__(self, params, weight_decay=0.01, beta1=0.9, beta2=0.95, eps=1e-8, fused: bool = True,
+                 decayed=None):
         super().__init__(auto_prefix=False)
         self.params = ms.ParameterTuple(params)
+        # which parameters weight decay applies to (default: all); the others take the update without it
+        self.decayed = tuple(decayed) if decayed is not None else (True,) * len(self.params)
+        self.no_decay = Tensor(0.0, ms.float32)
         self.moments1 = ms.ParameterTuple(_zeros_like(p, "adam_m") for p in self.params)
         self.moments2 = ms.ParameterTuple(_zeros_like(p, "adam_v") for p in self.params)
         self.global_step = Parameter(Tensor(0, ms.int32), name="global_step", requires_grad=False)
@@ -69,6 +79,8 @@ class AdamW(nn.Cell):
         self.decayed_adam = tuple(i for i, f in enumerate(float32) if f and two_kernels[i] and not found)
         self.adam_weight_decay = tuple(i for i, f in enumerate(float32) if f and not two_kernels[i] and not found)
         self.spelled = tuple(i for i, f in enumerate(float32) if not f)
+        self.spelled_groups = tuple((d, group) for d in (True, False)
+                                    if (group := tuple(i for i in self.spelled if self.decayed[i] == d)))
         self.weight_decay_update = ops.AdamWeightDecay()
         self.adam = ops.Adam()
         self.decay = ops.ApplyGradientDescent()
@@ -84,23 +96,31 @@ class AdamW(nn.Cell):
         done = ()
         if self.in_place:
             hyper = ops.stack([scale, self.beta1, self.beta2, 1.0 - lr_decay, fused_lr, fused_eps, self.threads])
+            undecayed = ops.stack([scale, self.beta1, self.beta2, 1.0 - self.no_decay, fused_lr, fused_eps,
+                                   self.threads])
             for i in self.in_place:
-                done += (self.fused_update(self.params[i], self.moments1[i], self.moments2[i], grads[i], hyper),)
+                done += (self.fused_update(self.params[i], self.moments1[i], self.moments2[i], grads[i],
+                                           hyper if self.decayed[i] else undecayed),)
         for i in self.decayed_adam:
-            # p -= (lr * weight_decay) * p in place: one kernel, where a Mul and an Assign take two passes
-            decayed = self.decay(self.params[i], lr_decay, self.params[i])
+            grad = grads[i] * scale
+            if self.decayed[i]:
+                # p -= (lr * weight_decay) * p in place: one kernel, where a Mul and an Assign take two passes
+                grad = ops.depend(grad, self.decay(self.params[i], lr_decay, self.params[i]))
             done += (self.adam(self.params[i], self.moments1[i], self.moments2[i], power1, power2, lr, self.beta1,
-                               self.beta2, fused_eps, ops.depend(grads[i] * scale, decayed))[0],)
+                               self.beta2, fused_eps, grad)[0],)
         for i in self.adam_weight_decay:
             done += (self.weight_decay_update(self.params[i], self.moments1[i], self.moments2[i], fused_lr,
-                                              self.beta1, self.beta2, fused_eps, fused_decay, grads[i] * scale)[0],)
-        if self.spelled:
+                                              self.beta1, self.beta2, fused_eps,
+                                              fused_decay if self.decayed[i] else self.no_decay,
+                                              grads[i] * scale)[0],)
+        for with_decay, spelled in self.spelled_groups:
             params, moments1, moments2, spelled_grads = (), (), (), ()
-            for i in self.spelled:
+            for i in spelled:
                 params += (self.params[i],)
                 moments1 += (self.moments1[i],)
                 moments2 += (self.moments2[i],)
                 spelled_grads += (grads[i],)
-            done += self.hyper_map(ops.partial(_adamw, lr, self.weight_decay, self.beta1, self.beta2, self.eps,
+            weight_decay = self.weight_decay if with_decay else self.no_decay
+            done += self.hyper_map(ops.partial(_adamw, lr, weight_decay, self.beta1, self.beta2, self.eps,
                                                bias1, bias2, scale), params, moments1, moments2, spelled_grads)
         return ops.depend(done, ops.assign_add(self.global_step, ops.ones((), ms.int32)))

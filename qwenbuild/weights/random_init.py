@@ -13,25 +13,25 @@ from qwenbuild.store import atomic_path
 from qwenbuild.weights import hf_output
 from qwenbuild.weights.safetensors_file import TensorToWrite
 
-STD = 0.02
+STD = 0.02  # Hugging Face's initializer_range for Qwen1.5
 # values drawn per chunk so memory stays small; fixed so the draw order (and the bytes) never change
 _DRAW = 1 << 22
 
 
-def _values(rng: np.random.Generator, name: str, count: int, dtype: str):
+def _values(rng: np.random.Generator, name: str, count: int, dtype: str, std: float):
     def chunks():
         for start in range(0, count, _DRAW):
             n = min(_DRAW, count - start)
             if "norm" in name:  # RMSNorm weights: attention_norm, ffn_norm, norm_out
                 x = np.ones(n, dtype="<f4")
             else:
-                x = rng.standard_normal(n, dtype=np.float32) * np.float32(STD)
+                x = rng.standard_normal(n, dtype=np.float32) * np.float32(std)
             yield dtypes.cast_bytes(x.astype("<f4").tobytes(), "float32", dtype)
     return chunks
 
 
-def random_tensors(cfg: QwenConfig, seed: int) -> list[TensorToWrite]:
-    """HF-named tensors in network order: normal(0, 0.02) matrices and biases, ones for RMSNorm weights.
+def random_tensors(cfg: QwenConfig, seed: int, std: float = STD) -> list[TensorToWrite]:
+    """HF-named tensors in network order: normal(0, std) matrices and biases, ones for RMSNorm weights.
 
     Values are drawn lazily in this order, so the tensors must be consumed in order, once.
     """
@@ -40,13 +40,13 @@ def random_tensors(cfg: QwenConfig, seed: int) -> list[TensorToWrite]:
     for ms_name, shape in parameter_shapes(cfg).items():
         count = int(np.prod(shape))
         tensors.append(TensorToWrite(ms_to_hf(ms_name), shape, cfg.param_dtype,
-                                     _values(rng, ms_name, count, cfg.param_dtype)))
+                                     _values(rng, ms_name, count, cfg.param_dtype, std)))
     return tensors
 
 
-def write_random_hf_model(cfg: QwenConfig, seed: int, out_dir) -> Path:
+def write_random_hf_model(cfg: QwenConfig, seed: int, out_dir, std: float = STD) -> Path:
     """Write model.safetensors + config.json (Qwen1.5 format) of a seeded random model; returns out_dir."""
     out = Path(out_dir)
     with atomic_path(out, directory=True) as tmp:
-        hf_output.write_model_dir(tmp, cfg, random_tensors(cfg, seed), max_shard_bytes=1 << 62)
+        hf_output.write_model_dir(tmp, cfg, random_tensors(cfg, seed, std), max_shard_bytes=1 << 62)
     return out
