@@ -189,11 +189,12 @@ def main(argv=None) -> int:
         reports = [json.loads(command(infer, project)[1].splitlines()[-1]) for _ in range(args.repeat)]
         infer_rate = statistics.median(r["decode_tokens_per_s"] for r in reports)
         prompt, tokens = reports[0]["prompt_ids"], reports[0]["generated_ids"]
+        from qwenbuild.build_dir import BuildDir
         from qwenbuild.tokenizer import load_tokenizer, stop_ids
 
-        eos = stop_ids(load_tokenizer(project / "build" / "tokenizer"))
-        ours_rate, ours_tokens, growth = time_in_process(project / "build" / "output", prompt, args.new, eos,
-                                                         args.repeat)
+        build = BuildDir(project / "build")
+        eos = stop_ids(load_tokenizer(build.tokenizer))
+        ours_rate, ours_tokens, growth = time_in_process(build.export, prompt, args.new, eos, args.repeat)
         gc.collect()  # the graphs' weights go before torch loads its copy
         hf = {t: time_transformers(hf_dir, prompt, len(tokens), args.repeat, t)
               for t in (int(t) for t in args.torch_threads.split(","))}
