@@ -21,6 +21,8 @@ EDGE_ROWS = [
      "output": "Once upon a time " * 30},
     {"instruction": "Quote the token.", "input": "<|endoftext|>", "output": "It is <|im_end|> text."},
     {"instruction": "x", "input": "", "output": ""},
+    # not in NFC: this chunk is tokenized through the tokenizer's NFC normalizer
+    {"instruction": "Spell cafe\u0301 with one accent.", "input": "A\u030a", "output": "café, Å"},
 ]
 COLUMNS = ["input_ids", "target_ids", "attention_mask"]
 

@@ -14,6 +14,7 @@ import glob
 import os
 import sys
 import time
+import unicodedata
 from pathlib import Path
 from typing import Iterator
 
@@ -21,7 +22,7 @@ import numpy as np
 
 from qwenbuild.data.chatml import message_problem, render
 from qwenbuild.data.mindrecord import write_mindrecord
-from qwenbuild.data.mindrecord_format import EncodedRows, encode_rows
+from qwenbuild.data.mindrecord_format import EncodedRows, encode_rows, load_index_generator
 from qwenbuild.errors import UserError
 from qwenbuild.jsonfile import BadJSON, parse_json
 from qwenbuild.processes import worker_pool
@@ -184,11 +185,9 @@ def tokenize_chunk(chunk: Chunk) -> TokenizedChunk:
         if messages is not None:
             conversations.append(messages)
             line_numbers.append(chunk.first_line + offset)
-    tokenizer, row_length = _worker["tokenizer"], _worker["row_length"]
+    row_length = _worker["row_length"]
     texts = [render(m) for m in conversations]
-    # offsets are only needed to find assistant replies; skipping them is faster
-    encode = tokenizer.encode_batch if _worker["mask_prompt"] else tokenizer.encode_batch_fast
-    encodings = encode(texts, add_special_tokens=False)
+    encodings = _encode(_worker["tokenizer"], texts, offsets=_worker["mask_prompt"])
     kept = [np.asarray(e.ids[:row_length], dtype=np.int32) for e in encodings]
     lengths = np.array([len(e.ids) for e in encodings], dtype=np.int64)
     trained = None
@@ -197,6 +196,24 @@ def tokenize_chunk(chunk: Chunk) -> TokenizedChunk:
                                  or [np.empty(0, bool)])
     ids = np.concatenate(kept) if kept else np.empty(0, np.int32)
     return TokenizedChunk(ids, lengths, trained, line_numbers=np.array(line_numbers, dtype=np.int64))
+
+
+def _encode(tokenizer, texts: list[str], offsets: bool):
+    """The tokenizer's encodings of texts; with offsets only when asked (finding assistant replies needs them,
+    skipping them is faster)."""
+    # tokenizers loads slowly: imported only when text is tokenized (the tokenizer imported it already)
+    from tokenizers import normalizers
+
+    encode = tokenizer.encode_batch if offsets else tokenizer.encode_batch_fast
+    normalizer = tokenizer.normalizer
+    # NFC leaves text already in NFC as it is: without the normalizer the ids and offsets are the same, and
+    # tokenizing takes about 15% fewer instructions
+    if isinstance(normalizer, normalizers.NFC) and all(unicodedata.is_normalized("NFC", t) for t in texts):
+        tokenizer.normalizer = None
+    try:
+        return encode(texts, add_special_tokens=False)
+    finally:
+        tokenizer.normalizer = normalizer
 
 
 def _trained_tokens(messages: list[dict], encoding, row_length: int) -> np.ndarray:
@@ -249,10 +266,13 @@ def _encoded(chunks: Iterator[Chunk], pool, workers: int) -> Iterator[EncodedChu
     if pool is None:
         yield from map(encode_chunk, chunks)
         return
-    pending = collections.deque()
+    pending, loaded = collections.deque(), False
     for chunk in chunks:
         pending.append(pool.apply_async(encode_chunk, (chunk,)))
         if len(pending) > 2 * workers:
+            if not loaded:  # the workers start and tokenize the first chunks meanwhile
+                load_index_generator()
+                loaded = True
             yield pending.popleft().get()
     while pending:
         yield pending.popleft().get()

@@ -196,9 +196,13 @@ class Embedding(nn.Cell):
         self.rows, self.start = rows, parallel.index * rows
         self.reduce = parallel.reduce_out() if self.split else Identity()
 
-    def construct(self, input_ids):
-        # the CPU Gather kernel has no bfloat16: cast the table first (a no-op for float32)
-        table = ops.cast(self.embedding_weight, F32)
+    def table(self):
+        """The table as the kernels read it: float32 (the CPU Gather kernel has no bfloat16; a no-op for float32)."""
+        return ops.cast(self.embedding_weight, F32)
+
+    def construct(self, input_ids, table=None):
+        """Rows of input_ids; `table` is table() read once by a graph that also projects onto it (tied lm_head)."""
+        table = self.table() if table is None else table
         if not self.split:
             return ops.gather(table, input_ids, 0)
         local = input_ids - self.start
@@ -417,14 +421,14 @@ class QwenModel(nn.Cell):
         cos, sin = self.rope(positions, None if fused_rope else input_ids.shape[0])
         return cos, sin, self.layers[0].attention.full_bias(bias, input_ids.shape[0])
 
-    def embed(self, input_ids):
-        """The tokens as rows [B * S, hidden]."""
-        return self.tok_embeddings(ops.reshape(input_ids, (-1,)))
+    def embed(self, input_ids, table=None):
+        """The tokens as rows [B * S, hidden] (from `table`, the embedding's table() already read, when given)."""
+        return self.tok_embeddings(ops.reshape(input_ids, (-1,)), table)
 
-    def run(self, input_ids):
+    def run(self, input_ids, table=None):
         """Hidden states before the final norm [B, S, hidden] and per-layer keys/values [L, B, KV, S, D]."""
         cos, sin, bias = self._whole_sequence(input_ids)
-        x = self.embed(input_ids)
+        x = self.embed(input_ids, table)
         keys, values = (), ()
         for layer in self.layers:
             x, k, v = layer(x, cos, sin, bias)
@@ -478,11 +482,12 @@ class QwenForCausalLM(nn.Cell):
         self.copy_in = parallel.copy_in() if self.vocab_parallel else Identity()
         self.matmul = ops.MatMul(transpose_b=True)
 
-    def logits(self, hidden):
-        """hidden [..., hidden_size] (after the final norm) -> logits [..., vocab] (this process's slice)."""
+    def logits(self, hidden, table=None):
+        """hidden [..., hidden_size] (after the final norm) -> logits [..., vocab] (this process's slice); `table`:
+        the embedding's table() already read, which a tied model projects onto."""
         shared = self.copy_in(hidden)
         if self.tied:
-            table = ops.cast(self.model.tok_embeddings.embedding_weight, F32)
+            table = self.model.tok_embeddings.table() if table is None else table
             flat = self.matmul(ops.reshape(shared, (-1, shared.shape[-1])), table)
             return ops.reshape(flat, shared.shape[:-1] + (self.vocab_size,))
         return self.lm_head(shared)
