@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from published import qwen_config
 from scratch import scratch_directory
 
 
@@ -32,12 +33,9 @@ def default_model(vocab: int, seq: int):
 
 
 def half_billion_model(seq: int):
-    """Qwen1.5-0.5B's shape (random weights): 24 layers, hidden 1024, 16/16 heads, FFN 2816, tied 151,936 vocab."""
-    from qwenbuild.model.config import QwenConfig
-
-    return QwenConfig(vocab_size=151936, hidden_size=1024, num_layers=24, num_heads=16, n_kv_heads=16,
-                      intermediate_size=2816, rope_theta=1000000.0, max_position_embeddings=max(seq, 128),
-                      tie_word_embeddings=True)
+    """Qwen1.5-0.5B's published config (random weights, float32): 24 layers, hidden 1024, 16/16 heads, FFN 2816, tied
+    151,936 vocab."""
+    return qwen_config("qwen1.5-0.5b", param_dtype="float32", compute_dtype="float32")
 
 
 def synthetic_mindrecord(path: Path, rows: int, seq: int, vocab: int) -> str:

@@ -97,6 +97,11 @@ class BuildDir:
         return self.merged / "rank_0" / "checkpoint_0.ckpt"
 
     @property
+    def adapter(self) -> Path:
+        """The trained LoRA adapters in PEFT's format: adapter_config.json, adapter_model.safetensors."""
+        return self.root / "adapter"
+
+    @property
     def export(self) -> Path:
         """The export root (--mindir_root_dir): the graphs and the weights cut for them."""
         return self.root / "export"

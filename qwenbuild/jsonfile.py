@@ -3,9 +3,15 @@
 from __future__ import annotations
 
 import json
+import os
+import stat
 from pathlib import Path
 
 from qwenbuild.errors import UserError
+
+# a JSON file qwenbuild reads whole (alpaca data, rank tables, configs) is far below this; a device or a pipe that
+# never ends is stopped here instead of filling memory
+MAX_READ_BYTES = 4 << 30
 
 
 class BadJSON(ValueError):
@@ -20,6 +26,28 @@ def parse_json(text: str | bytes):
         raise BadJSON(f"line {exc.lineno} column {exc.colno}: {exc.msg}") from None
     except RecursionError:
         raise BadJSON("nested too deeply (arrays or objects inside each other thousands of levels down)") from None
+    except ValueError as exc:  # Python's limit on converting long digit strings
+        raise BadJSON(f"a number too long to read: {exc}") from None
+
+
+def refuse_device(f, path, what: str) -> None:
+    """A user file read line by line or whole must not be a device: /dev/zero is one endless line."""
+    mode = os.fstat(f.fileno()).st_mode
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        raise UserError(f"{what} {path} is a device, not a file", hint="pass a regular file")
+
+
+def read_bytes(path: str | Path, what: str, limit: int = MAX_READ_BYTES) -> bytes:
+    """The bytes of a file read whole, refusing a device (/dev/zero never ends) and anything over `limit` bytes;
+    OSErrors propagate for the caller to word."""
+    path = Path(path)
+    with open(path, "rb") as f:
+        refuse_device(f, path, what)
+        data = f.read(limit + 1)
+    if len(data) > limit:
+        raise UserError(f"{what} {path} holds more than {limit / 2**20:,.0f} MiB, more than qwenbuild reads whole",
+                        hint="split it into smaller files")
+    return data
 
 
 def read_json(path: str | Path, what: str, missing_hint: str | None = None, hint: str | None = None):
@@ -29,7 +57,7 @@ def read_json(path: str | Path, what: str, missing_hint: str | None = None, hint
     """
     path = Path(path)
     try:
-        data = path.read_bytes()
+        data = read_bytes(path, what)
     except FileNotFoundError:
         raise UserError(f"{what} {path} does not exist", hint=missing_hint or hint) from None
     except IsADirectoryError:

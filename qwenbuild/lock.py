@@ -78,6 +78,34 @@ def check_sealed(directory: Path, stats: dict) -> str | None:
     return check_artifact(directory, {"kind": "dir", "members": members}, stats)
 
 
+def _is_table(value, values) -> bool:
+    return isinstance(value, dict) and all(isinstance(k, str) and values(v) for k, v in value.items())
+
+
+def _artifact_problem(art) -> str | None:
+    if not isinstance(art, dict) or art.get("kind") not in ("file", "dir") or not isinstance(art.get("digest"), str):
+        return "an artifact is not {\"kind\": \"file\" or \"dir\", \"digest\": text}"
+    if art["kind"] == "dir" and not _is_table(art.get("members"), lambda v: isinstance(v, str)):
+        return "a directory artifact has no table of member digests"
+    return None
+
+
+def entry_problem(entry) -> str | None:
+    """Why a task's lock entry does not have the shape qwenbuild writes, or None."""
+    if not isinstance(entry, dict):
+        return "the entry is not a JSON object"
+    for key in ("artifacts", "inputs", "manifest", "toolchain"):
+        if not isinstance(entry.get(key), dict):
+            return f"no {key!r} table"
+    if not _is_table(entry["inputs"], lambda v: v is None or isinstance(v, str)):
+        return "an input digest is not text"
+    for art in entry["artifacts"].values():
+        problem = _artifact_problem(art)
+        if problem:
+            return problem
+    return None
+
+
 def _dump(value) -> str:
     return json.dumps(value, indent=1, sort_keys=True, ensure_ascii=False) + "\n"
 
@@ -97,7 +125,13 @@ class Lock:
             raise self._damaged(f"not valid JSON: {exc}") from None
         if not isinstance(data, dict) or not isinstance(data.get("tasks", {}), dict):
             raise self._damaged("not a JSON object with a \"tasks\" table")
-        return data if data.get("version") == LOCK_VERSION else {"version": LOCK_VERSION, "tasks": {}}
+        if data.get("version") != LOCK_VERSION:
+            return {"version": LOCK_VERSION, "tasks": {}}
+        for task, entry in data.get("tasks", {}).items():
+            problem = entry_problem(entry)
+            if problem:
+                raise self._damaged(f"task {task!r}: {problem}")
+        return data
 
     def _damaged(self, why: str) -> UserError:
         return UserError(f"{self.path} is damaged ({why}), so what was built from what is unknown",

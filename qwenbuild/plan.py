@@ -5,10 +5,11 @@ from __future__ import annotations
 import dataclasses
 
 from qwenbuild.manifest import deployment_dtype, device_limit
+from qwenbuild.model.lora import trainable_parameters
 from qwenbuild.model.params import num_parameters
 from qwenbuild.parallel.memory import GIB, HEADROOM, DeviceMemory, TrainingPlan, deployment_memory, one_process, \
     training_memory
-from qwenbuild.parallel.plan_rules import stage_layers
+from qwenbuild.parallel.plan_rules import default_offset, plan_problems, stage_layers
 from qwenbuild.parallel.ranks import Rank, place_ranks
 from qwenbuild.parallel.shard_sizes import rank_shards
 from qwenbuild.train.mindformers_yaml import PARAM_INIT_TYPE
@@ -48,13 +49,50 @@ def training_plan(m) -> TrainingPlan:
         use_seq_parallel=ascend and par.use_seq_parallel, recompute=ascend and par.recompute,
         seq_length=m.dataset.seq_length, batch_size=m.train.batch_size,
         weight_dtype=PARAM_INIT_TYPE if mindformers else cfg.param_dtype,
-        compute_dtype=cfg.compute_dtype if ascend else "float32", flash_attention=ascend, parallel_optimizer=ascend)
+        compute_dtype=cfg.compute_dtype if ascend else "float32", flash_attention=ascend, parallel_optimizer=ascend,
+        lora=m.train.lora_config)
 
 
 def memory_estimate(m) -> list[DeviceMemory]:
     """Per pipeline stage, the memory of one of its ranks; on CPU one row, as a worker runs every stage."""
     rows = training_memory(m.model.config, training_plan(m), pipeline_layers(m), device_limit(m))
     return [one_process(rows)] if m.hardware.device == "cpu" and len(rows) > 1 else rows
+
+
+def fewest_devices(m, lora: bool) -> tuple[int, int] | None:
+    """(model_parallel, pipeline_stage) of the plan with the fewest devices (data_parallel 1, model_parallel within
+    a node, layers split evenly or by MindFormers' default offset, no more devices than the manifest has) whose
+    every stage fits, for LoRA or a full fine-tune; None when none does."""
+    cfg, par = m.model.config, m.parallel
+    plan = dataclasses.replace(training_plan(m), data_parallel=1, lora=m.train.lora_config if lora else None)
+    if lora and plan.lora is None:
+        return None
+    # within the manifest's devices: more than it has is no answer to how few it needs
+    choices = sorted((mp * pp, pp, mp) for mp in range(1, m.hardware.devices_per_node + 1)
+                     for pp in range(1, min(cfg.num_layers, m.hardware.device_count // mp) + 1))
+    for _, pp, mp in choices:
+        if plan_problems(cfg, 1, mp, pp, par.vocab_emb_dp, default_offset(cfg.num_layers, pp)):
+            continue
+        stages = stage_layers(cfg.num_layers, pp, default_offset(cfg.num_layers, pp))
+        rows = training_memory(cfg, dataclasses.replace(plan, model_parallel=mp, pipeline_stage=pp,
+                                                        micro_batch_num=max(par.micro_batch_num, pp)),
+                               stages, device_limit(m))
+        if all(row.total <= row.limit for row in rows):
+            return mp, pp
+    return None
+
+
+def lora_devices_line(m) -> str | None:
+    """On Ascend under LoRA: how few devices the adapters need, against a full fine-tune of the same model."""
+    if m.hardware.device != "ascend" or m.train.lora_config is None:
+        return None
+    fits, full = fewest_devices(m, True), fewest_devices(m, False)
+
+    def say(p):
+        return f"dp 1 x mp {p[0]} x pp {p[1]} ({p[0] * p[1]} devices)" if p else "no plan on the manifest's devices"
+
+    return (f"fewest devices that fit: LoRA {say(fits)}, a full fine-tune {say(full)} (memory as estimated above, "
+            f"train.batch_size {m.train.batch_size} x seq_length {m.dataset.seq_length})")
 
 
 def export_memory(m) -> DeviceMemory:
@@ -111,6 +149,11 @@ def plan_json(m, tasks: list | None = None) -> dict:
         "memory": {"training": [row.to_json() for row in memory_estimate(m)],
                    "export": dict(export_memory(m).to_json(), model_parallel=m.export.model_parallel,
                                   seq_length=m.export.seq_length, batch_size=m.export.batch_size)},
+        "trainable_parameters": trainable_parameters(cfg, m.train.lora_config),
+        **({"fewest_devices": {method: dict(zip(("model_parallel", "pipeline_stage"), p)) if p else None
+                               for method, p in (("lora", fewest_devices(m, True)),
+                                                 ("full", fewest_devices(m, False)))}}
+           if m.hardware.device == "ascend" and m.train.lora_config else {}),
         "warnings": [str(w) for w in m.warnings] + memory_warnings(m),
         "missing": [str(w) for w in m.unavailable],
         **({"tasks": [{"name": name, "status": state, "why": reasons} for name, state, reasons in tasks]}

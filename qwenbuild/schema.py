@@ -166,22 +166,24 @@ def with_defaults(data: dict) -> dict:
 
 
 def describe(key_path: str) -> dict:
-    """Schema node of a dotted key path (array items included)."""
+    """Schema node of a dotted key path (a key inside the tables of an array: the items' key)."""
     node = schema()
     for part in key_path.split("."):
-        node = node.get("properties", {}).get(part) or {}
         if node.get("type") == "array":
             node = node.get("items", {})
+        node = node.get("properties", {}).get(part) or {}
     return node
 
 
 def is_key(key_path: str) -> bool:
-    """True for a section (`lite`) or a section's key (`train.learning_rate`) that the schema defines."""
-    section, _, name = key_path.partition(".")
-    node = schema()["properties"].get(section)
-    if node is None or "." in name:
-        return False
-    return not name or name in node.get("properties", {})
+    """True for a section (`lite`), a section's key (`train.learning_rate`) or a key of a table inside a section
+    (`train.lora.rank`) that the schema defines."""
+    node = schema()
+    for part in key_path.split("."):
+        node = node.get("properties", {}).get(part) if node.get("type", "object") == "object" else None
+        if node is None:
+            return False
+    return True
 
 
 def value_problem(key_path: str, value) -> str | None:

@@ -7,6 +7,7 @@ import json
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -123,8 +124,32 @@ def _build_corpus(c: Path) -> None:
         "mindir_badjson/mindir_full_checkpoint/rank_0_graph.mindir": b"\x00garbage",
         "mindir_badjson/mindir_inc_checkpoint/rank_0_graph.mindir": b"\x00garbage",
         "dir/.keep": "",
+        "vocab_dup.json": '{"a": 0, "b": 0}',
+        "vocab_negative.json": '{"a": -1, "b": 0}',
+        "merges_empty.txt": "",
+        "tiktoken_duprank": "YQ== 0\nYg== 0\n",
+        "tiktoken_duptoken": "YQ== 0\nYQ== 1\n",
+        "longint.json": '[{"instruction": "x", "input": "", "output": "y", "n": ' + "7" * 5000 + "}]",
+        "rt_iplist.json": json.dumps({"version": "1.0", "server_count": "1", "status": "completed", "server_list": [
+            {"server_id": "10.0.0.1", "device": [{"device_id": "0", "device_ip": ["192.168.1.1"], "rank_id": "0"}]}]}),
+        "rt_longint.json": '{"server_list": [{"server_id": ' + "1" * 5000 + "}]}",
+        "hf_escape/config.json": hf_cfg,
+        "hf_escape/model.safetensors.index.json": json.dumps({"weight_map": {"model.norm.weight":
+                                                                             "../hf/model.safetensors"}}),
+        "hf_absolute/config.json": hf_cfg,
+        "hf_absolute/model.safetensors.index.json": json.dumps({"weight_map": {"model.norm.weight":
+                                                                               str(c / "hf" / "model.safetensors")}}),
     }
+    hf_doc = json.loads(hf_cfg)
     cfgs = {"hf_emptycfg": "", "hf_trunccfg": hf_cfg[: len(hf_cfg) // 2],
+            # config.json read by qwen.toml's rules: finite numbers, bounds, types, the Qwen2 family
+            "hf_nancfg": json.dumps({**hf_doc, "rms_norm_eps": float("nan")}),
+            "hf_infcfg": json.dumps({**hf_doc, "rope_theta": float("inf")}),
+            "hf_negthetacfg": json.dumps({**hf_doc, "rope_theta": -5}),
+            "hf_strthetacfg": json.dumps({**hf_doc, "rope_theta": "abc"}),
+            "hf_llamacfg": json.dumps({**hf_doc, "model_type": "llama", "architectures": ["LlamaForCausalLM"]}),
+            "hf_tiedcfg": json.dumps({**hf_doc, "tie_word_embeddings": True}),
+            "hf_longintcfg": hf_cfg.replace('"hidden_size": 16', '"hidden_size": ' + "1" * 5000),
             "hf_wrongcfg": hf_cfg.replace('"hidden_size": 16', '"hidden_size": "sixteen"'),
             "hf_listcfg": "[16, 2]",
             "hf_zerocfg": hf_cfg.replace('"num_attention_heads": 2', '"num_attention_heads": 0'),
@@ -148,8 +173,12 @@ def _build_corpus(c: Path) -> None:
                   "run_model.json": json.dumps({**run, "model": {**run["model"], "num_heads": 0}}),
                   "run_modeltype.json": json.dumps({**run, "model": 5})})
     files["hf_cfgdir/config.json/.keep"] = ""
+    _two_rank_models(c)
     for name, data in _manifests(manifest_text("tiny")).items():
         files[f"m/{name}"] = data
+    for name, hf_dir in (("hfnan.toml", "../hf_nancfg"), ("hffile.toml", "../file.txt"),
+                         ("hfllama.toml", "../hf_llamacfg")):
+        files[f"m/{name}"] = manifest_text("tiny").replace('init = "random"', f'hf_dir = "{hf_dir}"', 1)
     for name, data in files.items():
         _write(c / name, data)
     (c / "hf_stdir").mkdir()
@@ -157,8 +186,28 @@ def _build_corpus(c: Path) -> None:
     (c / "hf_stdir" / "model.safetensors").mkdir()
     (c / "tiktoken_empty").write_bytes(b"")
     for argv in (["tokenizer", "--output_dir", "tok", "--train_from", "alpaca.json", "--vocab_size", "280"],
-                 ["strategy", "--model_dir", "hf", "--data_parallel", "2", "--output_dir", "strategy"]):
+                 ["strategy", "--model_dir", "hf", "--data_parallel", "2", "--output_dir", "strategy"],
+                 ["strategy", "--model_dir", "hf2", "--model_parallel", "2", "--output_dir", "strategy_mp2"],
+                 ["strategy", "--model_dir", "hf2", "--pipeline_stage", "2", "--output_dir", "strategy_pp2"],
+                 ["strategy", "--model_dir", "hf3", "--model_parallel", "2", "--output_dir", "strategy_other"],
+                 ["convert_weight", "--torch_ckpt_dir", "hf2", "--mindspore_ckpt_path", "ms2.ckpt"],
+                 ["transform_ckpt", "--src_ckpt_dir", "ms2.ckpt", "--dst_ckpt_strategy", "strategy_mp2",
+                  "--dst_ckpt_dir", "shards_mp2"]):
         subprocess.run([sys.executable, "-m", "qwenbuild", *argv], cwd=c, check=True, capture_output=True)
+    # rank 1's directory holding rank 0's shard
+    shutil.copytree(c / "shards_mp2", c / "shards_dup")
+    (c / "shards_dup" / "rank_1" / "checkpoint_1.ckpt").write_bytes(
+        (c / "shards_dup" / "rank_0" / "checkpoint_0.ckpt").read_bytes())
+
+
+def _two_rank_models(c: Path) -> None:
+    """Two small models whose KV heads split over 2 ranks: hf2 (2 layers) and hf3 (3 layers, another model)."""
+    from qwenbuild.model.config import QwenConfig
+    from qwenbuild.weights.random_init import write_random_hf_model
+
+    for name, layers in (("hf2", 2), ("hf3", 3)):
+        write_random_hf_model(QwenConfig(vocab_size=64, hidden_size=16, num_layers=layers, num_heads=2, n_kv_heads=2,
+                                         intermediate_size=32), 1, c / name)
 
 
 @pytest.fixture(scope="session")
@@ -169,7 +218,9 @@ def corpus(tmp_path_factory) -> Path:
 
 
 # (argv after `qwenbuild`, exit code, phrase the message must contain, output path that pre-exists and must survive)
-# {c} is the corpus directory; outputs are relative to the test's own empty working directory.
+# {c} is the corpus directory; outputs are relative to the test's own empty working directory. What pre-exists:
+# "out.json" a file of the user's; "x.jsonl<alpaca.json" a copy of a corpus file or directory; "link->target" a
+# symbolic link to a user's file (to itself: a loop); "dir/" a directory holding a user's file; ", " joins several.
 CASES = [
     # init
     ("init --preset nosuch", 2, "invalid choice", None),
@@ -318,7 +369,7 @@ CASES = [
     ("tokenizer --output_dir tok --tiktoken_file {c}/tiktoken_garbage", 2, "tiktoken_garbage", None),
     ("tokenizer --output_dir tok --tiktoken_file {c}/tiktoken_latin1", 2, "tiktoken_latin1", None),
     ("tokenizer --output_dir tok --tiktoken_file {c}/dir", 2, "dir", None),
-    ("tokenizer --output_dir tok --train_from {c}/trunc.json --vocab_size 300", 2, "trunc.json", "tok"),
+    ("tokenizer --output_dir tok --train_from {c}/trunc.json --vocab_size 300", 2, "trunc.json", "tok<tok"),
     # alpaca_converter
     ("alpaca_converter --data_path missing.json", 2, "missing.json", None),
     ("alpaca_converter --data_path {c}/empty --output_path out.jsonl", 2, "empty", None),
@@ -506,6 +557,97 @@ CASES = [
      "{c}/obj.json", 2, "obj.json", None),
     ("eval_heldout --checkpoint {c}/ms.ckpt --config {c}/hf/config.json --tokenizer_dir missing --heldout "
      "{c}/alpaca.json", 2, "missing", None),
+    # ---- nothing the user had is lost: one rule for every output (store.output_path)
+    ("tokenizer --output_dir . --train_from data.jsonl --vocab_size 300", 2, "holds the input data.jsonl",
+     "data.jsonl<alpaca.json"),
+    ("tokenizer --output_dir work --train_from work/data.jsonl --vocab_size 300", 2, "holds the input",
+     "work/data.jsonl<alpaca.json"),
+    ("tokenizer --output_dir mine", 2, "holds what qwenbuild did not write there (user.txt)", "mine/"),
+    ("strategy --model_dir {c}/hf --output_dir mine", 2, "holds what qwenbuild did not write", "mine/"),
+    ("strategy --model_dir hf --output_dir hf/strategy", 2, "lies inside the input hf", "hf<hf"),
+    ("convert_reversed --mindspore_ckpt_path dir/ms.ckpt --torch_ckpt_path dir", 2, "holds the input",
+     "dir/ms.ckpt<ms.ckpt"),
+    ("convert_reversed --mindspore_ckpt_path {c}/ms.ckpt --config {c}/hf --torch_ckpt_path out", 2,
+     "is a symbolic link", "out->target"),
+    ("convert_weight --torch_ckpt_dir hf --mindspore_ckpt_path hf/model.safetensors", 2, "lies inside the input hf",
+     "hf<hf"),
+    ("convert_weight --torch_ckpt_dir {c}/hf --mindspore_ckpt_path /dev/null", 2, "/dev/null is a device", None),
+    ("convert_weight --torch_ckpt_dir {c}/hf --mindspore_ckpt_path out.ckpt", 2, "is a symbolic link",
+     "out.ckpt->mine.ckpt"),
+    ("alpaca_converter --data_path rows.json --output_path rows.json", 2, "is the input", "rows.json<alpaca.json"),
+    ("alpaca_converter --data_path rows.json --output_path same.json", 2, "is the input",
+     "rows.json<alpaca.json, same.json->rows.json"),
+    ("alpaca_converter --data_path /dev/zero --output_path out.jsonl", 2, "/dev/zero is a device", "out.jsonl"),
+    ("tokenizer --output_dir tok --train_from /dev/zero --vocab_size 300", 2, "/dev/zero is a device", None),
+    ("tokenizer --output_dir tok --tiktoken_file /dev/zero", 2, "/dev/zero is a device", None),
+    ("preprocess --input_glob {c}/chat.jsonl --vocab_file {c}/tok/vocab.json --merges_file /dev/zero "
+     "--output_file out.mindrecord", 2, "/dev/zero is a device", None),
+    ("preprocess --input_glob chat.jsonl --vocab_file {c}/tok/vocab.json --merges_file {c}/tok/merges.txt "
+     "--output_file chat.jsonl", 2, "is the input", "chat.jsonl<chat.jsonl"),
+    ("preprocess --input_glob {c}/chat.jsonl --vocab_file {c}/tok/vocab.json --merges_file {c}/tok/merges.txt "
+     "--output_file out.mindrecord", 2, "is a symbolic link", "out.mindrecord.db->mine.db"),
+    ("merge_hccl rt.json --output rt.json", 2, "is the input", "rt.json<rt_node.json"),
+    ("instructions --output_dir data --num_train 5 --num_heldout 1", 2, "is a symbolic link",
+     "data/train.json->mine.json"),
+    ("export --load_checkpoint {c}/ms.ckpt --torch_ckpt_dir hf --output_dir hf --seq_length 8", 2,
+     "lies inside the input hf", "hf<hf"),
+    ("eval_heldout --checkpoint {c}/ms.ckpt --config {c}/hf/config.json --tokenizer_dir {c}/tok --heldout "
+     "rows.json --metrics rows.json", 2, "is the input", "rows.json<alpaca.json"),
+    ("eval_heldout --checkpoint {c}/ms.ckpt --config {c}/hf/config.json --tokenizer_dir {c}/tok --heldout "
+     "{c}/alpaca.json --metrics notes.json", 2, "metrics file", "notes.json"),
+    ("hccl_tools --device_num [0,1) --server_ip 10.0.0.1 --hccn_conf /dev/zero", 2, "/dev/zero is a device", None),
+    ("transform_ckpt --src_ckpt_dir {c}/ms2.ckpt --dst_ckpt_strategy {c}/strategy_mp2 --dst_ckpt_dir out "
+     "--prefix ../../x", 2, "--prefix", None),
+    ("transform_ckpt --src_ckpt_dir {c}/ms2.ckpt --dst_ckpt_strategy {c}/strategy_mp2 --dst_ckpt_dir out "
+     "--prefix /tmp/x", 2, "--prefix", None),
+    ("set -c link.toml train.seed=1", 2, "loop of symbolic links", "link.toml->link.toml"),
+    ("validate -c loop.toml", 2, "loop of symbolic links", "loop.toml->loop.toml"),
+    # ---- relations nobody checked
+    ("transform_ckpt --src_ckpt_dir {c}/shards_mp2 --src_ckpt_strategy {c}/strategy_pp2 --dst_ckpt_dir out", 2,
+     "which the source strategy puts on stage 1", None),
+    ("transform_ckpt --src_ckpt_dir {c}/ms2.ckpt --dst_ckpt_strategy {c}/strategy_other --dst_ckpt_dir out", 2,
+     "model.layers.2", None),
+    ("transform_ckpt --src_ckpt_dir {c}/shards_dup --src_ckpt_strategy {c}/strategy_mp2 --dst_ckpt_dir out", 2,
+     "is a copy of another rank's shard", None),
+    ("transform_ckpt --src_ckpt_dir {c}/ms.ckpt --dst_ckpt_strategy {c}/strategy_mp2 --dst_ckpt_dir out", 2,
+     "which the source checkpoint does not hold", None),
+    ("set -c qwen.toml train.seed=4294967296", 2, "train.seed", "qwen.toml"),
+    ("set -c qwen.toml train.steps=100000000000000000000", 2, "train.steps", "qwen.toml"),
+    ("set -c qwen.toml export.batch_size=1000000", 2, "export.batch_size", "qwen.toml"),
+    ("set -c qwen.toml parallel.offset=[1]", 2, "pipeline_stage is 1", "qwen.toml"),
+    ("set -c qwen.toml parallel.data_parallel=1 parallel.pipeline_stage=2 parallel.micro_batch_num=2 "
+     "parallel.offset=[-2,2]", 2, "leaves pipeline stage 0 without a layer", "qwen.toml"),
+    ("validate -c {c}/m/hfnan.toml", 2, "key 'rms_norm_eps': found float nan", None),
+    ("validate -c {c}/m/hffile.toml", 2, "model.hf_dir", None),
+    ("validate -c {c}/m/hfllama.toml", 2, "model_type", None),
+    ("strategy --model_dir {c}/hf_infcfg", 2, "key 'rope_theta': found float inf", None),
+    ("strategy --model_dir {c}/hf_negthetacfg", 2, "key 'rope_theta': found int -5", None),
+    ("strategy --model_dir {c}/hf_strthetacfg", 2, "key 'rope_theta': found string 'abc'", None),
+    ("convert_weight --torch_ckpt_dir {c}/hf_llamacfg", 2, "model_type", None),
+    ("convert_weight --torch_ckpt_dir {c}/hf_tiedcfg", 2, "lm_head.weight that differs", "transform.ckpt"),
+    ("convert_weight --torch_ckpt_dir {c}/hf_escape", 2, "not a file name", None),
+    ("convert_weight --torch_ckpt_dir {c}/hf_absolute", 2, "not a file name", None),
+    ("preprocess --input_glob {c}/chat.jsonl --vocab_file {c}/vocab_dup.json --merges_file {c}/tok/merges.txt "
+     "--output_file out.mindrecord", 2, "vocab_dup.json: tokens 'a' and 'b' both have id 0", None),
+    ("preprocess --input_glob {c}/chat.jsonl --vocab_file {c}/vocab_negative.json --merges_file "
+     "{c}/tok/merges.txt --output_file out.mindrecord", 2, "vocab_negative.json: token 'a' has the negative id",
+     None),
+    ("preprocess --input_glob {c}/chat.jsonl --vocab_file {c}/tok/vocab.json --merges_file {c}/merges_empty.txt "
+     "--output_file out.mindrecord", 2, "merges_empty.txt holds no merges", None),
+    ("preprocess --input_glob {c}/chat.jsonl --vocab_file {c}/tok/vocab.json --merges_file {c}/tok/merges.txt "
+     "--workers 100000 --output_file out.mindrecord", 2, "--workers", None),
+    ("tokenizer --output_dir tok --tiktoken_file {c}/tiktoken_duprank", 2, "rank 0 was given already on line 1",
+     None),
+    ("tokenizer --output_dir tok --tiktoken_file {c}/tiktoken_duptoken", 2, "was ranked already on line 1", None),
+    ("infer --mindir_root_dir {c}/mindir_empty --tokenizer_dir {c}/tok --predict_data hi --repetition_penalty nan",
+     2, "--repetition_penalty", None),
+    ("infer --mindir_root_dir {c}/mindir_empty --tokenizer_dir {c}/tok --predict_data hi --do_sample True "
+     "--temperature inf", 2, "--temperature", None),
+    # ---- tracebacks left
+    ("alpaca_converter --data_path {c}/longint.json --output_path out.jsonl", 2, "a number too long", "out.jsonl"),
+    ("merge_hccl {c}/rt_longint.json", 2, "a number too long", None),
+    ("strategy --model_dir {c}/hf_longintcfg", 2, "a number too long", None),
+    ("merge_hccl {c}/rt_iplist.json", 2, "device_ip is [\"192.168.1.1\"], not a string", None),
 ]
 
 
@@ -515,20 +657,45 @@ def _id(case) -> str:
 
 
 def _files(root: Path) -> dict[str, bytes]:
-    """Every file a run left in its working directory, apart from MindSpore's and MindFormers' own logs."""
+    """Every file a run left in its working directory (a link as where it points), apart from MindSpore's and
+    MindFormers' own logs."""
     skip = ("output/log", "rank_0", "kernel_meta")
-    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*"))
-            if p.is_file() and not p.relative_to(root).as_posix().startswith(skip)}
+    out = {}
+    for p in sorted(root.rglob("*")):
+        rel = p.relative_to(root).as_posix()
+        if rel.startswith(skip):
+            continue
+        if p.is_symlink():
+            out[rel] = b"-> " + os.fsencode(os.readlink(p))
+        elif p.is_file():
+            out[rel] = p.read_bytes()
+    return out
+
+
+def _prepare(tmp_path: Path, corpus: Path, existing: str, manifest: bool) -> None:
+    """Make what a case's user had before the run (see CASES)."""
+    for item in existing.split(", "):
+        target = tmp_path / item.split("<")[0].split("->")[0].rstrip("/")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if "<" in item:
+            source = corpus / item.split("<")[1]
+            (shutil.copytree if source.is_dir() else shutil.copy2)(source, target)
+        elif "->" in item:
+            link_to = item.split("->")[1]
+            if link_to != target.name:
+                (target.parent / link_to).write_bytes(SENTINEL)
+            target.symlink_to(link_to)
+        elif item.endswith("/"):
+            target.mkdir()
+            (target / "user.txt").write_bytes(SENTINEL)
+        else:
+            target.write_bytes((corpus / "m" / "good.toml").read_bytes() if manifest else SENTINEL)
 
 
 @pytest.mark.parametrize("argv, code, phrase, existing", CASES, ids=[_id(c) for c in CASES])
 def test_bad_input(corpus, tmp_path, argv, code, phrase, existing):
     if existing:
-        target = tmp_path / existing
-        if argv.startswith("set "):
-            target.write_bytes((corpus / "m" / "good.toml").read_bytes())
-        else:
-            target.write_bytes(SENTINEL)
+        _prepare(tmp_path, corpus, existing, argv.startswith("set "))
     before = _files(tmp_path)
     args = [a.replace("{c}", str(corpus)) for a in shlex.split(argv)]
     env = {**os.environ, "QWENBUILD_DEBUG": ""}
@@ -590,3 +757,64 @@ def test_an_unusable_build_dir_is_named_by_doit(tmp_path):
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
     assert "cannot use the build dir" in proc.stderr and "file.txt" in proc.stderr
     assert (tmp_path / "file.txt").read_text() == "in the way\n"
+
+
+def _project(tmp_path: Path) -> Path:
+    for name in ("qwen.toml", "dodo.py"):
+        (tmp_path / name).write_text((Path(__file__).resolve().parents[1] / name).read_text())
+    return tmp_path
+
+
+def _doit(cwd: Path, *argv: str) -> subprocess.CompletedProcess:
+    return subprocess.run([str(Path(sys.executable).parent / "doit"), *argv], cwd=cwd, capture_output=True,
+                          text=True, timeout=300)
+
+
+@pytest.mark.parametrize("lock_text", ['{"version": 1, "tasks": {"tokenizer": 5}}',
+                                       '{"version": 1, "tasks": {"tokenizer": {"artifacts": []}}}',
+                                       '{"version": 1, "tasks": {"tokenizer": {"artifacts": {"x": {"kind": "dir", '
+                                       '"digest": "d"}}, "inputs": {}, "manifest": {}, "toolchain": {}}}}'])
+def test_a_lock_of_valid_json_and_the_wrong_shape_is_called_damaged(tmp_path, lock_text):
+    lock = _project(tmp_path) / "build" / "qwen.lock"
+    lock.parent.mkdir()
+    lock.write_text(lock_text)
+    for argv in ([sys.executable, "-m", "qwenbuild", "plan"], [str(Path(sys.executable).parent / "doit"), "list"]):
+        proc = subprocess.run(argv, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+        assert "build/qwen.lock is damaged (task 'tokenizer':" in proc.stderr, proc.stderr
+    assert lock.read_text() == lock_text
+
+
+def test_a_build_dir_holding_the_users_files_is_refused(tmp_path):
+    """build.dir at an existing directory of the user's: its tokenizer/ and launch/ are not replaced."""
+    project = _project(tmp_path)
+    mine = project / "mine"
+    (mine / "tokenizer").mkdir(parents=True)
+    (mine / "tokenizer" / "notes.txt").write_bytes(SENTINEL)
+    (project / "qwen.toml").write_text((project / "qwen.toml").read_text().replace('dir = "build"', 'dir = "mine"'))
+    for argv in (["tokenizer"], ["list"]):
+        proc = _doit(project, *argv)
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+        assert f"build.dir {mine} already holds files qwenbuild did not write (tokenizer)" in proc.stderr
+    assert sorted(p.relative_to(mine).as_posix() for p in mine.rglob("*")) == ["tokenizer", "tokenizer/notes.txt"]
+    (project / "qwen.toml").write_text((project / "qwen.toml").read_text().replace('dir = "mine"', 'dir = "."'))
+    proc = _doit(project, "list")
+    assert proc.returncode == 2 and "holds the input" in proc.stderr and "qwen.toml" in proc.stderr, proc.stderr
+
+
+def test_a_missing_manifest_named_to_doit_hints_at_doit(tmp_path):
+    proc = _doit(_project(tmp_path), "manifest=missing.toml", "list")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert "missing.toml does not exist" in proc.stderr and "doit manifest=PATH" in proc.stderr
+
+
+@pytest.mark.slow  # a doit build, if of the smallest task
+def test_doit_forget_makes_the_task_run_again(tmp_path):
+    project = _project(tmp_path)
+    assert _doit(project, "dataset").returncode == 0
+    status = _doit(project, "list", "--status").stdout
+    assert re.search(r"^U\s+dataset", status, re.M), status
+    proc = _doit(project, "forget", "dataset")
+    assert proc.returncode == 0 and "forgetting dataset" in proc.stdout, proc.stdout + proc.stderr
+    status = _doit(project, "list", "--status").stdout
+    assert re.search(r"^R\s+dataset", status, re.M), status

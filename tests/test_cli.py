@@ -170,3 +170,52 @@ def test_strategy_takes_the_manifest_with_c(tmp_path):
     proc = run("strategy", "-c", "q.toml", "--output_dir", "s", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert len(list((tmp_path / "s").glob("ckpt_strategy_rank_*.json"))) == 32
+
+
+def test_set_accepts_a_checkpoint_not_downloaded_yet_and_names_lines_of_the_users_file(tmp_path):
+    """The README's flow: init, then set hf_dir while the download runs; validate still refuses it."""
+    run("init", "--preset", "qwen1.5-7b", "-o", "qwen.toml", cwd=tmp_path)
+    path = tmp_path / "qwen.toml"
+    path.write_text("".join(line for line in path.read_text().splitlines(keepends=True)
+                            if not line.startswith("hf_dir")))
+    proc = run("set", "model.hf_dir=models/Qwen1.5-7B", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert 'preset = "qwen1.5-7b"' in path.read_text()  # the preset plans until the checkpoint is there
+    hf_line = next(i for i, line in enumerate(path.read_text().splitlines(), 1) if line.startswith("hf_dir"))
+    assert f"warning: qwen.toml:{hf_line}: model.hf_dir:" in proc.stderr, proc.stderr
+    assert "models/Qwen1.5-7B/config.json does not exist" in proc.stderr
+    refused = run("validate", cwd=tmp_path)
+    assert refused.returncode == 2 and f"qwen.toml:{hf_line}: model.hf_dir:" in refused.stderr, refused.stderr
+    # a refusal of set names where the key stands in the user's file, not in the edited text
+    (tmp_path / "models" / "Qwen1.5-7B").mkdir(parents=True)
+    (tmp_path / "models" / "Qwen1.5-7B" / "config.json").write_text('{"hidden_size": "big"}')
+    before = path.read_text()
+    refused = run("set", "model.hf_dir=models/Qwen1.5-7B", cwd=tmp_path)
+    assert refused.returncode == 2 and f"qwen.toml:{hf_line}: model.hf_dir:" in refused.stderr, refused.stderr
+    assert "key 'hidden_size': found string 'big'" in refused.stderr and path.read_text() == before
+
+
+def test_set_writes_through_to_the_file_the_user_has(tmp_path):
+    """A linked manifest is edited at its target, hard links see the edit, mode, CRLF endings and BOM are kept, a
+    new key goes before the blank line that ends its table."""
+    import os
+
+    run("init", "--preset", "qwen1.5-72b", "-o", "real.toml", cwd=tmp_path)
+    real = tmp_path / "real.toml"
+    text = real.read_text()
+    real.write_bytes(b"\xef\xbb\xbf" + text.replace("\n", "\r\n").encode())
+    os.chmod(real, 0o600)
+    (tmp_path / "qwen.toml").symlink_to("real.toml")
+    os.link(real, tmp_path / "other.toml")
+    proc = run("set", "train.seed=7", "hardware.nodes[0].device_ids=[0,1,2,3,4,5,6,7]", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "qwen.toml").is_symlink() and os.stat(real).st_mode & 0o777 == 0o600
+    data = real.read_bytes()
+    assert data == (tmp_path / "other.toml").read_bytes() and data.startswith(b"\xef\xbb\xbf")
+    edited = data[3:].decode()
+    assert edited.count("\r\n") == edited.count("\n") and "seed = 7\r\n" in edited
+    # only the two edited lines differ; the blank line after node 0's table is still there
+    old, new = text.splitlines(), edited.splitlines()
+    assert [line for line in new if line not in old] == ["device_ids = [0,1,2,3,4,5,6,7]", "seed = 7"]
+    assert new.index("device_ids = [0,1,2,3,4,5,6,7]") + 2 == new.index("[[hardware.nodes]]", new.index(
+        "device_ids = [0,1,2,3,4,5,6,7]"))

@@ -21,7 +21,7 @@ CFG = QwenConfig(vocab_size=128, hidden_size=64, num_layers=2, num_heads=4, n_kv
 def test_same_seed_same_bytes_other_seed_other_values(tmp_path):
     a, b = write_random_hf_model(CFG, 7, tmp_path / "a"), write_random_hf_model(CFG, 7, tmp_path / "b")
     c = write_random_hf_model(CFG, 8, tmp_path / "c")
-    assert sorted(p.name for p in a.iterdir()) == ["config.json", "model.safetensors"]
+    assert sorted(p.name for p in a.iterdir()) == [".qwenbuild-seal.json", "config.json", "model.safetensors"]
     for name in ("config.json", "model.safetensors"):
         assert file_digest(a / name) == file_digest(b / name)
     assert file_digest(a / "model.safetensors") != file_digest(c / "model.safetensors")

@@ -118,8 +118,14 @@ def test_mismatch_keeps_the_previous_directory_and_cli_reports_it(tmp_path):
     assert run.returncode == 2 and "Traceback" not in run.stderr
     assert "wrong shape (8): model.layers.0.attention.wk.weight (16, 32) (expected (32, 32))" in run.stderr
     assert [p.name for p in (tmp_path / "back").iterdir()] == ["keep.txt"]
-    ok = subprocess.run([str(QWENBUILD), "convert_reversed", "--mindspore_ckpt_path", str(tmp_path / "model.ckpt"),
-                         "--torch_ckpt_path", str(tmp_path / "back"), "--config", str(tmp_path / "hf")],
-                        capture_output=True, text=True)
-    assert ok.returncode == 0, ok.stderr
-    assert sorted(p.name for p in (tmp_path / "back").iterdir()) == ["config.json", "model.safetensors"]
+    # a good conversion does not replace a directory holding the user's file either; it replaces its own output
+    good = [str(QWENBUILD), "convert_reversed", "--mindspore_ckpt_path", str(tmp_path / "model.ckpt"),
+            "--config", str(tmp_path / "hf"), "--torch_ckpt_path"]
+    refused = subprocess.run(good + [str(tmp_path / "back")], capture_output=True, text=True)
+    assert refused.returncode == 2 and "holds what qwenbuild did not write there (keep.txt)" in refused.stderr
+    assert [p.name for p in (tmp_path / "back").iterdir()] == ["keep.txt"]
+    for _ in range(2):
+        ok = subprocess.run(good + [str(tmp_path / "new")], capture_output=True, text=True)
+        assert ok.returncode == 0, ok.stderr
+    assert sorted(p.name for p in (tmp_path / "new").iterdir()) == [".qwenbuild-seal.json", "config.json",
+                                                                   "model.safetensors"]

@@ -3,6 +3,7 @@ that is stable across processes, and clear errors that leave nothing behind."""
 
 from __future__ import annotations
 
+import collections
 import json
 import subprocess
 import sys
@@ -90,6 +91,68 @@ def test_graphs_hold_qkv_and_gate_hidden_as_one_weight_each(model, kind):
             np.testing.assert_array_equal(held[fused], np.concatenate([ckpt[prefix + p] for p in parts]))
             assert not {prefix + p for p in parts} & set(held)
         np.testing.assert_array_equal(held[f + "w2.weight"], ckpt[f + "w2.weight"])
+
+
+@pytest.fixture(scope="module")
+def tied(model):
+    """The fixture's model with the output projection tied to the embedding (as Qwen1.5-0.5B is), exported alike."""
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+    from qwenbuild.weights import convert_weight
+
+    root = model["root"] / "tied"
+    torch.manual_seed(0)
+    Qwen2ForCausalLM(Qwen2Config(vocab_size=96, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                 num_key_value_heads=2, intermediate_size=64, max_position_embeddings=64,
+                                 tie_word_embeddings=True)).save_pretrained(root / "hf")
+    convert_weight(root / "hf", root / "m.ckpt", progress=None)
+    cfg = QwenConfig.from_hf_dir(root / "hf")
+    assert cfg.tie_word_embeddings
+    export_mindir(cfg, root / "m.ckpt", root / "out", rank=0, batch_size=2, seq_length=SEQ, progress=None)
+    return {"hf": root / "hf", "out": root / "out"}
+
+
+def _operators(path) -> collections.Counter:
+    """How many nodes of each operator a MINDIR graph holds (a node's op_type is "REF::Name:N")."""
+    proto = load_model_proto(path)
+    return collections.Counter(node.op_type.split("::")[-1].split(":")[0]
+                               for graph in [proto.graph, *proto.functions] for node in graph.node)
+
+
+@pytest.mark.parametrize("kind", [FULL, INC])
+def test_tied_graphs_run_the_kernels_of_untied_ones(model, tied, kind):
+    """A tied model's graphs read the embedding table once per call for the lookup and the output projection: read
+    a second time after the cache writes, MindSpore copied the whole table first (a TensorMove per read, 75 ms a
+    token at Qwen1.5-0.5B's shape). Only the lm_head parameter's Load (and its entry in the tuple of loads) is
+    missing."""
+    tied_ops, untied_ops = _operators(graph_file(tied["out"], kind, 0)), _operators(graph_file(model["out"], kind, 0))
+    assert tied_ops["TensorMove"] == untied_ops["TensorMove"] == 0
+    bookkeeping = {"Load", "MakeTuple"}
+    assert {k: n for k, n in tied_ops.items() if k not in bookkeeping} == \
+        {k: n for k, n in untied_ops.items() if k not in bookkeeping}
+    assert untied_ops["Load"] - tied_ops["Load"] == 1
+
+
+def test_tied_graphs_logits_equal_transformers(tied):
+    """Prefill, then two decode calls on both rows of the batch: the logits of transformers' tied model."""
+    import torch
+    from transformers import Qwen2ForCausalLM
+    from qwenbuild.infer.backends import GraphCellBackend
+
+    backend = GraphCellBackend(graph_file(tied["out"], FULL, 0), graph_file(tied["out"], INC, 0))
+    prompt, follow = [5, 17, 42, 9], [7, 60]
+    ids = np.zeros((2, SEQ), np.int32)
+    ids[:, :len(prompt)] = prompt
+    rows, window = np.arange(2, dtype=np.int64), np.zeros((SEQ,), np.int64)
+    steps = [backend.prefill(ids, np.full((2,), len(prompt), np.int32), rows, window)]
+    for t, token in enumerate(follow):
+        steps.append(backend.decode(np.full((2, 1), token, np.int32), np.full((2,), len(prompt) + t + 1, np.int32),
+                                    rows, window))
+    hf = Qwen2ForCausalLM.from_pretrained(tied["hf"]).eval()
+    with torch.no_grad():
+        expected = hf(torch.tensor([prompt + follow])).logits[0, len(prompt) - 1:].numpy()
+    for got, want in zip(steps, expected):
+        np.testing.assert_allclose(got, np.stack([want, want]), atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("kind", [FULL, INC])

@@ -138,3 +138,22 @@ def test_every_value_is_one_word_and_a_line_break_is_refused_anywhere(tmp_path):
             ln.launch_scripts([{"ip": "127.0.0.1"}], 1, ["-m", "x", f"a{line_break}b"])
         with pytest.raises(UserError, match="cannot be written into a generated script"):
             ln.launch_scripts([{"ip": "127.0.0.1"}], 1, ["-m", "x"], workdir=f"/a{line_break}id")
+
+
+def test_node_scripts_run_in_the_directory_found_from_where_they_lie(tmp_path):
+    """workdir_from_script: node_K.sh changes to a directory relative to its own place, whatever the caller's
+    directory, so a copied build dir runs its own files; slurm.sbatch, which Slurm runs from a copy, keeps the path."""
+    scripts = ln.launch_scripts([{"ip": "127.0.0.1", "host": "localhost"}], 1, ["-m", "x", "--config", "run.json"],
+                                workdir="/shared/build", workdir_from_script="..")
+    assert 'cd "$(dirname -- "${BASH_SOURCE[0]}")"/..' in scripts["node_0.sh"].splitlines()
+    assert "cd /shared/build" in scripts["slurm.sbatch"].splitlines() and "/shared/build" not in scripts["node_0.sh"]
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "python3").write_text('#!/bin/sh\npwd\n')  # the stand-in msrun says where it was started
+    (bin_dir / "python3").chmod(0o755)
+    for build in (tmp_path / "project" / "build", tmp_path / "copy of it" / "build"):
+        (build / "launch").mkdir(parents=True)
+        path = ln.write_launch_scripts(build / "launch", scripts)[0]
+        out = subprocess.run(["bash", str(path)], capture_output=True, text=True, cwd=tmp_path,
+                             env={"PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"})
+        assert out.returncode == 0 and out.stdout.splitlines() == [str(build)], out.stderr

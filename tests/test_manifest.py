@@ -196,6 +196,10 @@ def test_a_table_written_twice_is_named_at_its_second_header(tmp_path):
     assert line == len(text.splitlines()) - 1 and "Cannot declare ('train',) twice" in message
 
 
-def test_a_byte_order_mark_is_named(tmp_path):
-    [(line, _, message)] = errors(tmp_path, "\ufeff" + default_text())
-    assert line == 1 and "byte-order mark" in message
+def test_a_byte_order_mark_is_read_past_and_lines_still_count_from_it(tmp_path):
+    """Editors on Windows write one: the manifest reads as without it, and errors name the same lines."""
+    m = load_manifest(write(tmp_path, "\ufeff" + default_text()))
+    assert m.model.hidden_size == MODELS["tiny"]["hidden_size"]
+    plain = errors(tmp_path, default_text().replace("seq_length = ", "seq_length = -", 1))
+    assert errors(tmp_path, "\ufeff" + default_text().replace("seq_length = ", "seq_length = -", 1)) == plain
+    assert plain[0][1] == "dataset.seq_length"

@@ -36,6 +36,7 @@ import mindspore as ms
 from mindformers.core.optim import build_optim
 from mindformers.models.llama import LlamaConfig, LlamaForCausalLM
 from mindformers.modules.transformer import TransformerOpParallelConfig, op_parallel_config
+from mindformers.pet import get_pet_model
 from mindformers.tools.register import MindFormerConfig
 from mindformers.trainer.optimizer_grouped_parameters import get_optimizer_grouped_parameters
 from mindformers.wrapper import build_wrapper
@@ -57,6 +58,9 @@ def allocated(path):
         data_parallel=dp, model_parallel=mp, pipeline_stage=pp, micro_batch_num=par.micro_batch_num,
         vocab_emb_dp=par.vocab_emb_dp, use_seq_parallel=par.use_seq_parallel)
     net = LlamaForCausalLM(LlamaConfig(**model_config))
+    if "pet_config" in config.model.model_config:
+        # LoRA as the Trainer adds it: adapters sharded by their Linear's matmul strategy, the rest frozen
+        net = get_pet_model(net, config.model.model_config.pet_config)
     stages, params = {}, {}
     for name, cell in net.cells_and_names():
         if hasattr(cell, "pipeline_stage"):
@@ -64,7 +68,9 @@ def allocated(path):
         for attr, p in cell._params.items():
             split = [1] * len(p.shape)
             for prim_name, index in {"weight": [("matmul", 1)], "bias": [("bias_add", 1)],
-                                     "embedding_weight": [("gather", 0)]}.get(attr, []):
+                                     "embedding_weight": [("gather", 0)],
+                                     "mindpet_delta_lora_a": [("lora_a_matmul", 1)],
+                                     "mindpet_delta_lora_b": [("lora_b_matmul", 1)]}.get(attr, []):
                 prim = getattr(cell, prim_name, None)
                 if prim is not None and "in_strategy" in prim.attrs:
                     split = list(prim.attrs["in_strategy"][index])
@@ -126,21 +132,26 @@ vocab_emb_dp = {emb}
 {offset}
 [train]
 batch_size = 2
+method = "{method}"
+[train.lora]
+rank = 8
+targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 [export]
 model_parallel = 2
 seq_length = 64
 """
 
 
-def _manifest(path: Path, layers=8, kv=8, dp=1, mp=4, pp=2, emb=True, offset="") -> Path:
-    path.write_text(MANIFEST.format(layers=layers, kv=kv, dp=dp, mp=mp, pp=pp, emb=str(emb).lower(), offset=offset))
+def _manifest(path: Path, layers=8, kv=8, dp=1, mp=4, pp=2, emb=True, offset="", method="full") -> Path:
+    path.write_text(MANIFEST.format(layers=layers, kv=kv, dp=dp, mp=mp, pp=pp, emb=str(emb).lower(), offset=offset,
+                                    method=method))
     return path
 
 
 def _yaml(m, path: Path) -> Path:
     """The run YAML as the run_config task writes it for this manifest."""
     par = m.parallel
-    run = RunYaml(run_settings(m, BuildDir(m.build_dir)), micro_batch_num=par.micro_batch_num,
+    run = RunYaml(run_settings(m, BuildDir(m.build_dir), m.train.lora_config), micro_batch_num=par.micro_batch_num,
                   vocab_emb_dp=par.vocab_emb_dp, use_seq_parallel=par.use_seq_parallel, recompute=par.recompute,
                   gradient_aggregation_group=par.gradient_aggregation_group, offset=par.stage_offset,
                   device_memory_gb=m.hardware.device_memory_gb)
@@ -149,7 +160,9 @@ def _yaml(m, path: Path) -> Path:
 
 PLANS = [dict(layers=9, kv=4, dp=1, mp=4, pp=2, emb=False, offset="offset = [0, 1]"),
          dict(layers=8, kv=8, dp=2, mp=2, pp=2, emb=True),
-         dict(layers=4, kv=8, dp=1, mp=8, pp=1, emb=True)]
+         dict(layers=4, kv=8, dp=1, mp=8, pp=1, emb=True),
+         # LoRA on every target: only the adapters have gradients and moments; the frozen weights stay whole
+         dict(layers=8, kv=4, dp=2, mp=2, pp=2, emb=True, method="lora")]
 
 
 @pytest.fixture(scope="module")
@@ -191,28 +204,40 @@ def test_parameter_gradient_and_optimizer_bytes_are_what_mindformers_allocates(a
     for stage, row in enumerate(ours):
         held = {name: p for name, p in theirs["params"].items() if p["stage"] == stage}
         assert held, stage
-        weights = sum(_slice_bytes(p, p["split"]) / _optimizer_split(p, p["split"], dp) for p in held.values())
+        # what the optimizer updates (every weight, or LoRA's adapters): only that has moments and gradients, and
+        # only that the parallel optimizer splits
+        trained = {name: p for name, p in held.items() if f"adam_m.{name}" in theirs["optimizer"]}
+        assert trained, stage
+        weights = sum(_slice_bytes(p, p["split"]) / (_optimizer_split(p, p["split"], dp) if n in trained else 1)
+                      for n, p in held.items())
         moments = sum(_slice_bytes(theirs["optimizer"][f"{kind}.{name}"], p["split"])
-                      / _optimizer_split(p, p["split"], dp) for name, p in held.items() for kind in ("adam_m", "adam_v"))
+                      / _optimizer_split(p, p["split"], dp) for name, p in trained.items()
+                      for kind in ("adam_m", "adam_v"))
         assert row.component("weights").bytes == weights, stage
         assert row.component("optimizer").bytes == moments, stage
-        if dp > 1:  # the embedding table is over the threshold: the plan splits it
+        if dp > 1 and m.train.lora_config is None:  # the embedding table is over the threshold: the plan splits it
             assert "split over data_parallel 2" in row.component("weights").what
         assert row.params == sum(_slice_bytes(p, p["split"]) // ITEMSIZE[p["dtype"]] for p in held.values())
         assert {DTYPE[p["dtype"]] for p in held.values()} == {row.component("weights").dtype} == {"float32"}
-        assert {DTYPE[theirs["optimizer"][f"adam_m.{n}"]["dtype"]] for n in held} == {"float32"}
+        assert {DTYPE[theirs["optimizer"][f"adam_m.{n}"]["dtype"]] for n in trained} == {"float32"}
         if m.parallel.pipeline_stage > 1:
+            assert {n[len("accu_grads."):] for n in theirs["accu_grads"]} == set(
+                n for n, p in theirs["params"].items() if f"adam_m.{n}" in theirs["optimizer"])
             grads = sum(_slice_bytes(theirs["accu_grads"][f"accu_grads.{name}"], p["split"])
-                        for name, p in held.items())
+                        for name, p in trained.items())
             assert row.component("gradients").bytes == grads, stage
-            assert row.component("gradients").dtype == DTYPE[theirs["accu_grads"][f"accu_grads.{next(iter(held))}"]
+            assert row.component("gradients").dtype == DTYPE[theirs["accu_grads"][f"accu_grads.{next(iter(trained))}"]
                                                              ["dtype"]]
         else:
-            assert row.component("gradients").bytes == sum(_slice_bytes(p, p["split"]) for p in held.values())
+            assert row.component("gradients").bytes == sum(_slice_bytes(p, p["split"]) for p in trained.values())
     # every parameter and optimizer state MindFormers made was counted, none twice
     assert sum(r.params for r in ours) == sum(
         _slice_bytes(p, p["split"]) // 4 for p in theirs["params"].values())
-    assert len(theirs["optimizer"]) == 2 * len(theirs["params"])
+    lora = m.train.lora_config
+    trainable = [n for n in theirs["params"] if "mindpet_delta_lora" in n] if lora else list(theirs["params"])
+    assert len(theirs["optimizer"]) == 2 * len(trainable)
+    if lora:
+        assert len(trainable) == 2 * len(lora.targets) * m.model.num_layers
 
 
 def test_the_seed_plan_counts_float32_master_weights_and_warns_on_the_last_stage():

@@ -37,7 +37,8 @@ def doit(manifest: Path, *tasks: str) -> None:
     assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
 
 
-def test_the_predict_yaml_tokenizer_builds_through_mindformers(tmp_path, qwen_dir):
+@pytest.mark.slow
+def test_the_predict_yaml_tokenizer_builds_through_mindformers(tmp_path, qwen_dir, monkeypatch):
     from mindformers.models.build_tokenizer import build_tokenizer
     from mindformers.tools.register import MindFormerConfig
 
@@ -49,6 +50,9 @@ def test_the_predict_yaml_tokenizer_builds_through_mindformers(tmp_path, qwen_di
     config = MindFormerConfig(str(tmp_path / "build" / "predict" / "predict_qwen1_5.yaml"))
     assert config.processor.tokenizer.type == "Qwen2Tokenizer"
     register_qwen2_tokenizer()  # what mindformers_run.py does before the Trainer builds it
+    # the YAML names the tokenizer files relative to build/predict/, where predict.sh runs it
+    assert config.processor.tokenizer.vocab_file == "../tokenizer/vocab.json"
+    monkeypatch.chdir(tmp_path / "build" / "predict")
     tokenizer = build_tokenizer(config.processor.tokenizer)
     reference = load_tokenizer(tmp_path / "build" / "tokenizer")
     for text in TEXTS:

@@ -21,6 +21,8 @@ EDGE_ROWS = [
      "output": "Once upon a time " * 30},
     {"instruction": "Quote the token.", "input": "<|endoftext|>", "output": "It is <|im_end|> text."},
     {"instruction": "x", "input": "", "output": ""},
+    # not in NFC: this chunk is tokenized through the tokenizer's NFC normalizer
+    {"instruction": "Spell cafe\u0301 with one accent.", "input": "A\u030a", "output": "café, Å"},
 ]
 COLUMNS = ["input_ids", "target_ids", "attention_mask"]
 
@@ -200,3 +202,21 @@ def test_quiet_and_verbose(dataset_chatml, small_dir, tmp_path, capsys):
     assert main(["preprocess", "-q", *args[2:], "--input_glob", str(bad), "--output_file",
                  str(tmp_path / "b.mindrecord")]) == 2
     assert f"{bad} line 1: " in capsys.readouterr().err
+
+
+def test_no_more_processes_start_than_there_are_chunks_of_rows(edge_chatml, small_dir, tmp_path, monkeypatch):
+    """--processes 200 for a handful of rows starts one process (a chunk is 256 lines), and the bytes are the same."""
+    from qwenbuild.data import preprocess as module
+
+    started = []
+    real_pool = module.worker_pool
+
+    def counting_pool(processes, *args, **kwargs):
+        started.append(processes)
+        return real_pool(processes, *args, **kwargs)
+
+    monkeypatch.setattr(module, "worker_pool", counting_pool)
+    run(edge_chatml, small_dir, tmp_path / "many" / "d.mindrecord", processes=200, seq_length=512)
+    run(edge_chatml, small_dir, tmp_path / "none" / "d.mindrecord", processes=0, seq_length=512)
+    assert started == [1]
+    assert (tmp_path / "many" / "d.mindrecord").read_bytes() == (tmp_path / "none" / "d.mindrecord").read_bytes()

@@ -115,16 +115,20 @@ def test_actions_of_a_cluster_topology_read_only_declared_keys(tmp_path, qwen_di
 
     config = MindFormerConfig(str(build.predict / "predict_qwen1_5.yaml"))
     assert (config.run_mode, config.use_parallel, config.auto_trans_ckpt) == ("predict", True, True)
-    assert config.load_checkpoint == str(build.merged_file)
+    # every path is relative to build/predict/, where predict.sh runs: a copied project names its own files
+    assert config.load_checkpoint == "../output/merged_checkpoint/rank_0/checkpoint_0.ckpt"
+    assert config.output_dir == "output" and config.processor.tokenizer.vocab_file == "../tokenizer/vocab.json"
     assert config.model.model_config.use_past is True
     assert config.model.model_config.seq_length == m.export.seq_length
     expected = {"data_parallel": 1, "model_parallel": 2, "pipeline_stage": 1, "use_seq_parallel": False,
                 "micro_batch_num": 1, "vocab_emb_dp": True, "gradient_aggregation_group": 4}
     assert {k: config.parallel_config[k] for k in expected} == expected  # MindFormers adds its own defaults
-    assert Path(config.processor.tokenizer.vocab_file).is_file()
+    assert (build.predict / config.processor.tokenizer.vocab_file).is_file()
     script = (build.predict / "predict.sh").read_text()
     for line in ("export MS_GE_TRAIN=0", "export MS_ENABLE_GE=1", "export MS_ENABLE_REF_MODE=1",
-                 f"export RANK_TABLE_FILE={build.export_rank_table}", "--worker_num=2", "--run_mode predict"):
+                 f"export RANK_TABLE_FILE=../{build.export_rank_table.name}", "--worker_num=2", "--run_mode predict",
+                 "--config predict_qwen1_5.yaml", "--log_dir=output/msrun_log",
+                 'cd "$(dirname -- "${BASH_SOURCE[0]}")"/.'):
         assert line in script, line
 
 
@@ -205,3 +209,30 @@ def test_the_default_infer_question_is_a_held_out_one(tmp_path):
     [spec] = [s for s in task_specs(alpaca) if s.name == "infer"]
     view = DeclaredManifest(alpaca, "infer", spec.keys)
     assert _question(Context("infer", view, BuildDir(alpaca.build_dir))) == (SEED_PROMPT, None)
+
+
+def test_the_compiled_strategy_dir_holds_only_what_a_finetune_wrote(tmp_path):
+    """output/strategy is the finetune's sealed artifact: an earlier run's compiled strategies are cleared, anything
+    else in it is refused by name before training, never sealed into the artifact or deleted."""
+    from qwenbuild.errors import UserError
+    from qwenbuild.store import write_seal
+    from qwenbuild.tasks.train import clear_compiled_strategies
+
+    compiled = tmp_path / "output" / "strategy"
+    clear_compiled_strategies(compiled)  # not there yet
+    compiled.mkdir(parents=True)
+    (compiled / "ckpt_strategy_rank_0.ckpt").write_bytes(b"earlier run")
+    write_seal(compiled)
+    clear_compiled_strategies(compiled)
+    assert sorted(p.name for p in compiled.iterdir()) == [".qwenbuild-seal.json"]
+    (compiled / "ckpt_strategy_rank_1.ckpt").write_bytes(b"a killed run, unsealed")
+    (compiled / "notes.txt").write_bytes(b"the user's")
+    with pytest.raises(UserError, match=r"strategy holds what qwenbuild did not write there \(notes\.txt\)"):
+        clear_compiled_strategies(compiled)
+    assert sorted(p.name for p in compiled.iterdir()) == [".qwenbuild-seal.json", "notes.txt"]
+    assert (compiled / "notes.txt").read_bytes() == b"the user's"
+    link = tmp_path / "elsewhere"
+    link.symlink_to(compiled)
+    with pytest.raises(UserError, match="is a symbolic link"):
+        clear_compiled_strategies(link)
+    assert (compiled / "notes.txt").exists()

@@ -30,9 +30,10 @@ def sharded(tmp_path_factory):
     from qwenbuild.weights.convert import convert_weight
 
     root = tmp_path_factory.mktemp("tp")
-    hf = tiny_hf_model(root, n_kv_heads=8, heads=8, hidden=64, intermediate=96, layers=4, vocab=104, seed=3)
-    convert_weight(root, root / "full.ckpt", progress=None)
-    cfg = QwenConfig.from_hf_dir(root)
+    # the checkpoint is written beside the model directory, never into it (nothing is written inside an input)
+    hf = tiny_hf_model(root / "hf", n_kv_heads=8, heads=8, hidden=64, intermediate=96, layers=4, vocab=104, seed=3)
+    convert_weight(root / "hf", root / "full.ckpt", progress=None)
+    cfg = QwenConfig.from_hf_dir(root / "hf")
     ids = np.random.default_rng(0).integers(0, 104, (2, 9)).astype(np.int32)
     np.save(root / "input_ids.npy", ids)
     with torch.no_grad():

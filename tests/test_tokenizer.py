@@ -113,8 +113,8 @@ def test_command_rebuilds_identical_bytes(qwen_dir, tmp_path, capsys):
     from qwenbuild.cli import main
 
     assert main(["tokenizer", "--output_dir", str(tmp_path / "tok")]) == 0
-    assert sorted(p.name for p in (tmp_path / "tok").iterdir()) == ["merges.txt", "tokenizer_config.json",
-                                                                   "vocab.json"]
+    assert sorted(p.name for p in (tmp_path / "tok").iterdir()) == [".qwenbuild-seal.json", "merges.txt",
+                                                                   "tokenizer_config.json", "vocab.json"]
     for name in ("vocab.json", "merges.txt", "tokenizer_config.json"):
         assert (tmp_path / "tok" / name).read_bytes() == (qwen_dir / name).read_bytes()
     assert "151,387 merges" in capsys.readouterr().err

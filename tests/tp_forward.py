@@ -28,7 +28,7 @@ def main(cases_json: str) -> None:
     init()
     process, processes = get_rank(), get_group_size()
     root = Path(cases_json).parent
-    cfg = QwenConfig.from_hf_dir(root)
+    cfg = QwenConfig.from_hf_dir(root / "hf")
     ids = ms.Tensor(np.load(root / "input_ids.npy"))
     for case in json.loads(Path(cases_json).read_text()):
         layout = process_layout(case["strategy"], process, processes, case["pipeline_stage"])

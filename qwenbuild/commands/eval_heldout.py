@@ -7,7 +7,9 @@ from pathlib import Path
 
 from qwenbuild.jsonfile import read_json
 from qwenbuild.model.config import QwenConfig
+from qwenbuild.store import output_path
 from qwenbuild.train.evaluate import evaluate_heldout
+from qwenbuild.train.progress import read_metrics
 from qwenbuild.train.settings import read_run_json
 
 
@@ -21,6 +23,9 @@ def add_arguments(parser):
 
 
 def main(args):
+    if args.metrics:  # merged into, so it may exist (a JSON object); never one of the inputs
+        output_path(args.metrics, inputs=[args.checkpoint, args.config, args.tokenizer_dir, args.heldout])
+        read_metrics(args.metrics)
     path = Path(args.config)
     doc = read_json(path, "--config", hint="run.json of a build, or a Hugging Face config.json")
     is_hf = isinstance(doc, dict) and "model_type" in doc

@@ -49,5 +49,6 @@ def main(args):
     summary = export_mindir(cfg, args.load_checkpoint, args.output_dir, rank=args.rank,
                             batch_size=args.batch_size, seq_length=args.seq_length,
                             tokenizer_dir=args.tokenizer_dir, external_weights=args.external_weights,
-                            model_parallel=args.model_parallel, strategy_dir=args.strategy_dir)
+                            model_parallel=args.model_parallel, strategy_dir=args.strategy_dir,
+                            inputs=[args.torch_ckpt_dir])
     print(json.dumps(summary, indent=1))

@@ -29,6 +29,6 @@ def main(args):
     server = rt.check_ip(args.server_ip, "--server_ip") if args.server_ip else rt.detect_server_ip()
     ips = [rt.discover_device_ip(d, args.hccn_conf) for d in devices]
     table = rt.node_rank_table(server, list(zip(devices, ips)))
-    path = rt.write_rank_table(table, args.output or rt.node_file_name(table))
+    path = rt.write_rank_table(table, args.output or rt.node_file_name(table), inputs=[args.hccn_conf])
     logger.info(f"wrote {path}: {len(devices)} devices on server {server}")
     print(path)

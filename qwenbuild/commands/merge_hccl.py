@@ -18,7 +18,7 @@ def add_arguments(parser):
 
 def main(args):
     merged = rt.merge_rank_tables([rt.read_rank_table(f) for f in args.files], args.files)
-    path = rt.write_rank_table(merged, args.output or rt.merged_file_name(merged))
+    path = rt.write_rank_table(merged, args.output or rt.merged_file_name(merged), inputs=args.files)
     ranks = sum(len(s["device"]) for s in merged["server_list"])
     logger.info(f"wrote {path}: {merged['server_count']} servers, {ranks} ranks")
     print(path)

@@ -8,10 +8,11 @@ import json
 
 from qwenbuild.commands import add_manifest_argument
 from qwenbuild.manifest import load_manifest
+from qwenbuild.model.lora import trainable_parameters
 from qwenbuild.model.params import num_parameters
 from qwenbuild.parallel.memory import GIB
 from qwenbuild.parallel.shard_sizes import shard_table
-from qwenbuild.plan import export_memory, memory_estimate, memory_warnings, plan_json, ranks
+from qwenbuild.plan import export_memory, lora_devices_line, memory_estimate, memory_warnings, plan_json, ranks
 from qwenbuild.tasks.staleness import task_status
 
 
@@ -44,6 +45,18 @@ def _memory_rows(rows) -> list[str]:
     return lines + [f"  {text}" for text in dtypes.values()]
 
 
+def trainable_line(m) -> str:
+    """How many parameters get gradients and AdamW moments under train.method."""
+    cfg, lora = m.model.config, m.train.lora_config
+    total = num_parameters(cfg)
+    if lora is None:
+        return f"train.method = \"full\": all {total / 1e9:.3f}B parameters train, with gradients and AdamW moments"
+    trainable = trainable_parameters(cfg, lora)
+    return (f"train.method = \"lora\": {trainable / 1e6:.2f}M trainable parameters ({100 * trainable / total:.3f}% of "
+            f"{total / 1e9:.3f}B): rank {lora.rank} adapters on {', '.join(lora.targets)}, scale alpha / rank = "
+            f"{lora.scale:g}; the frozen weights get no gradients or AdamW moments")
+
+
 def main(args):
     m = load_manifest(args.config)
     if args.json:
@@ -53,6 +66,7 @@ def main(args):
     print(f"{m.path}: {num_parameters(m.model.config) / 1e9:.3f}B parameters; {len(hw.nodes)} node(s) x "
           f"{hw.devices_per_node} {hw.device} devices; dp {par.data_parallel} x mp {par.model_parallel} "
           f"x pp {par.pipeline_stage}")
+    print(trainable_line(m))
     print("\nrank  node  host              device  stage  dp  mp  layers")
     for p in ranks(m):
         r = p.rank
@@ -61,6 +75,8 @@ def main(args):
     print("\n" + shard_table(m.model.config, m.value("parallel"), hw.device_count))
     print("\nmemory per training device (GiB)")
     print("\n".join(_memory_rows(memory_estimate(m))))
+    if lora_devices_line(m):
+        print(lora_devices_line(m))
     ex = m.export
     print(f"\nmemory per card of the export topology (GiB): dp 1 x mp {ex.model_parallel}, export.seq_length "
           f"{ex.seq_length} x batch {ex.batch_size}")

@@ -7,10 +7,14 @@
 
 Values are TOML (numbers, true/false, "strings", [arrays]); a bare word is taken as a string. The edited manifest
 is validated first: a value the schema or the plan rejects leaves the file untouched. Setting model.hf_dir to a
-checkpoint directory switches the manifest to that checkpoint's dimensions."""
+checkpoint directory switches the manifest to that checkpoint's dimensions; one not downloaded yet is accepted with
+a warning (the preset plans the cluster meanwhile; validate and the weight tasks refuse it until it is there).
+The edit goes to the file the user has: through a symbolic link, to every hard link, with its mode, line endings
+and byte-order mark."""
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 from qwenbuild.commands import add_manifest_argument
@@ -37,4 +41,4 @@ def main(args):
             raise UserError(f"{item!r} is not KEY=VALUE", hint="e.g. qwenbuild set train.learning_rate=1e-4")
         changes.append((key.strip(), value.strip()))
     for line in set_keys(Path(args.config), changes, args.remove):
-        print(line)
+        print(line, file=sys.stderr if line.startswith("warning:") else sys.stdout)

@@ -16,6 +16,7 @@ from qwenbuild.errors import UserError
 from qwenbuild.manifest import load_manifest
 from qwenbuild.model.config import QwenConfig
 from qwenbuild.parallel import strategy as st
+from qwenbuild.store import output_path
 
 
 def add_arguments(parser):
@@ -46,6 +47,7 @@ def main(args):
         offset = None
     if not (type(offset) is int or isinstance(offset, list) and all(type(o) is int for o in offset)):
         raise UserError(f"--offset {args.offset!r} must be an integer or a list like [0,1,1,0]")
+    output_path(args.output_dir, directory=True, inputs=[args.model_dir])
     cfg = QwenConfig.from_hf_dir(args.model_dir)
     files = st.write_strategy_files(cfg, args.data_parallel, args.model_parallel, args.pipeline_stage,
                                     args.output_dir, vocab_emb_dp=args.vocab_emb_dp, offset=offset)
@@ -57,6 +59,7 @@ def _from_manifest(args) -> int:
         raise UserError("no ./qwen.toml to take the model and plan from, and no --model_dir",
                         hint="pass -c PATH, or --model_dir DIR with --data_parallel/--model_parallel/--pipeline_stage")
     m = load_manifest(args.config or "qwen.toml")
+    output_path(args.output_dir, directory=True, inputs=[m.path])
     par = m.parallel
     files = st.write_strategy_files(m.model.config, par.data_parallel, par.model_parallel, par.pipeline_stage,
                                     args.output_dir, vocab_emb_dp=par.vocab_emb_dp, offset=par.stage_offset)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from qwenbuild.data.corpus import corpus_texts
 from qwenbuild.errors import UserError
+from qwenbuild.store import output_path
 from qwenbuild.tokenizer import build_qwen_tokenizer, train_tokenizer
 
 
@@ -23,14 +24,21 @@ def add_arguments(parser) -> None:
                         help="size of the trained tokenizer, the 3 special tokens included")
 
 
+def _output_dir(args) -> None:
+    """Refused before the work: the output directory replaces a whole path, never one with an input in it."""
+    output_path(args.output_dir, directory=True, inputs=[*(args.train_from or []), args.tiktoken_file])
+
+
 def main(args) -> int:
     if args.train_from:
         if args.vocab_size is None:
             raise UserError("--train_from needs --vocab_size", hint="e.g. --vocab_size 640")
+        _output_dir(args)
         train_tokenizer(corpus_texts(args.train_from), args.vocab_size, args.output_dir)
         return 0
     if args.vocab_size is not None:
         raise UserError("--vocab_size only applies with --train_from",
                         hint="the real Qwen1.5 tokenizer always has 151,646 tokens")
+    _output_dir(args)
     build_qwen_tokenizer(args.output_dir, args.tiktoken_file)
     return 0

@@ -11,7 +11,7 @@ from typing import Iterator
 
 from qwenbuild.data.chatml import _kind, conversation, message_problem, render
 from qwenbuild.errors import UserError
-from qwenbuild.jsonfile import BadJSON, parse_json
+from qwenbuild.jsonfile import BadJSON, parse_json, read_bytes
 from qwenbuild.store import atomic_path
 
 logger = logging.getLogger(__name__)
@@ -64,7 +64,7 @@ def read_rows(data_path: str | os.PathLike) -> Iterator[tuple[str, object]]:
     """(where, row) for each row of a JSON array or a JSON Lines file; where names the row index (and line)."""
     path = Path(data_path)
     try:
-        raw = path.read_bytes()
+        raw = read_bytes(path, "alpaca data file")
     except FileNotFoundError:
         raise UserError(f"alpaca data file {path} does not exist")
     except IsADirectoryError:
@@ -123,7 +123,7 @@ def convert_alpaca(data_path: str | os.PathLike, output_path: str | os.PathLike,
                    skip_bad_rows: bool = False) -> AlpacaStats:
     """Write one ChatML conversation per alpaca row as UTF-8 JSON Lines; bad rows stop the run or are skipped."""
     stats, problems = AlpacaStats(), []
-    with atomic_path(output_path) as tmp, open(tmp, "w", encoding="utf-8", newline="\n") as out:
+    with atomic_path(output_path, inputs=[data_path]) as tmp, open(tmp, "w", encoding="utf-8", newline="\n") as out:
         for where, row in read_rows(data_path):
             problem = row.problem if isinstance(row, _BadLine) else row_problem(row)
             if problem:

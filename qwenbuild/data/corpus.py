@@ -8,6 +8,7 @@ from typing import Iterable, Iterator
 
 from qwenbuild.data.alpaca import alpaca_corpus
 from qwenbuild.errors import UserError
+from qwenbuild.jsonfile import refuse_device
 
 
 def corpus_texts(paths: Iterable[str | os.PathLike]) -> Iterator[str]:
@@ -27,6 +28,7 @@ def corpus_texts(paths: Iterable[str | os.PathLike]) -> Iterator[str]:
 def _text_lines(path: Path) -> Iterator[str]:
     try:
         with open(path, encoding="utf-8") as f:
+            refuse_device(f, path, "tokenizer training file")
             empty = True
             for line in f:
                 empty = False

@@ -19,7 +19,7 @@ from typing import Callable
 
 from qwenbuild.data.alpaca import user_text
 from qwenbuild.data.chatml import SYSTEM_PROMPT, prompt, render
-from qwenbuild.store import atomic_path
+from qwenbuild.store import atomic_path, refuse_not_a_directory
 
 logger = logging.getLogger(__name__)
 
@@ -156,6 +156,7 @@ def _write_rows(path: Path, rows: list[dict]) -> None:
 def write_instruction_dataset(output_dir: str | os.PathLike, seed: int = 0, num_train: int = 4000,
                               num_heldout: int = 400) -> tuple[Path, Path]:
     """Write train.json and heldout.json (alpaca JSON arrays with an extra "task" key) into output_dir."""
+    refuse_not_a_directory(output_dir)
     train, heldout = make_instructions(seed, num_train, num_heldout)
     output_dir = Path(output_dir)
     paths = output_dir / TRAIN_FILE, output_dir / HELDOUT_FILE

@@ -13,7 +13,7 @@ import numpy as np
 
 from qwenbuild.data.mindrecord_format import EncodedRows, MindRecordWriter, encode_rows
 from qwenbuild.errors import UserError
-from qwenbuild.store import promote, sweep_stale, tmp_sibling
+from qwenbuild.store import output_path, promote, sweep_stale, tmp_sibling
 
 COLUMNS = ("input_ids", "target_ids", "attention_mask")
 SCHEMA = {name: {"type": "int32", "shape": [-1]} for name in COLUMNS}
@@ -89,17 +89,22 @@ def _writer_errors(output_file: Path) -> Iterator[None]:
 
 
 def write_mindrecord(output_file: str | os.PathLike, batches: Iterable[dict[str, np.ndarray] | EncodedRows],
-                     row_length: int, max_rows: int, file_partition: int = 1, fast: bool = True) -> list[Path]:
+                     row_length: int, max_rows: int, file_partition: int = 1, fast: bool = True,
+                     inputs=()) -> list[Path]:
     """Write batches (2-D int32 arrays per column, or rows already encoded in worker processes) and promote every
     file only when all are complete.
 
     max_rows bounds the row count (the input's line count will do); it sizes the header, which must hold every page.
     fast=False writes through MindSpore's FileWriter instead (same bytes for one shard; the tests compare them).
+    inputs: the files the rows come from, which no output file may be.
     """
     output_file = Path(output_file)
     if output_file.is_dir():
         raise UserError(f"output file {output_file} is a directory", hint="give a file name such as data.mindrecord")
     finals = shard_files(output_file, file_partition)
+    for final in finals:
+        for suffix in ("", ".db"):
+            output_path(final.with_name(final.name + suffix), inputs=inputs)
     page, header = page_sizes(row_length, max_rows, file_partition)
     with _staging_dir(output_file) as staging, _writer_errors(output_file):
         staged = [staging / final.name for final in finals]

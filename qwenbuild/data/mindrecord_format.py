@@ -81,30 +81,51 @@ def encode_rows(columns: dict[str, np.ndarray]) -> EncodedRows:
 _KEPT_BYTES = np.array([0x00000001, 0x00000101, 0x01010101], "<u4")
 
 
+def _width_codes(values: np.ndarray) -> np.ndarray:
+    """0, 1 or 2 per value: it fits in 1, 2 or 4 bytes."""
+    code = ((values < -128) | (values > 127)).astype(np.uint8)
+    code += (values < -32768) | (values > 32767)
+    return code
+
+
+def _ragged(lengths: np.ndarray, stride: int) -> np.ndarray:
+    """Flat indices of the first lengths[i] elements of every row i of a [len(lengths), stride] array."""
+    total = int(lengths.sum())
+    starts = np.repeat(np.arange(len(lengths), dtype=np.int64) * stride - (np.cumsum(lengths) - lengths), lengths)
+    return starts + np.arange(total, dtype=np.int64)
+
+
 class _Narrowed:
     """One field of every row narrowed. A row's trailing run of one value (its padding) is one pattern repeated,
-    so only the values before it are gathered byte by byte."""
+    so only the values before it are looked at one by one: one pass compares every value with the row's last."""
 
     def __init__(self, values: np.ndarray):
         n, count = values.shape
-        code = ((values < -128) | (values > 127)).astype(np.uint8)
-        code += (values < -32768) | (values > 32767)
-        self.lengths = np.left_shift(1, code, dtype=np.uint8).sum(axis=1, dtype=np.int64)
+        self.count, self.patterns = count, {}
+        self.last = values[:, -1] if count else np.zeros(n, np.int32)
+        differs = values != self.last[:, None]
+        self.run = np.where(differs.any(axis=1), np.argmax(differs[:, ::-1], axis=1), count) if count \
+            else np.zeros(n, np.int64)
+        before = count - self.run  # values ahead of the run, each narrowed on its own
+        body = values.reshape(-1)[_ragged(before, count)]
+        code = _width_codes(body)
+        last_code = _width_codes(self.last)
+        self.width = np.left_shift(1, last_code, dtype=np.int64)
+        ends = np.cumsum(before)
+        summed = np.concatenate([[0], np.cumsum(np.left_shift(1, code, dtype=np.int64))])
+        body_bytes = summed[ends] - summed[ends - before]
+        self.lengths = body_bytes + self.run * self.width
+        # the bitmap holds a code per value (2 bits, most significant first), zeros after the last value
         bitmap_len = -(-count // 4)
         codes = np.zeros((n, bitmap_len * 4), np.uint8)
-        codes[:, :count] = code
+        codes[:, :count] = last_code[:, None]
+        codes.reshape(-1)[_ragged(before, bitmap_len * 4)] = code
         codes = codes.reshape(n, bitmap_len, 4)
         bitmap = (codes[..., 0] << 6) | (codes[..., 1] << 4) | (codes[..., 2] << 2) | codes[..., 3]
         self.head = np.concatenate([_big_endian(4 + bitmap_len + self.lengths, 8),
                                     _big_endian(np.full(n, count, np.int64), 4), bitmap], axis=1)
-        self.last = values[:, -1] if count else np.zeros(n, np.int32)
-        same = values == self.last[:, None]
-        self.run = np.where(same.all(axis=1), count, np.argmin(same[:, ::-1], axis=1)) if count else np.zeros(n, int)
-        body = np.arange(count) < (count - self.run)[:, None]
-        self.body = values[body].view(np.uint8).reshape(-1, 4)[_KEPT_BYTES[code[body]].view(bool).reshape(-1, 4)]
-        self.width = np.left_shift(1, code[:, -1] if count else np.zeros(n, np.uint8), dtype=np.int64)
-        self.offsets = np.concatenate([[0], np.cumsum(self.lengths - self.run * self.width)])
-        self.count, self.patterns = count, {}
+        self.body = body.view(np.uint8).reshape(-1, 4)[_KEPT_BYTES[code].view(bool).reshape(-1, 4)]
+        self.offsets = np.concatenate([[0], np.cumsum(body_bytes)])
 
     def _repeated(self, value: int, width: int) -> np.ndarray:
         if value not in self.patterns:
@@ -240,6 +261,15 @@ class _ShardFile:
             pass
 
 
+def load_index_generator():
+    """MindSpore's index generator class. Importing it takes seconds of CPU: a caller that waits on other processes
+    can load it meanwhile, so that commit() does not wait for it at the end."""
+    # mindspore takes seconds to load: imported only when an index is written
+    from mindspore.mindrecord.core.shardindexgenerator import ShardIndexGenerator
+
+    return ShardIndexGenerator
+
+
 class MindRecordWriter:
     """Writes EncodedRows into `paths` (one data file per shard, names as MindRecord gives them), then the header
     and the .db index of each. A batch is spread over the shards in contiguous, equal parts (the first shards take
@@ -278,10 +308,7 @@ class MindRecordWriter:
         for shard in self.shards:
             shard.finish({**header, "shard_id": shard.shard_id})
         self.shards = []
-        # mindspore takes seconds to load: imported only when this runs
-        from mindspore.mindrecord.core.shardindexgenerator import ShardIndexGenerator
-
-        index = ShardIndexGenerator(os.path.realpath(self.paths[0]), False)
+        index = load_index_generator()(os.path.realpath(self.paths[0]), False)
         index.build()
         index.write_to_db()
 

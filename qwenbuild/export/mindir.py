@@ -22,7 +22,7 @@ from qwenbuild.model.config import QwenConfig
 from qwenbuild.export import worker
 from qwenbuild.parallel.launch_scripts import local_msrun
 from qwenbuild.processes import run_child
-from qwenbuild.store import atomic_path, promote, remove
+from qwenbuild.store import atomic_path, output_path, promote, refuse_in_the_way, remove, write_seal
 from qwenbuild.tokenizer import load_tokenizer, pad_id, stop_ids
 from qwenbuild.tokenizer.files import ENDOFTEXT, IM_END, QWEN_SPECIAL_IDS
 
@@ -94,8 +94,10 @@ def _promote_rank(dirs: GraphDirs, rank: int, scratch: dict[str, Path], docs: di
         new_vars = scratch[kind] / dirs.variables_dir(kind, rank).name
         final_vars = dirs.variables_dir(kind, rank)
         if new_vars.exists():
+            write_seal(new_vars)  # qwenbuild's own: a later export may replace it
             promote(new_vars, final_vars)
         else:
+            refuse_in_the_way(final_vars, directory=True)
             remove(final_vars)
         promote(scratch[kind] / dirs.graph_file(kind, rank).name, dirs.graph_file(kind, rank))
     for kind in KINDS:
@@ -116,7 +118,7 @@ def _missing_dirs(paths) -> list[Path]:
 
 def export_mindir(cfg: QwenConfig, ckpt_path, out_root: str | Path | GraphDirs, rank: int = 0, batch_size: int = 1,
                   seq_length: int = 2048, *, tokenizer_dir=None, external_weights: bool = False,
-                  model_parallel: int = 1, strategy_dir=None, progress=logger.info) -> dict:
+                  model_parallel: int = 1, strategy_dir=None, progress=logger.info, inputs=()) -> dict:
     """Write out_root/mindir_{full,inc}_checkpoint/rank_N_graph.{mindir,json} (+ rank_N_variables/).
 
     out_root: the export root, or GraphDirs naming the full and inc directories themselves.
@@ -126,8 +128,9 @@ def export_mindir(cfg: QwenConfig, ckpt_path, out_root: str | Path | GraphDirs, 
     tokenizer_dir: where the sidecar's eos/pad ids come from; without it the Qwen1.5 ids are recorded when the
     vocabulary holds them.
     external_weights: write weights to rank_N_variables/ even below MindSpore's 1 GiB threshold (as the
-    original's large models are written). Returns {"full"|"inc": {"mindir", "sidecar", "variables", "digest"}}
-    of `rank` (model_parallel 1) or of rank 0, with "ranks": the summaries of every rank.
+    original's large models are written). inputs: further files the export is made from (the config's
+    directory), which no output may be or lie in. Returns {"full"|"inc": {"mindir", "sidecar", "variables",
+    "digest"}} of `rank` (model_parallel 1) or of rank 0, with "ranks": the summaries of every rank.
     """
     ckpt_path = Path(ckpt_path)
     dirs = out_root if isinstance(out_root, GraphDirs) else GraphDirs.under(out_root)
@@ -136,9 +139,10 @@ def export_mindir(cfg: QwenConfig, ckpt_path, out_root: str | Path | GraphDirs, 
         if directory.exists() and not directory.is_dir():
             raise UserError(f"{directory} is a file, but the graphs go into a directory there",
                             hint="remove it or choose another --output_dir")
+    ranks = list(range(model_parallel)) if model_parallel > 1 else [rank]
+    _check_outputs(dirs, ranks, [ckpt_path, strategy_dir, tokenizer_dir, *inputs])
     eos_token_ids, pad_token_id = _special_ids(cfg, tokenizer_dir)
     t0 = time.perf_counter()
-    ranks = list(range(model_parallel)) if model_parallel > 1 else [rank]
     tag = f".export-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     scratch = {r: {kind: dirs.dir(kind) / f".rank_{r}{tag}" for kind in KINDS} for r in ranks}
     made_here = _missing_dirs(dirs.dir(kind) for kind in KINDS)
@@ -181,6 +185,15 @@ def export_mindir(cfg: QwenConfig, ckpt_path, out_root: str | Path | GraphDirs, 
                  f"{'external weights, ' if summary['full']['variables'] else ''}"
                  f"{time.perf_counter() - t0:.1f} s -> {dirs.full.parent}")
     return summary
+
+
+def _check_outputs(dirs: GraphDirs, ranks: list[int], inputs: list) -> None:
+    """Every path an export writes may be written (store.output_path), before MindSpore starts."""
+    for r in ranks:
+        for kind in KINDS:
+            output_path(dirs.graph_file(kind, r), inputs=inputs)
+            output_path(dirs.sidecar_file(kind, r), inputs=inputs)
+            output_path(dirs.variables_dir(kind, r), directory=True, inputs=inputs)
 
 
 def _rank_checkpoint(ckpt_path: Path, rank: int, model_parallel: int) -> Path:

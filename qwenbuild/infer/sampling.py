@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import numpy as np
 
@@ -24,11 +25,13 @@ class Sampling:
             raise UserError(f"--top_k must be >= 0 (0 turns it off), not {self.top_k}")
         if not 0.0 < self.top_p <= 1.0:
             raise UserError(f"--top_p must lie in (0, 1] (1 turns it off), not {self.top_p}")
-        if self.temperature <= 0.0:
-            raise UserError(f"--temperature must be > 0, not {self.temperature}",
+        # nan compares false with every bound and inf turns the logits into nan: both refused by name
+        if not math.isfinite(self.temperature) or self.temperature <= 0.0:
+            raise UserError(f"--temperature must be a finite number > 0, not {self.temperature}",
                             hint="for deterministic output leave out --do_sample instead")
-        if self.repetition_penalty <= 0.0:
-            raise UserError(f"--repetition_penalty must be > 0 (1 turns it off), not {self.repetition_penalty}")
+        if not math.isfinite(self.repetition_penalty) or self.repetition_penalty <= 0.0:
+            raise UserError(f"--repetition_penalty must be a finite number > 0 (1 turns it off), not "
+                            f"{self.repetition_penalty}")
 
 
 def repetition_penalty(logits: np.ndarray, seen_ids, penalty: float) -> np.ndarray:

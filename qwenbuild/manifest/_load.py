@@ -13,11 +13,16 @@ from tomlkit.exceptions import TOMLKitError
 
 from qwenbuild import schema
 from qwenbuild.errors import UserError
-from qwenbuild.jsonfile import BadJSON, parse_json
+from qwenbuild.jsonfile import read_bytes
 from qwenbuild.manifest import _presets, sections
 from qwenbuild.manifest._lines import key_lines, line_of
 from qwenbuild.manifest._rules import manifest_problems
 from qwenbuild.model.config import QwenConfig
+from qwenbuild.store import real_file
+
+
+# far above any hand-written manifest; a device or an endless pipe named as one stops here
+MAX_MANIFEST_BYTES = 16 << 20
 
 
 @dataclasses.dataclass
@@ -71,9 +76,10 @@ class Manifest:
         """The TOML-shaped value of a dotted key (`train.learning_rate`) or section (`lite`); None when left out."""
         if not schema.is_key(key):
             raise KeyError(f"{key!r} is not a qwen.toml key (see schemas/qwen.schema.json)")
-        section, _, name = key.partition(".")
-        obj = getattr(self, section)
-        return sections.to_json(getattr(obj, name) if name else obj)
+        obj = self
+        for name in key.split("."):
+            obj = getattr(obj, name)
+        return sections.to_json(obj)
 
     def path_of(self, key: str) -> Path | None:
         """A path-valued key resolved against the manifest's directory."""
@@ -91,22 +97,34 @@ class Manifest:
         return Problem(str(self.path), self.line(key), key, message)
 
 
-def parse_toml(path: Path):
-    """The tomlkit document of a qwen.toml (comments kept, for edits); every way it can be unreadable is a
-    UserError or a ManifestError naming the file and line."""
+BOM = "\ufeff"
+
+
+def read_manifest_text(path: Path) -> str:
+    """qwen.toml's text as written (line endings kept, for edits), a UTF-8 byte-order mark included when there;
+    every way it can be unreadable is a UserError naming the file."""
     try:
-        text = path.read_text(encoding="utf-8")
+        raw = read_bytes(path, "manifest", limit=MAX_MANIFEST_BYTES)
     except FileNotFoundError:
-        raise UserError(f"{path} does not exist", hint="create one with `qwenbuild init`, or pass -c PATH")
+        raise UserError(f"{path} does not exist", hint="create one with `qwenbuild init`, or name another manifest "
+                                                       "(qwenbuild -c PATH; doit manifest=PATH)") from None
     except IsADirectoryError:
-        raise UserError(f"{path} is a directory, not a qwen.toml file")
-    except UnicodeDecodeError as exc:
-        raise UserError(f"{path} is not UTF-8 text (byte {exc.start})", hint="save the file as UTF-8")
+        raise UserError(f"{path} is a directory, not a qwen.toml file") from None
     except PermissionError:
-        raise UserError(f"{path} is not readable")
-    if text.startswith("\ufeff"):
-        raise ManifestError([Problem(str(path), 1, "", "the file starts with a UTF-8 byte-order mark, which TOML does "
-                                                       "not allow; save it as UTF-8 without BOM")])
+        raise UserError(f"{path} is not readable") from None
+    except OSError as exc:
+        raise UserError(f"cannot read {path}: {exc.strerror or exc}") from None
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{path} is not UTF-8 text (byte {exc.start})", hint="save the file as UTF-8") from None
+
+
+def parse_toml(path: Path):
+    """The tomlkit document of a qwen.toml (comments kept, for edits) and its text; every way it can be unreadable
+    is a UserError or a ManifestError naming the file and line. A leading byte-order mark (which editors on Windows
+    write) is read past, as Python's own utf-8-sig does; `set` writes it back."""
+    text = read_manifest_text(path).removeprefix(BOM)
     try:
         tomllib.loads(text)  # Python's reader names the line and column of every syntax error and repeated key
     except tomllib.TOMLDecodeError as exc:
@@ -199,22 +217,26 @@ def _resolve_model(d: _Draft, raw_model: dict) -> tuple[QwenConfig | None, list[
         problems.append(d.problem("model.hf_dir", "missing: init = \"hf\" converts a Hugging Face Qwen1.5 checkpoint; "
                                                   "set hf_dir to its directory, or init = \"random\" for seeded "
                                                   "random starting weights"))
-    if hf_dir is not None and not (hf_dir / "config.json").exists() and model.get("preset"):
-        # weights not downloaded yet: the preset's dimensions plan the cluster, nothing is trained without them
+    if hf_dir is not None and hf_dir.exists() and not hf_dir.is_dir():
+        return None, problems + [d.problem("model.hf_dir", f"{hf_dir} is a file; hf_dir names the Hugging Face "
+                                                           "checkpoint's directory (config.json and the weights)")]
+    stand_in = _stand_in(model, explicit)
+    if hf_dir is not None and not (hf_dir / "config.json").exists() and stand_in:
+        # weights not downloaded yet: the dimensions plan the cluster, nothing is trained without them
         d.unavailable.append(d.problem("model.hf_dir", f"{hf_dir / 'config.json'} does not exist: download the "
-                                                       f"checkpoint there (the {model['preset']} preset's dimensions "
-                                                       "stand in for planning; no weights are made up)"))
+                                                       f"checkpoint there ({stand_in} stand in for planning; no "
+                                                       "weights are made up)"))
         hf_dir = None
     if hf_dir is not None:
         config = hf_dir / "config.json"
         try:
-            hf = parse_json(config.read_text(encoding="utf-8"))
-            base = dataclasses.asdict(QwenConfig.from_hf_dict(hf))
-        except FileNotFoundError:
-            return None, [d.problem("model.hf_dir", f"{config} does not exist; point hf_dir at a Hugging Face "
-                                                    "Qwen1.5 checkpoint directory")]
-        except (BadJSON, UnicodeDecodeError, UserError, TypeError) as exc:
-            return None, [d.problem("model.hf_dir", f"{config} is not a usable Qwen1.5 config.json: {exc}")]
+            base = dataclasses.asdict(QwenConfig.from_hf_dir(hf_dir))
+        except UserError as exc:
+            if not config.exists():
+                return None, [d.problem("model.hf_dir", f"{config} does not exist; point hf_dir at a Hugging Face "
+                                                        "Qwen1.5 checkpoint directory, or set model.preset (or "
+                                                        "every dimension) to plan before it is downloaded")]
+            return None, [d.problem("model.hf_dir", f"not a usable Qwen1.5 config.json: {exc}")]
         for key, value in explicit.items():
             if key in ("param_dtype", "compute_dtype"):
                 continue
@@ -237,6 +259,15 @@ def _resolve_model(d: _Draft, raw_model: dict) -> tuple[QwenConfig | None, list[
     except UserError as exc:
         return None, problems + [d.problem("model", str(exc))]
     return cfg, problems
+
+
+def _stand_in(model: dict, explicit: dict) -> str | None:
+    """What gives the dimensions while hf_dir's checkpoint is not there yet: the preset, or every one written."""
+    if model.get("preset"):
+        return f"the {model['preset']} preset's dimensions"
+    if all(k in explicit for k in _presets.DIMENSION_KEYS[:6]):
+        return "the dimensions in [model]"
+    return None
 
 
 def _check_paths(d: _Draft) -> list[Problem]:
@@ -266,7 +297,7 @@ def _check_paths(d: _Draft) -> list[Problem]:
 
 def load_manifest(path: str | Path = "qwen.toml") -> Manifest:
     """Load and validate a manifest; raises ManifestError listing every problem with file:line and key path."""
-    path = Path(path).resolve()
+    path = real_file(path)
     raw, lines, _ = read_toml(path)
     found = [Problem(str(path), line_of(lines, key), key, msg) for key, msg in schema.problems(raw)]
     if found:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from qwenbuild.build_dir import BuildDir
+from qwenbuild.model.lora import rank_problems
 from qwenbuild.parallel.memory import GIB, deployment_memory, max_device_memory_gb
 from qwenbuild.parallel.plan_rules import plan_problems
 from qwenbuild.tokenizer.files import QWEN_VOCAB_SIZE
@@ -11,7 +12,7 @@ from qwenbuild.tokenizer.files import QWEN_VOCAB_SIZE
 def manifest_problems(m) -> list:
     """Every broken rule as a Problem naming the key to change."""
     return (_plan(m) + _export_fits(m) + _lengths(m) + _nodes(m) + _tokenizer(m) + _data(m) + _prompt(m)
-            + _strategy_dir(m))
+            + _strategy_dir(m) + _lora(m))
 
 
 def deployment_dtype(m) -> str:
@@ -133,6 +134,14 @@ def _data(m) -> list:
                                                                          else "") + "); raise num_train or lower "
                                                "train.batch_size")]
     return []
+
+
+def _lora(m) -> list:
+    lora = m.train.lora_config
+    if lora is None:
+        return []
+    return [m.problem("train.lora.rank", f"{problem}; lower train.lora.rank or leave that target out")
+            for problem in rank_problems(m.model.config, lora.rank, lora.targets)]
 
 
 def _prompt(m) -> list:

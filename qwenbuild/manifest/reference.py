@@ -24,10 +24,15 @@ def _rows(prefix: str, node: dict, required: set[str]) -> list[str]:
             rows.append(f"| `{path}` | array of tables | | {sub.get('description', '')} |")
             rows += _rows(f"{path}[]", sub["items"], set(sub["items"].get("required", [])))
             continue
+        if sub.get("type") == "object" and sub.get("properties"):
+            rows.append(f"| `{path}` | table | | {sub.get('description', '')} |")
+            rows += _rows(path, sub, set(sub.get("required", [])))
+            continue
         if sub.get("type") == "object" and not sub.get("properties"):
             kind = "table of ini keys"
         elif sub.get("type") == "array":
-            kind = f"array of {sub['items'].get('type', 'values')}"
+            items = sub["items"]
+            kind = f"array of {allowed(items) if 'enum' in items else items.get('type', 'values')}"
         else:
             kind = allowed(sub)
         need = " (required)" if key in required else ""

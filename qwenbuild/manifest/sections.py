@@ -11,6 +11,7 @@ import dataclasses
 from typing import Any, ClassVar
 
 from qwenbuild.model.config import QwenConfig
+from qwenbuild.model.lora import LoraConfig
 
 _CONFIG_FIELDS = tuple(f.name for f in dataclasses.fields(QwenConfig))
 
@@ -127,10 +128,19 @@ class Parallel:
 
 
 @dataclasses.dataclass(frozen=True)
+class Lora:
+    rank: int
+    alpha: float
+    dropout: float
+    targets: tuple[str, ...]
+
+
+@dataclasses.dataclass(frozen=True)
 class Train:
-    READS: ClassVar[dict[str, tuple[str, ...]]] = {"engine_on": ("engine",)}
+    READS: ClassVar[dict[str, tuple[str, ...]]] = {"engine_on": ("engine",), "lora_config": ("method", "lora")}
 
     engine: str | None
+    method: str
     learning_rate: float
     warmup_ratio: float
     weight_decay: float
@@ -144,6 +154,12 @@ class Train:
     seed: int
     save_steps: int
     eval_max_new_tokens: int
+    lora: Lora
+
+    @property
+    def lora_config(self) -> LoraConfig | None:
+        """The adapters to train, or None for a full fine-tune."""
+        return LoraConfig(**dataclasses.asdict(self.lora)) if self.method == "lora" else None
 
     def engine_on(self, device: str) -> str:
         """Who trains on this device: train.engine, else MindFormers on Ascend and qwenbuild's loop on CPU."""
@@ -196,6 +212,8 @@ def build_section(cls: type, values: dict) -> Any:
         value = values.get(f.name)
         if cls is Hardware and f.name == "nodes":
             value = tuple(build_section(Node, n) for n in value)
+        if cls is Train and f.name == "lora":
+            value = build_section(Lora, value)
         fields[f.name] = _frozen(value)
     return cls(**fields)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+from qwenbuild import schema
 from qwenbuild.dtypes import DTYPES
 from qwenbuild.errors import UserError
 from qwenbuild.jsonfile import read_json
@@ -25,16 +26,28 @@ HF_KEYS = {
 }
 
 
-def _checked(key: str, value):
-    """A config.json dimension as found, refused when it is not a positive number of the right kind."""
-    if key == "tie_word_embeddings":
-        if not isinstance(value, bool):
-            raise UserError(f"{key} must be true or false, not {value!r}")
-        return value
-    kind = float if key in ("rms_norm_eps", "rope_theta") else int
-    if isinstance(value, bool) or not isinstance(value, (int, float) if kind is float else int) or value <= 0:
-        raise UserError(f"{key} must be a positive {'number' if kind is float else 'integer'}, not {value!r}")
+MODEL_TYPE, ARCHITECTURE = "qwen2", "Qwen2ForCausalLM"
+
+
+def _checked(field: str, key: str, value):
+    """A config.json value, checked by the rule qwen.toml's model.<field> has in the schema (types, finite numbers,
+    bounds): one rule for the same number wherever it is written."""
+    problem = schema.value_problem(f"model.{field}", value)
+    if problem:
+        raise UserError(f"key {key!r}: {problem}")
     return value
+
+
+def _check_kind(hf: dict) -> None:
+    """A config.json of another model family is refused by name, not read as if its keys meant Qwen's."""
+    kind = hf.get("model_type")
+    if kind is not None and kind != MODEL_TYPE:
+        raise UserError(f"key 'model_type' is {kind!r}; qwenbuild reads Qwen1.5 checkpoints (model_type "
+                        f"{MODEL_TYPE!r})", hint="point at a Qwen1.5 (Qwen2 architecture) model directory")
+    architectures = hf.get("architectures")
+    if architectures is not None and (not isinstance(architectures, list) or ARCHITECTURE not in architectures):
+        raise UserError(f"key 'architectures' is {architectures!r}; a Qwen1.5 checkpoint lists {ARCHITECTURE!r}",
+                        hint="point at a Qwen1.5 (Qwen2 architecture) model directory")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,15 +88,17 @@ class QwenConfig:
         """Read the dimensions of a Hugging Face Qwen2/Qwen1.5 config.json dict."""
         if not isinstance(hf, dict):
             raise UserError(f"config.json holds a JSON {type(hf).__name__}, not an object of model settings")
+        _check_kind(hf)
         values = {}
         for field, key in HF_KEYS.items():
             if key in hf:
-                values[field] = _checked(key, hf[key])
+                values[field] = _checked(field, key, hf[key])
         if "num_key_value_heads" not in hf and "num_attention_heads" in hf:
-            values["n_kv_heads"] = hf["num_attention_heads"]
+            values["n_kv_heads"] = values["num_heads"]
         # transformers 5.x moves rope_theta under rope_parameters; 4.57 would silently fall back to 10000
         if "rope_theta" not in hf and isinstance(hf.get("rope_parameters"), dict):
-            values["rope_theta"] = hf["rope_parameters"].get("rope_theta", 10000.0)
+            values["rope_theta"] = _checked("rope_theta", "rope_parameters.rope_theta",
+                                            hf["rope_parameters"].get("rope_theta", 10000.0))
         dtype = hf.get("torch_dtype") or hf.get("dtype")
         if dtype in DTYPES:
             values["param_dtype"] = dtype

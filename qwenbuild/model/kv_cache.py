@@ -50,8 +50,14 @@ class _Graph(nn.Cell):
             for i in range(self.num_layers))
         self.join = GatherLastDim(net.parallel) if net.vocab_parallel else Identity()
 
-    def logits(self, hidden):
-        return self.join(self.net.logits(self.net.model.norm_out(hidden)))
+    def logits(self, hidden, table):
+        return self.join(self.net.logits(self.net.model.norm_out(hidden), table))
+
+    def table(self):
+        """The embedding table, read once per call for the lookup and a tied output projection both: a Parameter
+        read again after the cache writes is copied whole first (a TensorMove of the 151,936 x 1,024 table at
+        Qwen1.5-0.5B's shape), on every call."""
+        return self.net.model.tok_embeddings.table()
 
     def cache_rows(self, index, slots):
         """Rows of cache rows `index` [B], every local head, at `slots` [B, n] -> [B * heads * n]."""
@@ -65,7 +71,8 @@ class PrefillGraph(_Graph):
     at position batch_valid_length - 1."""
 
     def construct(self, input_ids, batch_valid_length, batch_index, zactivate_len):
-        hidden, keys, values = self.net.model.run(input_ids)
+        table = self.table()
+        hidden, keys, values = self.net.model.run(input_ids, table)
         b, s = input_ids.shape
         rows = self.cache_rows(ops.cast(batch_index, ms.int32),
                                ops.tile(ops.expand_dims(ops.arange(s, dtype=ms.int32), 0), (b, 1)))
@@ -77,7 +84,7 @@ class PrefillGraph(_Graph):
         pick = ops.cast(ops.expand_dims(ops.arange(input_ids.shape[1], dtype=ms.int32), 0)
                         == ops.expand_dims(last, 1), F32)
         hidden = ops.reduce_sum(hidden * ops.expand_dims(pick, -1), 1)
-        return ops.depend(self.logits(hidden), written)
+        return ops.depend(self.logits(hidden, table), written)
 
 
 class DecodeGraph(_Graph):
@@ -98,7 +105,8 @@ class DecodeGraph(_Graph):
         visible = slots <= ops.expand_dims(_rows(pos, to_rows), 1)
         bias = ops.reshape((1.0 - ops.cast(visible, F32)) * MASKED, (b, 1, 1, 1, window))
         cos, sin = model.rope(ops.expand_dims(ops.cast(pos, F32), 1))
-        x = model.embed(input_ids)
+        table = self.table()
+        x = model.embed(input_ids, table)
         where = self.cache_rows(index, ops.expand_dims(pos, 1))  # each row's new token, every local head
         cache = (b, self.heads, self.seq_length, self.head_dim)
         for i in range(self.num_layers):
@@ -110,7 +118,7 @@ class DecodeGraph(_Graph):
             values = _first_slots(ops.reshape(values, cache), window)
             out = layer.attention.attend(_rows(q, to_rows), keys, values, bias)
             x = layer.after_attention(x, _rows(out, index))
-        return self.logits(x)
+        return self.logits(x, table)
 
 
 def _rows(x, order):

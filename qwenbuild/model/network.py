@@ -20,6 +20,7 @@ from qwenbuild.errors import UserError
 from qwenbuild.model.config import QwenConfig
 from qwenbuild.model.cpu_kernels import Softmax, add_bias, large, over_columns, over_rows, row_means, silu
 from qwenbuild.model.fused_kernels import kernels
+from qwenbuild.model.lora import A, B
 from qwenbuild.model.params import EMBEDDING, check_names, is_beside_weights
 from qwenbuild.model.tensor_parallel import Identity, ModelParallel
 
@@ -74,7 +75,8 @@ class RMSNorm(nn.Cell):
 
 
 class Linear(nn.Cell):
-    """y = x W^T + b with W stored [out, in], as both HF and MindFormers store it."""
+    """y = x W^T + b with W stored [out, in], as both HF and MindFormers store it; with a LoRA adapter (add_adapter)
+    y also gains scale * B A dropout(x)."""
 
     def __init__(self, n_in: int, n_out: int, has_bias: bool, dtype):
         super().__init__()
@@ -83,6 +85,21 @@ class Linear(nn.Cell):
         if has_bias:
             self.bias = _param((n_out,), dtype, "zeros", "bias")
         self.matmul = ops.MatMul(transpose_b=True)
+        self.adapted = False
+
+    def add_adapter(self, cell: str, rank: int, scale: float, dropout: nn.Cell) -> None:
+        """A LoRA adapter of this process's slices, A [rank, n_in] and B [n_out, rank], float32 whatever the weight's
+        dtype and zero until loaded, named as MindFormers names them below `cell` (model/lora.py)."""
+        self.mindpet_delta_lora_a = Parameter(Tensor(np.zeros((rank, self.n_in), np.float32)), name=f"{cell}.{A}")
+        self.mindpet_delta_lora_b = Parameter(Tensor(np.zeros((self.n_out, rank), np.float32)), name=f"{cell}.{B}")
+        self.lora_scale = Tensor(scale, F32)
+        self.lora_dropout = dropout
+        self.adapted = True
+
+    def delta(self, flat):
+        """The adapter's output for flat [N, n_in]: scale times B A dropout(x), the scale applied at the rank."""
+        low = self.matmul(self.lora_dropout(flat), self.mindpet_delta_lora_a) * self.lora_scale
+        return self.matmul(low, self.mindpet_delta_lora_b)
 
     def construct(self, x):
         # 2-D MatMul: the CPU backend has no broadcasting BatchMatMul for weights
@@ -90,6 +107,8 @@ class Linear(nn.Cell):
         y = self.matmul(flat, ops.cast(self.weight, F32))
         if self.has_bias:
             y = add_bias(y, ops.cast(self.bias, F32))
+        if self.adapted:
+            y = y + self.delta(flat)
         return y if len(x.shape) == 2 else ops.reshape(y, x.shape[:-1] + (self.n_out,))
 
 
@@ -109,7 +128,11 @@ def joint_projection(x, linears: tuple):
     y = linears[0].matmul(x, ops.concat([ops.cast(lin.weight, F32) for lin in linears], 0))
     if linears[0].has_bias:
         y = add_bias(y, ops.concat([ops.cast(lin.bias, F32) for lin in linears], 0))
-    return y
+    adapted, deltas = False, ()
+    for lin in linears:
+        adapted = adapted or lin.adapted
+        deltas += (lin.delta(x) if lin.adapted else ops.zeros((x.shape[0], lin.n_out), F32),)
+    return y + ops.concat(deltas, -1) if adapted else y
 
 
 def fused_linear(linears: tuple) -> "Linear":
@@ -171,9 +194,13 @@ class Embedding(nn.Cell):
         self.rows, self.start = rows, parallel.index * rows
         self.reduce = parallel.reduce_out() if self.split else Identity()
 
-    def construct(self, input_ids):
-        # the CPU Gather kernel has no bfloat16: cast the table first (a no-op for float32)
-        table = ops.cast(self.embedding_weight, F32)
+    def table(self):
+        """The table as the kernels read it: float32 (the CPU Gather kernel has no bfloat16; a no-op for float32)."""
+        return ops.cast(self.embedding_weight, F32)
+
+    def construct(self, input_ids, table=None):
+        """Rows of input_ids; `table` is table() read once by a graph that also projects onto it (tied lm_head)."""
+        table = self.table() if table is None else table
         if not self.split:
             return ops.gather(table, input_ids, 0)
         local = input_ids - self.start
@@ -392,14 +419,14 @@ class QwenModel(nn.Cell):
         cos, sin = self.rope(positions, None if fused_rope else input_ids.shape[0])
         return cos, sin, self.layers[0].attention.full_bias(bias, input_ids.shape[0])
 
-    def embed(self, input_ids):
-        """The tokens as rows [B * S, hidden]."""
-        return self.tok_embeddings(ops.reshape(input_ids, (-1,)))
+    def embed(self, input_ids, table=None):
+        """The tokens as rows [B * S, hidden] (from `table`, the embedding's table() already read, when given)."""
+        return self.tok_embeddings(ops.reshape(input_ids, (-1,)), table)
 
-    def run(self, input_ids):
+    def run(self, input_ids, table=None):
         """Hidden states before the final norm [B, S, hidden] and per-layer keys/values [L, B, KV, S, D]."""
         cos, sin, bias = self._whole_sequence(input_ids)
-        x = self.embed(input_ids)
+        x = self.embed(input_ids, table)
         keys, values = (), ()
         for layer in self.layers:
             x, k, v = layer(x, cos, sin, bias)
@@ -453,11 +480,12 @@ class QwenForCausalLM(nn.Cell):
         self.copy_in = parallel.copy_in() if self.vocab_parallel else Identity()
         self.matmul = ops.MatMul(transpose_b=True)
 
-    def logits(self, hidden):
-        """hidden [..., hidden_size] (after the final norm) -> logits [..., vocab] (this process's slice)."""
+    def logits(self, hidden, table=None):
+        """hidden [..., hidden_size] (after the final norm) -> logits [..., vocab] (this process's slice); `table`:
+        the embedding's table() already read, which a tied model projects onto."""
         shared = self.copy_in(hidden)
         if self.tied:
-            table = ops.cast(self.model.tok_embeddings.embedding_weight, F32)
+            table = self.model.tok_embeddings.table() if table is None else table
             flat = self.matmul(ops.reshape(shared, (-1, shared.shape[-1])), table)
             return ops.reshape(flat, shared.shape[:-1] + (self.vocab_size,))
         return self.lm_head(shared)

@@ -104,6 +104,8 @@ def num_parameters(cfg: QwenConfig) -> int:
 # the model's Hugging Face config.json, kept inside the checkpoints qwenbuild writes (a MindSpore string entry), so
 # a checkpoint converts back without being told the model's dimensions
 CONFIG_ENTRY = "hf_config_json"
+# a LoRA run's adapter settings (rank, alpha, dropout, targets) as JSON, in the checkpoints that hold its adapters
+LORA_ENTRY = "lora_config_json"
 # optimizer and loss-scale state that MindSpore training checkpoints carry next to the weights
 _TRAINING_PREFIXES = ("adam_m.", "adam_v.", "moment1.", "moment2.", "accu_grads.", "accum_grad.", "global_step",
                       "learning_rate", "beta1_power", "beta2_power", "scale_sense", "loss_scale", "epoch_num",
@@ -124,7 +126,7 @@ def is_cache_name(name: str) -> bool:
 
 def is_beside_weights(name: str) -> bool:
     """True for optimizer/step-counter entries and the stored config: what a checkpoint holds besides weights."""
-    return name == CONFIG_ENTRY or name.startswith(_TRAINING_PREFIXES)
+    return name in (CONFIG_ENTRY, LORA_ENTRY) or name.startswith(_TRAINING_PREFIXES)
 
 
 def check_names(expected: dict, found: dict, source) -> None:

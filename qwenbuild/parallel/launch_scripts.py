@@ -116,7 +116,7 @@ def _check(nodes: list[dict], workers_per_node: int, device: str, rank_table_fil
 
 def _environment(script: str, python: str, env_script: str | None, env: dict[str, str]) -> list[str]:
     """Lines that set up a node: its environment script, its Python first on PATH, the run's variables."""
-    name = python_name(python)
+    python_name(python)  # refuses what msrun could not start
     lines = []
     if env_script:
         # an environment script may read unset variables: -u only around it
@@ -139,14 +139,16 @@ def launch_scripts(nodes: list[dict], workers_per_node: int, command: list[str] 
                    python: str = "python3", env_script: str | None = None,
                    rank_table_file: str | Path | None = None, workdir: str | Path | None = None,
                    cluster_time_out: int = 600, tail_worker_log: int | None = None, check: list[str] | None = None,
-                   job_name: str = "qwenbuild") -> dict[str, str]:
+                   job_name: str = "qwenbuild", workdir_from_script: str | None = None) -> dict[str, str]:
     """{file name: text}: node_<k>.sh for every node and slurm.sbatch running the same on the same hosts.
 
     nodes: [{"ip": ..., "host": ...}, ...] in rank order; node 0 is the msrun master. command: what each worker
     runs after the nodes' python (`-m module args...` or a script and its arguments). A one-node CPU topology reads
     its port from $MASTER_PORT when set (default master_port). check: a module and its arguments each node runs on
     its python before msrun (arguments `{node}`, `{host}`, `{ip}` become the node's index, host and address); the
-    node stops if it fails.
+    node stops if it fails. workdir_from_script: the working directory of node_<k>.sh relative to the script's own
+    directory, so a copied build dir moves along (slurm.sbatch, which Slurm runs from a copy, still goes to
+    `workdir`).
     """
     _check(nodes, workers_per_node, device, rank_table_file)
     name = python_name(python)
@@ -172,11 +174,14 @@ def launch_scripts(nodes: list[dict], workers_per_node: int, command: list[str] 
         return lines
 
     head = ["set -euo pipefail"] + ([f"cd {word(workdir)}"] if workdir else [])
+    # the directory found from where the script lies, so a copied build dir moves along
+    node_head = head if workdir_from_script is None else [
+        "set -euo pipefail", f'cd "$(dirname -- "${{BASH_SOURCE[0]}}")"/{word(workdir_from_script)}']
     scripts = {}
     for k, node in enumerate(nodes):
         title = (f"node {k} of {len(nodes)} ({word(hosts[k])}, {word(node['ip'])}): {workers_per_node} {device} "
                  f"workers, ranks {k * workers_per_node}..{(k + 1) * workers_per_node - 1} of {world}")
-        lines = ["#!/usr/bin/env bash", comment(title), *head, _python_comment(python),
+        lines = ["#!/usr/bin/env bash", comment(title), *node_head, _python_comment(python),
                  *_environment(f"node_{k}.sh", python, env_script, full_env), *run_lines(k, hosts[k], node["ip"])]
         scripts[f"node_{k}.sh"] = "\n".join(lines) + "\n"
     node_lines = _environment("slurm.sbatch", python, env_script, full_env)

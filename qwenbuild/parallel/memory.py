@@ -7,6 +7,8 @@ flight (1F1B: stage p holds min(pipeline_stage - p, micro_batch_num)), with reco
 The parallel optimizer (on Ascend) splits a parameter's weights and moments over data_parallel when its slice is
 at least `PARALLEL_OPTIMIZER_THRESHOLD` bytes and its first dimension divides. Activations are an estimate; the
 parameter and optimizer figures are exact (a test builds MindFormers' network and optimizer and compares bytes).
+Under LoRA only the adapters have gradients and AdamW moments, and the parallel optimizer splits only them: the
+frozen weights are held whole.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import math
 
 from qwenbuild.dtypes import ITEMSIZE
 from qwenbuild.model.config import QwenConfig
+from qwenbuild.model.lora import A, LoraConfig, layer_adapter_slices
 from qwenbuild.parallel.shard_sizes import ShardGroup, stage_groups, stage_elements
 
 GIB = 1 << 30
@@ -83,6 +86,7 @@ class TrainingPlan:
     compute_dtype: str  # activations
     flash_attention: bool
     parallel_optimizer: bool
+    lora: LoraConfig | None = None  # train.method = "lora": the adapters that train; None: every weight
 
 
 def max_device_memory_gb(device_memory_gb: float) -> int:
@@ -110,6 +114,21 @@ def layer_activation_elements(cfg: QwenConfig, tokens: int, seq_length: int, mod
     return norms + split + scores
 
 
+def _adapter_groups(cfg: QwenConfig, lora: LoraConfig, model_parallel: int, layers: int) -> list[ShardGroup]:
+    return [ShardGroup(f"layers.{name}", layers, whole, part)
+            for name, (whole, part) in layer_adapter_slices(cfg, lora, model_parallel).items()] if layers else []
+
+
+def adapter_activation_elements(cfg: QwenConfig, lora: LoraConfig, tokens: int, model_parallel: int) -> float:
+    """Elements one layer's adapters keep per micro batch: each target's input after dropout (when it drops) and
+    its rank-wide product with A."""
+    total = 0.0
+    for name, (_, part) in layer_adapter_slices(cfg, lora, model_parallel).items():
+        if name.endswith(A):
+            total += tokens * ((part[1] if lora.dropout else 0) + lora.rank)
+    return total
+
+
 def _in_flight(stage: int, plan: TrainingPlan) -> int:
     return min(plan.pipeline_stage - stage, plan.micro_batch_num) if plan.pipeline_stage > 1 else 1
 
@@ -118,6 +137,8 @@ def _activations(cfg: QwenConfig, plan: TrainingPlan, stage: int, layers: int) -
     tokens, mp, sp = plan.seq_length * plan.batch_size, plan.model_parallel, plan.use_seq_parallel
     abytes, in_flight = ITEMSIZE[plan.compute_dtype], _in_flight(stage, plan)
     full = layer_activation_elements(cfg, tokens, plan.seq_length, mp, sp, plan.flash_attention)
+    if plan.lora is not None:
+        full += adapter_activation_elements(cfg, plan.lora, tokens, mp)
     if plan.recompute:
         # each layer keeps its input; one layer at a time is recomputed in full for its backward
         kept = tokens * cfg.hidden_size / (mp if sp else 1) * layers * in_flight + (full if layers else 0)
@@ -144,16 +165,29 @@ def training_memory(cfg: QwenConfig, plan: TrainingPlan, stages: list[range], li
     rows = []
     for stage, (layers, groups) in enumerate(zip(stages, stage_groups(cfg, plan.model_parallel, plan.vocab_emb_dp,
                                                                        stages))):
+        params = stage_elements(groups)
+        if plan.lora is not None:
+            # the frozen weights stay whole; the adapters train
+            frozen, groups = params, _adapter_groups(cfg, plan.lora, plan.model_parallel, len(layers))
         splits = [_optimizer_split(g, wbytes, plan.data_parallel, plan.parallel_optimizer) for g in groups]
         sharded = sum(g.elements / k for g, k in zip(groups, splits))
-        params = stage_elements(groups)
+        trained = stage_elements(groups)
         split_note = f", split over data_parallel {plan.data_parallel} by the parallel optimizer" \
             if any(k > 1 for k in splits) else ""
+        if plan.lora is None:
+            weights = Component("weights", sharded * wbytes, plan.weight_dtype, "master weights" + split_note)
+        else:
+            weights = Component("weights", (frozen + sharded) * wbytes, plan.weight_dtype,
+                                f"frozen master weights, whole, and the rank {plan.lora.rank} adapters" + split_note)
+            params = frozen + trained
+        trains = "" if plan.lora is None else " (the adapters only)"
         components = [
-            Component("weights", sharded * wbytes, plan.weight_dtype, "master weights" + split_note),
-            Component("gradients", params * wbytes, plan.weight_dtype,
-                      "accumulated over micro batches (accu_grads)" if plan.pipeline_stage > 1 else "one step's"),
-            Component("optimizer", sharded * 4 * ADAM_MOMENTS, "float32", "AdamW adam_m and adam_v" + split_note),
+            weights,
+            Component("gradients", trained * wbytes, plan.weight_dtype,
+                      ("accumulated over micro batches (accu_grads)" if plan.pipeline_stage > 1 else "one step's")
+                      + trains),
+            Component("optimizer", sharded * 4 * ADAM_MOMENTS, "float32", "AdamW adam_m and adam_v" + trains
+                      + split_note),
         ]
         if not plan.recompute and plan.compute_dtype != plan.weight_dtype:
             components.append(Component("weight_casts", params * ITEMSIZE[plan.compute_dtype], plan.compute_dtype,

@@ -38,18 +38,24 @@ def stage_layers(num_layers: int, pipeline_stage: int, offset: int | list[int] |
     """
     if pipeline_stage < 1 or pipeline_stage > num_layers:
         raise UserError(f"pipeline_stage {pipeline_stage} must be between 1 and num_layers {num_layers}")
+    offset = offset or 0
     if pipeline_stage == 1:
+        if offset not in (0, [0], (0,)):
+            raise UserError(f"offset {offset!r} spreads layers over pipeline stages, but pipeline_stage is 1",
+                            hint="remove offset, or set pipeline_stage to the number of its entries")
         return [range(num_layers)]
     base, remainder = divmod(num_layers, pipeline_stage)
-    offset = offset or 0
     offsets = [0] * pipeline_stage if isinstance(offset, int) and offset == 0 else offset
     if isinstance(offsets, int) or len(offsets) != pipeline_stage or sum(offsets) != remainder:
         raise UserError(f"{num_layers} layers over {pipeline_stage} pipeline stages: offset {offset!r} must be a "
                         f"list of {pipeline_stage} per-stage extra layers adding up to {remainder}",
                         hint=f"for example offset = {default_offset(num_layers, pipeline_stage)}")
     counts = [base + o for o in offsets]
-    if counts[0] < 0 or counts[-1] < 0 or any(c < 1 for c in counts[1:-1]):
-        raise UserError(f"offset {offsets} leaves a pipeline stage with too few layers ({counts})")
+    if any(c < 1 for c in counts):
+        empty = [s for s, c in enumerate(counts) if c < 1]
+        raise UserError(f"offset {list(offsets)} leaves pipeline stage {empty[0]} without a layer (layers per stage: "
+                        f"{counts})", hint=f"every stage needs a layer; for example offset = "
+                                           f"{default_offset(num_layers, pipeline_stage)}")
     ranges, start = [], 0
     for c in counts:
         ranges.append(range(start, start + c))

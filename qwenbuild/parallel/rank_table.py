@@ -10,7 +10,7 @@ import subprocess
 from pathlib import Path
 
 from qwenbuild.errors import UserError
-from qwenbuild.jsonfile import read_json
+from qwenbuild.jsonfile import read_bytes, read_json
 from qwenbuild.processes import run_child
 from qwenbuild.store import atomic_path
 
@@ -85,7 +85,7 @@ def _ip_from_hccn_tool(device_id: int) -> str | None:
 
 def _ip_from_hccn_conf(device_id: int, hccn_conf: str | Path) -> str | None:
     try:
-        text = Path(hccn_conf).read_text(encoding="utf-8", errors="replace")
+        text = read_bytes(hccn_conf, "hccn.conf", limit=1 << 20).decode("utf-8", errors="replace")
     except OSError:
         return None
     for lineno, line in enumerate(text.splitlines(), start=1):
@@ -190,9 +190,9 @@ def dumps(table: dict) -> str:
     return json.dumps(table, indent=4)
 
 
-def write_rank_table(table: dict, path: str | Path) -> Path:
+def write_rank_table(table: dict, path: str | Path, inputs=()) -> Path:
     path = Path(path)
-    with atomic_path(path) as tmp:
+    with atomic_path(path, inputs=inputs) as tmp:
         tmp.write_text(dumps(table), encoding="utf-8")
     return path
 
@@ -204,14 +204,35 @@ def read_rank_table(path: str | Path) -> dict:
     if not isinstance(table, dict) or not isinstance(table.get("server_list"), list) or not table["server_list"]:
         raise UserError(f"rank table {path} has no server_list", hint="pass files written by hccl_tools")
     for i, server in enumerate(table["server_list"]):
+        where = f"rank table {path}: server_list[{i}]"
+        if not isinstance(server, dict):
+            raise UserError(f"{where} is not an object with server_id and device")
         for key in ("server_id", "device"):
             if key not in server:
-                raise UserError(f"rank table {path}: server_list[{i}] lacks {key!r}")
+                raise UserError(f"{where} lacks {key!r}")
+        _check_text(server["server_id"], f"{where}.server_id", ip=True)
+        if not isinstance(server["device"], list):
+            raise UserError(f"{where}.device is not a list of devices")
         for j, device in enumerate(server["device"]):
+            if not isinstance(device, dict):
+                raise UserError(f"{where}.device[{j}] is not an object with device_id, device_ip and rank_id")
             missing = {"device_id", "device_ip", "rank_id"} - set(device)
             if missing:
-                raise UserError(f"rank table {path}: server_list[{i}].device[{j}] lacks {', '.join(sorted(missing))}")
+                raise UserError(f"{where}.device[{j}] lacks {', '.join(sorted(missing))}")
+            _check_text(device["device_ip"], f"{where}.device[{j}].device_ip", ip=True)
+            for key in ("device_id", "rank_id"):
+                _check_text(device[key], f"{where}.device[{j}].{key}", ip=False)
     return table
+
+
+def _check_text(value, where: str, ip: bool) -> None:
+    """hccl_tools writes every value as a string: an IP address, or a number in digits."""
+    if not isinstance(value, str):
+        raise UserError(f"{where} is {json.dumps(value)}, not a string", hint="pass files written by hccl_tools")
+    if ip:
+        check_ip(value, where)
+    elif not value.isdigit() or not value.isascii():
+        raise UserError(f"{where} {value!r} is not a number in digits", hint="pass files written by hccl_tools")
 
 
 def this_host_addresses() -> set[str]:

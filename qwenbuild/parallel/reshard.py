@@ -16,7 +16,8 @@ from typing import Callable
 
 from qwenbuild.dtypes import MINDSPORE
 from qwenbuild.errors import UserError
-from qwenbuild.store import atomic_path, write_seal
+from qwenbuild.parallel.shard_check import check_destination, check_distinct_slices, check_stored_config, full_shapes
+from qwenbuild.store import atomic_path, refuse_not_a_directory, write_seal
 from qwenbuild.weights.mindspore_ckpt import NUMPY_TYPES, CkptTensor, read_array, read_tensors, read_text
 
 logger = logging.getLogger(__name__)
@@ -36,8 +37,9 @@ def resolve_strategy(arg: str | Path | None, workdir: Path, label: str) -> str |
     if not path.is_dir():
         raise UserError(f"{label} strategy {path} does not exist",
                         hint="pass a strategy file, a directory of per-rank strategy files, or '' for complete weights")
+    # a directory qwenbuild wrote carries its seal (.qwenbuild-seal.json): hidden files are no strategies
     files = [p for p in sorted(path.iterdir()) if p.is_file() and p.suffix in (".json", ".ckpt")
-             and not p.name.startswith("merged")]
+             and not p.name.startswith(("merged", "."))]
     if not files:
         raise UserError(f"{label} strategy directory {path} holds no .json or .ckpt strategy file")
     if len({p.suffix for p in files}) > 1:
@@ -220,6 +222,10 @@ def transform_ckpt(src_ckpt_strategy, dst_ckpt_strategy, src_ckpt_dir, dst_ckpt_
     progress = progress or (lambda _msg: None)
     started = time.perf_counter()
     dst = Path(dst_ckpt_dir)
+    if "/" in prefix or "\0" in prefix or prefix.startswith("."):
+        raise UserError(f"--prefix {prefix!r} must be the start of a file name (no '/', not starting with '.')",
+                        hint="the shards are written as DST/rank_N/<prefix>N.ckpt, inside --dst_ckpt_dir")
+    refuse_not_a_directory(dst, "--dst_ckpt_dir")
     with tempfile.TemporaryDirectory(prefix="qwenbuild-reshard-") as work:
         src_strategy = resolve_strategy(src_ckpt_strategy, Path(work), "source")
         dst_strategy = resolve_strategy(dst_ckpt_strategy, Path(work), "destination")
@@ -237,12 +243,18 @@ def transform_ckpt(src_ckpt_strategy, dst_ckpt_strategy, src_ckpt_dir, dst_ckpt_
             raise UserError(f"{dst} already holds {', '.join(stale[:4])} from a layout with more ranks than this "
                             f"one ({world})", hint="write this layout to a new directory; nothing was changed")
         writer = _RankWriter(src_strategy, dst_strategy, {r: tensor_index(p) for r, p in sources.items()}, keep)
+        # the strategies hold layouts, not shapes: every shard is checked against them before a byte is written
+        full = full_shapes(writer.indexes, writer.origin_src, writer.src_per_stage)
+        check_stored_config(writer.indexes, full)
+        check_destination(full, writer.origin_dst)
+        check_distinct_slices(writer.indexes, writer.origin_src, writer.src_per_stage)
+        inputs = [src_ckpt_dir, src_ckpt_strategy or None, dst_ckpt_strategy or None]
         files, total = [], 0
         for rank in range(world):
             t0 = time.perf_counter()
             params, texts = writer.params(rank)
             final = dst / f"rank_{rank}"
-            with atomic_path(final, directory=True) as tmp:
+            with atomic_path(final, directory=True, inputs=inputs) as tmp:
                 writer.ms.save_checkpoint(params, str(tmp / f"{prefix}{rank}.ckpt"), append_dict=texts or None,
                                           crc_check=True)
             del params
@@ -252,7 +264,8 @@ def transform_ckpt(src_ckpt_strategy, dst_ckpt_strategy, src_ckpt_dir, dst_ckpt_
             total += size
             progress(f"transform_ckpt: rank {rank + 1}/{world}: {path} {size / 2**20:.1f} MiB "
                      f"in {time.perf_counter() - t0:.2f} s")
-    digest = write_seal(dst) if seal else None
+    # the seal claims the rank directories written here, never what else the destination holds
+    digest = write_seal(dst, within=[f"rank_{r}" for r in range(world)]) if seal else None
     seconds = time.perf_counter() - started
     progress(f"transform_ckpt: {world} ranks, {total / 2**20:.1f} MiB written to {dst} in {seconds:.1f} s")
     return {"ranks": world, "files": files, "bytes": total, "seconds": seconds, "digest": digest}

@@ -11,7 +11,9 @@ import json
 import re
 from pathlib import Path
 
+from qwenbuild.digests import file_digest, json_digest
 from qwenbuild.errors import UserError
+from qwenbuild.model import lora
 from qwenbuild.model.config import QwenConfig
 from qwenbuild.model.params import EMBEDDING, parameter_shapes, split_layer_name
 from qwenbuild.parallel.plan_rules import check_plan, stage_layers
@@ -82,11 +84,23 @@ def _op_strategy(name: str, dim: int | None, dp: int, mp: int, vocab_emb_dp: boo
     return f"{cell}/Mul", [[dp, 1, 1], [1]]
 
 
+def _adapter_strategies(weight: str, dim: int | None, dp: int, mp: int) -> dict[str, list]:
+    """The MatMuls of a LoRA target's adapters, sharded as MindFormers shards LoRADense's from its weight's MatMul:
+    A whole beside a column-parallel weight, split on its input beside a row-parallel one; B the other way."""
+    cell = lora.cell_of(weight)
+    if dim == 1:
+        return {f"{cell}/lora_a_matmul/MatMul": [[dp, mp], [1, mp]], f"{cell}/lora_b_matmul/MatMul": [[dp, 1], [1, 1]]}
+    return {f"{cell}/lora_a_matmul/MatMul": [[dp, 1], [1, 1]],
+            f"{cell}/lora_b_matmul/MatMul": [[dp, 1], [mp if dim == 0 else 1, 1]]}
+
+
 def stage_strategy(cfg: QwenConfig, data_parallel: int, model_parallel: int, pipeline_stage: int, stage: int,
-                   vocab_emb_dp: bool = False, offset: int | list[int] = 0) -> dict:
-    """The strategy-file content every rank of one pipeline stage shares."""
+                   vocab_emb_dp: bool = False, offset: int | list[int] = 0, lora_targets=()) -> dict:
+    """The strategy-file content every rank of one pipeline stage shares; `lora_targets` (Hugging Face module names)
+    add each target's adapters, split as their weight is."""
     stages = stage_layers(cfg.num_layers, pipeline_stage, offset)
     where = parameter_stages(cfg, stages)
+    adapted = set(lora.target_cells(cfg, lora_targets))
     ops, layouts = {}, {}
     for name, shape in parameter_shapes(cfg).items():
         if stage not in where[name]:
@@ -95,6 +109,15 @@ def stage_strategy(cfg: QwenConfig, data_parallel: int, model_parallel: int, pip
         op, strategy = _op_strategy(name, dim, data_parallel, model_parallel, vocab_emb_dp)
         ops[op] = {"stage": stage, "parallel_strategy": strategy}
         layouts[name] = tensor_layout(shape, dim, data_parallel, model_parallel)
+        if lora.cell_of(name) in adapted and name.endswith(".weight"):
+            for op, strategy in _adapter_strategies(name, dim, data_parallel, model_parallel).items():
+                ops[op] = {"stage": stage, "parallel_strategy": strategy}
+            for part in (lora.A, lora.B):
+                adapter = f"{lora.cell_of(name)}.{part}"
+                # a layout depends on the number of dimensions only: without the rank, a rank edit leaves the
+                # strategy files (and so the shards) as they are
+                layouts[adapter] = tensor_layout((None, None), lora.split_dim(adapter, dim), data_parallel,
+                                                 model_parallel)
     return {"current_stage": stage, "parallel_strategy_item": ops, "parallel_layout_item": layouts}
 
 
@@ -103,24 +126,42 @@ def strategy_file_name(rank: int) -> str:
 
 
 def strategy_files(cfg: QwenConfig, data_parallel: int, model_parallel: int, pipeline_stage: int,
-                   vocab_emb_dp: bool = False, offset: int | list[int] = 0) -> dict[str, str]:
+                   vocab_emb_dp: bool = False, offset: int | list[int] = 0, lora_targets=()) -> dict[str, str]:
     """{ckpt_strategy_rank_N.json: text} for every rank; the ranks of one pipeline stage share their text."""
     check_plan(cfg, data_parallel, model_parallel, pipeline_stage, vocab_emb_dp, offset)
     per_stage = data_parallel * model_parallel
-    texts = [json.dumps(stage_strategy(cfg, data_parallel, model_parallel, pipeline_stage, s, vocab_emb_dp, offset),
-                        indent=1) + "\n" for s in range(pipeline_stage)]
+    texts = [json.dumps(stage_strategy(cfg, data_parallel, model_parallel, pipeline_stage, s, vocab_emb_dp, offset,
+                                       lora_targets), indent=1) + "\n" for s in range(pipeline_stage)]
     return {strategy_file_name(rank): texts[rank // per_stage] for rank in range(per_stage * pipeline_stage)}
 
 
 def write_strategy_files(cfg: QwenConfig, data_parallel: int, model_parallel: int, pipeline_stage: int,
-                         output_dir: str | Path, vocab_emb_dp: bool = False, offset: int | list[int] = 0) -> list[Path]:
+                         output_dir: str | Path, vocab_emb_dp: bool = False, offset: int | list[int] = 0,
+                         lora_targets=()) -> list[Path]:
     """One ckpt_strategy_rank_N.json per rank; the directory is replaced as a whole, atomically."""
-    files = strategy_files(cfg, data_parallel, model_parallel, pipeline_stage, vocab_emb_dp, offset)
+    files = strategy_files(cfg, data_parallel, model_parallel, pipeline_stage, vocab_emb_dp, offset, lora_targets)
     output_dir = Path(output_dir)
     with atomic_path(output_dir, directory=True) as tmp:
         for name, text in files.items():
             (tmp / name).write_text(text, encoding="utf-8")
     return [output_dir / name for name in files]
+
+
+def weight_layouts_digest(directory: str | Path) -> str:
+    """Digest of a directory's strategy files without their LoRA adapters' entries: what slicing the weights
+    depends on (a compiled .ckpt file counts whole)."""
+    files = {}
+    for path in sorted(p for p in Path(directory).iterdir() if _STRATEGY_FILE_RE.search(p.name) and p.is_file()):
+        if path.suffix == ".json":
+            data = json.loads(path.read_text(encoding="utf-8"))
+            data["parallel_layout_item"] = {k: v for k, v in data.get("parallel_layout_item", {}).items()
+                                            if not lora.is_adapter(k)}
+            data["parallel_strategy_item"] = {k: v for k, v in data.get("parallel_strategy_item", {}).items()
+                                              if "/lora_" not in k}
+            files[path.name] = data
+        else:
+            files[path.name] = file_digest(path)
+    return json_digest(files)
 
 
 def collect_strategy_files(directory: str | Path, world_size: int | None = None) -> list[Path]:

@@ -22,7 +22,8 @@ class DeclaredManifest:
         self._manifest, self._task, self._keys = manifest, task, frozenset(keys)
 
     def check(self, key: str) -> None:
-        if key not in self._keys and key.partition(".")[0] not in self._keys:
+        parts = key.split(".")
+        if not any(".".join(parts[:n]) in self._keys for n in range(1, len(parts) + 1)):
             raise UndeclaredKey(f"task {self._task!r} reads {key} but does not declare it in its TaskSpec keys")
 
     def __getattr__(self, section: str):

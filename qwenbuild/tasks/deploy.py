@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+from pathlib import Path
 
 from qwenbuild.export.graph_files import GraphDirs
 from qwenbuild.export.lite_ini import write_lite_ini
@@ -22,7 +23,7 @@ from qwenbuild.parallel.reshard import transform_ckpt
 from qwenbuild.parallel.strategy import write_strategy_files
 from qwenbuild.store import write_seal
 from qwenbuild.tasks.context import Context
-from qwenbuild.tasks.distributed import WORKER_MODULE, keyed_dir, node_devices, rank_table_file
+from qwenbuild.tasks.distributed import WORKER_MODULE, in_build, keyed_dir, node_devices, rank_table_file
 from qwenbuild.tasks.train import RUN_CONFIG_KEYS, run_settings, run_yaml
 from qwenbuild.train.mindformers_yaml import predict_config, write_yaml
 from qwenbuild.tasks.spec import Group, TaskSpec
@@ -82,12 +83,17 @@ def _predict(ctx: Context) -> None:
     transformed_checkpoint/ there."""
     m, build, ex = ctx.manifest, ctx.build, ctx.manifest.export
     hw, mp = m.hardware, ex.model_parallel
-    settings = dataclasses.replace(run_settings(m, build), output_dir=str(build.predict_output))
-    run = run_yaml(m, build, settings, micro_batch_num=1, vocab_emb_dp=True, use_seq_parallel=False,
-                   recompute=False, gradient_aggregation_group=4)
+    # predict.sh runs in build/predict/: the YAML names every path relative to it
+
+    def here(path) -> str:
+        return in_build(build, path, build.predict)
+
+    settings = dataclasses.replace(run_settings(m, build, start=build.predict), output_dir=here(build.predict_output))
+    run = run_yaml(m, build, settings, start=build.predict, micro_batch_num=1, vocab_emb_dp=True,
+                   use_seq_parallel=False, recompute=False, gradient_aggregation_group=4)
     checkpoint = build.merged_file if ex.checkpoint == "finetuned" else build.converted
     target = "ascend" if hw.device == "ascend" or mp > 1 else "cpu"
-    content = predict_config(run, mp, str(checkpoint), ex.seq_length, ex.max_new_tokens, target,
+    content = predict_config(run, mp, here(checkpoint), ex.seq_length, ex.max_new_tokens, target,
                              dtype=deployment_dtype(m))
     script = predict_script(m, build, _question(ctx)[0])
     # two files, not the directory: predict/output/ beside them is MindFormers' and stays
@@ -106,13 +112,17 @@ def predict_script(m, build, prompt: str) -> str:
 
 def _export_topology_script(m, build, command: list, log_dir, workdir, mode: str) -> str:
     """The script of node 0 alone on its first export.model_parallel cards (the export topology, its own rank table
-    on Ascend), on the nodes' own Python, in the environment of `mode`."""
+    on Ascend), on the nodes' own Python, in the environment of `mode`. It runs in `workdir`, the directory it lies
+    in, found from where it lies; every build path in it is relative to that directory, so a copied project's script
+    names the copy's files."""
     hw, mp = m.hardware, m.export.model_parallel
     node = dict(node_devices(m)[0], device_ids=hw.device_ids(hw.nodes[0])[:mp])
-    return launch_scripts([node], mp, command, device=hw.device, master_port=hw.master_port, log_dir=str(log_dir),
-                          env=mode_env(mode, hw.device), python=hw.python, env_script=hw.env_script,
-                          workdir=str(workdir),
-                          rank_table_file=build.export_rank_table if hw.device == "ascend" else None)["node_0.sh"]
+    command = [in_build(build, a, workdir) if isinstance(a, Path) else a for a in command]
+    return launch_scripts([node], mp, command, device=hw.device, master_port=hw.master_port,
+                          log_dir=in_build(build, log_dir, workdir), env=mode_env(mode, hw.device), python=hw.python,
+                          env_script=hw.env_script, workdir=str(workdir), workdir_from_script=".",
+                          rank_table_file=in_build(build, build.export_rank_table, workdir)
+                          if hw.device == "ascend" else None)["node_0.sh"]
 
 
 def _lite_infer(ctx: Context) -> None:
@@ -120,17 +130,25 @@ def _lite_infer(ctx: Context) -> None:
     export.model_parallel cards, the export rank table on Ascend), each running run_qwen1_5_mslite_infer with the
     original's flags on its rank's graphs; MindSpore Lite on Ascend, MindSpore's GraphCell on CPU."""
     m, build, ex = ctx.manifest, ctx.build, ctx.manifest.export
-    ascend = m.hardware.device == "ascend"
+    script = lite_infer_script(m, build, _question(ctx)[0])
+    write_launch_scripts(build.lite_infer, {build.lite_infer_script.name: script})
+    logger.info(f"lite_infer: {build.lite_infer_script} ({ex.model_parallel} rank(s), {_lite_backend(m)})")
+
+
+def _lite_backend(m) -> str:
+    return "lite" if m.hardware.device == "ascend" else "graphcell"
+
+
+def lite_infer_script(m, build, prompt: str) -> str:
+    """lite_infer.sh: run_qwen1_5_mslite_infer with the original's flags on every export rank's graphs."""
+    ex = m.export
     command = ["-m", "qwenbuild", "run_qwen1_5_mslite_infer",
                "--mindir_root_dir", build.export, "--seq_length", str(ex.seq_length),
                "--batch_size", str(ex.batch_size), "--do_sample", "False",
                "--vocab_file", build.tokenizer / "vocab.json", "--merge_file", build.tokenizer / "merges.txt",
-               "--ge_config_path", build.lite_ini, "--predict_data", _question(ctx)[0],
-               "--max_new_tokens", str(ex.max_new_tokens), "--backend", "lite" if ascend else "graphcell", "--json"]
-    script = _export_topology_script(m, build, command, build.lite_infer / "msrun_log", build.lite_infer, "export")
-    write_launch_scripts(build.lite_infer, {build.lite_infer_script.name: script})
-    logger.info(f"lite_infer: {build.lite_infer_script} ({ex.model_parallel} rank(s), "
-                f"{'lite' if ascend else 'graphcell'})")
+               "--ge_config_path", build.lite_ini, "--predict_data", prompt,
+               "--max_new_tokens", str(ex.max_new_tokens), "--backend", _lite_backend(m), "--json"]
+    return _export_topology_script(m, build, command, build.lite_infer / "msrun_log", build.lite_infer, "export")
 
 
 def _question(ctx: Context) -> tuple[str, str | None]:
@@ -173,7 +191,8 @@ def specs(m, build) -> list[TaskSpec]:
                  _lite_ini, keys=("lite", "export.model_parallel", "hardware.device", "hardware.nodes",
                                   "hardware.devices_per_node"),
                  inputs=[build.rank_table] if ascend else [],
-                 outputs=[build.lite_ini] + ([build.export_rank_table] if ascend else [])),
+                 # on Ascend lite.ini names the export rank table by its path (MindSpore Lite's cwd is unknown)
+                 outputs=[build.lite_ini] + ([build.export_rank_table] if ascend else []), names_build_dir=ascend),
         _predict_spec(m, build),
         _lite_infer_spec(m, build),
         TaskSpec("infer", "answer export.predict_data (or a held-out question) with the exported graphs (greedy)",

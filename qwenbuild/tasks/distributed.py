@@ -12,7 +12,7 @@ from qwenbuild.lock import Lock, check_sealed
 from qwenbuild.parallel.launch_scripts import launch_scripts, mode_env, write_launch_scripts
 from qwenbuild.parallel.rank_table import dumps, merged_name, node_file_name, rank_table_for_nodes
 from qwenbuild.parallel.reshard import transform_ckpt
-from qwenbuild.parallel.strategy import collect_strategy_files, strategy_files
+from qwenbuild.parallel.strategy import collect_strategy_files, strategy_files, weight_layouts_digest
 from qwenbuild.store import atomic_path
 from qwenbuild.tasks.context import Context
 from qwenbuild.tasks.spec import TaskSpec
@@ -49,6 +49,13 @@ def workers_per_node(m) -> int:
     return hw.devices_per_node // m.parallel.pipeline_stage if hw.device == "cpu" else hw.devices_per_node
 
 
+def in_build(build, path: Path, start: Path | None = None) -> str:
+    """A build-dir path as generated files name it: relative to the build dir, or to `start` (a directory inside it),
+    where the script that reads it runs, so a copied project's files never name the original's."""
+    rel = Path(path).relative_to(build.root)
+    return Path(os.path.relpath(rel, Path(start).relative_to(build.root))).as_posix() if start else rel.as_posix()
+
+
 def _rank_table(ctx: Context) -> None:
     m = ctx.manifest
     tables, merged = rank_table_for_nodes(node_devices(m), m.hardware.device_ip_source)
@@ -68,10 +75,20 @@ def _strategy(ctx: Context) -> None:
                 shutil.copyfile(path, tmp / path.name)
         else:
             files = strategy_files(m.model.config, par.data_parallel, par.model_parallel, par.pipeline_stage,
-                                   par.vocab_emb_dp, par.stage_offset)
+                                   par.vocab_emb_dp, par.stage_offset, lora_targets(m))
             for name, text in files.items():
                 (tmp / name).write_text(text, encoding="utf-8")
     logger.info(f"strategy: {par.world_size} strategy file(s) -> {ctx.build.strategy}")
+
+
+def lora_targets(m) -> tuple[str, ...]:
+    """The projections that carry LoRA adapters (none for a full fine-tune)."""
+    return tuple(m.value("train.lora.targets")) if m.value("train.method") == "lora" else ()
+
+
+def lora_keys(m, *keys: str) -> tuple[str, ...]:
+    """train.method, and the given train.lora keys when it is "lora": a LoRA setting matters only then."""
+    return ("train.method",) + (keys if m.train.method == "lora" else ())
 
 
 def keyed_dir(build, link: Path, sources: dict, make, label: str) -> None:
@@ -83,15 +100,16 @@ def keyed_dir(build, link: Path, sources: dict, make, label: str) -> None:
     else:
         with atomic_path(keyed, directory=True) as tmp:
             make(tmp)
-    with atomic_path(link) as tmp_link:
+    with atomic_path(link, link=True) as tmp_link:
         os.symlink(keyed.name, tmp_link)
 
 
 def _shard(ctx: Context) -> None:
     build = ctx.build
     lock = Lock(build.lock)
+    # the weights' layouts only: adapters added to the strategy files leave the base shards as they are
     keyed_dir(build, build.transformed, {"source": lock.digest_of(build.converted, build.root),
-                                         "strategy": lock.digest_of(build.strategy, build.root)},
+                                         "strategy": weight_layouts_digest(build.strategy)},
               lambda tmp: transform_ckpt(src_ckpt_strategy=None, dst_ckpt_strategy=build.strategy,
                                          src_ckpt_dir=build.converted, dst_ckpt_dir=tmp), "shard")
 
@@ -109,16 +127,20 @@ def node_scripts(m, build) -> dict[str, str]:
     hw = m.hardware
     engine = m.train.engine_on(hw.device)
     config = build.mindformers_yaml if engine == "mindformers" else build.run_json
-    command = ["-m", WORKER_MODULE[engine], "--config", config] + (["--run_mode", "finetune"]
-                                                                    if engine == "mindformers" else [])
+    command = ["-m", WORKER_MODULE[engine], "--config", in_build(build, config)] + (
+        ["--run_mode", "finetune"] if engine == "mindformers" else [])
     local = workers_per_node(m)
-    check = ["qwenbuild.train.node_check", "--build_dir", str(build.root), "--node", "{node}", "--host", "{host}",
+    # the scripts run in the build dir ("."): node_K.sh finds it from its own place, slurm.sbatch (which Slurm runs
+    # from a copy) names its path
+    check = ["qwenbuild.train.node_check", "--build_dir", ".", "--node", "{node}", "--host", "{host}",
              "--ip", "{ip}", "--workers", str(local), "--toolchain_of", "launch"] + [
-        str(p.relative_to(build.root)) for p in (config, build.mindrecord, build.transformed)]
+        in_build(build, p) for p in (config, build.mindrecord, build.transformed)]
+    table = rank_table_file(m, build)
     return launch_scripts(node_devices(m), local, command, device=hw.device, master_port=hw.master_port,
-                          log_dir=str(build.msrun_log), env=mode_env("finetune", hw.device), python=hw.python,
-                          env_script=hw.env_script, rank_table_file=rank_table_file(m, build),
-                          workdir=str(build.root),
+                          log_dir=in_build(build, build.msrun_log), env=mode_env("finetune", hw.device),
+                          python=hw.python, env_script=hw.env_script,
+                          rank_table_file=table and in_build(build, table), workdir=str(build.root),
+                          workdir_from_script="..",
                           tail_worker_log=no_tail(hw.devices_per_node) if hw.device == "cpu" else None, check=check)
 
 
@@ -145,7 +167,8 @@ def specs(m, build) -> list[TaskSpec]:
     strategy_dir = m.path_of("parallel.strategy_dir")
     strategy_inputs = sorted(p for p in strategy_dir.iterdir() if p.is_file()) if strategy_dir else []
     out.append(TaskSpec("strategy", "one strategy file per rank for the parallel plan (or the ones compiled on "
-                                    "Ascend)", _strategy, keys=MODEL_KEYS + PLAN_KEYS, inputs=strategy_inputs,
+                                    "Ascend)", _strategy, keys=MODEL_KEYS + PLAN_KEYS
+                        + lora_keys(m, "train.lora.targets"), inputs=strategy_inputs,
                         dir_outputs=[build.strategy], packages=("mindspore",)))
     out.append(TaskSpec("shard", "slice the converted checkpoint per rank (transform_ckpt)", _shard,
                         inputs=[build.converted, build.strategy], dir_outputs=[build.transformed],
@@ -153,5 +176,6 @@ def specs(m, build) -> list[TaskSpec]:
     out.append(TaskSpec("launch", "msrun scripts per node and a Slurm sbatch script", _launch,
                         keys=HARDWARE_KEYS + ("hardware.python", "hardware.env_script", "train.engine",
                                               "parallel.pipeline_stage"), dir_outputs=[build.launch],
-                        inputs=[build.rank_table] if ascend else [], packages=node_packages(m)))
+                        inputs=[build.rank_table] if ascend else [], packages=node_packages(m),
+                        names_build_dir=True))
     return out

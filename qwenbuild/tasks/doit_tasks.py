@@ -14,7 +14,7 @@ from qwenbuild.processes import interrupted_line, interruption
 from qwenbuild.store import seal_path
 from qwenbuild.tasks import task_groups, task_specs
 from qwenbuild.tasks.context import Context, DeclaredManifest
-from qwenbuild.tasks.spec import TaskSpec, machine, manifest_slice, toolchain
+from qwenbuild.tasks.spec import TaskSpec, machine, recorded_slice, toolchain
 from qwenbuild.tasks.staleness import input_digests, producers, stale_reasons, task_status, upstream
 
 logger = logging.getLogger(__name__)
@@ -43,7 +43,7 @@ def _run(spec: TaskSpec, manifest, build: BuildDir):
     reasons = stale_reasons(spec, manifest, build.root, lock)
     logger.info(f"qwenbuild {spec.name}: runs because {'; '.join(reasons)}")
     lock.forget(spec.name)  # from here until the new entry is written the old artifacts are not trusted
-    inputs, input_stats = input_digests(spec, build.root, lock)
+    inputs, input_stats = input_digests(spec, build.root, lock, manifest.root)
     missing = [label for label, digest in inputs.items() if digest is None]
     logger.debug(f"qwenbuild {spec.name}: inputs " + (", ".join(f"{label} {str(digest)[:12]}"
                                                              for label, digest in inputs.items()) or "none"))
@@ -54,8 +54,8 @@ def _run(spec: TaskSpec, manifest, build: BuildDir):
     absent = [p for p in spec.artifacts if not p.exists()]
     if absent:
         return TaskFailed(f"{spec.name} did not produce {', '.join(map(str, absent))}")
-    lock.record(spec.name, spec.artifacts, inputs, manifest_slice(manifest, spec.keys), toolchain(spec.packages),
-                build.root, input_stats, machine(spec.machine))
+    lock.record(spec.name, spec.artifacts, inputs, recorded_slice(spec, manifest, build.root),
+                toolchain(spec.packages), build.root, input_stats, machine(spec.machine))
     logger.info(f"qwenbuild {spec.name}: done in {time.monotonic() - started:.1f} s")
     return None
 

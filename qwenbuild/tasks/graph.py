@@ -16,25 +16,62 @@ from qwenbuild.logs import configure
 from qwenbuild.manifest import load_manifest
 from qwenbuild.processes import stop_on_signals
 from qwenbuild.store import sweep_stale
+from qwenbuild.tasks import check_build_dir, task_groups, task_specs
 from qwenbuild.tasks.doit_tasks import doit_tasks
+from qwenbuild.tasks.staleness import producers, upstream
 
 logger = logging.getLogger(__name__)
 
 # doit commands that only read: they neither wait for nor block a running build
-_READ_ONLY = {"list", "info", "help", "dumpdb", "strace", "tabcompletion", "forget", "ignore", "reset-dep", "clean"}
+_READ_ONLY = {"list", "info", "help", "dumpdb", "strace", "tabcompletion", "ignore", "reset-dep", "clean"}
 _VALUE_OPTIONS = {"-f", "--file", "-d", "--dir", "--db-file", "--backend", "--check_file_uptodate", "-k",
                   "--seek-file", "-n", "--process", "-P", "--parallel-type", "-r", "--reporter", "-o", "--output-file"}
 _claims = []  # open claim files: the flock lasts as long as the process
+DEFAULT_TASKS = ["finetune"]
 
 
-def _is_build(argv: list[str]) -> bool:
+def _words(argv: list[str]) -> list[str]:
+    """The command and task names of a doit command line (options, their values and NAME=value left out)."""
     words, args = [], iter(argv[1:])
     for a in args:
         if a in _VALUE_OPTIONS:
             next(args, None)  # the option's value is not a command
         elif not a.startswith("-") and "=" not in a:
             words.append(a)
+    return words
+
+
+def _is_build(argv: list[str]) -> bool:
+    words = _words(argv)
     return not words or words[0] not in _READ_ONLY
+
+
+def forget_in_lock(argv: list[str], manifest, build: BuildDir, default: list[str]) -> None:
+    """`doit forget` clears doit's own record, which qwenbuild's up-to-date check does not read: the tasks it names
+    are taken out of qwen.lock too, so they run again (as `doit forget` promises). Unknown names forget nothing:
+    doit reports them."""
+    words = _words(argv)
+    if not words or words[0] != "forget":
+        return
+    specs = {s.name: s for s in task_specs(manifest)}
+    groups = {g.name: g.members for g in task_groups(manifest)}
+    names = words[1:] or ([] if "--disable-default" in argv else default)
+    if "-a" in argv or "--all" in argv:
+        names = list(specs)
+    if any(n not in specs and n not in groups for n in names):
+        return
+    chosen = [m for n in names for m in groups.get(n, [n])]
+    if "-s" in argv or "--follow-sub" in argv:
+        made_by = producers(list(specs.values()))
+        todo = list(chosen)
+        while todo:
+            for up in upstream(specs[todo.pop()], made_by):
+                if up not in chosen:
+                    chosen.append(up)
+                    todo.append(up)
+    lock = Lock(build.lock)
+    for name in dict.fromkeys(chosen):
+        lock.forget(name)
 
 
 def claim_build_dir(build: BuildDir) -> None:
@@ -69,11 +106,13 @@ def dodo_namespace(manifest_path: str, build_dir: str | None = None, argv: list[
             manifest = dataclasses.replace(manifest, build=dataclasses.replace(manifest.build,
                                                                                dir=str(Path(build_dir).resolve())))
         build = BuildDir(manifest.build_dir)
+        check_build_dir(manifest, task_specs(manifest))
         if _is_build(argv):
             claim_build_dir(build)
         else:
             build.root.mkdir(parents=True, exist_ok=True)
         Lock(build.lock).read()  # a damaged lock stops the build here, before doit asks any task if it is stale
+        forget_in_lock(argv, manifest, build, DEFAULT_TASKS)
     except UserError as exc:
         logger.error(f"qwenbuild: error: {exc}")
         raise SystemExit(exc.exit_code)
@@ -83,5 +122,5 @@ def dodo_namespace(manifest_path: str, build_dir: str | None = None, argv: list[
         raise SystemExit(2)
     namespace = doit_tasks(manifest)
     namespace["DOIT_CONFIG"] = {"dep_file": str(build.doit_db), "backend": "sqlite3", "verbosity": 2,
-                                "default_tasks": ["finetune"]}
+                                "default_tasks": DEFAULT_TASKS}
     return namespace

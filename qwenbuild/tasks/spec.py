@@ -23,6 +23,8 @@ class TaskSpec:
     dir_outputs: list[Path] = dataclasses.field(default_factory=list)
     reports: list[Path] = dataclasses.field(default_factory=list)  # written, but timings make them unrepeatable
     packages: tuple[str, ...] = ()  # libraries whose version the outputs depend on, beyond EVERY_TASK's
+    # an output names the build dir's absolute path (slurm.sbatch): built elsewhere, or in a copy, it is stale
+    names_build_dir: bool = False
     machine: tuple[str, ...] = ()  # what of this machine its outputs' floats depend on: "cpu", "fused_kernels"
 
     @property
@@ -42,6 +44,18 @@ class Group:
 def manifest_slice(manifest, keys: tuple[str, ...]) -> dict:
     """The values of a task's declared keys; a key the schema does not define is an error, never a silent None."""
     return {key: manifest.value(key) for key in keys}
+
+
+BUILD_PATH = "build dir (absolute path)"
+
+
+def recorded_slice(spec: TaskSpec, manifest, root: Path) -> dict:
+    """What qwen.lock records of the manifest for a task: its keys, and the build dir's path when an output names
+    it."""
+    values = manifest_slice(manifest, spec.keys)
+    if spec.names_build_dir:
+        values[BUILD_PATH] = str(Path(root))
+    return values
 
 
 # every task reads qwen.toml (tomlkit, jsonschema) and is run by doit

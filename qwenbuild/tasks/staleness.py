@@ -20,22 +20,28 @@ from qwenbuild.digests import file_digest, json_digest
 from qwenbuild.lock import Lock, file_stat
 from qwenbuild.store import member_digests
 from qwenbuild.tasks import task_specs
-from qwenbuild.tasks.spec import TaskSpec, manifest_slice, toolchain
+from qwenbuild.tasks.spec import TaskSpec, recorded_slice, toolchain
 
 
-def input_label(path: Path, root: Path) -> str:
-    """An input as qwen.lock names it: relative inside the build dir, absolute outside."""
+def input_label(path: Path, root: Path, project: Path | None = None) -> str:
+    """An input as qwen.lock names it: relative inside the build dir; relative to it too when both lie in the
+    project (qwen.toml's directory), so a copied or moved project keeps its labels; else absolute."""
     path = Path(os.path.abspath(path))
-    return path.relative_to(root).as_posix() if path.is_relative_to(root) else str(path)
+    if path.is_relative_to(root):
+        return path.relative_to(root).as_posix()
+    if project is not None and path.is_relative_to(project) and Path(root).is_relative_to(project):
+        return Path(os.path.relpath(path, root)).as_posix()
+    return str(path)
 
 
-def input_digests(spec: TaskSpec, root: Path, lock: Lock) -> tuple[dict[str, str | None], dict[str, list[int]]]:
+def input_digests(spec: TaskSpec, root: Path, lock: Lock,
+                  project: Path | None = None) -> tuple[dict[str, str | None], dict[str, list[int]]]:
     """({label: digest, None when missing}, stats of the input files read) for a task's inputs as they are now."""
     entry = lock.entry(spec.name) or {"inputs": {}}
     stats = lock.read_stats()
     digests, seen = {}, {}
     for path in spec.inputs:
-        label = input_label(path, root)
+        label = input_label(path, root, project)
         recorded = lock.digest_of(Path(path), root)
         if recorded is not None:
             digests[label] = recorded
@@ -62,9 +68,9 @@ def stale_reasons(spec: TaskSpec, manifest, root: Path, lock: Lock) -> list[str]
     entry = lock.entry(spec.name)
     if entry is None:
         return ["not built yet"]
-    reasons = _changed(entry["manifest"], manifest_slice(manifest, spec.keys), "")
+    reasons = _changed(entry["manifest"], recorded_slice(spec, manifest, root), "")
     reasons += _changed(entry["toolchain"], toolchain(spec.packages), "version of ")
-    now, _ = input_digests(spec, root, lock)
+    now, _ = input_digests(spec, root, lock, manifest.root)
     for label in sorted(set(now) | set(entry["inputs"])):
         if label not in entry["inputs"]:
             reasons.append(f"new input {label}")
@@ -85,9 +91,18 @@ def producers(specs: list[TaskSpec]) -> dict[str, str]:
     return {str(Path(os.path.abspath(p))): s.name for s in specs for p in s.artifacts}
 
 
+def producer(path: Path, made_by: dict[str, str]) -> str | None:
+    """The task whose artifact is `path`, or holds it (one file of a directory artifact)."""
+    path = Path(os.path.abspath(path))
+    for candidate in (path, *path.parents):
+        if str(candidate) in made_by:
+            return made_by[str(candidate)]
+    return None
+
+
 def upstream(spec: TaskSpec, made_by: dict[str, str]) -> list[str]:
     """Tasks whose artifacts this task reads, in input order."""
-    names = [made_by.get(str(Path(os.path.abspath(p)))) for p in spec.inputs]
+    names = [producer(p, made_by) for p in spec.inputs]
     return list(dict.fromkeys(n for n in names if n and n != spec.name))
 
 

@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 
 from qwenbuild.errors import UserError
-from qwenbuild.jsonfile import read_json
+from qwenbuild.jsonfile import read_bytes, read_json
 from qwenbuild.store import atomic_path
 
 ENDOFTEXT, IM_START, IM_END = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
@@ -72,9 +72,28 @@ def read_vocab(vocab_file: str | os.PathLike) -> dict[str, int]:
     vocab = read_json(path, "vocab file", hint="expected a token -> id JSON object",
                       missing_hint="build one with `qwenbuild tokenizer --output_dir DIR` or point at a model's "
                                    "vocab.json")
-    if not isinstance(vocab, dict) or not all(isinstance(v, int) for v in vocab.values()):
+    if not isinstance(vocab, dict) or not all(isinstance(v, int) and not isinstance(v, bool) for v in vocab.values()):
         raise UserError(f"{path} is not a token -> id JSON object", hint="expected e.g. {\"!\": 0, ...}")
+    holder: dict[int, str] = {}
+    for tok, i in vocab.items():
+        if i < 0:
+            raise UserError(f"{path}: token {tok!r} has the negative id {i}", hint="ids count up from 0")
+        if i in holder:
+            raise UserError(f"{path}: tokens {holder[i]!r} and {tok!r} both have id {i}",
+                            hint="every token needs its own id")
+        holder[i] = tok
     return vocab
+
+
+def check_merges_fit(vocab: dict[str, int], merges: list, vocab_file, merges_file) -> None:
+    """A vocabulary beyond the 256 byte tokens with no merges cuts every text into single bytes: refused by name,
+    not found later as rows too long for seq_length."""
+    regular = sum(1 for tok in vocab if tok not in SPECIAL_TOKENS)
+    if not merges and regular > 256:
+        raise UserError(f"{merges_file} holds no merges, but {vocab_file} has {regular:,} tokens beyond the special "
+                        "ones: every text would be cut into single bytes",
+                        hint="use the merges.txt of the same tokenizer (it starts with '#version' and lists one "
+                             "merge per line)")
 
 
 def special_ids(vocab: dict[str, int]) -> dict[str, int]:
@@ -97,7 +116,7 @@ def read_merges(merges_file: str | os.PathLike) -> list[tuple[str, str]]:
     """Merges in rank order; empty lines and '#' lines (the version header) are skipped like Qwen2Tokenizer does."""
     path = Path(merges_file)
     try:
-        text = path.read_text(encoding="utf-8")
+        text = read_bytes(path, "merges file").decode("utf-8")
     except FileNotFoundError:
         raise UserError(f"merges file {path} does not exist",
                         hint="build one with `qwenbuild tokenizer --output_dir DIR` or point at a model's merges.txt")

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from qwenbuild.errors import UserError
 from qwenbuild.tokenizer.files import (CONFIG_FILE, ENDOFTEXT, IM_END, MERGES_FILE, PRETOKENIZE_PATTERN,
-                                       SPECIAL_TOKENS, VOCAB_FILE, pad_token_id, read_merges, read_vocab,
+                                       SPECIAL_TOKENS, VOCAB_FILE, check_merges_fit, pad_token_id, read_merges, read_vocab,
                                        special_ids, tokenizer_config)
 
 
@@ -33,7 +33,9 @@ def load_tokenizer_files(vocab_file: str | os.PathLike, merges_file: str | os.Pa
     for flag, path in (("--vocab_file", vocab_file), ("--merge_file", merges_file)):
         if not Path(path).is_file():
             raise UserError(f"{flag} {path} does not exist", hint="pass the vocab.json and merges.txt of the model")
-    num_regular = len({tok for tok in read_vocab(vocab_file) if tok not in SPECIAL_TOKENS})
+    vocab = read_vocab(vocab_file)
+    check_merges_fit(vocab, read_merges(merges_file), vocab_file, merges_file)
+    num_regular = len({tok for tok in vocab if tok not in SPECIAL_TOKENS})
     with tempfile.TemporaryDirectory(prefix="qwenbuild-tokenizer-") as work:
         (Path(work) / VOCAB_FILE).symlink_to(Path(vocab_file).resolve())
         (Path(work) / MERGES_FILE).symlink_to(Path(merges_file).resolve())
@@ -61,6 +63,7 @@ def bpe_pipeline(vocab_file: str | os.PathLike, merges_file: str | os.PathLike):
 
     vocab = read_vocab(vocab_file)
     merges = read_merges(merges_file)
+    check_merges_fit(vocab, merges, vocab_file, merges_file)
     specials = special_ids(vocab)
     regular = {tok: i for tok, i in vocab.items() if tok not in specials}
     try:

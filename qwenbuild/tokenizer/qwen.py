@@ -10,6 +10,7 @@ from importlib import resources
 from pathlib import Path
 
 from qwenbuild.errors import UserError
+from qwenbuild.jsonfile import refuse_device
 from qwenbuild.tokenizer.byte_level import token_text
 from qwenbuild.tokenizer.files import write_tokenizer_files
 
@@ -26,16 +27,26 @@ def read_tiktoken(path: str | os.PathLike) -> list[bytes]:
     """Token bytes by rank from a tiktoken ranks file ("base64 rank" per line, ranks 0..n-1)."""
     path = Path(path)
     by_rank: dict[int, bytes] = {}
+    rank_line: dict[int, int] = {}
+    token_line: dict[bytes, int] = {}
     try:
         with open(path, "rb") as f:
+            refuse_device(f, path, "tiktoken ranks file")
             for lineno, line in enumerate(f, start=1):
                 if not line.strip():
                     continue
                 try:
-                    encoded, rank = line.split()
-                    by_rank[int(rank)] = base64.b64decode(encoded, validate=True)
+                    encoded, rank_text = line.split()
+                    rank, token = int(rank_text), base64.b64decode(encoded, validate=True)
                 except ValueError as exc:
                     raise UserError(f"{path} line {lineno}: expected 'BASE64 RANK', found {line[:60]!r} ({exc})")
+                if rank in rank_line:
+                    raise UserError(f"{path} line {lineno}: rank {rank} was given already on line {rank_line[rank]}",
+                                    hint="each rank names one token")
+                if token in token_line:
+                    raise UserError(f"{path} line {lineno}: token {token!r} was ranked already on line "
+                                    f"{token_line[token]}", hint="each token has one rank")
+                by_rank[rank], rank_line[rank], token_line[token] = token, lineno, lineno
     except OSError as exc:
         raise UserError(f"cannot read the tiktoken ranks file {path}: {exc.strerror}")
     if not by_rank:

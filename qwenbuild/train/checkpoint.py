@@ -7,13 +7,14 @@ meta.json next to them names the last file (as MindFormers writes it) plus this 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
 from pathlib import Path
 
 from qwenbuild.errors import UserError
-from qwenbuild.model.params import CONFIG_ENTRY
+from qwenbuild.model.params import CONFIG_ENTRY, LORA_ENTRY
 from qwenbuild.store import atomic_path
 from qwenbuild.weights.mindspore_ckpt import load_with_crc
 
@@ -79,9 +80,11 @@ def clear_stale(output_dir: str | Path, rank: int) -> None:
 
 
 def save(cell, output_dir: str | Path, rank: int, step: int, steps_per_epoch: int, prefix: str, digest: str,
-         keep_max: int, meta_extra: dict | None = None, hf_config: dict | None = None, choice=None) -> Path:
+         keep_max: int, meta_extra: dict | None = None, hf_config: dict | None = None, choice=None,
+         lora=None) -> Path:
     """Save `cell` (the entries `choice(name)` keeps, when given) with MindFormers' step entries and the model's
-    config.json, so the file converts back alone."""
+    config.json, so the file converts back alone; a LoRA run's files also record its adapters' settings (rank,
+    alpha, dropout, targets), so their scale is known from the file itself."""
     # mindspore takes seconds to load: imported only when this runs
     import mindspore as ms
 
@@ -90,6 +93,8 @@ def save(cell, output_dir: str | Path, rank: int, step: int, steps_per_epoch: in
     append = {"epoch_num": (step - 1) // steps_per_epoch + 1, "step_num": step, "loss_scale": 1.0}
     if hf_config is not None:
         append[CONFIG_ENTRY] = json.dumps(hf_config, sort_keys=True)
+    if lora is not None:
+        append[LORA_ENTRY] = json.dumps(dataclasses.asdict(lora), sort_keys=True)
     with atomic_path(final) as tmp:
         # save_checkpoint appends .ckpt to any other name
         ms.save_checkpoint(cell, str(tmp) + ".ckpt", append_dict=append, crc_check=True, choice_func=choice)

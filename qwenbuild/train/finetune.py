@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from qwenbuild.errors import UserError
+from qwenbuild.model.lora import is_dropout_mask
 from qwenbuild.parallel.rank_layout import ProcessLayout, process_layout, single_process
 from qwenbuild.train import checkpoint, data, events
 from qwenbuild.train.progress import Progress, plot_loss, write_metrics
@@ -70,34 +71,70 @@ def build(settings: TrainSettings, layout: ProcessLayout | None = None):
     from qwenbuild.train.step import TrainStep
 
     net = QwenForCausalLM(settings.model, ModelParallel(layout))
+    if settings.lora:
+        # the adapters load mindspore (seconds): imported only when LoRA trains
+        from qwenbuild.model.adapters import add_adapters
+
+        adapters = {p.name for p in add_adapters(net, settings.lora, settings.rows_per_step * settings.seq_length)}
+        for param in net.get_parameters():
+            param.requires_grad = param.name in adapters  # frozen: no gradient, no AdamW moments
+        net.set_train(settings.lora.dropout > 0)
     params = net.trainable_params()
     optimizer = AdamW(params, settings.weight_decay, settings.beta1, settings.beta2, settings.eps,
                       decayed=[decays(p) for p in params])
     return net, TrainStep(net, optimizer, settings.grad_clip, layout)
 
 
+def frozen_names(net) -> set[str]:
+    """The network's weights LoRA leaves as they are (none for a full fine-tune)."""
+    return {p.name for p in net.get_parameters() if not p.requires_grad and not is_dropout_mask(p.name)}
+
+
+def saved(name: str, frozen: set[str]) -> bool:
+    """Whether a run's checkpoints hold an entry: not a frozen weight (the shards hold those), nor a dropout
+    mask (drawn again for every step)."""
+    return name not in frozen and not is_dropout_mask(name)
+
+
 def all_ranks(settings: TrainSettings) -> int:
     return settings.processes * settings.pipeline_stage
 
 
-def start_state(settings: TrainSettings, train_step, layout: ProcessLayout, per_epoch: int,
+def start_state(settings: TrainSettings, net, train_step, layout: ProcessLayout, per_epoch: int,
                 digest: str) -> tuple[int, dict]:
     """Restore the latest common checkpoint of the run with this digest (returns its step and history) or load
-    the initial weights (step 0). A process standing for several stages' ranks reads one file per rank."""
+    the initial weights (step 0); LoRA's frozen weights always come from the initial ones, its adapters start as
+    model/lora.py draws them. A process standing for several stages' ranks reads one file per rank."""
+    frozen = frozen_names(net)
     step = checkpoint.resume_step(settings.output_dir, all_ranks(settings), settings.checkpoint_prefix, per_epoch,
                                   digest)
+    if not step:
+        for r in layout.ranks:
+            checkpoint.clear_stale(settings.output_dir, r)
+    if settings.init_checkpoint and (frozen or not step):
+        paths = [checkpoint.init_checkpoint_file(settings.init_checkpoint, r) for r in layout.ranks]
+        checkpoint.load_into(train_step, paths, sorted(frozen) or [p.name for p in train_step.weights])
     if step:
         paths = [checkpoint.saved_steps(settings.output_dir, r, settings.checkpoint_prefix, per_epoch)[step]
                  for r in layout.ranks]
-        checkpoint.load_into(train_step, paths, [p.name for p in train_step.get_parameters()])
+        checkpoint.load_into(train_step, paths, [p.name for p in train_step.get_parameters() if saved(p.name, frozen)])
         history = checkpoint.read_meta(settings.output_dir, layout.ranks[0]).get("history", {})
         return step, {key: values[:step] for key, values in history.items()}
-    for r in layout.ranks:
-        checkpoint.clear_stale(settings.output_dir, r)
-    if settings.init_checkpoint:
-        paths = [checkpoint.init_checkpoint_file(settings.init_checkpoint, r) for r in layout.ranks]
-        checkpoint.load_into(train_step, paths, [p.name for p in train_step.weights])
+    if settings.lora:
+        # the adapters load mindspore (seconds): imported only when LoRA trains
+        from qwenbuild.model.adapters import init_adapters
+
+        init_adapters(train_step.weights, settings.lora, settings.model, net.parallel, settings.seed)
     return 0, {}
+
+
+def save_choice(layout: ProcessLayout, stage: int, frozen: set[str]):
+    """Which entries one stage's rank saves: its stage's (layout.stage_filter), never a frozen weight, which the
+    shards hold; None keeps every entry."""
+    in_stage = layout.stage_filter(stage)
+    if not frozen:
+        return in_stage
+    return lambda name: saved(name, frozen) and (in_stage is None or in_stage(name))
 
 
 def finetune(settings: TrainSettings, process: int = 0, processes: int = 1, progress: Progress | None = None) -> dict:
@@ -109,6 +146,8 @@ def finetune(settings: TrainSettings, process: int = 0, processes: int = 1, prog
     """
     # mindspore takes seconds to load: imported only when this runs
     import mindspore as ms
+
+    from qwenbuild.model.adapters import set_dropout_masks
 
     check_parallel(settings)
     if processes != settings.processes:
@@ -132,7 +171,8 @@ def finetune(settings: TrainSettings, process: int = 0, processes: int = 1, prog
                     "(CPU has no send/receive between processes); checkpoints are written per stage's rank")
     # hashes the training data and initial weights: once per run, not at every save
     digest = settings.result_digest()
-    first, history = start_state(settings, train_step, layout, per_epoch, digest)
+    first, history = start_state(settings, net, train_step, layout, per_epoch, digest)
+    frozen = frozen_names(net)
     # step times are this process's only: they never enter a checkpoint, whose bytes must not depend on timing
     losses, norms, times = history.get("loss", []), history.get("grad_norm", []), []
     rows = data.rank_rows_by_epoch(num_rows, settings.global_batch_size, settings.seed, first, total,
@@ -151,6 +191,8 @@ def finetune(settings: TrainSettings, process: int = 0, processes: int = 1, prog
     step = first
     for input_ids, target_ids in data.batches(settings.train_data, rows, settings.rows_per_step):
         t0 = time.monotonic()
+        if settings.lora and settings.lora.dropout:
+            set_dropout_masks(net, settings.seed, step)
         loss, norm = train_step(ms.Tensor(input_ids), ms.Tensor(target_ids), ms.Tensor(np.float32(lrs[step])))
         loss, norm = float(loss.asnumpy()), float(norm.asnumpy())
         times.append(time.monotonic() - t0)
@@ -167,7 +209,7 @@ def finetune(settings: TrainSettings, process: int = 0, processes: int = 1, prog
                 checkpoint.save(train_step, settings.output_dir, stage_rank, step, per_epoch,
                                 settings.checkpoint_prefix, digest, settings.keep_checkpoint_max,
                                 {"history": {"loss": losses, "grad_norm": norms}}, settings.model.to_hf_dict(),
-                                layout.stage_filter(stage))
+                                save_choice(layout, stage, frozen), settings.lora)
     if progress:
         progress.close()
     if log:

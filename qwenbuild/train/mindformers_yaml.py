@@ -14,6 +14,7 @@ from pathlib import Path
 import yaml
 
 from qwenbuild.errors import UserError
+from qwenbuild.model.lora import LoraConfig, cell_regex
 from qwenbuild.parallel.memory import max_device_memory_gb
 from qwenbuild.store import atomic_path
 from qwenbuild.tokenizer.files import ENDOFTEXT, MODEL_MAX_LENGTH, QWEN_SPECIAL_IDS
@@ -86,7 +87,14 @@ def _model_config(run: RunYaml, ascend: bool) -> dict:
         "top_k": 0,
         "top_p": 0.8,
         "do_sample": False,
+        **({"pet_config": pet_config(run.settings.lora)} if run.settings.lora else {}),
     }
+
+
+def pet_config(lora: LoraConfig) -> dict:
+    """model_config.pet_config of MindFormers' LoRA: its regex over cell names, from the Hugging Face targets."""
+    return {"pet_type": "lora", "lora_rank": lora.rank, "lora_alpha": lora.alpha, "lora_dropout": lora.dropout,
+            "target_modules": cell_regex(lora.targets)}
 
 
 def _parallel(ascend: bool) -> dict:

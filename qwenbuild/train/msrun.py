@@ -14,6 +14,7 @@ from qwenbuild.errors import UserError
 from qwenbuild.logs import shows
 from qwenbuild.parallel.launch_scripts import PORT_VARIABLE, free_port, local_msrun
 from qwenbuild.processes import start_child, stop_child
+from qwenbuild.store import output_path, refuse_not_a_directory
 from qwenbuild.train import worker
 from qwenbuild.train.progress import STEP_LINE, bar
 
@@ -101,7 +102,9 @@ def run_workers(argv: list[str], log_dir: str | Path, worker_count: int, env: di
     """Run msrun, or a launch script that execs it, for `worker_count` workers on this machine; raises UserError
     with the failed rank's log. Logs land in log_dir (scheduler.log, worker_N.log, msrun.log), replacing old ones."""
     log_dir = Path(log_dir)
+    refuse_not_a_directory(log_dir, "--log_dir")
     log_dir.mkdir(parents=True, exist_ok=True)
+    output_path(log_dir / "msrun.log")  # written in place below: never a link or a device
     for old in [*log_dir.glob("worker_*.log"), log_dir / "scheduler.log", log_dir / "msrun.log"]:
         old.unlink(missing_ok=True)
     echo = _Echo(log_dir / "worker_0.log", sys.stderr.isatty() and shows())

@@ -111,7 +111,7 @@ def _check_node(args) -> int:
             return 2
     first = args.node * args.workers
     who = f"node {args.node}" + (f" ({args.host})" if args.host else "")
-    build = BuildDir(Path(args.build_dir))
+    build = BuildDir(Path(args.build_dir).resolve())  # the scripts pass "." (the build dir they lie in)
     found = version_problems(Lock(build.lock), args.toolchain_of) if args.toolchain_of else []
     for problem in found:
         logger.error(f"{ERROR} {who}: {problem}")

@@ -9,6 +9,8 @@ import sys
 import time
 from pathlib import Path
 
+from qwenbuild.errors import UserError
+from qwenbuild.jsonfile import read_json
 from qwenbuild.logs import shows
 from qwenbuild.store import atomic_path
 
@@ -65,10 +67,23 @@ class Progress:
             sys.stderr.flush()
 
 
+def read_metrics(path: str | Path) -> dict:
+    """The figures a metrics file holds already ({} when there is none); one that is not a JSON object is refused,
+    not overwritten."""
+    path = Path(path)
+    if not path.is_file():
+        return {}
+    current = read_json(path, "metrics file", hint="qwenbuild merges its figures into a JSON object")
+    if not isinstance(current, dict):
+        raise UserError(f"metrics file {path} holds a JSON {type(current).__name__}, not an object of figures",
+                        hint="name a new file, or a metrics.json qwenbuild wrote")
+    return current
+
+
 def write_metrics(path: str | Path, metrics: dict, merge: bool = True) -> Path:
     """Write `metrics` to the JSON file at `path`, merged into what is there (evaluation adds to training's)."""
     path = Path(path)
-    current = json.loads(path.read_text(encoding="utf-8")) if merge and path.is_file() else {}
+    current = read_metrics(path) if merge else {}
     current.update(metrics)
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(current, indent=1, sort_keys=True) + "\n", encoding="utf-8")

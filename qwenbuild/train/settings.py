@@ -11,6 +11,7 @@ from qwenbuild.digests import file_digest, json_digest
 from qwenbuild.errors import UserError
 from qwenbuild.jsonfile import read_json
 from qwenbuild.model.config import QwenConfig
+from qwenbuild.model.lora import LoraConfig, rank_problems
 from qwenbuild.store import SEAL, atomic_path
 
 
@@ -43,6 +44,7 @@ class TrainSettings:
     device_target: str = "CPU"
     strategy_dir: str | None = None  # per-rank strategy files: what each process holds under model/pipeline parallel
     micro_batch_num: int = 1  # micro batches per step under pipeline parallel (MindFormers' global batch counts them)
+    lora: LoraConfig | None = None  # adapters to train on the frozen weights; None trains every weight
 
     @property
     def rows_per_step(self) -> int:
@@ -117,6 +119,24 @@ def _check(values: dict, source: str) -> None:
             bad(key, "it must be a number >= 0")
     if values.get("device_target", "CPU") not in DEVICE_TARGETS:
         bad("device_target", f"use {', '.join(DEVICE_TARGETS)}")
+    if values.get("lora") is not None:
+        _check_lora(values["lora"], source)
+
+
+LORA_KEYS = tuple(f.name for f in dataclasses.fields(LoraConfig))
+
+
+def _check_lora(lora, source: str) -> None:
+    if isinstance(lora, LoraConfig):
+        return
+    if not isinstance(lora, dict) or set(lora) != set(LORA_KEYS):
+        raise UserError(f"{source}: key 'lora' is {lora!r}; it must be null or an object of exactly "
+                        f"{', '.join(LORA_KEYS)} (as [train.lora] in qwen.toml)")
+    for key in LORA_KEYS:
+        problem = schema.value_problem(f"train.lora.{key}", lora[key])
+        if problem:
+            raise UserError(f"{source}: key 'lora.{key}' is {lora[key]!r}; {problem} (as train.lora.{key} in "
+                            "qwen.toml)")
 
 
 def check_parallel(settings: TrainSettings, source: str = "run.json") -> None:
@@ -152,7 +172,12 @@ def settings_from_dict(values: dict, source: str = "run.json", base_dir: str | P
         raise UserError(f"{source}: key 'model' must be an object of model dimensions, not {model!r}")
     if base_dir is not None:
         values = {**values, **{k: str(Path(base_dir, values[k])) for k in _PATH_KEYS if values.get(k)}}
-    settings = TrainSettings(**{**values, "model": model})
+    lora = values.get("lora")
+    settings = TrainSettings(**{**values, "model": model,
+                                "lora": LoraConfig(**lora) if isinstance(lora, dict) else lora})
+    if settings.lora is not None and rank_problems(model, settings.lora.rank, settings.lora.targets):
+        raise UserError(f"{source}: key 'lora.rank': " + "; ".join(rank_problems(model, settings.lora.rank,
+                                                                                  settings.lora.targets)))
     check_parallel(settings, source)
     return settings
 

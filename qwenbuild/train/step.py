@@ -7,6 +7,7 @@ import numpy as np
 from mindspore import Tensor, nn, ops
 
 from qwenbuild.model.cpu_kernels import F32, squares_summed
+from qwenbuild.model.lora import is_adapter, summed_over_model_parallel, weight_of
 from qwenbuild.model.tensor_parallel import VocabParallelCrossEntropy, group_of
 from qwenbuild.parallel.rank_layout import ProcessLayout, single_process
 
@@ -70,9 +71,21 @@ class TrainStep(nn.Cell):
         self.joined = tuple(n <= ONE_VECTOR_UP_TO or n % ROW > 0 for n in (int(np.prod(w.shape)) for w in self.weights))
         if self.split_grads:
             self.sum_slices = ops.AllReduce(group=group_of(layout, layout.mp_group))
+        # a LoRA adapter held whole beside a split weight gets each model-parallel process's share of its gradient
+        self.shared_grads = tuple(i for i, w in enumerate(self.weights) if layout.model_parallel > 1
+                                  and is_adapter(w.name)
+                                  and summed_over_model_parallel(w.name, layout.split(weight_of(w.name))))
+        if self.shared_grads:
+            self.sum_shares = ops.AllReduce(group=group_of(layout, layout.mp_group))
+            self.share_shapes = tuple(self.weights[i].shape for i in self.shared_grads)
+            self.share_sizes = tuple(int(np.prod(shape)) for shape in self.share_shapes)
+            self.share_slot = tuple(self.shared_grads.index(i) if i in self.shared_grads else -1
+                                    for i in range(len(self.weights)))
 
     def construct(self, input_ids, target_ids, lr):
         loss, grads = self.grad_fn(input_ids, target_ids)
+        if self.shared_grads:
+            grads = self.sum_over_model_parallel(grads)
         if self.distributed:
             loss, grads = self.mean_over_processes(loss, grads)
         norm = self.global_norm(grads)
@@ -99,6 +112,16 @@ class TrainStep(nn.Cell):
                 joined.append(ops.zeros((pad,), F32))
             matrices.append(ops.reshape(ops.concat(joined), (-1, ROW)))
         return ops.reshape(ops.addn([squares_summed(m) for m in matrices]), ())
+
+    def sum_over_model_parallel(self, grads):
+        """The shared gradients summed over the model-parallel group, in one all-reduce."""
+        flat = self.sum_shares(ops.concat([ops.reshape(grads[i], (-1,)) for i in self.shared_grads]))
+        parts = ops.split(flat, self.share_sizes)
+        out = ()
+        for i in range(len(grads)):
+            slot = self.share_slot[i]
+            out += (ops.reshape(parts[slot], self.share_shapes[slot]) if slot >= 0 else grads[i],)
+        return out
 
     def mean_over_processes(self, loss, grads):
         # one all-reduce of a flat vector: per-tensor all-reduces cost a loopback round trip each on CPU

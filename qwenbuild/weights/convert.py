@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 import time
@@ -12,6 +13,7 @@ from typing import Callable
 
 from qwenbuild import dtypes
 from qwenbuild.dtypes import ITEMSIZE
+from qwenbuild.errors import UserError
 from qwenbuild.model.config import QwenConfig
 from qwenbuild.model.params import CONFIG_ENTRY, check_names, hf_to_ms, ms_to_hf, parameter_shapes
 from qwenbuild.store import atomic_path
@@ -42,6 +44,25 @@ class OutputTensor:
             yield dtypes.cast_bytes(chunk, self.source.dtype, self.dtype)
 
 
+def _tied_copy(torch_ckpt_dir, lm_head: hf_source.SourceTensor, embedding: hf_source.SourceTensor | None) -> None:
+    """A tied model's lm_head.weight may be stored only as a copy of the embedding table; anything else would be
+    lost by tying, so it is refused."""
+    same = embedding is not None and (lm_head.shape, lm_head.dtype) == (embedding.shape, embedding.dtype) and \
+        _digest(lm_head) == _digest(embedding)
+    if not same:
+        raise UserError(f"{Path(torch_ckpt_dir) / 'config.json'}: tie_word_embeddings is true, but the checkpoint "
+                        "holds an lm_head.weight that differs from model.embed_tokens.weight; tying would drop it",
+                        hint="set tie_word_embeddings to false in config.json if the model has its own output "
+                             "projection")
+
+
+def _digest(tensor: hf_source.SourceTensor) -> str:
+    h = hashlib.sha256()
+    for chunk in tensor.chunks():
+        h.update(chunk)
+    return h.hexdigest()
+
+
 def conversion_tensors(torch_ckpt_dir, dtype: str | None = None) -> tuple[QwenConfig, list, list[str]]:
     """Check every tensor of the HF directory against its config.json; the MindSpore tensors to write, in network
     order, and notes about dropped entries. Raises UserError listing every mismatch."""
@@ -52,7 +73,8 @@ def conversion_tensors(torch_ckpt_dir, dtype: str | None = None) -> tuple[QwenCo
         if hf_name.endswith(_RECOMPUTED):
             notes.append(f"dropped {hf_name} (recomputed buffer)")
         elif hf_name == "lm_head.weight" and cfg.tie_word_embeddings:
-            notes.append("dropped lm_head.weight: config.json ties it to the embedding table")
+            _tied_copy(torch_ckpt_dir, src, sources.get("model.embed_tokens.weight"))
+            notes.append("dropped lm_head.weight: config.json ties it to the embedding table (and it equals it)")
         else:
             kept[hf_name] = src
     expected = {ms_to_hf(n): shape for n, shape in parameter_shapes(cfg).items()}
@@ -86,7 +108,7 @@ def convert_weight(torch_ckpt_dir, mindspore_ckpt_path, dtype: str | None = None
     out_dtypes = sorted({t.dtype for t in tensors})
     stored = dataclasses.replace(cfg, param_dtype=out_dtypes[0] if len(out_dtypes) == 1 else cfg.param_dtype)
     config_text = json.dumps(stored.to_hf_dict(), sort_keys=True)
-    with atomic_path(out) as tmp:
+    with atomic_path(out, inputs=[torch_ckpt_dir]) as tmp:
         size = mindspore_ckpt.write_checkpoint(tmp, tensors, step, texts={CONFIG_ENTRY: config_text})
     numel = sum(t.nbytes // ITEMSIZE[t.dtype] for t in tensors)
     seconds = time.monotonic() - started

@@ -36,6 +36,11 @@ def _index_files(directory: Path, index_name: str) -> list[Path]:
         raise UserError(f"{index} is not a valid shard index: it needs a \"weight_map\" of tensor name -> file name",
                         hint="the index transformers writes beside sharded weights")
     files = sorted(set(weight_map.values()))
+    # a shard is a file beside the index: never a path out of the model directory
+    outside = [f for f in files if not f or "/" in f or "\\" in f or "\0" in f or f in (".", "..")]
+    if outside:
+        raise UserError(f"{index}: weight_map names {outside[0]!r}, not a file name in {directory}",
+                        hint="each shard is named by its file name alone (model-00001-of-00002.safetensors)")
     missing = [f for f in files if not (directory / f).is_file()]
     if missing:
         raise UserError(f"{index} lists shard files that do not exist: {', '.join(missing)}",

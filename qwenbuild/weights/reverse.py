@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import time
 from pathlib import Path
@@ -11,7 +10,7 @@ from typing import Callable
 
 from qwenbuild import dtypes
 from qwenbuild.errors import UserError
-from qwenbuild.jsonfile import read_json
+from qwenbuild.jsonfile import BadJSON, parse_json, read_json
 from qwenbuild.model.config import QwenConfig
 from qwenbuild.model.params import (CONFIG_ENTRY, EMBEDDING, check_names, is_beside_weights, ms_to_hf,
                                       parameter_shapes, split_layer_name)
@@ -79,7 +78,11 @@ def convert_reversed(mindspore_ckpt_path, torch_ckpt_path, config: QwenConfig | 
     dropped = len(all_tensors) - len(weights) - (stored is not None)
     cfg = _as_config(config)
     if cfg is None and stored is not None:
-        cfg = QwenConfig.from_hf_dict(json.loads(mindspore_ckpt.read_text(stored)))
+        try:
+            cfg = QwenConfig.from_hf_dict(parse_json(mindspore_ckpt.read_text(stored)))
+        except (BadJSON, UserError) as exc:
+            raise UserError(f"{src}: its stored {CONFIG_ENTRY} entry is not a usable config.json: {exc}",
+                            hint="pass --config with the model's config.json") from None
         say(f"config from the checkpoint's own {CONFIG_ENTRY} entry: {cfg.num_layers} layers, hidden "
             f"{cfg.hidden_size}, {cfg.num_heads} heads ({cfg.n_kv_heads} kv)")
     if cfg is None:
@@ -99,13 +102,14 @@ def convert_reversed(mindspore_ckpt_path, torch_ckpt_path, config: QwenConfig | 
         say(f"[{done[0]}/{total}] {t.name} {list(t.shape)} {t.dtype}")
 
     out = Path(torch_ckpt_path)
+    inputs = [src] + ([config] if isinstance(config, (str, Path)) else [])
     if out.suffix == ".bin":
         # the original convert_reversed.py writes one torch state dict with HF names
-        with atomic_path(out) as tmp:
+        with atomic_path(out, inputs=inputs) as tmp:
             hf_output.write_torch_bin(tmp, out_tensors, step)
         files = [out.name]
     else:
-        with atomic_path(out, directory=True) as tmp:
+        with atomic_path(out, directory=True, inputs=inputs) as tmp:
             files = hf_output.write_model_dir(tmp, cfg, out_tensors, max_shard_bytes, step)
     size = sum(t.nbytes for t in out_tensors)
     seconds = time.monotonic() - started
