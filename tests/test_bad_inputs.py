@@ -635,7 +635,7 @@ CASES = [
     ("preprocess --input_glob {c}/chat.jsonl --vocab_file {c}/tok/vocab.json --merges_file {c}/merges_empty.txt "
      "--output_file out.mindrecord", 2, "merges_empty.txt holds no merges", None),
     ("preprocess --input_glob {c}/chat.jsonl --vocab_file {c}/tok/vocab.json --merges_file {c}/tok/merges.txt "
-     "--workers 100000 --output_file out.mindrecord", 2, "--workers", None),
+     "--processes 100000 --output_file out.mindrecord", 2, "--processes must lie in 0..256", None),
     ("tokenizer --output_dir tok --tiktoken_file {c}/tiktoken_duprank", 2, "rank 0 was given already on line 1",
      None),
     ("tokenizer --output_dir tok --tiktoken_file {c}/tiktoken_duptoken", 2, "was ranked already on line 1", None),

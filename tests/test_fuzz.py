@@ -599,7 +599,7 @@ WRITERS = {  # argv with OUT, the inputs it reads, and what OUT is: a file, a di
     "alpaca_converter": (["alpaca_converter", "--data_path", "data.json", "--output_path", "OUT"], ["data.json"],
                          "file"),
     "preprocess": (["preprocess", "--input_glob", "chat.jsonl", "--vocab_file", "tok/vocab.json", "--merges_file",
-                    "tok/merges.txt", "--seq_length", "128", "--workers", "0", "--output_file", "OUT"],
+                    "tok/merges.txt", "--seq_length", "128", "--processes", "0", "--output_file", "OUT"],
                    ["chat.jsonl", "tok/vocab.json", "tok/merges.txt"], "file"),
     "convert_weight": (["convert_weight", "--torch_ckpt_dir", "hf", "--mindspore_ckpt_path", "OUT"],
                        ["hf/config.json", "hf/model.safetensors"], "file"),

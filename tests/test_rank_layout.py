@@ -17,8 +17,9 @@ CFG = QwenConfig(vocab_size=96, hidden_size=32, num_layers=4, num_heads=4, n_kv_
 
 
 def test_dp2_mp2_pp2_process_stands_for_one_rank_per_stage(tmp_path):
-    write_strategy_files(CFG, 2, 2, 2, tmp_path, vocab_emb_dp=False)
-    layout = process_layout(tmp_path, 3, 4, 2)
+    strategy = tmp_path / "strategy"  # the working directory is tmp_path: an output never replaces it
+    write_strategy_files(CFG, 2, 2, 2, strategy, vocab_emb_dp=False)
+    layout = process_layout(strategy, 3, 4, 2)
     assert (layout.ranks, layout.model_parallel, layout.mp_index, layout.data_parallel) == ((3, 7), 2, 1, 2)
     assert (layout.mp_group, layout.dp_group, layout.dp_index) == ((2, 3), (1, 3), 1)
     assert layout.split("model.layers.0.attention.wq.weight") == 0
@@ -34,20 +35,22 @@ def test_dp2_mp2_pp2_process_stands_for_one_rank_per_stage(tmp_path):
 
 
 def test_a_plan_the_files_were_not_written_for_is_refused(tmp_path):
-    write_strategy_files(CFG, 1, 2, 1, tmp_path)
+    strategy = tmp_path / "strategy"  # the working directory is tmp_path: an output never replaces it
+    write_strategy_files(CFG, 1, 2, 1, strategy)
     with pytest.raises(UserError, match=r"holds 2 ranks per stage, the run has 4 processes"):
-        process_layout(tmp_path, 0, 4, 1)
+        process_layout(strategy, 0, 4, 1)
     with pytest.raises(UserError, match="no strategy file for rank 2"):
-        process_layout(tmp_path, 0, 2, 2)
+        process_layout(strategy, 0, 2, 2)
 
 
 def test_a_layout_the_network_cannot_run_is_named(tmp_path):
-    write_strategy_files(CFG, 1, 2, 1, tmp_path, vocab_emb_dp=True)
-    for path in tmp_path.glob("*.json"):
+    strategy = tmp_path / "strategy"  # the working directory is tmp_path: an output never replaces it
+    write_strategy_files(CFG, 1, 2, 1, strategy, vocab_emb_dp=True)
+    for path in strategy.glob("ckpt_strategy_rank_*.json"):
         data = json.loads(path.read_text())
         data["parallel_layout_item"]["model.layers.1.attention.wo.weight"]["tensor_map"] = [-1, -1]
         path.write_text(json.dumps(data))
-    layout = process_layout(tmp_path, 0, 2, 1)
+    layout = process_layout(strategy, 0, 2, 1)
     with pytest.raises(UserError, match="splits model.layers.1.attention.wo.weight and "
                                         "model.layers.1.attention.wq.weight inconsistently"):
         QwenForCausalLM(CFG, ModelParallel(layout))
