@@ -62,10 +62,9 @@ def full_shapes(indexes: dict[int, dict[str, CkptTensor]], layouts: dict | None,
                                 hint=_HINT)
             found[name] = (full, t)
         if layouts:
-            # a rank of LoRA adapters alone lacks the frozen weights its strategy also lays out, not an adapter
-            adapters = adapters_only(index)
+            kinds = held_kinds(index)
             lacking = [n for n, layout in layouts.items() if stage in layout[6] and n not in index
-                       and not is_beside_weights(n) and (is_adapter(n) or not adapters)]
+                       and not is_beside_weights(n) and is_adapter(n) in kinds]
             if lacking:
                 where = next(iter(index.values())).path if index else f"rank {rank}"
                 raise UserError(f"{where} (rank {rank}, stage {stage}) lacks {', '.join(lacking[:3])}"
@@ -89,10 +88,11 @@ def check_stored_config(indexes: dict[int, dict[str, CkptTensor]], full: dict[st
                             f"strategy, but the checkpoint's own config.json makes it {list(shape)}", hint=_HINT)
 
 
-def adapters_only(names) -> bool:
-    """The weights named are LoRA adapters and nothing else (what a LoRA finetune saves per rank)."""
-    weights = [n for n in names if not is_beside_weights(n)]
-    return bool(weights) and all(is_adapter(n) for n in weights)
+def held_kinds(names) -> set[bool]:
+    """Which kinds of weight a checkpoint holds, by is_adapter: a kind it holds must be there whole. LoRA adapters
+    alone (what a LoRA finetune saves per rank) and base weights alone (the adapters start afresh) are both cut by
+    the whole network's strategy, as MindFormers cuts them."""
+    return {is_adapter(n) for n in names if not is_beside_weights(n)}
 
 
 def check_destination(full: dict[str, tuple[int, ...]], layouts: dict | None) -> None:
@@ -110,8 +110,9 @@ def check_destination(full: dict[str, tuple[int, ...]], layouts: dict | None) ->
             raise UserError(f"the destination strategy cuts {name} into {' x '.join(map(str, pieces))} pieces, which "
                             f"its full shape {list(shape)} does not divide", hint="pass a strategy made for this model")
     absent = [n for n in layouts if n not in full and not is_beside_weights(n)]
-    # LoRA adapters alone are cut by the whole network's strategy, as MindFormers cuts them
-    if absent and not adapters_only(full):
+    kinds = held_kinds(full)
+    absent = [n for n in absent if is_adapter(n) in kinds]
+    if absent:
         raise UserError(f"the destination strategy lays out {', '.join(absent[:3])}{' ...' if len(absent) > 3 else ''}"
                         ", which the source checkpoint does not hold", hint="pass a strategy made for this model")
 

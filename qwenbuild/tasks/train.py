@@ -138,7 +138,7 @@ def use_slot(build, method: str) -> Path:
         os.replace(link, link.with_name("checkpoint-full"))
     slot.mkdir(parents=True, exist_ok=True)
     if not (link.is_symlink() and os.readlink(link) == slot.name):
-        with atomic_path(link) as tmp:
+        with atomic_path(link, link=True) as tmp:  # replaces only its own link to the other slot
             os.symlink(slot.name, tmp)
     return slot
 
