@@ -6,12 +6,20 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from pathlib import Path
 
 from qwenbuild.errors import UserError
 
 ENV = "QWENBUILD_LOG"
 LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING}
 _PACKAGE = "qwenbuild"
+
+
+def entry_logger(file: str) -> logging.Logger:
+    """The logger of a module that also runs as a program (`python -m` or by its path), named by where it lies in
+    the package: as __main__ its lines would reach no qwenbuild handler."""
+    parts = Path(file).resolve().with_suffix("").parts
+    return logging.getLogger(".".join(parts[len(parts) - 1 - parts[::-1].index(_PACKAGE):]))
 
 
 class _Stderr(logging.StreamHandler):

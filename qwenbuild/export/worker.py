@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import errno
 import json
-import logging
 import sys
 import time
 from pathlib import Path
 
 from qwenbuild.errors import UserError
-from qwenbuild.logs import configure
+from qwenbuild.logs import configure, entry_logger
 from qwenbuild.model.config import QwenConfig
 from qwenbuild.model.params import num_parameters
 from qwenbuild.parallel.rank_layout import process_layout
@@ -25,7 +24,7 @@ from qwenbuild.processes import follow_parent
 from qwenbuild.weights.mindspore_ckpt import load_with_crc
 
 # started as `python -m`, this module is __main__: its lines go under its package name all the same
-logger = logging.getLogger(__spec__.name if __name__ == "__main__" else __name__)
+logger = entry_logger(__file__)
 
 VERBOSE = True
 

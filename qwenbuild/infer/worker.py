@@ -7,17 +7,16 @@ picks the same tokens); rank 0 reports progress and writes the result to SPEC's 
 from __future__ import annotations
 
 import json
-import logging
 import sys
 from pathlib import Path
 
 from qwenbuild.errors import UserError
 from qwenbuild.infer.runtime import generate, join_ranks
-from qwenbuild.logs import configure
+from qwenbuild.logs import configure, entry_logger
 from qwenbuild.processes import follow_parent
 
 # started as `python -m`, this module is __main__: its lines go under its package name all the same
-logger = logging.getLogger(__spec__.name if __name__ == "__main__" else __name__)
+logger = entry_logger(__file__)
 
 ERROR_MARK = "qwenbuild infer error:"
 

@@ -12,7 +12,6 @@ finite-gradient check in place of the Ascend overflow-status kernel.
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
 import time
@@ -22,14 +21,14 @@ import numpy as np
 
 from qwenbuild.errors import UserError
 from qwenbuild.flags import str2bool
-from qwenbuild.logs import configure
+from qwenbuild.logs import configure, entry_logger
 from qwenbuild.processes import follow_parent
 from qwenbuild.train.mindformers_tokenizer import register_qwen2_tokenizer
 from qwenbuild.train.events import TOKENS_PER_S
 from qwenbuild.train.worker import exit_code
 
 # started as `python -m`, this module is __main__: its lines go under its package name all the same
-logger = logging.getLogger(__spec__.name if __name__ == "__main__" else __name__)
+logger = entry_logger(__file__)
 
 RUN_MODES = ("train", "finetune", "predict")
 LOG_PREFIX = "mindformers_run:"

@@ -13,18 +13,17 @@ from __future__ import annotations
 
 import argparse
 import importlib.metadata
-import logging
 import sys
 from pathlib import Path
 
 from qwenbuild.build_dir import BuildDir
 from qwenbuild.errors import UserError
 from qwenbuild.lock import Lock, check_artifact
-from qwenbuild.logs import configure
+from qwenbuild.logs import configure, entry_logger
 from qwenbuild.parallel.hosts import identity_problem
 
 # started as `python -m`, this module is __main__: its lines go under its package name all the same
-logger = logging.getLogger(__spec__.name if __name__ == "__main__" else __name__)
+logger = entry_logger(__file__)
 
 # the packages whose versions a node must share with the build host, when the lock records them
 NODE_PACKAGES = ("qwenbuild", "mindspore", "mindformers")

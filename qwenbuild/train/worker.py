@@ -7,19 +7,18 @@ strategy files (train.finetune).
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
 from typing import Callable
 
 from qwenbuild.errors import UserError
-from qwenbuild.logs import configure
+from qwenbuild.logs import configure, entry_logger
 from qwenbuild.processes import follow_parent
 from qwenbuild.train.finetune import finetune
 from qwenbuild.train.settings import read_run_json
 
 # started as `python -m`, this module is __main__: its lines go under its package name all the same
-logger = logging.getLogger(__spec__.name if __name__ == "__main__" else __name__)
+logger = entry_logger(__file__)
 
 ERROR_MARK = "qwenbuild worker error:"
 
