@@ -63,9 +63,9 @@ def qwenbuild_side(settings, rows_by_epoch, lrs):
     from qwenbuild.model.adapters import set_dropout_masks
     from qwenbuild.parallel.rank_layout import single_process
     from qwenbuild.train import data
-    from qwenbuild.train.finetune import build, set_context, start_state
+    from qwenbuild.train.finetune import build, start_mindspore, start_state
 
-    set_context(settings, 1)
+    start_mindspore(settings, 1)
     net, train_step = build(settings)
     start_state(settings, net, train_step, single_process(), 10**9, "bench")
     for step, (input_ids, target_ids) in enumerate(data.batches(settings.train_data, rows_by_epoch,
