@@ -128,14 +128,6 @@ class Parallel:
 
 
 @dataclasses.dataclass(frozen=True)
-class Lora:
-    rank: int
-    alpha: float
-    dropout: float
-    targets: tuple[str, ...]
-
-
-@dataclasses.dataclass(frozen=True)
 class Train:
     READS: ClassVar[dict[str, tuple[str, ...]]] = {"engine_on": ("engine",), "lora_config": ("method", "lora")}
 
@@ -154,12 +146,12 @@ class Train:
     seed: int
     save_steps: int
     eval_max_new_tokens: int
-    lora: Lora
+    lora: LoraConfig  # [train.lora] as written; trained only when method is "lora"
 
     @property
     def lora_config(self) -> LoraConfig | None:
         """The adapters to train, or None for a full fine-tune."""
-        return LoraConfig(**dataclasses.asdict(self.lora)) if self.method == "lora" else None
+        return self.lora if self.method == "lora" else None
 
     def engine_on(self, device: str) -> str:
         """Who trains on this device: train.engine, else MindFormers on Ascend and qwenbuild's loop on CPU."""
@@ -213,7 +205,7 @@ def build_section(cls: type, values: dict) -> Any:
         if cls is Hardware and f.name == "nodes":
             value = tuple(build_section(Node, n) for n in value)
         if cls is Train and f.name == "lora":
-            value = build_section(Lora, value)
+            value = build_section(LoraConfig, value)
         fields[f.name] = _frozen(value)
     return cls(**fields)
 

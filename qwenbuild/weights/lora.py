@@ -49,27 +49,6 @@ def read_adapters(path: str | Path, lora: LoraConfig, cfg) -> dict[str, np.ndarr
 
 
 @dataclasses.dataclass(frozen=True)
-class _Merged:
-    """One weight of the base with its adapters' product added, as write_checkpoint takes it."""
-
-    name: str
-    shape: tuple[int, ...]
-    dtype: str
-    base: CkptTensor
-    b: np.ndarray
-    a: np.ndarray
-    scale: float
-
-    @property
-    def nbytes(self) -> int:
-        return int(np.prod(self.shape)) * dtypes.ITEMSIZE[self.dtype]
-
-    def chunks(self):
-        merged = read_array(self.base).astype(np.float32) + np.float32(self.scale) * (self.b @ self.a)
-        yield dtypes.cast_bytes(np.ascontiguousarray(merged, np.float32).tobytes(), "float32", self.dtype)
-
-
-@dataclasses.dataclass(frozen=True)
 class _Copied:
     """A base tensor written as it is, byte for byte."""
 
@@ -84,6 +63,19 @@ class _Copied:
 
     def chunks(self):
         return self.base.chunks()
+
+
+@dataclasses.dataclass(frozen=True)
+class _Merged(_Copied):
+    """One weight of the base with its adapters' product added, in the base's own dtype (so its size)."""
+
+    b: np.ndarray
+    a: np.ndarray
+    scale: float
+
+    def chunks(self):
+        merged = read_array(self.base).astype(np.float32) + np.float32(self.scale) * (self.b @ self.a)
+        yield dtypes.cast_bytes(np.ascontiguousarray(merged, np.float32).tobytes(), "float32", self.dtype)
 
 
 def merge_lora(base_ckpt: str | Path, adapters: dict[str, np.ndarray], lora: LoraConfig, out_path: str | Path,
