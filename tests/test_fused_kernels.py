@@ -1,4 +1,4 @@
-"""The fused CPU kernels (SwiGLU, RoPE, RMSNorm): built once per machine, forward and gradient equal to the formulas
+"""The fused CPU kernels (SwiGLU, RoPE, RMSNorm, masked softmax, cross entropy, sum of squares): built once per machine, forward and gradient equal to the formulas
 at shapes no fixture uses, in both MindSpore modes; without a compiler the composed kernels run; exported graphs
 never hold them."""
 
@@ -17,7 +17,9 @@ from mindspore import Tensor, ops
 
 from qwenbuild.model.fused_kernels import SWITCH, build_library, build_record, kernels, source
 
-SYMBOLS = ("SwigluForward", "SwigluBackward", "RopeForward", "RopeBackward", "RmsNormForward", "RmsNormBackward")
+SYMBOLS = ("SwigluForward", "SwigluBackward", "RopeForward", "RopeBackward", "RmsNormForward", "RmsNormBackward",
+           "MaskedSoftmaxForward", "SoftmaxBackward", "CrossEntropyForward", "CrossEntropyBackward", "SumOfSquares",
+           "AdamWUpdate")
 
 
 @pytest.fixture(params=["GRAPH", "PYNATIVE"])
@@ -103,6 +105,58 @@ def test_rms_norm_and_its_gradients_equal_the_formula(fused, mode):
     np.testing.assert_allclose(dx, r * (g - n * (g * n).mean(-1, keepdims=True)), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("bias_matrices", [1, 3])
+def test_masked_softmax_and_its_gradient_equal_the_formula(fused, mode, bias_matrices):
+    """scores [B, KV, rep, Sq, Sk] with a bias shared by every matrix, or one per row of the batch (decoding)."""
+    rng = np.random.default_rng(3)
+    x, w = (rng.normal(scale=4.0, size=(3, 2, 2, 5, 7)).astype(np.float32) for _ in range(2))
+    bias = np.where(rng.random((bias_matrices, 1, 1, 5, 7)) < 0.3, -1.0e30, 0.0).astype(np.float32)
+    bias[..., 0] = 0.0  # every row sees one position
+    out, (dx,) = _value_and_grads(fused.masked_softmax, (Tensor(x), Tensor(bias)), Tensor(w), (0,))
+    z = x.astype(np.float64) + bias
+    y = np.exp(z - z.max(-1, keepdims=True))
+    y /= y.sum(-1, keepdims=True)
+    np.testing.assert_allclose(out, y, rtol=1e-5, atol=1e-7)
+    # float32 rounding of w - sum(w y) with |w| up to 4: about 1e-6
+    np.testing.assert_allclose(dx, y * (w - (w * y).sum(-1, keepdims=True)), rtol=1e-5, atol=4e-6)
+    assert np.all(dx[np.broadcast_to(bias, x.shape) < 0] == 0.0)
+
+
+@pytest.mark.parametrize("rows, vocab", [(6, 11), (40, 151_936)])
+def test_cross_entropy_and_its_gradient_equal_the_formula(fused, mode, rows, vocab):
+    """Per-row loss lse - logit[label] and its gradient softmax - onehot, one thread or split over two (Qwen's vocab)."""
+    rng = np.random.default_rng(4)
+    logits = rng.normal(scale=3.0, size=(rows, vocab)).astype(np.float32)
+    labels = rng.integers(0, vocab, size=rows).astype(np.int32)
+    dloss = rng.normal(size=rows).astype(np.float32)
+    out, (dlogits,) = _value_and_grads(fused.cross_entropy, (Tensor(logits), Tensor(labels), Tensor(2.0, ms.float32)),
+                                       Tensor(dloss), (0,))
+    x = logits.astype(np.float64)
+    lse = np.log(np.exp(x - x.max(-1, keepdims=True)).sum(-1)) + x.max(-1)
+    np.testing.assert_allclose(out, lse - x[np.arange(rows), labels], rtol=1e-5, atol=1e-5)
+    expected = np.exp(x - lse[:, None])
+    expected[np.arange(rows), labels] -= 1.0
+    np.testing.assert_allclose(dlogits, expected * dloss[:, None], rtol=1e-4, atol=1e-7)
+
+
+def test_a_label_outside_the_vocabulary_is_refused(fused):
+    ms.set_context(mode=ms.PYNATIVE_MODE, device_target="CPU")
+    try:
+        with pytest.raises(RuntimeError, match="CrossEntropyForward"):
+            fused.cross_entropy(Tensor(np.zeros((2, 5), np.float32)), Tensor(np.array([1, 5], np.int32)),
+                                Tensor(1.0, ms.float32))[0].asnumpy()
+    finally:
+        ms.set_context(mode=ms.GRAPH_MODE)
+
+
+@pytest.mark.parametrize("size", [1, 4097, 3_000_001])
+def test_sum_of_squares_equals_numpy_in_double(fused, mode, size):
+    x = np.random.default_rng(5).normal(scale=10.0, size=size).astype(np.float32)
+    got = fused.sum_of_squares(Tensor(x), Tensor(2.0, ms.float32)).asnumpy()
+    assert got.shape == (1, 1)
+    np.testing.assert_allclose(got[0, 0], (x.astype(np.float64) ** 2).sum(), rtol=1e-6)
+
+
 def test_other_dtypes_are_refused(fused):
     ms.set_context(mode=ms.PYNATIVE_MODE, device_target="CPU")
     try:
@@ -137,7 +191,7 @@ def test_without_the_kernels_the_network_keeps_the_composed_ones(tmp_path, env, 
 def test_the_network_uses_them_where_they_build():
     done = subprocess.run([sys.executable, "-c", _PROBE], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
-    assert done.stdout.strip().splitlines()[-1] == str(["fused_norm", "fused_rope", "fused_swiglu"])
+    assert done.stdout.strip().splitlines()[-1] == str(["fused_norm", "fused_rope", "fused_softmax", "fused_swiglu"])
 
 
 def test_the_build_record_names_the_compiler_and_the_target_native_means_here(tmp_path, monkeypatch):

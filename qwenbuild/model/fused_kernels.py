@@ -1,5 +1,6 @@
-"""Fused CPU kernels for training as MindSpore Custom (aot) ops: SwiGLU, RoPE and RMSNorm with their gradients, and
-the AdamW update of a parameter in place.
+"""Fused CPU kernels for training as MindSpore Custom (aot) ops: SwiGLU, RoPE, RMSNorm, the attention's masked
+softmax and the loss's cross entropy with their gradients, the gradients' sum of squares for clipping, and the AdamW
+update of a parameter in place.
 
 Each is one pass over memory where MindSpore's composed CPU kernels take four to nine. The C++ source ships in the
 package (resources/fused_kernels.cc); g++ compiles it once per machine into the user's cache directory. Without a
@@ -101,6 +102,9 @@ class Kernels:
     swiglu: object
     rope: object
     rms_norm: object
+    masked_softmax: object
+    cross_entropy: object
+    sum_of_squares: object
     adamw: object
 
 
@@ -126,6 +130,19 @@ def _ops(library: Path) -> Kernels:
         dx, dw = rms_norm_grad(x, weight, out[1], dout[0])
         return dx, dw, ops.zeros_like(eps)
 
+    softmax_grad = custom("SoftmaxBackward", lambda y, dy: y, lambda y, dy: y)
+
+    def masked_softmax_bprop(x, bias, out, dout):
+        # the bias is the attention mask, never a parameter
+        return softmax_grad(out, dout), ops.zeros_like(bias)
+
+    cross_entropy_grad = custom("CrossEntropyBackward", lambda x, y, lse, d, t: x, lambda x, y, lse, d, t: x)
+
+    def cross_entropy_bprop(logits, labels, threads, out, dout):
+        # lse (out[1]) is read only by the gradient: its own gradient is never asked for
+        return (cross_entropy_grad(logits, labels, out[1], dout[0], threads), ops.zeros_like(labels),
+                ops.zeros_like(threads))
+
     adamw = custom("AdamWUpdate", lambda p, m, v, g, h: [1], lambda p, m, v, g, h: p)
     # it writes the parameter and moments it is given: ordered with other reads and writes, never pruned
     adamw.add_prim_attr("side_effect_mem", True)
@@ -134,7 +151,11 @@ def _ops(library: Path) -> Kernels:
         swiglu=custom("SwigluForward", lambda g, u: g, lambda g, u: g, swiglu_bprop),
         rope=custom("RopeForward", lambda x, c, s: x, lambda x, c, s: x, rope_bprop),
         rms_norm=custom("RmsNormForward", lambda x, w, e: (x, list(x[:-1]) + [1]), lambda x, w, e: (x, x),
-                        rms_norm_bprop))
+                        rms_norm_bprop),
+        masked_softmax=custom("MaskedSoftmaxForward", lambda x, b: x, lambda x, b: x, masked_softmax_bprop),
+        cross_entropy=custom("CrossEntropyForward", lambda x, y, t: (y, y), lambda x, y, t: (x, x),
+                             cross_entropy_bprop),
+        sum_of_squares=custom("SumOfSquares", lambda x, t: [1, 1], lambda x, t: x))
 
 
 @functools.cache

@@ -34,7 +34,7 @@ def _param(shape, dtype, init, name):
     return Parameter(initializer(init, shape, dtype), name=name)
 
 
-FUSED = ("fused_norm", "fused_rope", "fused_swiglu")
+FUSED = ("fused_norm", "fused_rope", "fused_swiglu", "fused_softmax")
 
 
 def _fused(name: str):
@@ -261,6 +261,7 @@ class Attention(nn.Cell):
         self.scores = ops.BatchMatMul(transpose_b=True)
         self.weighted = ops.BatchMatMul()
         self.softmax = Softmax()
+        self.fused_softmax = _fused("masked_softmax")
         self.fused_rope = _fused("rope")
         self.prefix, self.fused = prefix, False
 
@@ -293,9 +294,10 @@ class Attention(nn.Cell):
 
     def full_bias(self, bias, batch: int):
         """The attention bias [1, 1, Sq, Sk] at the scores' shape [batch, KV, rep, Sq, Sk], for every layer at once:
-        a broadcasting Add per layer costs more than one Tile once."""
+        a broadcasting Add per layer costs more than one Tile once (the fused softmax reads the bias as it is)."""
         bias = ops.expand_dims(bias, 2)
-        if not large(batch * self.n_kv_heads * self.n_rep * bias.shape[3], bias.shape[4]):
+        rows = batch * self.n_kv_heads * self.n_rep * bias.shape[3]
+        if self.fused_softmax is not None or not large(rows, bias.shape[4]):
             return bias
         return ops.tile(bias, (batch, self.n_kv_heads, self.n_rep, 1, 1))
 
@@ -307,7 +309,7 @@ class Attention(nn.Cell):
         sk = k.shape[2]
         grouped = ops.reshape(q, (b, self.n_kv_heads, self.n_rep * sq, d))
         scores = ops.reshape(self.scores(grouped, k), (b, self.n_kv_heads, self.n_rep, sq, sk))
-        probs = self.softmax(scores + bias)
+        probs = self.softmax(scores + bias) if self.fused_softmax is None else self.fused_softmax(scores, bias)
         out = self.weighted(ops.reshape(probs, (b, self.n_kv_heads, self.n_rep * sq, sk)), v)
         out = _swap_heads_and_positions(ops.reshape(out, (b, self.n_heads, sq, d)))
         return self.reduce(self.wo(ops.reshape(out, (b * sq, self.n_heads * d))))

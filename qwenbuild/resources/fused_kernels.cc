@@ -1,14 +1,16 @@
 // Fused float32 element-wise kernels for training on CPU, loaded by MindSpore as Custom (aot) ops.
 //
-// Each kernel is one pass over memory where MindSpore's composed kernels take four to nine. The activation kernels
-// are single-threaded: at training sizes a second thread started per call costs more than it saves. The AdamW
-// update splits large parameters over threads.
+// Each kernel is one pass over memory where MindSpore's composed kernels take four to nine. The activation and
+// softmax kernels are single-threaded: at training sizes a second thread started per call costs more than it saves.
+// The cross entropy, the sum of squares and the AdamW update split large inputs over threads (a vocabulary-wide row,
+// a whole gradient, a whole parameter).
 // Signature: MindSpore's aot convention, inputs then outputs in `params`; every tensor is contiguous.
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 #include <thread>
 #include <vector>
 
@@ -27,8 +29,29 @@ int not_float32(int nparam, const char **dtypes) {
   return 0;
 }
 
+// exp(x) for x <= 0, exactly 0 below -80 (where exp(x) < 2e-35, nothing beside a term of 1 in float32): libmvec's
+// vector expf takes a scalar path for a whole vector when one lane is out of its range, as masked scores are
+inline float exp_of_nonpositive(float x) {
+  const float e = std::exp(std::max(x, -80.0f));
+  return x < -80.0f ? 0.0f : e;
+}
+
 const float *in(void **params, int i) { return static_cast<const float *>(params[i]); }
 float *out(void **params, int i) { return static_cast<float *>(params[i]); }
+
+// rows [0, rows) split over up to `threads` threads of at least `per_thread` elements each (a thread started per
+// call costs more than a smaller share saves); work(begin, end) runs on each part
+template <typename Work>
+void over_rows(int64_t rows, int64_t width, int64_t threads, Work work) {
+  const int64_t per_thread = 1 << 18;
+  threads = std::max<int64_t>(1, std::min<int64_t>(threads, rows * width / per_thread));
+  const int64_t chunk = (rows + threads - 1) / threads;
+  std::vector<std::thread> others;
+  for (int64_t t = 1; t < threads; ++t)
+    others.emplace_back(work, std::min(rows, chunk * t), std::min(rows, chunk * (t + 1)));
+  work(0, std::min(rows, chunk));
+  for (auto &t : others) t.join();
+}
 
 }  // namespace
 
@@ -139,6 +162,123 @@ int RmsNormBackward(int nparam, void **params, int *ndims, int64_t **shapes, con
     for (int64_t j = 0; j < width; ++j) dxi[j] = ri * (gi[j] * w[j] - xi[j] * ri * mean);
   }
   for (int64_t j = 0; j < width; ++j) dw[j] = sums[j];
+  return 0;
+}
+
+// Softmax over the last axis of x + bias, as attention scores take their mask. The bias repeats over x's leading
+// matrices: x [..., Sq, Sk] holds M matrices of Sq x Sk, bias [..., Sq, Sk] holds Mb (1 or a divisor of M), matrix
+// k of x taking the bias's k / (M / Mb).
+// inputs x, bias; output y (the shape of x).
+int MaskedSoftmaxForward(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *,
+                         void *) {
+  if (not_float32(nparam, dtypes)) return 1;
+  const float *x = in(params, 0), *bias = in(params, 1);
+  float *y = out(params, 2);
+  const int64_t sk = shapes[0][ndims[0] - 1], sq = shapes[0][ndims[0] - 2];
+  const int64_t matrix = sq * sk, matrices = elements(ndims[0], shapes[0]) / matrix;
+  const int64_t per_bias = matrices / (elements(ndims[1], shapes[1]) / matrix);
+  for (int64_t k = 0; k < matrices; ++k) {
+    const float *b = bias + (k / per_bias) * matrix;
+    for (int64_t i = 0; i < sq; ++i) {
+      const float *xi = x + k * matrix + i * sk, *bi = b + i * sk;
+      float *yi = y + k * matrix + i * sk;
+      float top = std::numeric_limits<float>::lowest();  // -ffast-math assumes no infinities
+      for (int64_t j = 0; j < sk; ++j) {
+        yi[j] = xi[j] + bi[j];
+        top = std::max(top, yi[j]);
+      }
+      float sum = 0.0f;
+      for (int64_t j = 0; j < sk; ++j) {
+        yi[j] = exp_of_nonpositive(yi[j] - top);
+        sum += yi[j];
+      }
+      const float inv = 1.0f / sum;
+      for (int64_t j = 0; j < sk; ++j) yi[j] *= inv;
+    }
+  }
+  return 0;
+}
+
+// The softmax's gradient per row: dx = y * (dy - sum(dy * y)).
+// inputs y, dy [..., W]; output dx [..., W].
+int SoftmaxBackward(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *, void *) {
+  if (not_float32(nparam, dtypes)) return 1;
+  const float *y = in(params, 0), *dy = in(params, 1);
+  float *dx = out(params, 2);
+  const int64_t width = shapes[0][ndims[0] - 1], rows = elements(ndims[0], shapes[0]) / width;
+  for (int64_t i = 0; i < rows; ++i) {
+    const float *yi = y + i * width, *gi = dy + i * width;
+    float *dxi = dx + i * width;
+    float dot = 0.0f;
+    for (int64_t j = 0; j < width; ++j) dot += yi[j] * gi[j];
+    for (int64_t j = 0; j < width; ++j) dxi[j] = yi[j] * (gi[j] - dot);
+  }
+  return 0;
+}
+
+// Cross entropy of each row of logits against its label: loss = lse - logits[label], lse = log(sum(exp(logits))).
+// inputs logits [N, V], labels [N] (int32, each in [0, V)), threads [] (float32); outputs loss [N], lse [N].
+int CrossEntropyForward(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *,
+                        void *) {
+  if (not_float32(1, dtypes) || std::strcmp(dtypes[1], "int32") != 0 || not_float32(nparam - 2, dtypes + 2)) return 1;
+  const float *logits = in(params, 0);
+  const int32_t *labels = static_cast<const int32_t *>(params[1]);
+  float *loss = out(params, 3), *lse = out(params, 4);
+  const int64_t vocab = shapes[0][ndims[0] - 1], rows = elements(ndims[0], shapes[0]) / vocab;
+  for (int64_t i = 0; i < rows; ++i)
+    if (labels[i] < 0 || labels[i] >= vocab) return 1;
+  over_rows(rows, vocab, static_cast<int64_t>(*in(params, 2)), [=](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const float *li = logits + i * vocab;
+      float top = std::numeric_limits<float>::lowest();  // -ffast-math assumes no infinities
+      for (int64_t j = 0; j < vocab; ++j) top = std::max(top, li[j]);
+      float sum = 0.0f;
+      for (int64_t j = 0; j < vocab; ++j) sum += exp_of_nonpositive(li[j] - top);
+      lse[i] = top + std::log(sum);
+      loss[i] = lse[i] - li[labels[i]];
+    }
+  });
+  return 0;
+}
+
+// The gradient of CrossEntropyForward's loss: dlogits = (exp(logits - lse) - onehot(label)) * dloss per row.
+// inputs logits [N, V], labels [N] (int32), lse [N], dloss [N], threads []; output dlogits [N, V].
+int CrossEntropyBackward(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *,
+                         void *) {
+  if (not_float32(1, dtypes) || std::strcmp(dtypes[1], "int32") != 0 || not_float32(nparam - 2, dtypes + 2)) return 1;
+  const float *logits = in(params, 0), *lse = in(params, 2), *dloss = in(params, 3);
+  const int32_t *labels = static_cast<const int32_t *>(params[1]);
+  float *dlogits = out(params, 5);
+  const int64_t vocab = shapes[0][ndims[0] - 1], rows = elements(ndims[0], shapes[0]) / vocab;
+  over_rows(rows, vocab, static_cast<int64_t>(*in(params, 4)), [=](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const float *li = logits + i * vocab;
+      float *di = dlogits + i * vocab;
+      const float top = lse[i], scale = dloss[i];
+      for (int64_t j = 0; j < vocab; ++j) di[j] = exp_of_nonpositive(li[j] - top) * scale;
+      di[labels[i]] -= scale;
+    }
+  });
+  return 0;
+}
+
+// The sum of the squares of every element, accumulated in double (the global norm of the gradients for clipping).
+// inputs x [...], threads [] (float32); output sum [1, 1].
+int SumOfSquares(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *, void *) {
+  if (not_float32(nparam, dtypes)) return 1;
+  const float *x = in(params, 0);
+  const int64_t n = elements(ndims[0], shapes[0]), block = 1 << 12, blocks = (n + block - 1) / block;
+  std::vector<double> partial(blocks, 0.0);
+  over_rows(blocks, block, static_cast<int64_t>(*in(params, 1)), [=, &partial](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) {
+      float sum = 0.0f;  // a block of float squares, then double: vectorised and still exact enough
+      for (int64_t i = b * block; i < std::min(n, (b + 1) * block); ++i) sum += x[i] * x[i];
+      partial[b] = sum;
+    }
+  });
+  double total = 0.0;
+  for (double p : partial) total += p;
+  out(params, 2)[0] = static_cast<float>(total);
   return 0;
 }
 

@@ -7,6 +7,7 @@ import numpy as np
 from mindspore import Tensor, nn, ops
 
 from qwenbuild.model.cpu_kernels import F32, squares_summed
+from qwenbuild.model.fused_kernels import kernels
 from qwenbuild.model.lora import is_adapter, summed_over_model_parallel, weight_of
 from qwenbuild.model.tensor_parallel import VocabParallelCrossEntropy, group_of
 from qwenbuild.parallel.rank_layout import ProcessLayout, single_process
@@ -28,6 +29,10 @@ class CausalLMLoss(nn.Cell):
         self.vocab_parallel = getattr(network, "vocab_parallel", False)
         if self.vocab_parallel:
             self.cross_entropy = VocabParallelCrossEntropy(network.parallel, network.cfg.vocab_size)
+        found = None if self.vocab_parallel else kernels()
+        # one pass over the logits each way, split over MindSpore's threads, where log_softmax's gradient is one thread
+        self.fused_cross_entropy = found.cross_entropy if found else None
+        self.threads = Tensor(float(ms.get_context("runtime_num_threads") or 1), ms.float32)
 
     def construct(self, input_ids, target_ids):
         tokens = input_ids[:, :-1]
@@ -35,7 +40,12 @@ class CausalLMLoss(nn.Cell):
         logits = ops.cast(self.network(tokens), ms.float32)
         mask = ops.cast(labels != IGNORE_INDEX, ms.float32)
         safe_labels = ops.maximum(labels, 0)
-        if self.vocab_parallel:
+        if self.fused_cross_entropy is not None:
+            b, s, v = logits.shape
+            token_loss, _ = self.fused_cross_entropy(ops.reshape(logits, (-1, v)),
+                                                     ops.reshape(ops.cast(safe_labels, ms.int32), (-1,)), self.threads)
+            token_loss = ops.reshape(token_loss, (b, s))
+        elif self.vocab_parallel:
             b, s, v = logits.shape
             token_loss = ops.reshape(self.cross_entropy(ops.reshape(logits, (-1, v)), ops.reshape(safe_labels, (-1,))),
                                      (b, s))
@@ -58,6 +68,9 @@ class TrainStep(nn.Cell):
         self.weights = optimizer.params
         self.grad_fn = ops.value_and_grad(self.loss, None, self.weights)
         self.clip = grad_clip > 0
+        found = kernels()
+        self.fused_squares = found.sum_of_squares if found else None
+        self.threads = self.loss.threads
         self.grad_clip = Tensor(grad_clip, ms.float32)
         self.unscaled = Tensor(1.0, ms.float32)
         if self.distributed:
@@ -111,6 +124,9 @@ class TrainStep(nn.Cell):
             if pad:
                 joined.append(ops.zeros((pad,), F32))
             matrices.append(ops.reshape(ops.concat(joined), (-1, ROW)))
+        if self.fused_squares is not None:
+            # one pass over each gradient on every thread, where Mul and two MatMuls take three
+            return ops.reshape(ops.addn([self.fused_squares(m, self.threads) for m in matrices]), ())
         return ops.reshape(ops.addn([squares_summed(m) for m in matrices]), ())
 
     def sum_over_model_parallel(self, grads):
