@@ -17,29 +17,18 @@ what it grew by from just before the model was built (interpreter, libraries and
 from __future__ import annotations
 
 import argparse
-import itertools
-import json
 import os
-import resource
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 from scratch import scratch_directory
+from torch_train import load_qwen2, torch_steps
+from turns import current_rss_mb, measure, options_of, serve, tokens_per_s
 
 SIDES = ("qwenbuild-lora", "qwenbuild-full", "peft")
-
-
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-
-
-def current_rss_mb() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
 def run_settings(args, work: Path):
@@ -81,47 +70,25 @@ def peft_side(hf_dir: Path, settings, rows_by_epoch, lrs):
     """peft's LoRA on transformers' Qwen2 in torch, its lora_A set to the adapters qwenbuild draws."""
     import torch
     from peft import LoraConfig, get_peft_model
-    from transformers import Qwen2ForCausalLM
 
     from qwenbuild.model import lora as names
-    from qwenbuild.train import data
 
-    torch.set_num_threads(settings.threads)
-    torch.manual_seed(settings.seed)
     lora = settings.lora
-    base = Qwen2ForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32, attn_implementation="eager")
-    model = get_peft_model(base, LoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                                            target_modules=list(lora.targets), bias="none", task_type="CAUSAL_LM"))
+    model = get_peft_model(load_qwen2(hf_dir, settings),
+                           LoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                                      target_modules=list(lora.targets), bias="none", task_type="CAUSAL_LM"))
     state = dict(model.named_parameters())
-    shapes = names.adapter_shapes(settings.model, lora)
     with torch.no_grad():
-        for name, shape in shapes.items():
+        for name, shape in names.adapter_shapes(settings.model, lora).items():
             key = names.peft_key(name).replace(".weight", ".default.weight")
             state[key].copy_(torch.from_numpy(names.initial_value(name, shape, settings.seed)))
-    model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(trainable, lr=lrs[0], betas=(settings.beta1, settings.beta2), eps=settings.eps,
-                            weight_decay=settings.weight_decay)
-    for step, (input_ids, target_ids) in enumerate(data.batches(settings.train_data, rows_by_epoch,
-                                                                settings.batch_size)):
-        t0 = time.perf_counter()
-        tokens = torch.from_numpy(input_ids[:, :-1].astype(np.int64))
-        labels = torch.from_numpy(target_ids[:, 1:].astype(np.int64))
-        logits = model(input_ids=tokens).logits
-        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
-                                                 ignore_index=-100)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(trainable, settings.grad_clip)
-        for group in opt.param_groups:
-            group["lr"] = lrs[step]
-        opt.step()
-        yield float(loss.detach()), time.perf_counter() - t0
+    return torch_steps(model, [{"params": trainable, "weight_decay": settings.weight_decay}], settings,
+                       rows_by_epoch, lrs)
 
 
 def run_side(args) -> int:
-    """One side in this process, driven over stdin: after a "ready" line (JSON), each line "N" runs up to N more
-    steps and answers their losses and times; end of input answers the peak RSS."""
+    """One side in this process, driven over stdin (turns.serve)."""
     import dataclasses
 
     from qwenbuild.model.lora import trainable_parameters
@@ -139,16 +106,7 @@ def run_side(args) -> int:
     before = current_rss_mb()
     steps = peft_side(work / "hf", settings, rows_by_epoch, lrs) if args.side == "peft" else \
         qwenbuild_side(settings, rows_by_epoch, lrs)
-    say = lambda value: print(json.dumps(value), flush=True)  # noqa: E731
-    say({"ready": True, "rss_before_mb": before, "trainable": trainable_parameters(settings.model, settings.lora)})
-    for line in sys.stdin:
-        losses, seconds = [], []
-        for loss, took in itertools.islice(steps, int(line)):
-            losses.append(loss)
-            seconds.append(took)
-        say({"loss": losses, "seconds": seconds})
-    say({"peak_rss_mb": peak_rss_mb()})
-    return 0
+    return serve(steps, {"rss_before_mb": before, "trainable": trainable_parameters(settings.model, settings.lora)})
 
 
 def prepare(args, work: Path) -> None:
@@ -162,61 +120,6 @@ def prepare(args, work: Path) -> None:
     synthetic_mindrecord(work / "train.mindrecord", 2000, args.seq, settings.model.vocab_size)
     write_random_hf_model(settings.model, 0, work / "hf")
     convert_weight(work / "hf", work / "init.ckpt", progress=None)
-
-
-class Side:
-    """A side's process, its steps so far and its memory."""
-
-    def __init__(self, args, work: Path, side: str):
-        argv = [sys.executable, str(Path(__file__).resolve()), "--side", side, "--work", str(work)] + \
-            [f"--{k}={v}" for k, v in vars(args).items() if k not in ("side", "work", "block") and v is not None]
-        self.name, self.loss, self.seconds = side, [], []
-        self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-        self.result = self.answer()
-
-    def answer(self) -> dict:
-        for line in self.proc.stdout:
-            if line.startswith("{"):
-                return json.loads(line)
-        raise SystemExit(f"{self.name} stopped (exit {self.proc.wait()})")
-
-    def run(self, steps: int) -> bool:
-        """Up to `steps` more steps; False once the side has no more."""
-        self.proc.stdin.write(f"{steps}\n")
-        self.proc.stdin.flush()
-        done = self.answer()
-        self.loss += done["loss"]
-        self.seconds += done["seconds"]
-        return len(done["loss"]) == steps
-
-    def finish(self) -> dict:
-        self.proc.stdin.close()
-        self.result.update(self.answer(), loss=self.loss, seconds=self.seconds)
-        self.proc.wait()
-        return self.result
-
-
-def measure(args, work: Path) -> dict[str, dict]:
-    """Every side to its end: taking turns every --block steps, or (--block 0) one after the other."""
-    if not args.block:
-        results = {}
-        for name in SIDES:
-            side = Side(args, work, name)
-            side.run(args.steps)
-            results[name] = side.finish()
-        return results
-    sides = [Side(args, work, name) for name in SIDES]
-    active = list(sides)
-    while active:
-        for side in list(active):
-            if not side.run(args.block):
-                active.remove(side)
-    return {side.name: side.finish() for side in sides}
-
-
-def tokens_per_s(seconds: list[float], tokens_per_step: int) -> float:
-    steady = seconds[1:] or seconds  # the first step compiles
-    return tokens_per_step * len(steady) / sum(steady)
 
 
 def report(args, runs: list[dict[str, dict]]) -> None:
@@ -268,7 +171,7 @@ def main() -> int:
               f"on {args.targets}, alpha {args.alpha:g}, dropout {args.dropout:g}", file=sys.stderr)
         runs = []
         for repeat in range(args.repeats):
-            runs.append(measure(args, work))
+            runs.append(measure(__file__, SIDES, options_of(args) + [f"--work={work}"], args.steps, args.block))
             print(f"run {repeat + 1} of {args.repeats} done", file=sys.stderr, flush=True)
         report(args, runs)
     return 0
