@@ -205,8 +205,8 @@ def output_path(final: str | os.PathLike, *, directory: bool = False, inputs: It
                 link: bool = False) -> Path:
     """`final` made absolute, once it is known to be something an output may be written to: a new path, a regular
     file (a file output), a directory qwenbuild sealed or an empty one (a directory output), qwenbuild's own link
-    (link=True); never a device, a pipe or a link into somewhere else, never an input, nor a directory that holds or
-    lies inside one. Refusals are UserErrors naming what is in the way."""
+    (link=True); never a device, a pipe or a link into somewhere else, never an input or a hard link of a file inside
+    an input directory, nor a directory that holds or lies inside one. Refusals are UserErrors naming what is in the way."""
     final = absolute(final)
     refuse_inputs(final, inputs)
     if directory and final == Path.cwd().resolve():
@@ -292,12 +292,17 @@ def _sealed_members(directory: Path) -> dict[str, str] | None:
 
 
 def refuse_inputs(final: Path, inputs: Iterable) -> None:
-    """A UserError when the output is, holds, or lies inside one of `inputs` (hard links and links resolved)."""
+    """A UserError when the output is, holds, or lies inside one of `inputs`, or is a hard link of a file inside an
+    input directory (hard links and links resolved)."""
     out = Path(os.path.realpath(final))
     for given in inputs:
         if given is None:
             continue
         real = Path(os.path.realpath(given))
+        linked = _hard_link_inside(final, real) if real.is_dir() else None
+        if linked is not None:
+            raise UserError(f"the output {final} is a hard link of {linked}, inside the input {given}: writing it would "
+                            "replace a name of a file the run reads", hint="choose an output path apart from the inputs")
         if out == real or _same_file(final, given):
             why = "is"
         elif out in real.parents:
@@ -308,6 +313,26 @@ def refuse_inputs(final: Path, inputs: Iterable) -> None:
             continue
         raise UserError(f"the output {final} {why} the input {given}: an output is never written over or into what it is made from",
                         hint="choose an output path apart from the inputs")
+
+
+def _hard_link_inside(final, directory: Path) -> Path | None:
+    """The file inside `directory` that `final` is another name of (a hard link), if any; only a file with more than
+    one name is looked for, so a new path or a usual file costs one stat."""
+    try:
+        st = os.stat(final)
+    except OSError:
+        return None
+    if st.st_nlink < 2 or not stat.S_ISREG(st.st_mode):
+        return None
+    for root, _, files in os.walk(directory):
+        for name in files:
+            try:
+                other = os.stat(os.path.join(root, name))
+            except OSError:
+                continue
+            if (other.st_dev, other.st_ino) == (st.st_dev, st.st_ino):
+                return Path(root) / name
+    return None
 
 
 def _same_file(a, b) -> bool:

@@ -220,7 +220,8 @@ def corpus(tmp_path_factory) -> Path:
 # (argv after `qwenbuild`, exit code, phrase the message must contain, output path that pre-exists and must survive)
 # {c} is the corpus directory; outputs are relative to the test's own empty working directory. What pre-exists:
 # "out.json" a file of the user's; "x.jsonl<alpaca.json" a copy of a corpus file or directory; "link->target" a
-# symbolic link to a user's file (to itself: a loop); "dir/" a directory holding a user's file; ", " joins several.
+# symbolic link to a user's file (to itself: a loop); "name=>path" a hard link of a file made before it; "dir/" a
+# directory holding a user's file; ", " joins several.
 CASES = [
     # init
     ("init --preset nosuch", 2, "invalid choice", None),
@@ -571,6 +572,8 @@ CASES = [
      "is a symbolic link", "out->target"),
     ("convert_weight --torch_ckpt_dir hf --mindspore_ckpt_path hf/model.safetensors", 2, "lies inside the input hf",
      "hf<hf"),
+    ("convert_weight --torch_ckpt_dir hf --mindspore_ckpt_path same.ckpt", 2, "is a hard link of",
+     "hf<hf, same.ckpt=>hf/config.json"),
     ("convert_weight --torch_ckpt_dir {c}/hf --mindspore_ckpt_path /dev/null", 2, "/dev/null is a device", None),
     ("convert_weight --torch_ckpt_dir {c}/hf --mindspore_ckpt_path out.ckpt", 2, "is a symbolic link",
      "out.ckpt->mine.ckpt"),
@@ -675,11 +678,13 @@ def _files(root: Path) -> dict[str, bytes]:
 def _prepare(tmp_path: Path, corpus: Path, existing: str, manifest: bool) -> None:
     """Make what a case's user had before the run (see CASES)."""
     for item in existing.split(", "):
-        target = tmp_path / item.split("<")[0].split("->")[0].rstrip("/")
+        target = tmp_path / re.split("<|->|=>", item)[0].rstrip("/")
         target.parent.mkdir(parents=True, exist_ok=True)
         if "<" in item:
             source = corpus / item.split("<")[1]
             (shutil.copytree if source.is_dir() else shutil.copy2)(source, target)
+        elif "=>" in item:
+            os.link(tmp_path / item.split("=>")[1], target)
         elif "->" in item:
             link_to = item.split("->")[1]
             if link_to != target.name:
