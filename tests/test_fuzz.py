@@ -799,10 +799,16 @@ def _contents(path: Path) -> dict[str, bytes | None]:
 REPLACED_WHOLE = ("convert_reversed", "strategy", "tokenizer")
 
 
+def _reference_output(inputs: Path, name: str) -> Path:
+    return inputs / f"reference-{name}" / "out"
+
+
 def _reference(inputs: Path, name: str) -> tuple[dict, float]:
-    """The output of an uninterrupted run and how long it took (kept as inputs/reference-NAME)."""
-    out = inputs / f"reference-{name}"
-    shutil.rmtree(out, ignore_errors=True)
+    """The output of an uninterrupted run and how long it took (kept as _reference_output). It has the interrupted
+    runs' name "out": a MindRecord file holds its own name."""
+    out = _reference_output(inputs, name)
+    shutil.rmtree(out.parent, ignore_errors=True)
+    out.parent.mkdir()
     started = time.monotonic()
     proc = _start(inputs, name, out)
     _, err = proc.communicate(timeout=300)
@@ -823,7 +829,7 @@ def test_a_signal_at_a_random_moment_stops_the_command_cleanly(inputs, name):
             if existing and set(reference) == {"."}:  # an earlier output an interrupted run must leave as it was
                 out.write_bytes(SENTINEL)
             elif existing and name in REPLACED_WHOLE:  # the earlier output qwenbuild wrote (a user's is refused)
-                shutil.copytree(inputs / f"reference-{name}", out)
+                shutil.copytree(_reference_output(inputs, name), out)
             elif existing:
                 out.mkdir()
                 (out / "earlier.txt").write_bytes(SENTINEL)
