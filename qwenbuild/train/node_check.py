@@ -121,8 +121,8 @@ def _check_node(args) -> int:
         logger.error(f"{ERROR} {who}: {problem}")
     if found:
         logger.error(f"{ERROR} node {args.node} does not see the build host's {build.root} as it was built: every "
-                     "node needs the build dir at the same path, with the same bytes (a shared filesystem, or "
-                     "identical copies)")
+                     "node needs the build dir with the same bytes (a shared filesystem, or identical copies); "
+                     "node_K.sh reads it where the script lies, slurm.sbatch at the build host's path")
         return 2
     versions = ", ".join(f"{p} {installed_version(p)}" for p in NODE_PACKAGES)
     print(f"node_check: {who} sees {len(args.artifacts)} artifacts as qwen.lock records them; {versions} on "
