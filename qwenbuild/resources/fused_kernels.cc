@@ -303,15 +303,10 @@ int AdamWUpdate(int nparam, void **params, int *ndims, int64_t **shapes, const c
       p[i] = p[i] * keep - step * mi / (std::sqrt(vi) + eps);
     }
   };
-  // below this many elements starting a thread costs more than the update
-  const int64_t per_thread = 1 << 18;
-  const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(static_cast<int64_t>(h[6]), n / per_thread));
-  const int64_t chunk = ((n + threads - 1) / threads + 15) / 16 * 16;
-  std::vector<std::thread> others;
-  for (int64_t t = 1; t < threads; ++t)
-    others.emplace_back(update, std::min(n, chunk * t), std::min(n, chunk * (t + 1)));
-  update(0, std::min(n, chunk));
-  for (auto &t : others) t.join();
+  // split in runs of 16 elements, so each thread's part starts on a vector boundary
+  const int64_t run = 16;
+  over_rows((n + run - 1) / run, run, static_cast<int64_t>(h[6]),
+            [=](int64_t begin, int64_t end) { update(begin * run, std::min(n, end * run)); });
   out(params, 5)[0] = 0.0f;
   return 0;
 }
