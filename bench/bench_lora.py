@@ -20,10 +20,10 @@ import argparse
 import os
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
+from bench_train import qwenbuild_side
 from scratch import scratch_directory
 from torch_train import load_qwen2, torch_steps
 from turns import current_rss_mb, measure, options_of, serve, tokens_per_s
@@ -43,27 +43,6 @@ def run_settings(args, work: Path):
                          seq_length=args.seq, batch_size=args.batch, learning_rate=args.lr, warmup_ratio=0.05,
                          steps=args.steps, save_steps=args.steps, init_checkpoint=str(work / "init.ckpt"),
                          threads=args.threads, lora=lora)
-
-
-def qwenbuild_side(settings, rows_by_epoch, lrs):
-    """qwenbuild's train step as finetune builds and starts it (adapters drawn, frozen weights loaded)."""
-    import mindspore as ms
-
-    from qwenbuild.model.adapters import set_dropout_masks
-    from qwenbuild.parallel.rank_layout import single_process
-    from qwenbuild.train import data
-    from qwenbuild.train.finetune import build, start_mindspore, start_state
-
-    start_mindspore(settings, 1)
-    net, train_step = build(settings)
-    start_state(settings, net, train_step, single_process(), 10**9, "bench")
-    for step, (input_ids, target_ids) in enumerate(data.batches(settings.train_data, rows_by_epoch,
-                                                                settings.batch_size)):
-        t0 = time.perf_counter()
-        if settings.lora and settings.lora.dropout:
-            set_dropout_masks(net, settings.seed, step)  # as finetune does, inside the step's time
-        loss, _ = train_step(ms.Tensor(input_ids), ms.Tensor(target_ids), ms.Tensor(np.float32(lrs[step])))
-        yield float(loss.asnumpy()), time.perf_counter() - t0
 
 
 def peft_side(hf_dir: Path, settings, rows_by_epoch, lrs):

@@ -66,22 +66,26 @@ def run_settings(args, work: Path):
 
 
 def qwenbuild_side(settings, rows_by_epoch, lrs):
-    """qwenbuild's training step (the cell finetune runs, MindSpore GRAPH mode), one (loss, seconds) per step,
-    timed as finetune times it: the call and reading the loss back."""
+    """qwenbuild's training step (the cell finetune runs, MindSpore GRAPH mode), built and started as finetune does
+    (initial weights loaded; LoRA adapters drawn), one (loss, seconds) per step, timed as finetune times it: the
+    call and reading the loss back."""
     import mindspore as ms
 
-    from qwenbuild.train import checkpoint, data
-    from qwenbuild.train.finetune import build, start_mindspore
+    from qwenbuild.model.adapters import set_dropout_masks
+    from qwenbuild.parallel.rank_layout import single_process
+    from qwenbuild.train import data
+    from qwenbuild.train.finetune import build, start_mindspore, start_state
 
     start_mindspore(settings, 1)
-    _, train_step = build(settings)
-    checkpoint.load_into(train_step, checkpoint.init_checkpoint_file(settings.init_checkpoint, 0),
-                         [p.name for p in train_step.weights])
-    for step, (input_ids, target_ids) in enumerate(data.batches(settings.train_data, rows_by_epoch, settings.batch_size)):
+    net, train_step = build(settings)
+    start_state(settings, net, train_step, single_process(), 10**9, "bench")
+    for step, (input_ids, target_ids) in enumerate(data.batches(settings.train_data, rows_by_epoch,
+                                                                settings.batch_size)):
         t0 = time.perf_counter()
+        if settings.lora and settings.lora.dropout:
+            set_dropout_masks(net, settings.seed, step)  # as finetune does, inside the step's time
         loss, _ = train_step(ms.Tensor(input_ids), ms.Tensor(target_ids), ms.Tensor(np.float32(lrs[step])))
-        value = float(loss.asnumpy())
-        yield value, time.perf_counter() - t0
+        yield float(loss.asnumpy()), time.perf_counter() - t0
 
 
 def torch_side(hf_dir: Path, settings, rows_by_epoch, lrs):
